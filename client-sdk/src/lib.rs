@@ -1,0 +1,1 @@
+//! notesync-client: see issue 4 (not yet built).

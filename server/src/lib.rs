@@ -1,0 +1,1 @@
+//! notesync-server: see issue 3 (not yet built).

@@ -466,8 +466,14 @@ fn scan_field(scan: &mut Scan, buf: &[u8], limits: &Limits) -> Result<Step, Deco
         U64 => fixed(buf, pos, 8, limits),
         U128 => fixed(buf, pos, 16, limits),
         Name => {
-            // Search only bytes not searched before, and never past 256.
-            let window_end = buf.len().min(pos + MAX_NAME_BYTES + 1);
+            // Search only bytes not searched before, never past 256, and
+            // never at or past max_frame_bytes (a terminator there ends the
+            // frame too late): the outcome must not depend on how the bytes
+            // arrive.
+            let window_end = buf
+                .len()
+                .min(pos + MAX_NAME_BYTES + 1)
+                .min(limits.max_frame_bytes.max(pos));
             let from = pos + scan.name_scanned;
             match buf[from.min(window_end)..window_end]
                 .iter()

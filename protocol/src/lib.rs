@@ -10,6 +10,8 @@ pub mod alloc;
 pub mod codec;
 pub mod error;
 pub mod frame;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 pub mod pid;
 
 pub use alloc::{AllocError, Allocator};

@@ -1,13 +1,23 @@
 //! Allocation of new position ids between two existing ones.
 //!
-//! LSEQ-style boundary allocation over `u32` idents: at the shallowest depth
-//! with room, the new level is placed within `boundary` idents of one side.
-//! Which side (boundary+ near the left neighbour, boundary- near the right)
-//! is fixed per (document, depth) by a hash, so every replica of a document
-//! makes the same choice and concurrent editors do not push each other's ids
-//! deeper. Where one side is open (typing at the end, or before the start of
-//! a fresh level) the allocator always steps away from the bounded side,
-//! because that is where the next keystroke goes.
+//! The allocator places a new level at the shallowest depth with room, a
+//! *fraction of the room* away from one neighbour: at most 1/1024 of it
+//! where the gap is open on one side (typing at the end of a level), at most
+//! 1/64 where both neighbours bound it (typing inside text). Proportional
+//! steps leave wide gaps between early characters, so later revisions fit
+//! at the same depth, while a long run of typing still fits (the room shrinks
+//! geometrically: ~30,000 characters typed at one end of an open level
+//! before it descends). The step within that bound is random, so
+//! concurrent typists at one spot rarely pick the same ident.
+//!
+//! LSEQ chooses boundary+ (near the left neighbour) or boundary- (near the
+//! right) per depth, by a hash of (document, depth) so every replica makes
+//! the same choice. Measured on the real traces (`examples/trace_ids.rs`),
+//! that alternation makes ids about one level deeper, because people type
+//! forwards: boundary- inside text leaves no room for the next keystroke.
+//! So every depth uses boundary+ (boundary- only where the gap is open to
+//! the left), which is trivially the same choice on every replica; the
+//! alternation remains available for comparison (`with_alternation`).
 //!
 //! Invariants (checked by the property tests):
 //! - the result is strictly between the two bounds;
@@ -22,8 +32,11 @@
 
 use crate::pid::{Level, Pid};
 
-/// How far from the bounded side a new ident lands, at most.
-pub const DEFAULT_BOUNDARY: u32 = 64;
+/// In a gap open on one side, a step takes at most 1/OPEN_DIVISOR of the room.
+pub const DEFAULT_OPEN_DIVISOR: u32 = 1024;
+/// In a gap bounded on both sides, a step takes at most 1/BOUNDED_DIVISOR of
+/// the room.
+pub const DEFAULT_BOUNDED_DIVISOR: u32 = 64;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum AllocError {
@@ -49,7 +62,9 @@ pub enum Strategy {
 pub struct Allocator {
     site: u8,
     doc_seed: u64,
-    boundary: u32,
+    open_divisor: u32,
+    bounded_divisor: u32,
+    alternate: bool,
     rng: u64,
 }
 
@@ -64,13 +79,25 @@ impl Allocator {
         Ok(Allocator {
             site,
             doc_seed,
-            boundary: DEFAULT_BOUNDARY,
+            open_divisor: DEFAULT_OPEN_DIVISOR,
+            bounded_divisor: DEFAULT_BOUNDED_DIVISOR,
+            alternate: false,
             rng: mix(seed ^ (site as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)) | 1,
         })
     }
 
-    pub fn with_boundary(mut self, boundary: u32) -> Self {
-        self.boundary = boundary.max(1);
+    /// Step tuning (see the module docs and the trace_ids example).
+    pub fn with_steps(mut self, open_divisor: u32, bounded_divisor: u32) -> Self {
+        self.open_divisor = open_divisor.max(1);
+        self.bounded_divisor = bounded_divisor.max(1);
+        self
+    }
+
+    /// LSEQ's alternation: choose boundary+ or boundary- per depth by a
+    /// hash of (document, depth). Off by default: on the real traces it
+    /// makes ids about one level deeper (see the module docs).
+    pub fn with_alternation(mut self, on: bool) -> Self {
+        self.alternate = on;
         self
     }
 
@@ -81,7 +108,7 @@ impl Allocator {
     /// The strategy at `depth` (0-based) for this document: the same on
     /// every replica.
     pub fn strategy(&self, depth: usize) -> Strategy {
-        if mix(self.doc_seed ^ depth as u64) & 1 == 0 {
+        if !self.alternate || mix(self.doc_seed ^ depth as u64) & 1 == 0 {
             Strategy::BoundaryPlus
         } else {
             Strategy::BoundaryMinus
@@ -133,12 +160,7 @@ impl Allocator {
             };
             if let (Some(min), Some(max)) = (min, max) {
                 if min <= max {
-                    let strategy = match (lo_d.is_some(), hi_d.is_some()) {
-                        (_, false) => Strategy::BoundaryPlus,
-                        (false, true) => Strategy::BoundaryMinus,
-                        (true, true) => self.strategy(d),
-                    };
-                    let ident = self.pick(min, max, strategy);
+                    let ident = self.pick(min, max, lo_d.is_some(), hi_d.is_some(), d);
                     out.push(Level::new(ident, self.site));
                     return Ok(Pid::from_levels(&out));
                 }
@@ -164,10 +186,15 @@ impl Allocator {
         unreachable!()
     }
 
-    fn pick(&mut self, min: u32, max: u32, strategy: Strategy) -> u32 {
+    fn pick(&mut self, min: u32, max: u32, lo_bound: bool, hi_bound: bool, depth: usize) -> u32 {
         let room = (max - min) as u64 + 1;
-        let span = room.min(self.boundary as u64);
-        let step = self.next() % span; // 0..span
+        let (divisor, strategy) = match (lo_bound, hi_bound) {
+            (_, false) => (self.open_divisor, Strategy::BoundaryPlus),
+            (false, true) => (self.open_divisor, Strategy::BoundaryMinus),
+            (true, true) => (self.bounded_divisor, self.strategy(depth)),
+        };
+        let span = (room / divisor as u64).max(1);
+        let step = self.next() % span; // 0..span, and span <= room
         match strategy {
             Strategy::BoundaryPlus => min + step as u32,
             Strategy::BoundaryMinus => max - step as u32,

@@ -66,12 +66,14 @@ codes! {
     /// The server is at its connection limit.
     SERVER_BUSY = 14, "server_busy", true;
     /// The server could not store the change; nothing was acknowledged.
-    STORAGE = 15, "storage", false;
+    /// The connection closes: the client re-sends on its next session.
+    STORAGE = 15, "storage", true;
     /// The server is shutting down.
     SHUTTING_DOWN = 16, "shutting_down", true;
     /// The credentials allow reading only.
     READ_ONLY = 17, "read_only", false;
-    /// A request that is well formed but not valid here (e.g. a second hello).
+    /// A request that is well formed but not valid here. (A hello that is
+    /// not the first frame is `WRONG_MODE`, PROTOCOL.md section 3.)
     INVALID_REQUEST = 18, "invalid_request", false;
 }
 

@@ -1,0 +1,117 @@
+//! Real traces typed offline: the upsert carries about the final text, not
+//! the keystrokes (the seed's rule, PROTOCOL.md 3.1, the op log's rules).
+//!
+//! The traces live in ../shared/traces (never copied into the repo). Outside
+//! CI a missing trace skips with a message; in CI (CI=true) it fails.
+
+use std::io::Read;
+use std::path::PathBuf;
+
+use notesync_client::Doc;
+use notesync_client::oplog::Pending;
+use notesync_protocol::{Allocator, AtomListBuilder, ClientFrame, DocName, PidListBuilder, Upsert};
+
+fn load(name: &str) -> Option<serde_json::Value> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../shared/traces")
+        .join(name);
+    let Ok(file) = std::fs::File::open(&path) else {
+        assert!(
+            std::env::var("CI").is_err(),
+            "trace {} missing in CI",
+            path.display()
+        );
+        eprintln!("skipping: trace {} not found", path.display());
+        return None;
+    };
+    let mut json = String::new();
+    flate2::read::GzDecoder::new(file)
+        .read_to_string(&mut json)
+        .unwrap();
+    Some(serde_json::from_str(&json).unwrap())
+}
+
+/// Types the trace offline, then builds the upsert the SDK would send.
+/// Returns (upsert frame bytes, final text bytes, atoms sent).
+fn offline_upsert(trace: &serde_json::Value) -> (usize, usize, usize) {
+    let doc_id = 0x5eed;
+    let mut doc = Doc::new(doc_id, DocName::new("paper").unwrap());
+    let mut pending = Pending::default();
+    // Offline and never synced: no site yet. Provisional ids (site 1 here)
+    // never go on the wire: coalescing re-ids everything before the upsert.
+    let mut provisional = Allocator::new(1, doc_id, 1).unwrap();
+    let mut edit = |doc: &mut Doc, ops| {
+        let rec = pending.record(ops, false);
+        for p in &rec.forget {
+            assert!(doc.forget(p));
+        }
+    };
+    let start = trace["startContent"].as_str().unwrap();
+    let ops = doc.insert(&mut provisional, 0, start).unwrap();
+    edit(&mut doc, ops);
+    for txn in trace["txns"].as_array().unwrap() {
+        for patch in txn["patches"].as_array().unwrap() {
+            let pos = patch[0].as_u64().unwrap() as usize;
+            let del = patch[1].as_u64().unwrap() as usize;
+            if del > 0 {
+                let ops = doc.delete(&mut provisional, pos..pos + del).unwrap();
+                edit(&mut doc, ops);
+            }
+            let text = patch[2].as_str().unwrap();
+            if !text.is_empty() {
+                let ops = doc.insert(&mut provisional, pos, text).unwrap();
+                edit(&mut doc, ops);
+            }
+        }
+    }
+    let end = trace["endContent"].as_str().unwrap();
+    assert_eq!(doc.text(), end);
+    // Every delete cancelled its own unsent insert: only inserts remain, and
+    // no tombstone is left behind.
+    assert_eq!(doc.atom_count(), pending.len());
+    // The server gave this replica site 7: re-id and coalesce.
+    let mut real = Allocator::new(7, doc_id, 2).unwrap();
+    let (removed, added) = doc
+        .coalesce(&mut real, |p| pending.is_unsent_insert(p))
+        .unwrap();
+    pending.swap_coalesced(&removed, &added);
+    assert_eq!(doc.text(), end);
+    let (inserts, deletes, _) = pending.snapshot();
+    assert!(deletes.is_empty());
+    let mut ib = AtomListBuilder::new();
+    for a in &inserts {
+        assert_eq!(a.pid().creator(), 7);
+        ib.push(a);
+    }
+    let frame = ClientFrame::Upsert(Upsert {
+        doc: doc_id,
+        name: doc.name.clone(),
+        since: 0,
+        inserts: ib.finish(),
+        deletes: PidListBuilder::new().finish(),
+    });
+    (frame.to_bytes().len(), end.len(), inserts.len())
+}
+
+fn check(name: &str) {
+    let Some(trace) = load(name) else { return };
+    let (sent, text, atoms) = offline_upsert(&trace);
+    let ratio = sent as f64 / text as f64;
+    println!(
+        "{name}: upsert {sent} bytes for {text} bytes of text in {atoms} atoms: ratio {ratio:.4}"
+    );
+    assert!(
+        ratio <= 1.05,
+        "{name}: upsert/text ratio {ratio:.4} exceeds 1.05"
+    );
+}
+
+#[test]
+fn automerge_paper_offline_upsert_is_close_to_the_text() {
+    check("automerge-paper.json.gz");
+}
+
+#[test]
+fn seph_blog_offline_upsert_is_close_to_the_text() {
+    check("seph-blog1.json.gz");
+}

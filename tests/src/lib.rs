@@ -6,6 +6,8 @@
 //!   waits and typed helpers for every request.
 //! - [`DocModel`] is a replica of one document that applies 33/65/66/67
 //!   idempotently and makes ids for its site.
+//! - [`SessionClient`] is a session-mode client that checks acks, no echo
+//!   and no repeats as frames arrive.
 //! - [`Rng`] makes every test replay the same operations from a seed.
 
 pub mod conn;
@@ -13,12 +15,14 @@ pub mod model;
 pub mod raw;
 pub mod rng;
 pub mod server;
+pub mod session;
 
 pub use conn::{Conn, DocSync, Event, Started, WAIT, Welcome, describe, name_of, upsert_frame};
 pub use model::{Applied, DocModel, Entry, model_of};
 pub use raw::{FloodOutcome, RawFrame, flood};
 pub use rng::Rng;
 pub use server::{ServerProcess, StartFailure, server_binary};
+pub use session::SessionClient;
 
 use notesync_protocol::{Atom, Level, Pid};
 

@@ -1,0 +1,215 @@
+//! Cursors never miss a change (PROTOCOL.md 3.1, 3.4): listers that follow
+//! their synclist cursor and each document's 34 while writers upsert end
+//! with exactly what a fresh pull shows, and that is every change made.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use notesync_protocol::{Atom, ClientFrame, DocId, Pid, Time};
+use notesync_tests::{Conn, DocModel, Rng, ServerProcess, model_of};
+
+const DOCS: u128 = 10;
+const WRITERS: usize = 3;
+const UPSERTS_PER_WRITER: usize = 40;
+
+#[derive(Default)]
+struct WriterLog {
+    inserted: BTreeMap<DocId, BTreeMap<Pid, String>>,
+    deleted: BTreeMap<DocId, BTreeSet<Pid>>,
+}
+
+async fn writer(addr: SocketAddr, w: usize) -> WriterLog {
+    let mut c = Conn::connect(addr).await.with_label(format!("writer {w}"));
+    c.hello(0x7000 + w as u128).await;
+    let mut rng = Rng::new(4000 + w as u64);
+    let mut state: BTreeMap<DocId, (DocModel, Time)> = BTreeMap::new();
+    let mut log = WriterLog::default();
+    for round in 0..UPSERTS_PER_WRITER {
+        let doc = 1 + rng.below(DOCS as usize) as u128;
+        if let std::collections::btree_map::Entry::Vacant(v) = state.entry(doc) {
+            // First contact: create or join the document, get a site.
+            let (rs, s) = c.upsert(doc, &format!("doc {doc}"), 0, &[], &[]).await;
+            let mut m = model_of(doc, &rs);
+            m.set_site(s.site, w as u64);
+            v.insert((m, s.sync_time));
+        }
+        let (m, since) = state.get_mut(&doc).unwrap();
+        let mut inserts: Vec<Atom> = Vec::new();
+        for _ in 0..1 + rng.below(3) {
+            let n = m.live_len();
+            let a = m.local_insert(rng.below(n + 1), &rng.word());
+            log.inserted
+                .entry(doc)
+                .or_default()
+                .insert(a.pid().clone(), a.data().to_string());
+            inserts.push(a);
+        }
+        let mut deletes = Vec::new();
+        let live = m.live();
+        if !live.is_empty() && rng.percent(40) {
+            let i = rng.below(live.len());
+            let p = m.local_delete(i);
+            log.deleted.entry(doc).or_default().insert(p.clone());
+            deletes.push(p);
+        }
+        let name = if rng.percent(15) {
+            format!("doc {doc} by {w} in round {round}")
+        } else {
+            m.name.clone()
+        };
+        let (rs, s) = c.upsert(doc, &name, *since, &inserts, &deletes).await;
+        m.apply_responses(&rs);
+        *since = s.sync_time;
+    }
+    log
+}
+
+struct ListerView {
+    docs: BTreeMap<DocId, (DocModel, Time)>,
+    rounds: usize,
+}
+
+async fn lister(addr: SocketAddr, l: usize, writers_done: Arc<AtomicBool>) -> ListerView {
+    let label = format!("lister {l}");
+    let mut c = Conn::connect(addr).await.with_label(&label);
+    let with_hello = l % 2 == 0;
+    if with_hello {
+        c.hello(0x8000 + l as u128).await;
+    }
+    let mut cursor: Time = 0;
+    let mut docs: BTreeMap<DocId, (DocModel, Time)> = BTreeMap::new();
+    let mut last_pass = false;
+    let mut rounds = 0;
+    loop {
+        rounds += 1;
+        assert!(rounds < 100_000, "{label}: too many rounds");
+        // Once the writers are done (every 34 received), list until empty.
+        if writers_done.load(Ordering::SeqCst) {
+            last_pass = true;
+        }
+        let page = c.synclist(cursor).await;
+        let mut seen = BTreeSet::new();
+        let mut prev = cursor;
+        for e in &page {
+            assert!(
+                e.modified > prev,
+                "{label}: synclist({cursor}) is not strictly ascending after the cursor: {page:?}"
+            );
+            prev = e.modified;
+            assert!(
+                seen.insert(e.doc),
+                "{label}: a document listed twice in one 32"
+            );
+        }
+        if page.is_empty() {
+            if last_pass {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            continue;
+        }
+        // Pull every listed document, pipelined, each from its own cursor.
+        let pulls: Vec<ClientFrame> = page
+            .iter()
+            .map(|e| ClientFrame::Pull {
+                doc: e.doc,
+                since: docs.get(&e.doc).map_or(0, |d| d.1),
+            })
+            .collect();
+        c.send_many(pulls).await;
+        for e in &page {
+            let (rs, s) = c
+                .recv_doc_reply(e.doc, "pull")
+                .await
+                .unwrap_or_else(|err| panic!("{label}: pull of a listed doc: {err:?}"));
+            assert!(
+                s.sync_time >= e.modified,
+                "{label}: a pull after the listing covers the listed change ({} < {})",
+                s.sync_time,
+                e.modified
+            );
+            if !with_hello {
+                assert_eq!(s.site, 0, "{label}: no hello, no site");
+            }
+            let entry = docs
+                .entry(e.doc)
+                .or_insert_with(|| (DocModel::new(e.doc), 0));
+            entry.0.apply_responses(&rs);
+            entry.1 = s.sync_time;
+        }
+        cursor = page.last().unwrap().modified;
+    }
+    ListerView { docs, rounds }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cursor_following_listers_never_miss_a_change_made_by_concurrent_writers() {
+    let server = ServerProcess::start();
+    let addr = server.addr();
+    let done = Arc::new(AtomicBool::new(false));
+    let listers: Vec<_> = (0..2)
+        .map(|l| tokio::spawn(lister(addr, l, done.clone())))
+        .collect();
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|w| tokio::spawn(writer(addr, w)))
+        .collect();
+    let mut logs = Vec::new();
+    for w in writers {
+        logs.push(w.await.expect("writer"));
+    }
+    done.store(true, Ordering::SeqCst);
+    let mut views = Vec::new();
+    for l in listers {
+        views.push(l.await.expect("lister"));
+    }
+
+    // The truth: a fresh pull of every document that exists.
+    let mut fresh = server.connect().await;
+    let listed: Vec<DocId> = fresh.synclist_all(0).await.iter().map(|e| e.doc).collect();
+    let touched: BTreeSet<DocId> = logs
+        .iter()
+        .flat_map(|l| l.inserted.keys().copied())
+        .collect();
+    assert_eq!(
+        listed.iter().copied().collect::<BTreeSet<_>>(),
+        touched,
+        "synclist(0) lists every document written"
+    );
+    for &doc in &listed {
+        let (rs, _) = fresh.pull(doc, 0).await;
+        let truth = model_of(doc, &rs);
+
+        let mut expected: BTreeMap<Pid, String> = BTreeMap::new();
+        for l in &logs {
+            if let Some(ins) = l.inserted.get(&doc) {
+                expected.extend(ins.clone());
+            }
+        }
+        for l in &logs {
+            for p in l.deleted.get(&doc).into_iter().flatten() {
+                expected.remove(p);
+            }
+        }
+        assert_eq!(
+            truth.live().into_iter().collect::<BTreeMap<_, _>>(),
+            expected,
+            "doc {doc}: the server holds every insert less every delete"
+        );
+        for (l, v) in views.iter().enumerate() {
+            let (m, _) = v
+                .docs
+                .get(&doc)
+                .unwrap_or_else(|| panic!("lister {l} never saw doc {doc} listed"));
+            assert_eq!(
+                m.live(),
+                truth.live(),
+                "lister {l} (after {} rounds) missed a change to doc {doc}",
+                v.rounds
+            );
+            assert_eq!(m.name, truth.name, "lister {l}: name of doc {doc}");
+        }
+    }
+}

@@ -246,3 +246,61 @@ pub fn model_of(doc: DocId, rs: &[DocResponse]) -> DocModel {
     m.apply_responses(rs);
     m
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use notesync_protocol::Level;
+
+    fn pid(ident: u32, site: u8) -> Pid {
+        Pid::from_levels(&[Level::new(ident, site)])
+    }
+
+    #[test]
+    fn applies_idempotently_and_a_delete_before_its_insert_wins() {
+        let mut m = DocModel::new(1);
+        assert_eq!(m.apply_insert("b", &pid(20, 1)), Applied::Changed);
+        assert_eq!(m.apply_insert("a", &pid(10, 2)), Applied::Changed);
+        assert_eq!(m.apply_insert("a", &pid(10, 2)), Applied::Unchanged);
+        assert_eq!(m.text(), "ab");
+        assert_eq!(m.apply_delete(&pid(10, 2)), Applied::Changed);
+        assert_eq!(m.apply_delete(&pid(10, 2)), Applied::Unchanged);
+        assert_eq!(m.apply_delete(&pid(30, 1)), Applied::Changed);
+        assert_eq!(m.apply_insert("c", &pid(30, 1)), Applied::Unchanged);
+        assert_eq!(m.text(), "b");
+        assert_eq!(m.len_with_tombstones(), 3);
+    }
+
+    #[test]
+    #[should_panic(expected = "two different data")]
+    fn the_same_id_with_other_data_is_a_bug() {
+        let mut m = DocModel::new(1);
+        m.apply_insert("a", &pid(1, 1));
+        m.apply_insert("b", &pid(1, 1));
+    }
+
+    #[test]
+    fn local_edits_land_where_asked_and_never_reuse_an_id() {
+        let mut m = DocModel::new(7);
+        m.set_site(3, 1);
+        let mut made = std::collections::BTreeSet::new();
+        for (i, w) in ["a", "c", "e"].iter().enumerate() {
+            assert!(made.insert(m.local_insert(i, w).pid().clone()));
+        }
+        assert!(made.insert(m.local_insert(1, "b").pid().clone()));
+        assert_eq!(m.text(), "abce");
+        let gone = m.local_delete(2);
+        assert!(!m.is_live(&gone));
+        assert_eq!(m.text(), "abe");
+        // Insert where the tombstone was, many times: ids stay fresh and
+        // the text stays in order.
+        for _ in 0..50 {
+            let a = m.local_insert(2, "d");
+            assert!(made.insert(a.pid().clone()), "id reused: {:?}", a.pid());
+            assert_eq!(a.pid().creator(), 3);
+            m.local_delete(2);
+        }
+        m.local_insert(2, "d");
+        assert_eq!(m.text(), "abde");
+    }
+}

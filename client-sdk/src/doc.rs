@@ -413,10 +413,13 @@ impl Doc {
     /// atoms as possible (up to 255 bytes each, never splitting a char),
     /// with fresh ids in the same gap. Returns (old ids removed, new atoms),
     /// so the op log can swap them. Only for ids that never left the device.
+    /// `force`: rewrite every run, even one that cannot shrink (to re-make
+    /// provisional ids with a real site).
     pub fn coalesce(
         &mut self,
         alloc: &mut Allocator,
         unsent: impl Fn(&Pid) -> bool,
+        force: bool,
     ) -> Result<(Vec<Pid>, Vec<Atom>), EditError> {
         // Find runs first (as id ranges), then rewrite each.
         let mut runs: Vec<Vec<Pid>> = Vec::new();
@@ -428,13 +431,13 @@ impl Doc {
                 cur_bytes += e.data.len();
                 continue;
             }
-            if cur.len() > 1 && cur.len() > cur_bytes.div_ceil(MAX_ATOM_BYTES) {
+            if worth(&cur, cur_bytes, force) {
                 runs.push(std::mem::take(&mut cur));
             }
             cur.clear();
             cur_bytes = 0;
         }
-        if cur.len() > 1 && cur.len() > cur_bytes.div_ceil(MAX_ATOM_BYTES) {
+        if worth(&cur, cur_bytes, force) {
             runs.push(cur);
         }
         let mut removed = Vec::new();
@@ -484,6 +487,11 @@ impl Doc {
         }
         Ok(doc)
     }
+}
+
+/// Whether rewriting a run of atoms pays: it has fewer atoms after.
+fn worth(run: &[Pid], bytes: usize, force: bool) -> bool {
+    !run.is_empty() && (force || run.len() > bytes.div_ceil(MAX_ATOM_BYTES))
 }
 
 fn entry(data: &str, pid: Pid, live: bool) -> Entry {
@@ -585,7 +593,7 @@ mod tests {
             a.insert(&mut al, i, &ch.to_string()).unwrap();
         }
         assert_eq!(a.atom_count(), 6);
-        let (removed, added) = a.coalesce(&mut al, |_| true).unwrap();
+        let (removed, added) = a.coalesce(&mut al, |_| true, false).unwrap();
         assert_eq!(removed.len(), 6);
         assert_eq!(added.len(), 1);
         assert_eq!(added[0].data(), "abcdef");

@@ -8,5 +8,7 @@
 pub mod doc;
 pub mod fsutil;
 pub mod oplog;
+pub mod store;
 
 pub use doc::{Doc, EditError, LocalOp, TextChange};
+pub use store::{NoteInfo, Store, StoreError};

@@ -1,1 +1,37 @@
-//! notesync-server: see issue 3 (not yet built).
+//! notesync-server: the durable sync server (PROTOCOL.md is the spec).
+//!
+//! Module map:
+//! - [`config`]: the configuration and its documented defaults;
+//! - `store`: the redb schema, the server clock, reads and writes of stored
+//!   state;
+//! - `writer`: the one thread that commits, in batches, and owns the rooms;
+//! - `index`: the in-memory synclist index;
+//! - `rooms`: session fan-out and bounded per-connection queues;
+//! - `conn`: one connection's state machine (handshake, sync, session);
+//! - `server`: the accept loop and graceful shutdown.
+//!
+//! Embedding:
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), notesync_server::Error> {
+//! use notesync_server::{Config, Server};
+//! let server = Server::bind(Config::new("/tmp/notes").listen("127.0.0.1:0")).await?;
+//! println!("listening on {}", server.local_addr());
+//! let shutdown = tokio_util::sync::CancellationToken::new();
+//! server.run(shutdown).await
+//! # }
+//! ```
+#![forbid(unsafe_code)]
+
+pub mod config;
+mod conn;
+mod index;
+mod rooms;
+mod server;
+mod store;
+mod writer;
+
+pub use config::Config;
+pub use server::{Error, Server};
+pub use store::{OpenError, StoreError, SystemClock, WallClock};
+pub use writer::WriterStats;

@@ -1,0 +1,117 @@
+//! Server configuration and its documented defaults.
+//!
+//! Every limit here is listed, with its default, in `notesync-server --help`
+//! and in the README's server section; keep the three in step.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use notesync_protocol::Limits;
+
+use crate::store::{SystemClock, WallClock};
+
+/// Everything a [`crate::Server`] needs to start.
+#[derive(Clone)]
+pub struct Config {
+    /// Address to listen on (`host:port`; port 0 picks a free port).
+    pub listen: String,
+    /// Folder holding the database (`notesync.redb`); created if missing.
+    pub data_dir: PathBuf,
+    /// Most connections served at once; one more gets `server_busy`.
+    pub max_connections: usize,
+    /// Time a new connection has to send its first frame.
+    pub handshake_timeout: Duration,
+    /// A sync-mode connection that sends nothing for this long is closed.
+    pub idle_timeout: Duration,
+    /// A session that sends nothing for this long is closed (sessions that
+    /// only watch a document are legitimately quiet, so this is long).
+    pub session_idle_timeout: Duration,
+    /// A write to the socket that makes no progress for this long closes
+    /// the connection.
+    pub write_timeout: Duration,
+    /// Decoder limits (frame bytes, items per list, pid depth).
+    pub limits: Limits,
+    /// Bytes of live frames (broadcasts, acks) queued for one connection
+    /// before it is disconnected as a `slow_reader`.
+    pub max_outbound_bytes: usize,
+    /// Sync requests one connection may have queued (pipelined) at once;
+    /// past this the server stops reading that connection until it catches
+    /// up.
+    pub max_pipeline: usize,
+    /// Entries in one synclist response (PROTOCOL.md 3.1).
+    pub max_synclist_entries: usize,
+    /// Requests the writer commits in one redb transaction, at most.
+    pub max_batch: usize,
+    /// Requests waiting for the writer, at most; senders wait beyond it.
+    pub writer_queue: usize,
+    /// On shutdown, how long connections get to finish before the server
+    /// stops waiting for them.
+    pub shutdown_timeout: Duration,
+    /// The wall clock the server clock is built on (injectable for tests).
+    pub wall_clock: Arc<dyn WallClock>,
+}
+
+impl Config {
+    pub const DEFAULT_LISTEN: &'static str = "127.0.0.1:7420";
+    pub const DEFAULT_DATA_DIR: &'static str = "./notesync-data";
+    pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+    pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+    pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+    pub const DEFAULT_SESSION_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+    pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+    pub const DEFAULT_MAX_OUTBOUND_BYTES: usize = 16 * 1024 * 1024;
+    pub const DEFAULT_MAX_PIPELINE: usize = 64;
+    pub const DEFAULT_MAX_SYNCLIST_ENTRIES: usize = 10_000;
+    pub const DEFAULT_MAX_BATCH: usize = 4096;
+    pub const DEFAULT_WRITER_QUEUE: usize = 8192;
+    pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
+
+    /// The defaults, serving `data_dir`.
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        Config {
+            listen: Self::DEFAULT_LISTEN.to_owned(),
+            data_dir: data_dir.into(),
+            max_connections: Self::DEFAULT_MAX_CONNECTIONS,
+            handshake_timeout: Self::DEFAULT_HANDSHAKE_TIMEOUT,
+            idle_timeout: Self::DEFAULT_IDLE_TIMEOUT,
+            session_idle_timeout: Self::DEFAULT_SESSION_IDLE_TIMEOUT,
+            write_timeout: Self::DEFAULT_WRITE_TIMEOUT,
+            limits: Limits::default(),
+            max_outbound_bytes: Self::DEFAULT_MAX_OUTBOUND_BYTES,
+            max_pipeline: Self::DEFAULT_MAX_PIPELINE,
+            max_synclist_entries: Self::DEFAULT_MAX_SYNCLIST_ENTRIES,
+            max_batch: Self::DEFAULT_MAX_BATCH,
+            writer_queue: Self::DEFAULT_WRITER_QUEUE,
+            shutdown_timeout: Self::DEFAULT_SHUTDOWN_TIMEOUT,
+            wall_clock: Arc::new(SystemClock),
+        }
+    }
+
+    /// Same configuration, listening on `addr`.
+    pub fn listen(mut self, addr: impl Into<String>) -> Self {
+        self.listen = addr.into();
+        self
+    }
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("listen", &self.listen)
+            .field("data_dir", &self.data_dir)
+            .field("max_connections", &self.max_connections)
+            .field("handshake_timeout", &self.handshake_timeout)
+            .field("idle_timeout", &self.idle_timeout)
+            .field("session_idle_timeout", &self.session_idle_timeout)
+            .field("write_timeout", &self.write_timeout)
+            .field("limits", &self.limits)
+            .field("max_outbound_bytes", &self.max_outbound_bytes)
+            .field("max_pipeline", &self.max_pipeline)
+            .field("max_synclist_entries", &self.max_synclist_entries)
+            .field("max_batch", &self.max_batch)
+            .field("writer_queue", &self.writer_queue)
+            .field("shutdown_timeout", &self.shutdown_timeout)
+            .finish_non_exhaustive()
+    }
+}

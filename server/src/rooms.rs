@@ -1,0 +1,339 @@
+//! Session fan-out: per-document rooms, per-connection outbound queues.
+//!
+//! Invariants:
+//! - Rooms belong to the writer thread alone (no lock): it registers a
+//!   session between two commits and fans out each batch after its commit,
+//!   so a session receives exactly the changes committed after the snapshot
+//!   it was registered with.
+//! - A room exists only while it has sessions; it holds no document
+//!   content, so memory per document is bounded by its sessions.
+//! - The writer never waits on a connection: pushes into an [`Outbox`] never
+//!   block, and a connection whose queue passes its byte limit is killed
+//!   with `slow_reader` instead of slowing everyone else down.
+
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use bytes::{Bytes, BytesMut};
+use notesync_protocol::{DocId, ErrorCode, ErrorFrame, ServerFrame};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// Ends a connection from outside its task, with the error frame to send.
+#[derive(Default)]
+pub struct Kill {
+    token: CancellationToken,
+    frame: OnceLock<Bytes>,
+}
+
+impl Kill {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Kill::default())
+    }
+
+    /// Kills the connection; the first reason given is the one sent.
+    pub fn kill(&self, frame: Option<Bytes>) {
+        if let Some(f) = frame {
+            let _ = self.frame.set(f);
+        }
+        self.token.cancel();
+    }
+
+    pub fn token(&self) -> &CancellationToken {
+        &self.token
+    }
+
+    pub fn is_killed(&self) -> bool {
+        self.token.is_cancelled()
+    }
+
+    /// The error frame to send before closing, if any.
+    pub fn frame(&self) -> Option<Bytes> {
+        self.frame.get().cloned()
+    }
+}
+
+pub fn error_bytes(code: ErrorCode, message: impl Into<String>) -> Bytes {
+    ServerFrame::Error(ErrorFrame::new(code, message)).to_bytes()
+}
+
+/// Creates a connection's live queue, bounded to `max_bytes` of frames.
+pub fn outbox(max_bytes: usize) -> (Outbox, OutboxRx) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let queued = Arc::new(AtomicUsize::new(0));
+    (
+        Outbox {
+            tx,
+            queued: queued.clone(),
+            max: max_bytes,
+        },
+        OutboxRx { rx, queued },
+    )
+}
+
+/// Why a push failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PushError {
+    /// The queue holds `max_bytes` already: the reader is too slow.
+    Full,
+    /// The connection is gone.
+    Closed,
+}
+
+/// The sending side of a live queue. Never blocks.
+#[derive(Clone)]
+pub struct Outbox {
+    tx: mpsc::UnboundedSender<Bytes>,
+    queued: Arc<AtomicUsize>,
+    max: usize,
+}
+
+impl Outbox {
+    pub fn try_push(&self, frame: Bytes) -> Result<(), PushError> {
+        let len = frame.len();
+        let before = self.queued.fetch_add(len, Ordering::AcqRel);
+        // An empty queue takes any one item, so an item larger than the
+        // limit cannot wedge a connection that reads.
+        if before > 0 && before + len > self.max {
+            self.queued.fetch_sub(len, Ordering::AcqRel);
+            return Err(PushError::Full);
+        }
+        self.send(frame, len)
+    }
+
+    /// Pushes past the limit: for the one error frame that ends a session.
+    pub fn force_push(&self, frame: Bytes) -> Result<(), PushError> {
+        let len = frame.len();
+        self.queued.fetch_add(len, Ordering::AcqRel);
+        self.send(frame, len)
+    }
+
+    fn send(&self, frame: Bytes, len: usize) -> Result<(), PushError> {
+        self.tx.send(frame).map_err(|_| {
+            self.queued.fetch_sub(len, Ordering::AcqRel);
+            PushError::Closed
+        })
+    }
+
+    pub fn max_bytes(&self) -> usize {
+        self.max
+    }
+}
+
+/// The receiving side of a live queue, drained by the socket writer.
+pub struct OutboxRx {
+    rx: mpsc::UnboundedReceiver<Bytes>,
+    queued: Arc<AtomicUsize>,
+}
+
+impl OutboxRx {
+    pub async fn recv(&mut self) -> Option<Bytes> {
+        self.rx.recv().await
+    }
+
+    pub fn try_recv(&mut self) -> Option<Bytes> {
+        self.rx.try_recv().ok()
+    }
+
+    /// Frees `n` bytes of the queue's budget once they are written.
+    pub fn release(&self, n: usize) {
+        self.queued.fetch_sub(n, Ordering::AcqRel);
+    }
+}
+
+/// One session in a room.
+pub struct Sub {
+    pub session_id: u64,
+    pub outbox: Outbox,
+    pub kill: Arc<Kill>,
+}
+
+impl Sub {
+    /// Pushes a frame; a full queue kills the connection as a slow reader.
+    /// Returns whether the session is still alive.
+    fn push(&self, frame: Bytes) -> bool {
+        match self.outbox.try_push(frame) {
+            Ok(()) => true,
+            Err(PushError::Full) => {
+                self.kill.kill(Some(error_bytes(
+                    ErrorCode::SLOW_READER,
+                    format!(
+                        "outbound queue exceeded max_outbound_bytes ({}): the connection did not read fast enough",
+                        self.outbox.max_bytes()
+                    ),
+                )));
+                false
+            }
+            Err(PushError::Closed) => false,
+        }
+    }
+}
+
+/// Frames for one document's sessions from one batch, grouped in chunks of
+/// consecutive frames from the same origin, so each frame is encoded once
+/// and the whole batch costs a few queue pushes per session.
+#[derive(Default)]
+pub struct Fanout {
+    chunks: Vec<(Option<u64>, BytesMut)>,
+}
+
+const CHUNK_BYTES: usize = 64 * 1024;
+
+impl Fanout {
+    /// Adds a frame made by session `origin` (None: a sync-mode upsert).
+    pub fn push(&mut self, origin: Option<u64>, frame: &ServerFrame) {
+        match self.chunks.last_mut() {
+            Some((o, buf)) if *o == origin && buf.len() < CHUNK_BYTES => frame.encode(buf),
+            _ => {
+                let mut buf = BytesMut::new();
+                frame.encode(&mut buf);
+                self.chunks.push((origin, buf));
+            }
+        }
+    }
+}
+
+/// Every document's sessions. Owned by the writer thread.
+#[derive(Default)]
+pub struct Rooms {
+    rooms: HashMap<DocId, Vec<Sub>>,
+}
+
+impl Rooms {
+    pub fn join(&mut self, doc: DocId, sub: Sub) {
+        self.rooms.entry(doc).or_default().push(sub);
+    }
+
+    pub fn leave(&mut self, doc: DocId, session_id: u64) {
+        if let Entry::Occupied(mut room) = self.rooms.entry(doc) {
+            room.get_mut().retain(|s| s.session_id != session_id);
+            if room.get().is_empty() {
+                room.remove();
+            }
+        }
+    }
+
+    /// Whether a change to `doc` made by `origin` has anyone to go to.
+    pub fn has_listeners(&self, doc: DocId, origin: Option<u64>) -> bool {
+        self.rooms
+            .get(&doc)
+            .is_some_and(|r| r.iter().any(|s| Some(s.session_id) != origin))
+    }
+
+    pub fn contains(&self, doc: DocId, session_id: u64) -> bool {
+        self.rooms
+            .get(&doc)
+            .is_some_and(|r| r.iter().any(|s| s.session_id == session_id))
+    }
+
+    /// Sends one batch's frames for `doc` to every session but their origin.
+    pub fn fan_out(&mut self, doc: DocId, fanout: Fanout) {
+        let chunks: Vec<(Option<u64>, Bytes)> = fanout
+            .chunks
+            .into_iter()
+            .map(|(o, b)| (o, b.freeze()))
+            .collect();
+        self.retain(doc, |sub| {
+            chunks
+                .iter()
+                .filter(|(origin, _)| *origin != Some(sub.session_id))
+                .all(|(_, bytes)| sub.push(bytes.clone()))
+        });
+    }
+
+    /// Sends frames to one session (its acks and refusals).
+    pub fn send_to(
+        &mut self,
+        doc: DocId,
+        session_id: u64,
+        frames: impl IntoIterator<Item = Bytes>,
+    ) {
+        let mut frames = frames.into_iter();
+        self.retain(doc, |sub| {
+            sub.session_id != session_id || frames.by_ref().all(|f| sub.push(f))
+        });
+    }
+
+    /// Ends one session with an error frame.
+    pub fn kill(&mut self, doc: DocId, session_id: u64, frame: Bytes) {
+        self.retain(doc, |sub| {
+            if sub.session_id == session_id {
+                sub.kill.kill(Some(frame.clone()));
+                false
+            } else {
+                true
+            }
+        });
+    }
+
+    /// Ends every session (the writer is stopping).
+    pub fn kill_all(&mut self, frame: Bytes) {
+        for (_, subs) in self.rooms.drain() {
+            for sub in subs {
+                sub.kill.kill(Some(frame.clone()));
+            }
+        }
+    }
+
+    fn retain(&mut self, doc: DocId, mut keep: impl FnMut(&Sub) -> bool) {
+        if let Entry::Occupied(mut room) = self.rooms.entry(doc) {
+            room.get_mut().retain(|s| !s.kill.is_killed() && keep(s));
+            if room.get().is_empty() {
+                room.remove();
+            }
+        }
+    }
+
+    #[cfg(test)]
+    pub fn is_empty(&self) -> bool {
+        self.rooms.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use notesync_protocol::DocName;
+
+    fn sub(id: u64, max: usize) -> (Sub, OutboxRx) {
+        let (outbox, rx) = outbox(max);
+        (
+            Sub {
+                session_id: id,
+                outbox,
+                kill: Kill::new(),
+            },
+            rx,
+        )
+    }
+
+    #[test]
+    fn fan_out_skips_the_origin_and_kills_slow_readers() {
+        let mut rooms = Rooms::default();
+        let (a, mut ra) = sub(1, 1 << 20);
+        let (b, mut rb) = sub(2, 8);
+        let b_kill = b.kill.clone();
+        rooms.join(5, a);
+        rooms.join(5, b);
+        let mut f = Fanout::default();
+        let frame = ServerFrame::Rename(DocName::new("x").expect("name"));
+        f.push(Some(1), &frame);
+        rooms.fan_out(5, f);
+        assert!(ra.try_recv().is_none(), "echoed to the sender");
+        assert_eq!(rb.try_recv().as_deref(), Some(&frame.to_bytes()[..]));
+        // b never releases what it read: the queue fills and b is killed.
+        let mut f = Fanout::default();
+        f.push(Some(1), &frame);
+        f.push(None, &frame);
+        f.push(Some(1), &frame);
+        rooms.fan_out(5, f);
+        assert!(b_kill.is_killed());
+        assert!(b_kill.frame().is_some());
+        assert!(!rooms.contains(5, 2));
+        assert!(rooms.contains(5, 1));
+        rooms.leave(5, 1);
+        assert!(rooms.is_empty(), "an empty room is dropped");
+    }
+}

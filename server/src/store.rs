@@ -1,0 +1,1175 @@
+//! The redb schema, the server clock, and everything that reads or changes
+//! stored state.
+//!
+//! Tables (ARCHITECTURE.md, "Storage (server)", is the long form):
+//!
+//! | table       | key                                   | value |
+//! |-------------|---------------------------------------|-------|
+//! | `meta`      | `&str`                                | `u64` (`schema_version`, `clock`, `boot`) |
+//! | `documents` | `u128` document                       | modified, name time, next site, name |
+//! | `doc_times` | modified `u64` BE ++ document `u128` BE | `()` |
+//! | `sites`     | document BE ++ replica BE             | `u8` site |
+//! | `atoms`     | document BE ++ pid key form           | insert time, delete time, data |
+//! | `changes`   | document BE ++ time BE                | kind ++ pid key form |
+//!
+//! Invariants:
+//! - Every change carries its own time from [`ServerClock`], and the clock's
+//!   last value is written in the same transaction as the changes, so a
+//!   snapshot's `clock` is at least every time it contains.
+//! - An atom's record says what a pull needs: `insert` is the time it became
+//!   live (0 when the server learnt of the id from a delete first: it stays
+//!   a tombstone even if its data arrives later), `delete` the first delete
+//!   time (0 while live). Data, once stored, never changes.
+//! - `changes` holds one entry per insert and per delete, so a pull since `t`
+//!   reads O(changes after t); each atom has at most one entry of each kind.
+//! - `doc_times` mirrors each document's `modified`, in time order, so the
+//!   synclist index is rebuilt at start by one sequential scan.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use notesync_protocol::{
+    AtomListBuilder, DocId, DocName, DocResponse, Pid, PidListBuilder, ServerFrame, Time,
+};
+use redb::{
+    Database, ReadTransaction, ReadableDatabase, ReadableTable, ReadableTableMetadata, Table,
+    TableDefinition, WriteTransaction,
+};
+
+/// The layout version this build reads and writes.
+pub const SCHEMA_VERSION: u64 = 1;
+/// File name of the database inside the data folder.
+pub const DB_FILE: &str = "notesync.redb";
+
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const DOCUMENTS: TableDefinition<u128, &[u8]> = TableDefinition::new("documents");
+const DOC_TIMES: TableDefinition<&[u8; 24], ()> = TableDefinition::new("doc_times");
+const SITES: TableDefinition<&[u8; 32], u8> = TableDefinition::new("sites");
+const ATOMS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("atoms");
+const CHANGES: TableDefinition<&[u8; 24], &[u8]> = TableDefinition::new("changes");
+
+const META_SCHEMA: &str = "schema_version";
+const META_CLOCK: &str = "clock";
+const META_BOOT: &str = "boot";
+
+const CHANGE_INSERT: u8 = 1;
+const CHANGE_DELETE: u8 = 2;
+
+/// Sites a document can hand out: 1 to 255 (0 is reserved).
+pub const MAX_SITE: u16 = 255;
+
+// ---------------------------------------------------------------- errors
+
+/// Why the database could not be opened at start.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("cannot create data folder {path}: {source}")]
+    CreateDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "{path} is already open in another process (is another notesync-server serving this data folder?); \
+         a data folder can be served by one server at a time"
+    )]
+    AlreadyOpen { path: PathBuf },
+    #[error(
+        "{path} has schema version {found}, but this server reads version {SCHEMA_VERSION} only; \
+         use a matching notesync-server build"
+    )]
+    UnknownSchema { path: PathBuf, found: u64 },
+    #[error("{path} has tables but no schema version: it is not a notesync database")]
+    NotNotesync { path: PathBuf },
+    #[error("cannot open {path}: {source}")]
+    Redb { path: PathBuf, source: redb::Error },
+    #[error("cannot open {path}: {source}")]
+    Store { path: PathBuf, source: StoreError },
+}
+
+/// A failure to read or write stored state.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Redb(#[from] redb::Error),
+    #[error("corrupt record in table {table}: {what}")]
+    Corrupt {
+        table: &'static str,
+        what: &'static str,
+    },
+}
+
+macro_rules! from_redb {
+    ($($t:ty),*) => {$(
+        impl From<$t> for StoreError {
+            fn from(e: $t) -> Self {
+                StoreError::Redb(e.into())
+            }
+        }
+    )*};
+}
+from_redb!(
+    redb::StorageError,
+    redb::TableError,
+    redb::TransactionError,
+    redb::CommitError,
+    redb::DatabaseError
+);
+
+fn corrupt(table: &'static str, what: &'static str) -> StoreError {
+    StoreError::Corrupt { table, what }
+}
+
+// ---------------------------------------------------------------- clock
+
+/// A source of wall-clock time in microseconds since the Unix epoch.
+pub trait WallClock: Send + Sync + 'static {
+    fn now_micros(&self) -> Time;
+}
+
+/// The system clock.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SystemClock;
+
+impl WallClock for SystemClock {
+    fn now_micros(&self) -> Time {
+        // A clock before 1970 reads as 0; the server clock still advances.
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_micros() as Time)
+            .unwrap_or(0)
+    }
+}
+
+/// The server clock: every time it hands out is `max(wall, last + 1)`, so
+/// times are unique and never go back, whatever the wall clock does. Only
+/// the writer owns one; `last` is persisted with every commit.
+pub struct ServerClock {
+    wall: std::sync::Arc<dyn WallClock>,
+    last: Time,
+}
+
+impl ServerClock {
+    pub fn new(wall: std::sync::Arc<dyn WallClock>, last: Time) -> Self {
+        ServerClock { wall, last }
+    }
+
+    /// A new, unique time.
+    pub fn next(&mut self) -> Time {
+        let t = self.wall.now_micros().max(self.last.saturating_add(1));
+        self.last = t;
+        t
+    }
+
+    /// The last time handed out.
+    pub fn last(&self) -> Time {
+        self.last
+    }
+}
+
+// ---------------------------------------------------------------- records
+
+/// A document's row in `documents`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DocRecord {
+    /// Time of the document's last change (creation included).
+    pub modified: Time,
+    /// Time the name was last set; 0 if it never was (created by a
+    /// session with an empty name).
+    pub name_time: Time,
+    /// Next site to hand out; `MAX_SITE + 1` once all are taken.
+    pub next_site: u16,
+    pub name: String,
+}
+
+impl DocRecord {
+    fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(18 + self.name.len());
+        v.extend_from_slice(&self.modified.to_be_bytes());
+        v.extend_from_slice(&self.name_time.to_be_bytes());
+        v.extend_from_slice(&self.next_site.to_be_bytes());
+        v.extend_from_slice(self.name.as_bytes());
+        v
+    }
+
+    fn decode(b: &[u8]) -> Result<Self, StoreError> {
+        let bad = || corrupt("documents", "record shorter than 18 bytes");
+        let modified =
+            u64::from_be_bytes(b.get(0..8).ok_or_else(bad)?.try_into().map_err(|_| bad())?);
+        let name_time = u64::from_be_bytes(
+            b.get(8..16)
+                .ok_or_else(bad)?
+                .try_into()
+                .map_err(|_| bad())?,
+        );
+        let next_site = u16::from_be_bytes(
+            b.get(16..18)
+                .ok_or_else(bad)?
+                .try_into()
+                .map_err(|_| bad())?,
+        );
+        let name = std::str::from_utf8(&b[18..])
+            .map_err(|_| corrupt("documents", "name is not UTF-8"))?
+            .to_owned();
+        Ok(DocRecord {
+            modified,
+            name_time,
+            next_site,
+            name,
+        })
+    }
+
+    pub fn doc_name(&self) -> Result<DocName, StoreError> {
+        DocName::new(self.name.clone())
+            .map_err(|_| corrupt("documents", "name is not a valid name"))
+    }
+}
+
+/// An atom's row in `atoms`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AtomRecord {
+    /// Time it became live; 0 if the id is known only from a delete.
+    pub insert: Time,
+    /// First delete time; 0 while live.
+    pub delete: Time,
+    /// Empty until an insert of the id has arrived.
+    pub data: Vec<u8>,
+}
+
+impl AtomRecord {
+    fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(16 + self.data.len());
+        v.extend_from_slice(&self.insert.to_be_bytes());
+        v.extend_from_slice(&self.delete.to_be_bytes());
+        v.extend_from_slice(&self.data);
+        v
+    }
+
+    fn decode(b: &[u8]) -> Result<Self, StoreError> {
+        if b.len() < 16 {
+            return Err(corrupt("atoms", "record shorter than 16 bytes"));
+        }
+        Ok(AtomRecord {
+            insert: be_u64(&b[0..8]),
+            delete: be_u64(&b[8..16]),
+            data: b[16..].to_vec(),
+        })
+    }
+
+    /// What a pull since `since` sends for this atom (PROTOCOL.md 3.1).
+    pub fn delta(&self, since: Time) -> Option<Delta> {
+        if self.delete == 0 {
+            (self.insert > since).then_some(Delta::Insert)
+        } else {
+            (self.insert <= since && self.delete > since).then_some(Delta::Delete)
+        }
+    }
+}
+
+/// How an atom appears in a pull.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delta {
+    Insert,
+    Delete,
+}
+
+fn be_u64(b: &[u8]) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[..8]);
+    u64::from_be_bytes(a)
+}
+
+// ---------------------------------------------------------------- keys
+
+fn atom_key(doc: DocId, pid_key: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(16 + pid_key.len());
+    k.extend_from_slice(&doc.to_be_bytes());
+    k.extend_from_slice(pid_key);
+    k
+}
+
+fn change_key(doc: DocId, time: Time) -> [u8; 24] {
+    let mut k = [0u8; 24];
+    k[..16].copy_from_slice(&doc.to_be_bytes());
+    k[16..].copy_from_slice(&time.to_be_bytes());
+    k
+}
+
+fn time_key(time: Time, doc: DocId) -> [u8; 24] {
+    let mut k = [0u8; 24];
+    k[..8].copy_from_slice(&time.to_be_bytes());
+    k[8..].copy_from_slice(&doc.to_be_bytes());
+    k
+}
+
+fn site_key(doc: DocId, replica: u128) -> [u8; 32] {
+    let mut k = [0u8; 32];
+    k[..16].copy_from_slice(&doc.to_be_bytes());
+    k[16..].copy_from_slice(&replica.to_be_bytes());
+    k
+}
+
+// ---------------------------------------------------------------- open
+
+/// What [`open`] found.
+pub struct Opened {
+    pub db: Database,
+    pub path: PathBuf,
+    /// The clock's last persisted value.
+    pub clock: Time,
+    /// How many times this database has been opened, this time included
+    /// (session ids are made unique across restarts with it).
+    pub boot: u64,
+    /// Every document's last-modified time, ascending.
+    pub doc_times: Vec<(Time, DocId)>,
+}
+
+/// Opens (or creates) the database in `dir`, checks its schema version,
+/// and loads what the index needs.
+pub fn open(dir: &Path) -> Result<Opened, OpenError> {
+    std::fs::create_dir_all(dir).map_err(|source| OpenError::CreateDir {
+        path: dir.to_owned(),
+        source,
+    })?;
+    let path = dir.join(DB_FILE);
+    let db = match Database::create(&path) {
+        Ok(db) => db,
+        Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
+            return Err(OpenError::AlreadyOpen { path });
+        }
+        Err(e) => {
+            return Err(OpenError::Redb {
+                path,
+                source: e.into(),
+            });
+        }
+    };
+    let store_err = |source: StoreError| OpenError::Store {
+        path: path.clone(),
+        source,
+    };
+    let boot = init_schema(&db, &path)?;
+    let (clock, doc_times) = load(&db).map_err(store_err)?;
+    Ok(Opened {
+        db,
+        path,
+        clock,
+        boot,
+        doc_times,
+    })
+}
+
+/// Checks or writes the schema version and counts the boot, in one commit.
+fn init_schema(db: &Database, path: &Path) -> Result<u64, OpenError> {
+    let wrap = |e: StoreError| OpenError::Store {
+        path: path.to_owned(),
+        source: e,
+    };
+    let txn = db.begin_write().map_err(|e| wrap(e.into()))?;
+    let had_tables = txn
+        .list_tables()
+        .map_err(|e| wrap(e.into()))?
+        .next()
+        .is_some();
+    let boot = {
+        let mut meta = txn.open_table(META).map_err(|e| wrap(e.into()))?;
+        let version = meta
+            .get(META_SCHEMA)
+            .map_err(|e| wrap(e.into()))?
+            .map(|v| v.value());
+        match version {
+            Some(SCHEMA_VERSION) => {}
+            Some(found) => {
+                return Err(OpenError::UnknownSchema {
+                    path: path.to_owned(),
+                    found,
+                });
+            }
+            None if had_tables => {
+                return Err(OpenError::NotNotesync {
+                    path: path.to_owned(),
+                });
+            }
+            None => {
+                meta.insert(META_SCHEMA, SCHEMA_VERSION)
+                    .map_err(|e| wrap(e.into()))?;
+            }
+        }
+        let boot = meta
+            .get(META_BOOT)
+            .map_err(|e| wrap(e.into()))?
+            .map(|v| v.value())
+            .unwrap_or(0)
+            .saturating_add(1);
+        meta.insert(META_BOOT, boot).map_err(|e| wrap(e.into()))?;
+        boot
+    };
+    // Create every table now, so readers never meet a missing one.
+    txn.open_table(DOCUMENTS).map_err(|e| wrap(e.into()))?;
+    txn.open_table(DOC_TIMES).map_err(|e| wrap(e.into()))?;
+    txn.open_table(SITES).map_err(|e| wrap(e.into()))?;
+    txn.open_table(ATOMS).map_err(|e| wrap(e.into()))?;
+    txn.open_table(CHANGES).map_err(|e| wrap(e.into()))?;
+    txn.commit().map_err(|e| wrap(e.into()))?;
+    Ok(boot)
+}
+
+fn load(db: &Database) -> Result<(Time, Vec<(Time, DocId)>), StoreError> {
+    let txn = db.begin_read()?;
+    let clock = txn
+        .open_table(META)?
+        .get(META_CLOCK)?
+        .map(|v| v.value())
+        .unwrap_or(0);
+    let table = txn.open_table(DOC_TIMES)?;
+    let mut out = Vec::with_capacity(table.len()? as usize);
+    for entry in table.range::<&[u8; 24]>(..)? {
+        let (k, _) = entry?;
+        let k = k.value();
+        out.push((
+            be_u64(&k[..8]),
+            u128::from_be_bytes(k[8..].try_into().unwrap_or([0; 16])),
+        ));
+    }
+    Ok((clock, out))
+}
+
+// ---------------------------------------------------------------- reads
+
+/// A consistent read of the database: everything committed up to its
+/// `clock`, nothing after.
+pub struct Snapshot {
+    txn: ReadTransaction,
+}
+
+impl Snapshot {
+    pub fn begin(db: &Database) -> Result<Self, StoreError> {
+        Ok(Snapshot {
+            txn: db.begin_read()?,
+        })
+    }
+
+    /// The clock value committed in this snapshot: every change it holds has
+    /// a time at or below it, so it is a safe `sync_time` (PROTOCOL.md 3.4).
+    pub fn clock(&self) -> Result<Time, StoreError> {
+        Ok(self
+            .txn
+            .open_table(META)?
+            .get(META_CLOCK)?
+            .map(|v| v.value())
+            .unwrap_or(0))
+    }
+
+    pub fn doc(&self, doc: DocId) -> Result<Option<DocRecord>, StoreError> {
+        match self.txn.open_table(DOCUMENTS)?.get(doc)? {
+            Some(v) => Ok(Some(DocRecord::decode(v.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    pub fn site(&self, doc: DocId, replica: u128) -> Result<Option<u8>, StoreError> {
+        Ok(self
+            .txn
+            .open_table(SITES)?
+            .get(&site_key(doc, replica))?
+            .map(|v| v.value()))
+    }
+
+    #[cfg(test)]
+    pub fn atom(&self, doc: DocId, pid: &Pid) -> Result<Option<AtomRecord>, StoreError> {
+        match self
+            .txn
+            .open_table(ATOMS)?
+            .get(atom_key(doc, pid.key()).as_slice())?
+        {
+            Some(v) => Ok(Some(AtomRecord::decode(v.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Appends to `out` what a client that synced `doc` up to `since` lacks
+    /// (PROTOCOL.md 3.1), leaving out what `exclude` says it sent itself.
+    pub fn delta(
+        &self,
+        doc: DocId,
+        since: Time,
+        exclude: Option<&SentIds>,
+        out: &mut DocFrames,
+    ) -> Result<(), StoreError> {
+        let atoms = self.txn.open_table(ATOMS)?;
+        let mut emit = |kind: Delta, pid_key: &[u8], data: &[u8]| -> Result<(), StoreError> {
+            if exclude.is_some_and(|x| x.contains(kind, pid_key)) {
+                return Ok(());
+            }
+            let pid = Pid::from_key(pid_key).ok_or(corrupt("atoms", "position id key"))?;
+            match kind {
+                Delta::Insert => {
+                    let data = std::str::from_utf8(data)
+                        .map_err(|_| corrupt("atoms", "data is not UTF-8"))?;
+                    out.push_insert(data, &pid)
+                }
+                Delta::Delete => out.push_delete(&pid),
+            }
+        };
+        if since == 0 {
+            // Everything is new: one sequential scan in position order.
+            let lo = doc.to_be_bytes();
+            let hi = doc.checked_add(1).map(|d| d.to_be_bytes());
+            let range = match &hi {
+                Some(hi) => atoms.range::<&[u8]>(lo.as_slice()..hi.as_slice())?,
+                None => atoms.range::<&[u8]>(lo.as_slice()..)?,
+            };
+            for entry in range {
+                let (k, v) = entry?;
+                let rec = AtomRecord::decode(v.value())?;
+                if let Some(kind) = rec.delta(0) {
+                    emit(kind, &k.value()[16..], &rec.data)?;
+                }
+            }
+        } else {
+            let changes = self.txn.open_table(CHANGES)?;
+            let lo = change_key(doc, since.saturating_add(1));
+            let hi = change_key(doc, Time::MAX);
+            for entry in changes.range::<&[u8; 24]>(&lo..=&hi)? {
+                let (_, v) = entry?;
+                let v = v.value();
+                let (&kind, pid_key) = v.split_first().ok_or(corrupt("changes", "empty entry"))?;
+                let rec = match atoms.get(atom_key(doc, pid_key).as_slice())? {
+                    Some(a) => AtomRecord::decode(a.value())?,
+                    None => return Err(corrupt("changes", "entry for a missing atom")),
+                };
+                // Each atom has at most one entry per kind: emitting only at
+                // the entry of the kind it is sent as never sends it twice.
+                match (kind, rec.delta(since)) {
+                    (CHANGE_INSERT, Some(Delta::Insert)) => {
+                        emit(Delta::Insert, pid_key, &rec.data)?
+                    }
+                    (CHANGE_DELETE, Some(Delta::Delete)) => emit(Delta::Delete, pid_key, &[])?,
+                    (CHANGE_INSERT | CHANGE_DELETE, _) => {}
+                    _ => return Err(corrupt("changes", "unknown change kind")),
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The ids an upsert sent: its reply leaves them out (the client has them).
+#[derive(Debug, Default)]
+pub struct SentIds {
+    inserts: HashSet<Vec<u8>>,
+    deletes: HashSet<Vec<u8>>,
+}
+
+impl SentIds {
+    pub fn from_upsert(u: &notesync_protocol::Upsert) -> Self {
+        let key = |p: notesync_protocol::PidRef<'_>| {
+            let mut k = Vec::with_capacity(p.wire().len());
+            p.write_key(&mut k);
+            k
+        };
+        SentIds {
+            inserts: u.inserts.iter().map(|a| key(a.pid)).collect(),
+            deletes: u.deletes.iter().map(key).collect(),
+        }
+    }
+
+    /// Whether the client already has this change. An insert this upsert
+    /// sent that landed on an older tombstone is *not* left out as a
+    /// delete: the client does not know the id is deleted.
+    fn contains(&self, kind: Delta, pid_key: &[u8]) -> bool {
+        match kind {
+            Delta::Insert => self.inserts.contains(pid_key),
+            Delta::Delete => self.deletes.contains(pid_key),
+        }
+    }
+}
+
+/// Builds one or more 33 frames, each under `chunk_bytes` of list data and
+/// `max_items` per list, so a large document never needs one huge frame.
+pub struct DocFrames {
+    doc: DocId,
+    name: DocName,
+    atoms: AtomListBuilder,
+    deletes: PidListBuilder,
+    frames: Vec<Bytes>,
+    chunk_bytes: usize,
+    max_items: usize,
+}
+
+impl DocFrames {
+    pub fn new(doc: DocId, name: DocName, chunk_bytes: usize, max_items: usize) -> Self {
+        DocFrames {
+            doc,
+            name,
+            atoms: AtomListBuilder::new(),
+            deletes: PidListBuilder::new(),
+            frames: Vec::new(),
+            chunk_bytes: chunk_bytes.max(1),
+            max_items: max_items.max(1),
+        }
+    }
+
+    fn push_insert(&mut self, data: &str, pid: &Pid) -> Result<(), StoreError> {
+        self.atoms
+            .push_parts(data, pid)
+            .map_err(|_| corrupt("atoms", "atom is not a valid atom"))?;
+        self.maybe_flush();
+        Ok(())
+    }
+
+    fn push_delete(&mut self, pid: &Pid) -> Result<(), StoreError> {
+        self.deletes
+            .push(pid)
+            .map_err(|_| corrupt("atoms", "position id is not valid"))?;
+        self.maybe_flush();
+        Ok(())
+    }
+
+    fn maybe_flush(&mut self) {
+        if self.atoms.byte_len() + self.deletes.byte_len() >= self.chunk_bytes
+            || self.atoms.len() >= self.max_items
+            || self.deletes.len() >= self.max_items
+        {
+            self.flush();
+        }
+    }
+
+    fn flush(&mut self) {
+        let frame = ServerFrame::DocResponse(DocResponse {
+            doc: self.doc,
+            name: self.name.clone(),
+            inserts: std::mem::take(&mut self.atoms).finish(),
+            deletes: std::mem::take(&mut self.deletes).finish(),
+        });
+        self.frames.push(frame.to_bytes());
+    }
+
+    /// The frames; at least one, even when nothing changed.
+    pub fn finish(mut self) -> Vec<Bytes> {
+        if self.frames.is_empty() || !self.atoms.is_empty() || !self.deletes.is_empty() {
+            self.flush();
+        }
+        self.frames
+    }
+}
+
+// ---------------------------------------------------------------- writes
+
+/// What an insert did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Inserted {
+    /// A new live atom, at this time.
+    New(Time),
+    /// The id exists with the same data: nothing changed.
+    Unchanged,
+    /// The id was only a tombstone: its data is stored, it stays deleted,
+    /// and nothing a client can see changed.
+    UnderTombstone,
+}
+
+/// What a delete did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Deleted {
+    /// A live atom was deleted, or an unknown id recorded as a tombstone.
+    New(Time),
+    /// Already deleted: the first delete time stays.
+    Unchanged,
+}
+
+/// Whether an insert could be applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InsertCheck {
+    Ok,
+    /// The id exists with other data.
+    Conflict,
+}
+
+/// The tables of one write transaction.
+pub struct WriteTables<'t> {
+    meta: Table<'t, &'static str, u64>,
+    docs: Table<'t, u128, &'static [u8]>,
+    doc_times: Table<'t, &'static [u8; 24], ()>,
+    sites: Table<'t, &'static [u8; 32], u8>,
+    atoms: Table<'t, &'static [u8], &'static [u8]>,
+    changes: Table<'t, &'static [u8; 24], &'static [u8]>,
+}
+
+impl<'t> WriteTables<'t> {
+    pub fn open(txn: &'t WriteTransaction) -> Result<Self, StoreError> {
+        Ok(WriteTables {
+            meta: txn.open_table(META)?,
+            docs: txn.open_table(DOCUMENTS)?,
+            doc_times: txn.open_table(DOC_TIMES)?,
+            sites: txn.open_table(SITES)?,
+            atoms: txn.open_table(ATOMS)?,
+            changes: txn.open_table(CHANGES)?,
+        })
+    }
+
+    pub fn set_clock(&mut self, t: Time) -> Result<(), StoreError> {
+        self.meta.insert(META_CLOCK, t)?;
+        Ok(())
+    }
+
+    pub fn doc(&self, doc: DocId) -> Result<Option<DocRecord>, StoreError> {
+        match self.docs.get(doc)? {
+            Some(v) => Ok(Some(DocRecord::decode(v.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Writes a document's row; `old_modified` is its stored `modified`
+    /// (None if new), whose `doc_times` entry is replaced.
+    pub fn put_doc(
+        &mut self,
+        doc: DocId,
+        rec: &DocRecord,
+        old_modified: Option<Time>,
+    ) -> Result<(), StoreError> {
+        self.docs.insert(doc, rec.encode().as_slice())?;
+        if old_modified != Some(rec.modified) {
+            if let Some(old) = old_modified {
+                self.doc_times.remove(&time_key(old, doc))?;
+            }
+            self.doc_times.insert(&time_key(rec.modified, doc), ())?;
+        }
+        Ok(())
+    }
+
+    pub fn site(&self, doc: DocId, replica: u128) -> Result<Option<u8>, StoreError> {
+        Ok(self.sites.get(&site_key(doc, replica))?.map(|v| v.value()))
+    }
+
+    pub fn put_site(&mut self, doc: DocId, replica: u128, site: u8) -> Result<(), StoreError> {
+        self.sites.insert(&site_key(doc, replica), site)?;
+        Ok(())
+    }
+
+    pub fn atom(&self, doc: DocId, pid_key: &[u8]) -> Result<Option<AtomRecord>, StoreError> {
+        match self.atoms.get(atom_key(doc, pid_key).as_slice())? {
+            Some(v) => Ok(Some(AtomRecord::decode(v.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Whether inserting `data` at this id would be accepted.
+    pub fn check_insert(
+        &self,
+        doc: DocId,
+        pid_key: &[u8],
+        data: &[u8],
+    ) -> Result<InsertCheck, StoreError> {
+        Ok(match self.atom(doc, pid_key)? {
+            Some(rec) if !rec.data.is_empty() && rec.data != data => InsertCheck::Conflict,
+            _ => InsertCheck::Ok,
+        })
+    }
+
+    /// Inserts an atom (the caller checked it with
+    /// [`check_insert`](Self::check_insert)). Takes a time from `clock`
+    /// only if something changes.
+    pub fn insert_atom(
+        &mut self,
+        doc: DocId,
+        pid_key: &[u8],
+        data: &[u8],
+        clock: &mut ServerClock,
+    ) -> Result<Inserted, StoreError> {
+        let key = atom_key(doc, pid_key);
+        let existing = match self.atoms.get(key.as_slice())? {
+            Some(v) => Some(AtomRecord::decode(v.value())?),
+            None => None,
+        };
+        match existing {
+            None => {
+                let t = clock.next();
+                let rec = AtomRecord {
+                    insert: t,
+                    delete: 0,
+                    data: data.to_vec(),
+                };
+                self.atoms.insert(key.as_slice(), rec.encode().as_slice())?;
+                self.put_change(doc, t, CHANGE_INSERT, pid_key)?;
+                Ok(Inserted::New(t))
+            }
+            Some(rec) if rec.data.is_empty() => {
+                // Deleted before it arrived: keep the data (so a different
+                // re-use of the id is still a conflict), but it stays a
+                // tombstone and gets no insert time.
+                let rec = AtomRecord {
+                    data: data.to_vec(),
+                    ..rec
+                };
+                self.atoms.insert(key.as_slice(), rec.encode().as_slice())?;
+                Ok(Inserted::UnderTombstone)
+            }
+            Some(rec) if rec.data == data => Ok(Inserted::Unchanged),
+            Some(_) => Err(corrupt(
+                "atoms",
+                "insert of a conflicting id was not checked",
+            )),
+        }
+    }
+
+    /// Deletes an atom, or records a tombstone for an unknown id.
+    pub fn delete_atom(
+        &mut self,
+        doc: DocId,
+        pid_key: &[u8],
+        clock: &mut ServerClock,
+    ) -> Result<Deleted, StoreError> {
+        let key = atom_key(doc, pid_key);
+        let existing = match self.atoms.get(key.as_slice())? {
+            Some(v) => Some(AtomRecord::decode(v.value())?),
+            None => None,
+        };
+        let rec = match existing {
+            Some(rec) if rec.delete != 0 => return Ok(Deleted::Unchanged),
+            Some(rec) => rec,
+            None => AtomRecord {
+                insert: 0,
+                delete: 0,
+                data: Vec::new(),
+            },
+        };
+        let t = clock.next();
+        let rec = AtomRecord { delete: t, ..rec };
+        self.atoms.insert(key.as_slice(), rec.encode().as_slice())?;
+        self.put_change(doc, t, CHANGE_DELETE, pid_key)?;
+        Ok(Deleted::New(t))
+    }
+
+    fn put_change(
+        &mut self,
+        doc: DocId,
+        t: Time,
+        kind: u8,
+        pid_key: &[u8],
+    ) -> Result<(), StoreError> {
+        let mut v = Vec::with_capacity(1 + pid_key.len());
+        v.push(kind);
+        v.extend_from_slice(pid_key);
+        self.changes.insert(&change_key(doc, t), v.as_slice())?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use notesync_protocol::{ClientCodec, Level, ServerFrame};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use tokio_util::codec::Decoder;
+
+    /// A wall clock the test sets by hand.
+    pub struct FakeClock(pub AtomicU64);
+
+    impl WallClock for FakeClock {
+        fn now_micros(&self) -> Time {
+            self.0.load(Ordering::SeqCst)
+        }
+    }
+
+    pub fn pid(ident: u32, site: u8) -> Pid {
+        Pid::from_levels(&[Level::new(ident, site)])
+    }
+
+    const DOC: DocId = 0x0102_0304_0506_0708_090a_0b0c_0d0e_0f10;
+
+    fn open_tmp() -> (tempfile::TempDir, Opened) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let opened = open(dir.path()).expect("open");
+        (dir, opened)
+    }
+
+    /// Runs `f` in one committed write transaction.
+    fn write<R>(db: &Database, f: impl FnOnce(&mut WriteTables<'_>) -> R) -> R {
+        let txn = db.begin_write().expect("begin");
+        let r = {
+            let mut t = WriteTables::open(&txn).expect("tables");
+            f(&mut t)
+        };
+        txn.commit().expect("commit");
+        r
+    }
+
+    fn create_doc(db: &Database, clock: &mut ServerClock) {
+        write(db, |t| {
+            let rec = DocRecord {
+                modified: clock.next(),
+                name_time: 0,
+                next_site: 1,
+                name: "n".into(),
+            };
+            t.put_doc(DOC, &rec, None).expect("put");
+            t.set_clock(clock.last()).expect("clock");
+        });
+    }
+
+    /// (inserted data, deleted pids) a pull since `since` sends.
+    fn pull(db: &Database, since: Time) -> (Vec<(String, Pid)>, Vec<Pid>) {
+        let snap = Snapshot::begin(db).expect("snapshot");
+        let name = snap
+            .doc(DOC)
+            .expect("doc")
+            .expect("exists")
+            .doc_name()
+            .expect("name");
+        let mut out = DocFrames::new(DOC, name, 1 << 20, 1 << 20);
+        snap.delta(DOC, since, None, &mut out).expect("delta");
+        let mut ins = Vec::new();
+        let mut del = Vec::new();
+        for f in out.finish() {
+            let mut b = bytes::BytesMut::from(&f[..]);
+            match ClientCodec::default().decode(&mut b) {
+                Ok(Some(ServerFrame::DocResponse(r))) => {
+                    ins.extend(
+                        r.inserts
+                            .iter()
+                            .map(|a| (a.data.to_owned(), a.pid.to_pid())),
+                    );
+                    del.extend(r.deletes.iter().map(|p| p.to_pid()));
+                }
+                other => panic!("not a 33: {other:?}"),
+            }
+        }
+        (ins, del)
+    }
+
+    #[test]
+    fn inserts_are_idempotent_and_conflicts_detected() {
+        let (_d, o) = open_tmp();
+        let mut clock = ServerClock::new(Arc::new(SystemClock), o.clock);
+        create_doc(&o.db, &mut clock);
+        let p = pid(1, 1);
+        let first = write(&o.db, |t| {
+            t.insert_atom(DOC, p.key(), b"a", &mut clock).expect("ins")
+        });
+        assert!(matches!(first, Inserted::New(_)));
+        write(&o.db, |t| {
+            assert_eq!(
+                t.check_insert(DOC, p.key(), b"a").expect("check"),
+                InsertCheck::Ok
+            );
+            assert_eq!(
+                t.insert_atom(DOC, p.key(), b"a", &mut clock).expect("ins"),
+                Inserted::Unchanged
+            );
+            assert_eq!(
+                t.check_insert(DOC, p.key(), b"b").expect("check"),
+                InsertCheck::Conflict
+            );
+        });
+        // Deletes are idempotent: the first delete time stays.
+        let d1 = write(&o.db, |t| {
+            t.delete_atom(DOC, p.key(), &mut clock).expect("del")
+        });
+        let d2 = write(&o.db, |t| {
+            t.delete_atom(DOC, p.key(), &mut clock).expect("del")
+        });
+        let Deleted::New(t1) = d1 else {
+            panic!("first delete changed nothing")
+        };
+        assert_eq!(d2, Deleted::Unchanged);
+        let snap = Snapshot::begin(&o.db).expect("snap");
+        assert_eq!(snap.atom(DOC, &p).expect("atom").expect("some").delete, t1);
+        // A deleted atom still conflicts with other data.
+        write(&o.db, |t| {
+            assert_eq!(
+                t.check_insert(DOC, p.key(), b"b").expect("check"),
+                InsertCheck::Conflict
+            );
+        });
+    }
+
+    #[test]
+    fn tombstone_before_insert_stays_deleted() {
+        let (_d, o) = open_tmp();
+        let mut clock = ServerClock::new(Arc::new(SystemClock), o.clock);
+        create_doc(&o.db, &mut clock);
+        let p = pid(7, 3);
+        let before = clock.last();
+        let d = write(&o.db, |t| {
+            t.delete_atom(DOC, p.key(), &mut clock).expect("del")
+        });
+        assert!(matches!(d, Deleted::New(_)));
+        let i = write(&o.db, |t| {
+            t.insert_atom(DOC, p.key(), b"late", &mut clock)
+                .expect("ins")
+        });
+        assert_eq!(i, Inserted::UnderTombstone);
+        // Same data again: unchanged; other data: conflict.
+        write(&o.db, |t| {
+            assert_eq!(
+                t.insert_atom(DOC, p.key(), b"late", &mut clock)
+                    .expect("ins"),
+                Inserted::Unchanged
+            );
+            assert_eq!(
+                t.check_insert(DOC, p.key(), b"other").expect("check"),
+                InsertCheck::Conflict
+            );
+        });
+        // Never sent as live; sent as a delete to anyone who synced before
+        // the tombstone, from the change index and from the full scan.
+        assert_eq!(pull(&o.db, before), (vec![], vec![p.clone()]));
+        assert_eq!(pull(&o.db, 0), (vec![], vec![p.clone()]));
+        assert_eq!(pull(&o.db, clock.last()), (vec![], vec![]));
+    }
+
+    #[test]
+    fn pull_delta_classification() {
+        let (_d, o) = open_tmp();
+        let mut clock = ServerClock::new(Arc::new(SystemClock), o.clock);
+        create_doc(&o.db, &mut clock);
+        let old_live = pid(1, 1);
+        let old_deleted = pid(2, 1);
+        write(&o.db, |t| {
+            t.insert_atom(DOC, old_live.key(), b"a", &mut clock)
+                .expect("ins");
+            t.insert_atom(DOC, old_deleted.key(), b"b", &mut clock)
+                .expect("ins");
+            t.set_clock(clock.last()).expect("clock");
+        });
+        let t = clock.last();
+        let new_live = pid(3, 1);
+        let new_deleted = pid(4, 1);
+        write(&o.db, |w| {
+            w.delete_atom(DOC, old_deleted.key(), &mut clock)
+                .expect("del");
+            w.insert_atom(DOC, new_live.key(), b"c", &mut clock)
+                .expect("ins");
+            w.insert_atom(DOC, new_deleted.key(), b"d", &mut clock)
+                .expect("ins");
+            w.delete_atom(DOC, new_deleted.key(), &mut clock)
+                .expect("del");
+            w.set_clock(clock.last()).expect("clock");
+        });
+        // Since t: the new live atom; the delete of the old atom; the atom
+        // inserted and deleted after t is sent as neither.
+        assert_eq!(
+            pull(&o.db, t),
+            (vec![("c".into(), new_live.clone())], vec![old_deleted])
+        );
+        // Since 0: the live atoms only, in position order.
+        assert_eq!(
+            pull(&o.db, 0),
+            (vec![("a".into(), old_live), ("c".into(), new_live)], vec![])
+        );
+        assert_eq!(pull(&o.db, clock.last()), (vec![], vec![]));
+    }
+
+    #[test]
+    fn large_delta_is_split_over_frames() {
+        let (_d, o) = open_tmp();
+        let mut clock = ServerClock::new(Arc::new(SystemClock), o.clock);
+        create_doc(&o.db, &mut clock);
+        write(&o.db, |t| {
+            for i in 0..1000 {
+                t.insert_atom(DOC, pid(i, 1).key(), b"xyz", &mut clock)
+                    .expect("ins");
+            }
+        });
+        let snap = Snapshot::begin(&o.db).expect("snap");
+        let mut out = DocFrames::new(DOC, DocName::default(), 1000, 1 << 20);
+        snap.delta(DOC, 0, None, &mut out).expect("delta");
+        let frames = out.finish();
+        assert!(frames.len() > 5, "{} frames", frames.len());
+        assert!(frames.iter().all(|f| f.len() < 1200));
+    }
+
+    #[test]
+    fn clock_is_monotonic_with_a_wall_clock_going_back_and_across_reopen() {
+        let wall = Arc::new(FakeClock(AtomicU64::new(1_000_000)));
+        let mut clock = ServerClock::new(wall.clone(), 0);
+        let a = clock.next();
+        assert_eq!(a, 1_000_000);
+        // Same wall time: still unique.
+        let b = clock.next();
+        assert_eq!(b, 1_000_001);
+        // Wall clock jumps back an hour: times keep increasing.
+        wall.0.store(1, Ordering::SeqCst);
+        let c = clock.next();
+        assert_eq!(c, 1_000_002);
+        // Wall clock ahead again: it is used.
+        wall.0.store(5_000_000, Ordering::SeqCst);
+        assert_eq!(clock.next(), 5_000_000);
+
+        // Across a reopen: the persisted last value wins over a clock that
+        // went back.
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let o = open(dir.path()).expect("open");
+            write(&o.db, |t| t.set_clock(clock.last()).expect("clock"));
+        }
+        wall.0.store(10, Ordering::SeqCst);
+        let o = open(dir.path()).expect("reopen");
+        assert_eq!(o.clock, 5_000_000);
+        let mut clock = ServerClock::new(wall, o.clock);
+        assert_eq!(clock.next(), 5_000_001);
+    }
+
+    #[test]
+    fn reopen_counts_boots_and_rejects_unknown_schema() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        assert_eq!(open(dir.path()).expect("open").boot, 1);
+        let o = open(dir.path()).expect("open");
+        assert_eq!(o.boot, 2);
+        write(&o.db, |t| {
+            t.meta.insert(META_SCHEMA, 99).map(|_| ()).expect("meta")
+        });
+        drop(o);
+        match open(dir.path()) {
+            Err(e @ OpenError::UnknownSchema { found: 99, .. }) => {
+                assert!(e.to_string().contains("schema version 99"), "{e}");
+            }
+            Err(e) => panic!("wrong error: {e}"),
+            Ok(_) => panic!("opened a database with an unknown schema"),
+        }
+    }
+
+    #[test]
+    fn a_second_open_is_a_clear_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let _first = open(dir.path()).expect("open");
+        match open(dir.path()) {
+            Err(e @ OpenError::AlreadyOpen { .. }) => {
+                assert!(e.to_string().contains("already open"), "{e}");
+            }
+            Err(e) => panic!("wrong error: {e}"),
+            Ok(_) => panic!("opened the same database twice"),
+        }
+    }
+
+    #[test]
+    fn doc_times_rebuild_in_order() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let o = open(dir.path()).expect("open");
+            write(&o.db, |t| {
+                for (i, m) in [(3u128, 30u64), (1, 10), (2, 20)] {
+                    let rec = DocRecord {
+                        modified: m,
+                        name_time: 0,
+                        next_site: 1,
+                        name: String::new(),
+                    };
+                    t.put_doc(i, &rec, None).expect("put");
+                }
+                // Doc 1 changes again: its old entry goes.
+                let rec = DocRecord {
+                    modified: 40,
+                    name_time: 0,
+                    next_site: 1,
+                    name: String::new(),
+                };
+                t.put_doc(1, &rec, Some(10)).expect("put");
+            });
+        }
+        let o = open(dir.path()).expect("reopen");
+        assert_eq!(o.doc_times, vec![(20, 2), (30, 3), (40, 1)]);
+    }
+}

@@ -21,8 +21,8 @@
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -42,7 +42,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::index::Index;
-use crate::rooms::{Kill, Outbox, OutboxRx, Sub, error_bytes, outbox};
+use crate::rooms::{AckCell, Kill, Outbox, OutboxRx, Sub, error_bytes, outbox};
 use crate::store::{DocFrames, SentIds, Snapshot, StoreError};
 use crate::writer::{Request, SessionOp, WriteError};
 
@@ -110,19 +110,23 @@ pub(crate) async fn serve(socket: TcpStream, shared: Arc<Shared>) {
     let write_timeout = shared.config.write_timeout;
     let (rd, wr) = socket.into_split();
     let kill = Kill::new();
+    let ack = AckCell::new();
+    let last = Arc::new(OnceLock::new());
     let (direct_tx, direct_rx) = mpsc::channel(16);
     let (live, live_rx) = outbox(shared.config.max_outbound_bytes);
-    let write_task = tokio::spawn(write_loop(
-        wr,
-        direct_rx,
-        live_rx,
-        kill.clone(),
+    let side = WriteSide {
+        kill: kill.clone(),
+        ack: ack.clone(),
+        last: last.clone(),
         write_timeout,
-    ));
+    };
+    let write_task = tokio::spawn(write_loop(wr, direct_rx, live_rx, side));
     let mut conn = Conn {
         frames: FramedRead::new(rd, ServerCodec::new(shared.config.limits)),
         shared,
         kill: kill.clone(),
+        ack,
+        last,
         direct: Some(direct_tx),
         live: Some(live),
         replica: None,
@@ -175,71 +179,128 @@ pub(crate) async fn reject_busy(socket: TcpStream, max_connections: usize) {
     linger(rd).await;
 }
 
-/// Drains `direct`, then (once it closes) `live`, into the socket.
+/// What the socket writer needs besides the queues.
+struct WriteSide {
+    kill: Arc<Kill>,
+    /// Session acks (coalesced, see `rooms::AckCell`).
+    ack: Arc<AckCell>,
+    /// A closing frame to send once both queues are drained.
+    last: Arc<OnceLock<Bytes>>,
+    write_timeout: Duration,
+}
+
+/// Drains `direct`, then (once it closes) `live` and the acks, into the
+/// socket; then the closing frame, if any.
 async fn write_loop(
     mut wr: OwnedWriteHalf,
     mut direct: mpsc::Receiver<Bytes>,
     mut live: OutboxRx,
-    kill: Arc<Kill>,
-    write_timeout: Duration,
+    side: WriteSide,
 ) {
+    let WriteSide {
+        kill,
+        ack,
+        last,
+        write_timeout,
+    } = side;
     let mut direct_open = true;
+    let mut live_open = true;
+    let mut acked = 0u64;
     let mut buf = BytesMut::new();
-    loop {
+    while direct_open || live_open {
         let first = tokio::select! {
             biased;
             _ = kill.token().cancelled() => break,
             m = direct.recv(), if direct_open => match m {
-                Some(b) => b,
+                Some(b) => Some(b),
                 None => {
                     direct_open = false;
                     continue;
                 }
             },
             m = live.recv(), if !direct_open => match m {
-                Some(b) => b,
-                None => break,
+                Some(b) => Some(b),
+                None => {
+                    live_open = false;
+                    None
+                }
             },
+            _ = ack.changed(), if !direct_open => None,
         };
-        // Gather what else is ready into one write.
-        let mut live_bytes = if direct_open { 0 } else { first.len() };
+        // Loaded before draining: every refusal this count covers is
+        // already queued (rooms::AckCell).
+        let ack_now = ack.load();
+        let mut live_bytes = 0;
         buf.clear();
-        buf.extend_from_slice(&first);
-        while buf.len() < GATHER_BYTES {
+        if let Some(b) = first {
+            if !direct_open {
+                live_bytes += b.len();
+            }
+            buf.extend_from_slice(&b);
+        }
+        loop {
             let more = if direct_open {
                 direct.try_recv().ok()
             } else {
                 live.try_recv().inspect(|b| live_bytes += b.len())
             };
-            match more {
-                Some(b) => buf.extend_from_slice(&b),
-                None => break,
+            let Some(b) = more else { break };
+            buf.extend_from_slice(&b);
+            if buf.len() >= GATHER_BYTES {
+                if !write_out(&mut wr, &buf, &kill, write_timeout).await {
+                    return;
+                }
+                live.release(live_bytes);
+                live_bytes = 0;
+                buf.clear();
             }
         }
-        let written = tokio::select! {
-            biased;
-            _ = kill.token().cancelled() => break,
-            r = with_timeout(write_timeout, wr.write_all(&buf)) => r,
-        };
+        if !direct_open && ack_now > acked {
+            ServerFrame::SessionAck { count: ack_now }.encode(&mut buf);
+            acked = ack_now;
+        }
+        if !buf.is_empty() && !write_out(&mut wr, &buf, &kill, write_timeout).await {
+            return;
+        }
         live.release(live_bytes);
-        match written {
-            Some(Ok(())) => {}
-            Some(Err(e)) => {
-                tracing::debug!(error = %e, "write failed");
-                kill.kill(None);
-                return;
-            }
-            None => {
-                tracing::debug!("write made no progress within write_timeout");
-                kill.kill(None);
-                return;
-            }
-        }
     }
-    if let Some(frame) = kill.frame() {
+    let closing = if kill.is_killed() {
+        kill.frame()
+    } else {
+        last.get().cloned()
+    };
+    if let Some(frame) = closing {
         let _ = timeout(FINAL_WRITE, wr.write_all(&frame)).await;
     }
     let _ = timeout(FINAL_WRITE, wr.shutdown()).await;
+}
+
+/// Writes `buf`; false (and the connection killed) if it failed, timed out
+/// or the connection was killed meanwhile.
+async fn write_out(
+    wr: &mut OwnedWriteHalf,
+    buf: &[u8],
+    kill: &Kill,
+    write_timeout: Duration,
+) -> bool {
+    let written = tokio::select! {
+        biased;
+        _ = kill.token().cancelled() => return false,
+        r = with_timeout(write_timeout, wr.write_all(buf)) => r,
+    };
+    match written {
+        Some(Ok(())) => true,
+        Some(Err(e)) => {
+            tracing::debug!(error = %e, "write failed");
+            kill.kill(None);
+            false
+        }
+        None => {
+            tracing::debug!("write made no progress within write_timeout");
+            kill.kill(None);
+            false
+        }
+    }
 }
 
 /// `f` with a time limit; a zero limit means none.
@@ -263,6 +324,9 @@ struct Conn {
     frames: FramedRead<OwnedReadHalf, ServerCodec>,
     shared: Arc<Shared>,
     kill: Arc<Kill>,
+    ack: Arc<AckCell>,
+    /// The closing frame, for the socket writer to send last.
+    last: Arc<OnceLock<Bytes>>,
     /// Own responses; dropped when a session switches to `live`.
     direct: Option<mpsc::Sender<Bytes>>,
     live: Option<Outbox>,
@@ -356,10 +420,14 @@ impl Conn {
         if self.kill.is_killed() {
             return;
         }
-        if let Some(tx) = self.direct.take() {
-            let _ = timeout(FINAL_WRITE, tx.send(frame)).await;
-        } else if let Some(live) = &self.live {
-            let _ = live.force_push(frame);
+        match self.direct.take() {
+            Some(tx) => {
+                let _ = timeout(FINAL_WRITE, tx.send(frame)).await;
+            }
+            // Session: after the queued frames and the last ack.
+            None => {
+                let _ = self.last.set(frame);
+            }
         }
         self.live = None;
     }
@@ -465,14 +533,13 @@ impl Conn {
 
     async fn session_mode(&mut self, since: Time, doc: DocId) -> Option<Bytes> {
         let shared = self.shared.clone();
-        let Some(live) = self.live.clone() else {
-            return None;
-        };
+        let live = self.live.clone()?;
         let session_id = shared.next_session.fetch_add(1, Ordering::Relaxed);
         let (reply, rx) = oneshot::channel();
         let sub = Sub {
             session_id,
             outbox: live,
+            ack: self.ack.clone(),
             kill: self.kill.clone(),
         };
         let req = Request::Start {

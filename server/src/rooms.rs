@@ -13,12 +13,12 @@
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use bytes::{Bytes, BytesMut};
 use notesync_protocol::{DocId, ErrorCode, ErrorFrame, ServerFrame};
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
 /// Ends a connection from outside its task, with the error frame to send.
@@ -26,6 +26,35 @@ use tokio_util::sync::CancellationToken;
 pub struct Kill {
     token: CancellationToken,
     frame: OnceLock<Bytes>,
+}
+
+/// A session's cumulative ack count. Acks are coalesced rather than queued:
+/// the writer thread raises the count after pushing any refusal frames the
+/// ack covers, and the socket writer loads the count *before* draining the
+/// queue, so a refusal always goes out before the ack that counts it.
+#[derive(Default)]
+pub struct AckCell {
+    count: AtomicU64,
+    notify: Notify,
+}
+
+impl AckCell {
+    pub fn new() -> Arc<Self> {
+        Arc::new(AckCell::default())
+    }
+
+    pub fn raise(&self, count: u64) {
+        self.count.fetch_max(count, Ordering::Release);
+        self.notify.notify_one();
+    }
+
+    pub fn load(&self) -> u64 {
+        self.count.load(Ordering::Acquire)
+    }
+
+    pub async fn changed(&self) {
+        self.notify.notified().await
+    }
 }
 
 impl Kill {
@@ -103,13 +132,6 @@ impl Outbox {
         self.send(frame, len)
     }
 
-    /// Pushes past the limit: for the one error frame that ends a session.
-    pub fn force_push(&self, frame: Bytes) -> Result<(), PushError> {
-        let len = frame.len();
-        self.queued.fetch_add(len, Ordering::AcqRel);
-        self.send(frame, len)
-    }
-
     fn send(&self, frame: Bytes, len: usize) -> Result<(), PushError> {
         self.tx.send(frame).map_err(|_| {
             self.queued.fetch_sub(len, Ordering::AcqRel);
@@ -147,6 +169,7 @@ impl OutboxRx {
 pub struct Sub {
     pub session_id: u64,
     pub outbox: Outbox,
+    pub ack: Arc<AckCell>,
     pub kill: Arc<Kill>,
 }
 
@@ -243,16 +266,19 @@ impl Rooms {
         });
     }
 
-    /// Sends frames to one session (its acks and refusals).
-    pub fn send_to(
-        &mut self,
-        doc: DocId,
-        session_id: u64,
-        frames: impl IntoIterator<Item = Bytes>,
-    ) {
-        let mut frames = frames.into_iter();
+    /// Acknowledges a session's ops up to `count`, after the refusals among
+    /// them.
+    pub fn ack(&mut self, doc: DocId, session_id: u64, refusals: Vec<Bytes>, count: u64) {
+        let mut refusals = Some(refusals);
         self.retain(doc, |sub| {
-            sub.session_id != session_id || frames.by_ref().all(|f| sub.push(f))
+            if sub.session_id != session_id {
+                return true;
+            }
+            let alive = refusals.take().into_iter().flatten().all(|f| sub.push(f));
+            if alive {
+                sub.ack.raise(count);
+            }
+            alive
         });
     }
 
@@ -303,6 +329,7 @@ mod tests {
             Sub {
                 session_id: id,
                 outbox,
+                ack: AckCell::new(),
                 kill: Kill::new(),
             },
             rx,

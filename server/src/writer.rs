@@ -19,6 +19,7 @@
 //!   any of it is written, so a refused upsert writes nothing.
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
@@ -350,23 +351,20 @@ impl Batch {
         t: &WriteTables<'_>,
         doc: DocId,
     ) -> Result<Option<&'a mut DocEntry>, StoreError> {
-        if !docs.contains_key(&doc) {
-            match t.doc(doc)? {
+        match docs.entry(doc) {
+            Entry::Occupied(e) => Ok(Some(e.into_mut())),
+            Entry::Vacant(v) => match t.doc(doc)? {
                 Some(rec) => {
                     let stored_modified = Some(rec.modified);
-                    docs.insert(
-                        doc,
-                        DocEntry {
-                            rec,
-                            stored_modified,
-                            dirty: false,
-                        },
-                    );
+                    Ok(Some(v.insert(DocEntry {
+                        rec,
+                        stored_modified,
+                        dirty: false,
+                    })))
                 }
-                None => return Ok(None),
-            }
+                None => Ok(None),
+            },
         }
-        Ok(docs.get_mut(&doc))
     }
 
     fn create(&mut self, doc: DocId, rec: DocRecord) -> &mut DocEntry {
@@ -851,10 +849,8 @@ impl Writer {
             self.rooms.fan_out(doc, fanout);
         }
         for ack in batch.acks.drain(..) {
-            let frames = ack.refusals.into_iter().chain(std::iter::once(
-                ServerFrame::SessionAck { count: ack.count }.to_bytes(),
-            ));
-            self.rooms.send_to(ack.doc, ack.session_id, frames);
+            self.rooms
+                .ack(ack.doc, ack.session_id, ack.refusals, ack.count);
         }
         let mut stop = false;
         for p in pending {

@@ -136,7 +136,6 @@ impl Server {
             index,
             writer,
             writer_thread,
-            stats,
             boot,
             ..
         } = self;
@@ -226,7 +225,6 @@ impl Server {
             Ok(Ok(Err(_))) => return Err(Error::WriterPanicked),
             Ok(Ok(Ok(()))) => {}
         }
-        tracing::info!(stats = %stats.summary(), "writer done");
         match Arc::try_unwrap(db) {
             Ok(db) => db.close().map_err(Error::Close)?,
             Err(_) => tracing::warn!(

@@ -1,29 +1,60 @@
 //! A replica's copy of one document: its atoms in position order,
 //! tombstones included, with the char arithmetic apps need.
 //!
+//! Every char is an entry of its own (PROTOCOL.md 1.2): a one-char atom is
+//! one entry; an atom of two or more chars is a *header* entry (its id, its
+//! data, no chars of its own) plus one *virtual* entry per char, at
+//! `P ++ [(creator, j)]`. So an edit never splits an atom: deleting a char
+//! deletes its (virtual) id, and new text goes between two adjacent entries.
+//!
 //! Invariants:
-//! - Entries are sorted by position id across all chunks, ids are unique.
-//! - Tombstones are kept (except for ids that never left this device, which
-//!   the op log may `forget`), so an id is never allocated twice: new ids are
-//!   always made strictly between two adjacent entries.
-//! - An atom's data never changes (the server refuses it): editing inside a
-//!   multi-char atom deletes it and inserts the pieces that remain.
-//! - Each chunk caches its live char count, so a char index is found in
-//!   O(chunks + chunk size) and a position id in O(log n).
+//! - Entries are sorted by position id across all chunks; ids are unique.
+//! - Tombstones stay (except ids that never left this device, which the op
+//!   log may `forget`), and the virtual entries of every known multi-char
+//!   atom are present, live or not, so a new id (always made strictly
+//!   between two adjacent entries) never repeats an id, nor takes a virtual
+//!   one.
+//! - Liveness only goes from live to dead; a virtual entry of a dead atom is
+//!   dead.
+//! - Each chunk caches its live char count: a char index is found in
+//!   O(chunks + chunk size), an id in O(log n).
 
 use std::ops::Range;
 
-use notesync_protocol::{AllocError, Allocator, Atom, DocId, DocName, MAX_ATOM_BYTES, Pid};
+use notesync_protocol::{AllocError, Allocator, Atom, DocId, DocName, Level, MAX_ATOM_BYTES, Pid};
 
 const CHUNK: usize = 256;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    /// A one-char atom: its char is at its id.
+    Atom,
+    /// An atom of two or more chars: holds the data, renders nothing.
+    Header,
+    /// Char `j` of a multi-char atom.
+    Virtual,
+    /// A deleted id whose insert this replica has not seen.
+    Unknown,
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Entry {
     pub pid: Pid,
-    /// Empty for a tombstone whose insert this replica never saw.
+    /// The atom's data (Atom, Header), the char (Virtual), or empty.
     pub data: String,
-    pub chars: u32,
+    pub kind: Kind,
     pub live: bool,
+}
+
+impl Entry {
+    /// Chars this entry shows when live.
+    fn chars(&self) -> usize {
+        matches!(self.kind, Kind::Atom | Kind::Virtual) as usize
+    }
+
+    fn live_chars(&self) -> usize {
+        if self.live { self.chars() } else { 0 }
+    }
 }
 
 #[derive(Debug, Clone, Default)]
@@ -66,6 +97,13 @@ pub struct Doc {
 /// Where an entry is: chunk, index within it.
 type Loc = (usize, usize);
 
+/// The virtual id of char `j` of the atom `pid`.
+pub fn virtual_id(pid: &Pid, j: usize) -> Pid {
+    let mut levels: Vec<Level> = pid.levels().collect();
+    levels.push(Level::new(j as u32, pid.creator()));
+    Pid::from_levels(&levels)
+}
+
 impl Doc {
     pub fn new(id: DocId, name: DocName) -> Self {
         Doc {
@@ -83,29 +121,29 @@ impl Doc {
 
     pub fn text(&self) -> String {
         let mut s = String::with_capacity(self.live_chars);
-        for e in self.entries().filter(|e| e.live) {
+        for e in self.entries().filter(|e| e.live && e.chars() == 1) {
             s.push_str(&e.data);
         }
         s
     }
 
-    /// Every entry in position order, tombstones included.
     pub(crate) fn entries(&self) -> impl Iterator<Item = &Entry> + '_ {
         self.chunks.iter().flat_map(|c| c.entries.iter())
     }
 
+    /// Atoms (one-char atoms and headers), live or not.
     pub fn atom_count(&self) -> usize {
-        self.chunks.iter().map(|c| c.entries.len()).sum()
+        self.entries()
+            .filter(|e| matches!(e.kind, Kind::Atom | Kind::Header))
+            .count()
     }
 
-    /// Whether an entry (live or not) has this id.
     pub fn contains(&self, pid: &Pid) -> bool {
         self.find(pid).is_ok()
     }
 
     /// Binary search: `Ok` where the id is, `Err` where it would go.
     fn find(&self, pid: &Pid) -> Result<Loc, Loc> {
-        // The first chunk whose last entry is >= pid.
         let c = self
             .chunks
             .partition_point(|ch| ch.entries.last().is_some_and(|e| e.pid < *pid));
@@ -123,7 +161,6 @@ impl Doc {
         &self.chunks[c].entries[i]
     }
 
-    /// The id of the entry just before `loc` (an insertion point).
     fn pid_before(&self, (c, i): Loc) -> Option<&Pid> {
         if i > 0 {
             return Some(&self.chunks[c].entries[i - 1].pid);
@@ -134,61 +171,48 @@ impl Doc {
             .find_map(|ch| ch.entries.last().map(|e| &e.pid))
     }
 
-    /// The id of the entry at `loc` or the next one after it.
-    fn pid_at(&self, (c, i): Loc) -> Option<&Pid> {
-        if let Some(e) = self.chunks[c].entries.get(i) {
-            return Some(&e.pid);
-        }
-        self.chunks[c + 1..]
-            .iter()
-            .find_map(|ch| ch.entries.first().map(|e| &e.pid))
-    }
-
-    /// The live entry holding char `index`, and the offset in it; `None` for
-    /// the end of the text.
-    fn locate_char(&self, mut index: usize) -> Option<(Loc, usize)> {
+    /// The live char entry holding char `index`; `None` for the end.
+    fn locate_char(&self, mut index: usize) -> Option<Loc> {
         for (c, ch) in self.chunks.iter().enumerate() {
             if index >= ch.live_chars {
                 index -= ch.live_chars;
                 continue;
             }
             for (i, e) in ch.entries.iter().enumerate() {
-                if !e.live {
-                    continue;
+                let n = e.live_chars();
+                if index < n {
+                    return Some((c, i));
                 }
-                if index < e.chars as usize {
-                    return Some(((c, i), index));
-                }
-                index -= e.chars as usize;
+                index -= n;
             }
         }
         None
     }
 
-    /// Chars of live text before `loc`.
+    /// Live chars before `loc`.
     fn char_index(&self, (c, i): Loc) -> usize {
         let before: usize = self.chunks[..c].iter().map(|ch| ch.live_chars).sum();
         before
             + self.chunks[c].entries[..i]
                 .iter()
-                .filter(|e| e.live)
-                .map(|e| e.chars as usize)
+                .map(Entry::live_chars)
                 .sum::<usize>()
     }
 
+    fn end(&self) -> Loc {
+        let c = self.chunks.len() - 1;
+        (c, self.chunks[c].entries.len())
+    }
+
     fn insert_at(&mut self, (c, i): Loc, entry: Entry) {
-        let live = if entry.live { entry.chars as usize } else { 0 };
+        let live = entry.live_chars();
         let ch = &mut self.chunks[c];
         ch.live_chars += live;
         ch.entries.insert(i, entry);
         self.live_chars += live;
         if ch.entries.len() > 2 * CHUNK {
             let tail = ch.entries.split_off(CHUNK);
-            let tail_live: usize = tail
-                .iter()
-                .filter(|e| e.live)
-                .map(|e| e.chars as usize)
-                .sum();
+            let tail_live: usize = tail.iter().map(Entry::live_chars).sum();
             ch.live_chars -= tail_live;
             self.chunks.insert(
                 c + 1,
@@ -200,30 +224,90 @@ impl Doc {
         }
     }
 
-    fn kill(&mut self, (c, i): Loc) {
+    /// Marks an entry dead; returns the char it showed, if any.
+    fn kill(&mut self, (c, i): Loc) -> Option<String> {
         let ch = &mut self.chunks[c];
         let e = &mut ch.entries[i];
-        if e.live {
-            e.live = false;
-            ch.live_chars -= e.chars as usize;
-            self.live_chars -= e.chars as usize;
+        if !e.live {
+            return None;
         }
+        let n = e.live_chars();
+        e.live = false;
+        ch.live_chars -= n;
+        self.live_chars -= n;
+        (n == 1).then(|| e.data.clone())
     }
 
     fn remove(&mut self, (c, i): Loc) -> Entry {
         let ch = &mut self.chunks[c];
         let e = ch.entries.remove(i);
-        if e.live {
-            ch.live_chars -= e.chars as usize;
-            self.live_chars -= e.chars as usize;
-        }
+        let n = e.live_chars();
+        ch.live_chars -= n;
+        self.live_chars -= n;
         if ch.entries.is_empty() && self.chunks.len() > 1 {
             self.chunks.remove(c);
         }
         e
     }
 
-    /// Inserts `text` at char `index`. Returns the ops to send, in order.
+    /// Adds an atom (not yet present) and, for two or more chars, its
+    /// virtual entries; a virtual id already present (a tombstone that came
+    /// first) keeps its state. Returns the chars that became visible.
+    fn add_atom(&mut self, data: &str, pid: &Pid, live: bool) -> Vec<TextChange> {
+        let mut changes = Vec::new();
+        let n = data.chars().count();
+        let kind = if n == 1 { Kind::Atom } else { Kind::Header };
+        let loc = self.find(pid).expect_err("add_atom takes a new id");
+        self.insert_at(
+            loc,
+            Entry {
+                pid: pid.clone(),
+                data: data.to_owned(),
+                kind,
+                live,
+            },
+        );
+        if n == 1 {
+            if live {
+                changes.push(TextChange::Inserted {
+                    at: self.char_index(self.find(pid).expect("just added")),
+                    text: data.to_owned(),
+                });
+            }
+            return changes;
+        }
+        for (j, ch) in data.chars().enumerate() {
+            let vid = virtual_id(pid, j);
+            match self.find(&vid) {
+                Ok(l) => {
+                    let e = &mut self.chunks[l.0].entries[l.1];
+                    if e.kind == Kind::Unknown {
+                        // A delete of this char arrived before the atom.
+                        e.kind = Kind::Virtual;
+                        e.data = ch.to_string();
+                    }
+                }
+                Err(l) => {
+                    self.insert_at(
+                        l,
+                        Entry {
+                            pid: vid.clone(),
+                            data: ch.to_string(),
+                            kind: Kind::Virtual,
+                            live,
+                        },
+                    );
+                    if live {
+                        let at = self.char_index(self.find(&vid).expect("just added"));
+                        push_insert(&mut changes, at, ch);
+                    }
+                }
+            }
+        }
+        changes
+    }
+
+    /// Inserts `text` at char `index`. Returns the ops to send.
     pub fn insert(
         &mut self,
         alloc: &mut Allocator,
@@ -236,76 +320,54 @@ impl Doc {
                 len: self.live_chars,
             });
         }
-        if text.is_empty() {
-            return Ok(Vec::new());
-        }
+        // Before the next live char, after any tombstones before it: after a
+        // backspace the next keystroke lands in the wide gap past them, which
+        // keeps ids short (measured on the traces).
+        let at = self.locate_char(index).unwrap_or_else(|| self.end());
+        let left = self.pid_before(at).cloned();
+        let right = self.chunks[at.0]
+            .entries
+            .get(at.1)
+            .map(|e| e.pid.clone())
+            .or_else(|| {
+                self.chunks[at.0 + 1..]
+                    .iter()
+                    .find_map(|ch| ch.entries.first().map(|e| e.pid.clone()))
+            });
         let mut ops = Vec::new();
-        // Insert before the next live char (after any tombstones before it):
-        // after a backspace the next keystroke then lands in the wide gap
-        // past the tombstones, which keeps ids short (measured on traces).
-        let (left, right, split_tail) = match self.locate_char(index) {
-            None => {
-                let end = self.end();
-                (self.pid_before(end).cloned(), None, None)
-            }
-            Some((loc, 0)) => (
-                self.pid_before(loc).cloned(),
-                Some(self.entry(loc).pid.clone()),
-                None,
-            ),
-            Some((loc, offset)) => {
-                // Inside an atom: replace it by its head, the new text and
-                // its tail, all placed right after it.
-                let e = self.entry(loc).clone();
-                let cut = byte_offset(&e.data, offset);
-                let (c, i) = loc;
-                let next = self.pid_at((c, i + 1)).cloned();
-                self.kill(loc);
-                ops.push(LocalOp::Delete(e.pid.clone()));
-                let head =
-                    self.place_text(alloc, Some(&e.pid), next.as_ref(), &e.data[..cut], &mut ops)?;
-                (head, next, Some(e.data[cut..].to_owned()))
-            }
-        };
-        let last = self.place_text(alloc, left.as_ref(), right.as_ref(), text, &mut ops)?;
-        if let Some(tail) = split_tail {
-            self.place_text(alloc, last.as_ref(), right.as_ref(), &tail, &mut ops)?;
-        }
+        self.place_text(alloc, left, right.as_ref(), text, &mut ops)?;
         Ok(ops)
     }
 
-    fn end(&self) -> Loc {
-        let c = self.chunks.len() - 1;
-        (c, self.chunks[c].entries.len())
-    }
-
-    /// Places `text` as atoms between two adjacent entries; returns the id
-    /// of the last atom placed (or `left` if `text` is empty).
+    /// Places `text` as new atoms between two adjacent entries.
     fn place_text(
         &mut self,
         alloc: &mut Allocator,
-        left: Option<&Pid>,
+        mut prev: Option<Pid>,
         right: Option<&Pid>,
         text: &str,
         ops: &mut Vec<LocalOp>,
-    ) -> Result<Option<Pid>, EditError> {
-        let mut prev = left.cloned();
+    ) -> Result<(), EditError> {
         for piece in split_atoms(text) {
             let pid = alloc.between(prev.as_ref(), right)?;
             let atom =
                 Atom::new(piece, pid.clone()).expect("split_atoms makes 1..=255-byte pieces");
-            let loc = self.find(&pid).expect_err("a new id is unique");
-            self.insert_at(loc, entry(piece, pid.clone(), true));
+            self.add_atom(piece, &pid, true);
+            // The next piece goes after this one's last entry.
+            prev = Some(if piece.chars().count() == 1 {
+                pid
+            } else {
+                virtual_id(&pid, piece.chars().count() - 1)
+            });
             ops.push(LocalOp::Insert(atom));
-            prev = Some(pid);
         }
-        Ok(prev)
+        Ok(())
     }
 
-    /// Deletes the chars in `range`. Returns the ops to send, in order.
+    /// Deletes the chars in `range`. Returns the ops to send.
     pub fn delete(
         &mut self,
-        alloc: &mut Allocator,
+        _alloc: &mut Allocator,
         range: Range<usize>,
     ) -> Result<Vec<LocalOp>, EditError> {
         if range.end > self.live_chars || range.start > range.end {
@@ -315,131 +377,191 @@ impl Doc {
             });
         }
         let mut ops = Vec::new();
-        if range.is_empty() {
-            return Ok(ops);
-        }
-        // Collect the affected atoms first: (id, first char to delete, last+1).
-        let mut affected: Vec<(Pid, usize, usize)> = Vec::new();
-        let Some(((mut c, mut i), mut offset)) = self.locate_char(range.start) else {
+        let Some(mut loc) = self.locate_char(range.start) else {
             return Ok(ops);
         };
-        let mut left = range.len();
-        while left > 0 {
-            let e = &self.chunks[c].entries[i];
-            if e.live {
-                let take = (e.chars as usize - offset).min(left);
-                affected.push((e.pid.clone(), offset, offset + take));
-                left -= take;
-                offset = 0;
+        // Collect the ids first; killing does not move entries.
+        let mut victims = Vec::with_capacity(range.len());
+        while victims.len() < range.len() {
+            let e = self.entry(loc);
+            if e.live && e.chars() == 1 {
+                victims.push(e.pid.clone());
             }
-            i += 1;
-            if i == self.chunks[c].entries.len() {
-                c += 1;
-                i = 0;
+            loc.1 += 1;
+            if loc.1 == self.chunks[loc.0].entries.len() {
+                loc = (loc.0 + 1, 0);
             }
         }
-        for (pid, from, to) in affected {
-            let loc = self.find(&pid).expect("collected above");
-            let e = self.entry(loc).clone();
-            self.kill(loc);
-            ops.push(LocalOp::Delete(pid.clone()));
-            if from > 0 || to < e.chars as usize {
-                let (a, b) = (byte_offset(&e.data, from), byte_offset(&e.data, to));
-                let next = self.pid_at((loc.0, loc.1 + 1)).cloned();
-                let head =
-                    self.place_text(alloc, Some(&pid), next.as_ref(), &e.data[..a], &mut ops)?;
-                self.place_text(alloc, head.as_ref(), next.as_ref(), &e.data[b..], &mut ops)?;
+        let mut i = 0;
+        while i < victims.len() {
+            let pid = &victims[i];
+            let l = self.find(pid).expect("collected above");
+            if self.entry(l).kind == Kind::Virtual {
+                // Every live char of this atom in the range: delete the atom.
+                let atom = parent(pid);
+                let live_of_atom = self.live_virtuals(&atom);
+                let k = live_of_atom.len();
+                if victims[i..].len() >= k
+                    && live_of_atom.iter().zip(&victims[i..]).all(|(a, b)| a == b)
+                {
+                    self.kill_atom(&atom);
+                    ops.push(LocalOp::Delete(atom));
+                    i += k;
+                    continue;
+                }
             }
+            self.kill(l);
+            ops.push(LocalOp::Delete(pid.clone()));
+            i += 1;
         }
         Ok(ops)
     }
 
-    /// Applies an insert from the server. Idempotent: a known id changes
-    /// nothing (and an id known only as a tombstone gets its data but stays
-    /// deleted).
-    pub fn apply_insert(&mut self, data: &str, pid: &Pid) -> Option<TextChange> {
-        match self.find(pid) {
-            Ok(loc) => {
-                let (c, i) = loc;
-                let e = &mut self.chunks[c].entries[i];
-                if e.data.is_empty() {
-                    e.data = data.to_owned();
-                    e.chars = data.chars().count() as u32;
+    /// The live virtual entries of a multi-char atom, in order.
+    fn live_virtuals(&self, atom: &Pid) -> Vec<Pid> {
+        let Ok(l) = self.find(atom) else {
+            return Vec::new();
+        };
+        let n = self.entry(l).data.chars().count();
+        (0..n)
+            .map(|j| virtual_id(atom, j))
+            .filter(|v| self.find(v).is_ok_and(|l| self.entry(l).live))
+            .collect()
+    }
+
+    /// Kills an atom and all its chars; returns the text changes.
+    fn kill_atom(&mut self, pid: &Pid) -> Vec<TextChange> {
+        let mut changes = Vec::new();
+        let Ok(l) = self.find(pid) else {
+            return changes;
+        };
+        let e = self.entry(l);
+        let (kind, n) = (e.kind, e.data.chars().count());
+        if kind == Kind::Header {
+            self.kill(l);
+            for j in 0..n {
+                if let Ok(vl) = self.find(&virtual_id(pid, j)) {
+                    let at = self.char_index(vl);
+                    if let Some(ch) = self.kill(vl) {
+                        push_delete(&mut changes, at, &ch);
+                    }
                 }
-                None
             }
-            Err(loc) => {
-                self.insert_at(loc, entry(data, pid.clone(), true));
-                Some(TextChange::Inserted {
-                    at: self.char_index(self.find(pid).expect("just inserted")),
-                    text: data.to_owned(),
-                })
+        } else {
+            let at = self.char_index(l);
+            if let Some(ch) = self.kill(l) {
+                push_delete(&mut changes, at, &ch);
             }
+        }
+        changes
+    }
+
+    /// Applies an insert from the server. Idempotent.
+    pub fn apply_insert(&mut self, data: &str, pid: &Pid) -> Vec<TextChange> {
+        match self.find(pid) {
+            Ok(l) if self.entry(l).kind == Kind::Unknown => {
+                // Deleted before its insert arrived: it stays deleted, but
+                // its chars' ids must be known (they are reserved).
+                self.remove(l);
+                self.add_atom(data, pid, false);
+                Vec::new()
+            }
+            Ok(_) => Vec::new(),
+            Err(_) => self.add_atom(data, pid, true),
         }
     }
 
     /// Applies a delete from the server. Idempotent; an unknown id is kept
     /// as a tombstone so its insert, if it comes later, stays deleted.
-    pub fn apply_delete(&mut self, pid: &Pid) -> Option<TextChange> {
+    pub fn apply_delete(&mut self, pid: &Pid) -> Vec<TextChange> {
         match self.find(pid) {
-            Ok(loc) if self.entry(loc).live => {
-                let at = self.char_index(loc);
-                let text = self.entry(loc).data.clone();
-                self.kill(loc);
-                Some(TextChange::Deleted { at, text })
-            }
-            Ok(_) => None,
-            Err(loc) => {
-                self.insert_at(loc, entry("", pid.clone(), false));
-                None
+            Ok(l) => match self.entry(l).kind {
+                Kind::Header | Kind::Atom => self.kill_atom(pid),
+                _ => {
+                    let at = self.char_index(l);
+                    self.kill(l)
+                        .map(|ch| vec![TextChange::Deleted { at, text: ch }])
+                        .unwrap_or_default()
+                }
+            },
+            Err(l) => {
+                self.insert_at(
+                    l,
+                    Entry {
+                        pid: pid.clone(),
+                        data: String::new(),
+                        kind: Kind::Unknown,
+                        live: false,
+                    },
+                );
+                Vec::new()
             }
         }
     }
 
-    /// Removes an entry whose id never left this device (its insert was
-    /// cancelled by a delete before it was sent), so it is as if it never
-    /// existed. Returns whether it was there.
+    /// Removes an atom whose id never left this device (its insert was
+    /// cancelled by a delete before it was sent), virtual entries included,
+    /// as if it never existed. Returns whether it was there.
     pub fn forget(&mut self, pid: &Pid) -> bool {
-        match self.find(pid) {
-            Ok(loc) => {
-                self.remove(loc);
-                true
+        let Ok(l) = self.find(pid) else { return false };
+        let e = self.remove(l);
+        if e.kind == Kind::Header {
+            for j in 0..e.data.chars().count() {
+                if let Ok(vl) = self.find(&virtual_id(pid, j)) {
+                    self.remove(vl);
+                }
             }
-            Err(_) => false,
         }
+        true
     }
 
-    /// Replaces runs of adjacent atoms whose ids satisfy `unsent` by as few
-    /// atoms as possible (up to 255 bytes each, never splitting a char),
-    /// with fresh ids in the same gap. Returns (old ids removed, new atoms),
-    /// so the op log can swap them. Only for ids that never left the device.
-    /// `force`: rewrite every run, even one that cannot shrink (to re-make
-    /// provisional ids with a real site).
+    /// Replaces runs of adjacent one-char atoms whose ids satisfy `unsent`
+    /// by as few atoms as possible (up to 255 bytes each, never splitting a
+    /// char), with fresh ids in the same gap. Returns (old ids removed, new
+    /// atoms), for the op log to swap. Only for ids that never left the
+    /// device. `force`: rewrite every such run, even one that cannot shrink,
+    /// and multi-char atoms too (to re-make provisional ids with a real
+    /// site).
     pub fn coalesce(
         &mut self,
         alloc: &mut Allocator,
         unsent: impl Fn(&Pid) -> bool,
         force: bool,
     ) -> Result<(Vec<Pid>, Vec<Atom>), EditError> {
-        // Find runs first (as id ranges), then rewrite each.
+        // A run: consecutive entries that are live, never-sent atoms (and,
+        // with force, their virtual entries).
         let mut runs: Vec<Vec<Pid>> = Vec::new();
         let mut cur: Vec<Pid> = Vec::new();
         let mut cur_bytes = 0usize;
-        for e in self.entries() {
-            if e.live && unsent(&e.pid) {
-                cur.push(e.pid.clone());
-                cur_bytes += e.data.len();
-                continue;
-            }
-            if worth(&cur, cur_bytes, force) {
-                runs.push(std::mem::take(&mut cur));
+        let mut close = |cur: &mut Vec<Pid>, bytes: &mut usize| {
+            if !cur.is_empty() && (force || cur.len() > bytes.div_ceil(MAX_ATOM_BYTES)) {
+                runs.push(std::mem::take(cur));
             }
             cur.clear();
-            cur_bytes = 0;
+            *bytes = 0;
+        };
+        for e in self.entries() {
+            let member = e.live
+                && match e.kind {
+                    Kind::Atom => unsent(&e.pid),
+                    Kind::Header => force && unsent(&e.pid),
+                    Kind::Virtual => force && unsent(&parent(&e.pid)),
+                    Kind::Unknown => false,
+                };
+            if member {
+                if e.kind != Kind::Virtual {
+                    cur.push(e.pid.clone());
+                }
+                cur_bytes += if e.kind == Kind::Header {
+                    0
+                } else {
+                    e.data.len()
+                };
+            } else {
+                close(&mut cur, &mut cur_bytes);
+            }
         }
-        if worth(&cur, cur_bytes, force) {
-            runs.push(cur);
-        }
+        close(&mut cur, &mut cur_bytes);
         let mut removed = Vec::new();
         let mut added = Vec::new();
         for run in runs {
@@ -447,14 +569,25 @@ impl Doc {
             let left = self.pid_before(first).cloned();
             let mut text = String::new();
             for pid in &run {
-                let loc = self.find(pid).expect("run ids exist");
-                text.push_str(&self.remove(loc).data);
+                let l = self.find(pid).expect("run ids exist");
+                let e = self.entry(l);
+                text.push_str(&e.data);
+                self.forget(pid);
             }
-            let right = self
-                .pid_at(self.find(&run[0]).expect_err("removed"))
-                .cloned();
+            let right = {
+                let at = self.find(&run[0]).expect_err("removed");
+                self.chunks[at.0]
+                    .entries
+                    .get(at.1)
+                    .map(|e| e.pid.clone())
+                    .or_else(|| {
+                        self.chunks[at.0 + 1..]
+                            .iter()
+                            .find_map(|ch| ch.entries.first().map(|e| e.pid.clone()))
+                    })
+            };
             let mut ops = Vec::new();
-            self.place_text(alloc, left.as_ref(), right.as_ref(), &text, &mut ops)?;
+            self.place_text(alloc, left, right.as_ref(), &text, &mut ops)?;
             removed.extend(run);
             added.extend(ops.into_iter().map(|op| match op {
                 LocalOp::Insert(a) => a,
@@ -464,47 +597,77 @@ impl Doc {
         Ok((removed, added))
     }
 
-    /// All entries, for persistence: (id, data, live).
-    pub fn atoms(&self) -> impl Iterator<Item = (&Pid, &str, bool)> + '_ {
-        self.entries().map(|e| (&e.pid, e.data.as_str(), e.live))
+    /// What to persist: every atom with its data (live or not), and every
+    /// deleted id (atoms, chars, and ids known only as deleted).
+    pub fn to_parts(&self) -> (Vec<(Pid, String)>, Vec<Pid>) {
+        let mut atoms = Vec::new();
+        let mut deleted = Vec::new();
+        for e in self.entries() {
+            if matches!(e.kind, Kind::Atom | Kind::Header) {
+                atoms.push((e.pid.clone(), e.data.clone()));
+            }
+            let dead_by_itself = match e.kind {
+                // A dead virtual entry of a dead atom follows from the atom.
+                Kind::Virtual => {
+                    !e.live && self.find(&parent(&e.pid)).is_ok_and(|l| self.entry(l).live)
+                }
+                _ => !e.live,
+            };
+            if dead_by_itself {
+                deleted.push(e.pid.clone());
+            }
+        }
+        (atoms, deleted)
     }
 
-    /// Rebuilds a document from persisted entries (must be in id order).
-    pub fn from_atoms(
+    /// Rebuilds a document from persisted parts.
+    pub fn from_parts(
         id: DocId,
         name: DocName,
-        atoms: impl IntoIterator<Item = (Pid, String, bool)>,
-    ) -> Result<Self, &'static str> {
+        atoms: Vec<(Pid, String)>,
+        deleted: Vec<Pid>,
+    ) -> Self {
         let mut doc = Doc::new(id, name);
-        let mut last: Option<Pid> = None;
-        for (pid, data, live) in atoms {
-            if last.as_ref().is_some_and(|l| *l >= pid) {
-                return Err("atoms are not in strictly increasing position order");
-            }
-            last = Some(pid.clone());
-            let end = doc.end();
-            doc.insert_at(end, entry(&data, pid, live));
+        for (pid, data) in atoms {
+            doc.apply_insert(&data, &pid);
         }
-        Ok(doc)
+        for pid in deleted {
+            doc.apply_delete(&pid);
+        }
+        doc
     }
 }
 
-/// Whether rewriting a run of atoms pays: it has fewer atoms after.
-fn worth(run: &[Pid], bytes: usize, force: bool) -> bool {
-    !run.is_empty() && (force || run.len() > bytes.div_ceil(MAX_ATOM_BYTES))
+/// The atom id a virtual id belongs to.
+fn parent(vid: &Pid) -> Pid {
+    let levels: Vec<Level> = vid.levels().collect();
+    Pid::from_levels(&levels[..levels.len() - 1])
 }
 
-fn entry(data: &str, pid: Pid, live: bool) -> Entry {
-    Entry {
-        chars: data.chars().count() as u32,
-        data: data.to_owned(),
-        pid,
-        live,
+fn push_insert(changes: &mut Vec<TextChange>, at: usize, ch: char) {
+    if let Some(TextChange::Inserted { at: a, text }) = changes.last_mut() {
+        if *a + text.chars().count() == at {
+            text.push(ch);
+            return;
+        }
     }
+    changes.push(TextChange::Inserted {
+        at,
+        text: ch.to_string(),
+    });
 }
 
-fn byte_offset(s: &str, chars: usize) -> usize {
-    s.char_indices().nth(chars).map_or(s.len(), |(b, _)| b)
+fn push_delete(changes: &mut Vec<TextChange>, at: usize, ch: &str) {
+    if let Some(TextChange::Deleted { at: a, text }) = changes.last_mut() {
+        if *a == at {
+            text.push_str(ch);
+            return;
+        }
+    }
+    changes.push(TextChange::Deleted {
+        at,
+        text: ch.to_owned(),
+    });
 }
 
 /// Splits text into pieces of at most 255 bytes at char boundaries.
@@ -546,25 +709,63 @@ mod tests {
     }
 
     #[test]
-    fn edits_inside_atoms_split_them_and_replicas_converge() {
+    fn edits_inside_a_multi_char_atom_use_its_virtual_ids() {
         let mut a = Doc::new(1, DocName::default());
         let mut b = Doc::new(1, DocName::default());
         let mut al = alloc(1);
         let mut ops = a.insert(&mut al, 0, "hello world").unwrap();
+        assert_eq!(ops.len(), 1, "one atom");
         ops.extend(a.insert(&mut al, 5, ",").unwrap());
-        ops.extend(a.delete(&mut al, 1..3).unwrap());
-        ops.extend(a.insert(&mut al, 12 - 2, "!").unwrap());
+        let del = a.delete(&mut al, 1..3).unwrap();
+        assert!(
+            del.iter()
+                .all(|op| matches!(op, LocalOp::Delete(p) if p.depth() == 2)),
+            "{del:?}"
+        );
+        ops.extend(del);
+        ops.extend(a.insert(&mut al, 10, "!").unwrap());
         assert_eq!(a.text(), "hlo, world!");
         apply_all(&mut b, &ops);
         assert_eq!(b.text(), a.text());
-        // Re-applying everything is a no-op.
         apply_all(&mut b, &ops);
         assert_eq!(b.text(), a.text());
+        // Deleting every char of the atom deletes the atom itself.
+        let del = a.delete(&mut al, 0..11).unwrap();
+        assert!(
+            del.contains(&LocalOp::Delete(ops_first_pid(&ops))),
+            "{del:?}"
+        );
+        assert_eq!(a.text(), "");
+    }
+
+    fn ops_first_pid(ops: &[LocalOp]) -> Pid {
+        match &ops[0] {
+            LocalOp::Insert(a) => a.pid().clone(),
+            LocalOp::Delete(p) => p.clone(),
+        }
+    }
+
+    #[test]
+    fn concurrent_edits_inside_one_atom_do_not_duplicate_it() {
+        let mut al = alloc(1);
+        let mut bl = alloc(2);
+        let mut a = Doc::new(1, DocName::default());
+        let base = a.insert(&mut al, 0, "hello world").unwrap();
+        let mut b = Doc::new(1, DocName::default());
+        apply_all(&mut b, &base);
+        let mut oa = a.insert(&mut al, 5, " AAA").unwrap();
+        oa.extend(a.delete(&mut al, 0..1).unwrap());
+        let mut ob = b.insert(&mut bl, 5, " BBB").unwrap();
+        ob.extend(b.delete(&mut bl, 10..15).unwrap());
+        apply_all(&mut a, &ob);
+        apply_all(&mut b, &oa);
+        assert_eq!(a.text(), b.text());
+        assert_eq!(a.text().matches("ello").count(), 1, "{}", a.text());
     }
 
     #[test]
     fn split_atoms_respects_char_boundaries() {
-        let s = "é".repeat(200); // 400 bytes
+        let s = "é".repeat(200);
         let pieces: Vec<&str> = split_atoms(&s).collect();
         assert_eq!(pieces.len(), 2);
         assert!(pieces.iter().all(|p| p.len() <= 255));
@@ -572,21 +773,22 @@ mod tests {
     }
 
     #[test]
-    fn delete_before_insert_stays_deleted() {
+    fn delete_before_insert_stays_deleted_chars_too() {
         let mut a = Doc::new(1, DocName::default());
         let mut al = alloc(1);
-        let ops = a.insert(&mut al, 0, "x").unwrap();
+        let ops = a.insert(&mut al, 0, "xy").unwrap();
         let LocalOp::Insert(atom) = &ops[0] else {
             panic!()
         };
         let mut b = Doc::new(1, DocName::default());
-        assert_eq!(b.apply_delete(atom.pid()), None);
-        assert_eq!(b.apply_insert(atom.data(), atom.pid()), None);
-        assert_eq!(b.text(), "");
+        // The delete of char 1 arrives before the atom.
+        assert!(b.apply_delete(&virtual_id(atom.pid(), 1)).is_empty());
+        assert_eq!(b.apply_insert(atom.data(), atom.pid()).len(), 1);
+        assert_eq!(b.text(), "x");
     }
 
     #[test]
-    fn coalesce_merges_unsent_runs() {
+    fn coalesce_merges_unsent_runs_and_parts_round_trip() {
         let mut a = Doc::new(1, DocName::default());
         let mut al = alloc(1);
         for (i, ch) in "abcdef".chars().enumerate() {
@@ -594,10 +796,12 @@ mod tests {
         }
         assert_eq!(a.atom_count(), 6);
         let (removed, added) = a.coalesce(&mut al, |_| true, false).unwrap();
-        assert_eq!(removed.len(), 6);
-        assert_eq!(added.len(), 1);
+        assert_eq!((removed.len(), added.len()), (6, 1));
         assert_eq!(added[0].data(), "abcdef");
         assert_eq!(a.text(), "abcdef");
-        assert_eq!(a.atom_count(), 1);
+        a.delete(&mut al, 2..3).unwrap();
+        let (atoms, deleted) = a.to_parts();
+        let b = Doc::from_parts(1, DocName::default(), atoms, deleted);
+        assert_eq!(b.text(), "abdef");
     }
 }

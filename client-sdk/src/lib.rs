@@ -1,14 +1,22 @@
 //! notesync-client: the SDK apps embed for offline-first notes that sync
 //! through notesync-server.
 //!
-//! Built so far: the replica document model ([`doc`]) and the offline op log
-//! ([`oplog`]). The local store, the
+//! Layers, bottom up: [`doc`] (a replica's atoms and char arithmetic),
+//! [`oplog`] (what is not yet acknowledged, and its durable log), [`store`]
+//! (the folder of notes), [`net`] (a framed connection), [`sync`] (one
+//! two-way sync) and [`client`] (the async API with live sessions). The local store, the
 //! offline op log, sync and live sessions follow (issue 4).
 
+pub mod client;
 pub mod doc;
 pub mod fsutil;
+pub mod net;
 pub mod oplog;
 pub mod store;
+pub mod sync;
 
+pub use client::{Client, Session, SessionEvent};
 pub use doc::{Doc, EditError, LocalOp, TextChange};
+pub use net::{NetError, ServerConfig};
 pub use store::{NoteInfo, Store, StoreError};
+pub use sync::{SyncError, SyncReport};

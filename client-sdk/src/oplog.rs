@@ -81,6 +81,11 @@ impl Pending {
         self.inserts.contains_key(pid)
     }
 
+    /// A rename not yet acknowledged.
+    pub fn pending_rename(&self) -> Option<&DocName> {
+        self.rename.as_ref().map(|r| &r.0)
+    }
+
     pub fn is_unsent_insert(&self, pid: &Pid) -> bool {
         self.inserts.get(pid).is_some_and(|(_, sent)| !sent)
     }
@@ -198,6 +203,12 @@ impl Pending {
             self.cancels.push(p.clone());
             records.push(Record::Cancel { pid: p.clone() });
         }
+        // Deletes of chars of atoms that never left the device go with them.
+        let gone: std::collections::HashSet<&Pid> = removed.iter().collect();
+        self.deletes.retain(|d, _| {
+            let levels: Vec<_> = d.levels().collect();
+            levels.len() < 2 || !gone.contains(&Pid::from_levels(&levels[..levels.len() - 1]))
+        });
         for a in added {
             self.inserts
                 .insert(a.pid().clone(), (a.data().to_owned(), false));

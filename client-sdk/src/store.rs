@@ -7,10 +7,12 @@
 //!                            file name, name, site, whether ids are provisional
 //!   <file>.md                the text (what editors and people read)
 //!   <file>.md.structure      u128 document_id, u64 last_modified (the note's
-//!                            last sync time, from the server), then every atom
-//!                            in the seed's layout: u8 len, data, pid (wire
-//!                            form). len 0 marks a tombstone (its data is gone,
-//!                            its id stays taken). All integers big-endian.
+//!                            last sync time, from the server), u64 count, then
+//!                            every atom, live or deleted, in the seed's layout
+//!                            (u8 len, data, pid in wire form), in position
+//!                            order; then u64 count and the deleted ids (atoms,
+//!                            chars of atoms, ids known only as deleted: see
+//!                            PROTOCOL.md 1.2). All integers big-endian.
 //!   <file>.md.latest_ops     the op log (see `oplog`)
 //! ```
 //!
@@ -41,7 +43,7 @@ const STATE_DIR: &str = ".notesync";
 const STATE_FILE: &str = "state.json";
 const STATE_FORMAT: u32 = 1;
 /// The site provisional ids use: they never leave the device (see
-/// PROTOCOL.md 1.2: a note created offline has no site until its first
+/// PROTOCOL.md 1.3: a note created offline has no site until its first
 /// upsert), so any site would do.
 const PROVISIONAL_SITE: u8 = 255;
 
@@ -639,6 +641,31 @@ impl Store {
         Ok(changes)
     }
 
+    /// Applies one remote insert (a live session's 65).
+    pub(crate) fn apply_remote_insert(
+        &mut self,
+        id: DocId,
+        data: &str,
+        pid: &notesync_protocol::Pid,
+    ) -> Result<Vec<TextChange>, StoreError> {
+        let note = self.note_mut(id)?;
+        let c = note.doc.apply_insert(data, pid);
+        note.dirty = true;
+        Ok(c)
+    }
+
+    /// Applies one remote delete (a live session's 66).
+    pub(crate) fn apply_remote_delete(
+        &mut self,
+        id: DocId,
+        pid: &notesync_protocol::Pid,
+    ) -> Result<Vec<TextChange>, StoreError> {
+        let note = self.note_mut(id)?;
+        let c = note.doc.apply_delete(pid);
+        note.dirty = true;
+        Ok(c)
+    }
+
     pub(crate) fn set_note_sync(&mut self, id: DocId, t: Time) -> Result<(), StoreError> {
         let note = self.note_mut(id)?;
         if t > note.last_sync {
@@ -674,24 +701,28 @@ fn make_alloc(id: DocId, site: u8, provisional: bool) -> Result<Allocator, Store
 
 /// Serializes a note's structure file.
 pub fn write_structure(doc: &Doc, last_sync: Time) -> BytesMut {
-    let mut out = BytesMut::with_capacity(24 + doc.len_chars() + 8 * doc.atom_count());
+    let (atoms, deleted) = doc.to_parts();
+    let mut out =
+        BytesMut::with_capacity(40 + doc.len_chars() + 8 * atoms.len() + 8 * deleted.len());
     out.put_u128(doc.id);
     out.put_u64(last_sync);
-    for (pid, data, live) in doc.atoms() {
-        if live {
-            out.put_u8(data.len() as u8);
-            out.put_slice(data.as_bytes());
-        } else {
-            out.put_u8(0);
-        }
+    out.put_u64(atoms.len() as u64);
+    for (pid, data) in &atoms {
+        out.put_u8(data.len() as u8);
+        out.put_slice(data.as_bytes());
+        pid.write_wire(&mut out);
+    }
+    out.put_u64(deleted.len() as u64);
+    for pid in &deleted {
         pid.write_wire(&mut out);
     }
     out
 }
 
-/// Parses a structure file, validating every atom with the protocol's
-/// decoder (via the 65 layout).
-pub fn read_structure(path: &Path, mut b: &[u8], name: DocName) -> Result<(Doc, Time), StoreError> {
+/// Parses a structure file. Its body has the layout of a 33's lists, so
+/// the protocol's decoder validates it (counts are checked against the
+/// file's size before use, as on the wire).
+pub fn read_structure(path: &Path, b: &[u8], name: DocName) -> Result<(Doc, Time), StoreError> {
     let bad = |why| StoreError::BadStructure {
         path: path.to_owned(),
         why,
@@ -699,44 +730,33 @@ pub fn read_structure(path: &Path, mut b: &[u8], name: DocName) -> Result<(Doc, 
     if b.len() < 24 {
         return Err(bad("shorter than its 24-byte header"));
     }
-    let id = b.get_u128();
-    let last_sync = b.get_u64();
-    let mut atoms = Vec::new();
-    let mut dec = FrameDecoder::<ServerFrame>::default();
-    while !b.is_empty() {
-        let len = b[0] as usize;
-        let live = len > 0;
-        // Reuse the wire decoder: build a 65 (or a 66 for a tombstone).
-        let pid_at = 1 + len;
-        let depth = *b.get(pid_at).ok_or_else(|| bad("an atom is cut short"))? as usize;
-        let end = pid_at + 1 + depth * 5;
-        if b.len() < end || depth == 0 {
-            return Err(bad("an atom is cut short or has depth 0"));
-        }
-        let mut frame = BytesMut::with_capacity(end + 2);
-        if live {
-            frame.put_u8(65);
-            frame.put_u8(b[end - 5]);
-            frame.put_slice(&b[..end]);
-        } else {
-            frame.put_u8(66);
-            frame.put_u8(0);
-            frame.put_slice(&b[1..end]);
-        }
-        match dec.decode(&mut frame) {
-            Ok(Some(ServerFrame::Insert(i))) if frame.is_empty() => {
-                let (data, pid) = i.atom.into_parts();
-                atoms.push((pid, data, true));
-            }
-            Ok(Some(ServerFrame::Delete(d))) if frame.is_empty() => {
-                atoms.push((d.pid, String::new(), false))
-            }
-            _ => return Err(bad("an atom is malformed")),
-        }
-        b = &b[end..];
-    }
-    let doc = Doc::from_atoms(id, name, atoms).map_err(bad)?;
-    Ok((doc, last_sync))
+    let mut head = &b[..24];
+    let id = head.get_u128();
+    let last_sync = head.get_u64();
+    // Rebuild it as a 33 frame: header, id, empty name, then the two lists.
+    let mut frame = BytesMut::with_capacity(b.len() + 2);
+    frame.put_u8(33);
+    frame.put_u128(id);
+    frame.put_u8(b'\n');
+    frame.put_slice(&b[24..]);
+    let limits = notesync_protocol::Limits {
+        max_frame_bytes: frame.len().max(1024),
+        max_items_per_frame: u64::MAX,
+        max_pid_depth: 255,
+    };
+    let r = match FrameDecoder::<ServerFrame>::new(limits).decode(&mut frame) {
+        Ok(Some(ServerFrame::DocResponse(r))) if frame.is_empty() => r,
+        Ok(Some(_)) => return Err(bad("it has bytes after its lists")),
+        Ok(None) => return Err(bad("it is cut short")),
+        Err(_) => return Err(bad("an atom or id in it is malformed")),
+    };
+    let atoms = r
+        .inserts
+        .iter()
+        .map(|a| (a.pid.to_pid(), a.data.to_owned()))
+        .collect();
+    let deleted = r.deletes.iter().map(|p| p.to_pid()).collect();
+    Ok((Doc::from_parts(id, name, atoms, deleted), last_sync))
 }
 
 const RESERVED: &[&str] = &[

@@ -72,7 +72,7 @@ fn offline_upsert(trace: &serde_json::Value) -> (usize, usize, usize) {
     // The server gave this replica site 7: re-id and coalesce.
     let mut real = Allocator::new(7, doc_id, 2).unwrap();
     let (removed, added) = doc
-        .coalesce(&mut real, |p| pending.is_unsent_insert(p))
+        .coalesce(&mut real, |p| pending.is_unsent_insert(p), true)
         .unwrap();
     pending.swap_coalesced(&removed, &added);
     assert_eq!(doc.text(), end);

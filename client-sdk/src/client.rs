@@ -1,0 +1,453 @@
+//! The async SDK: a store plus a server, sync and live sessions.
+
+use std::collections::{HashSet, VecDeque};
+use std::ops::Range;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use notesync_protocol::{
+    ClientFrame, DocId, DocName, ErrorCode, Pid, ServerFrame, SessionDelete, SessionInsert,
+};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::doc::TextChange;
+use crate::net::{Conn, NetError, ServerConfig};
+use crate::store::{NoteInfo, Store, StoreError};
+use crate::sync::{SyncError, SyncReport, sync_once};
+
+/// An app's handle on its notes.
+#[derive(Clone)]
+pub struct Client {
+    store: Arc<Mutex<Store>>,
+    server: ServerConfig,
+}
+
+fn lock(store: &Mutex<Store>) -> MutexGuard<'_, Store> {
+    store.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Client {
+    /// Opens (or creates) the store in `dir`. Works offline.
+    pub fn open(
+        dir: impl Into<std::path::PathBuf>,
+        server: ServerConfig,
+    ) -> Result<Client, StoreError> {
+        Ok(Client {
+            store: Arc::new(Mutex::new(Store::open(dir)?)),
+            server,
+        })
+    }
+
+    pub fn list(&self) -> Vec<NoteInfo> {
+        lock(&self.store).list()
+    }
+
+    /// Creates a note (offline too); returns its id.
+    pub fn create(&self, name: &str) -> Result<DocId, StoreError> {
+        lock(&self.store).create(name)
+    }
+
+    pub fn rename(&self, id: DocId, name: &str) -> Result<(), StoreError> {
+        lock(&self.store).rename(id, name, false)
+    }
+
+    /// Inserts text at a char index; durable when it returns.
+    pub fn insert(&self, id: DocId, index: usize, text: &str) -> Result<(), StoreError> {
+        lock(&self.store).insert(id, index, text, false).map(drop)
+    }
+
+    /// Deletes a char range; durable when it returns.
+    pub fn delete(&self, id: DocId, range: Range<usize>) -> Result<(), StoreError> {
+        lock(&self.store).delete(id, range, false).map(drop)
+    }
+
+    pub fn text(&self, id: DocId) -> Result<String, StoreError> {
+        lock(&self.store).text(id)
+    }
+
+    pub fn name(&self, id: DocId) -> Result<String, StoreError> {
+        lock(&self.store).name(id)
+    }
+
+    /// Writes every note's files now (edits are already durable in the op
+    /// logs; this refreshes the `.md` files and compacts the logs).
+    pub fn flush(&self) -> Result<(), StoreError> {
+        lock(&self.store).flush()
+    }
+
+    pub fn store(&self) -> &Arc<Mutex<Store>> {
+        &self.store
+    }
+
+    /// One two-way sync of every note.
+    pub async fn sync_now(&self) -> Result<SyncReport, SyncError> {
+        sync_once(&self.store, &self.server).await
+    }
+
+    /// Syncs every `every` until `cancel`; failures are logged and retried
+    /// with backoff (up to a minute).
+    pub fn sync_loop(&self, every: Duration, cancel: CancellationToken) -> JoinHandle<()> {
+        let client = self.clone();
+        tokio::spawn(async move {
+            let mut wait = every;
+            loop {
+                match client.sync_now().await {
+                    Ok(_) => wait = every,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "sync failed; will retry");
+                        wait = (wait * 2).min(Duration::from_secs(60));
+                    }
+                }
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(wait) => {}
+                }
+            }
+        })
+    }
+
+    /// Starts a live session on a note (the note is created on the server
+    /// if it is new). Edits made through the session are sent as they are
+    /// made; remote edits arrive as [`SessionEvent`]s.
+    pub fn session(&self, id: DocId) -> Result<Session, StoreError> {
+        lock(&self.store).note(id)?;
+        let (wake_tx, wake_rx) = mpsc::channel(1);
+        let (event_tx, event_rx) = mpsc::unbounded_channel();
+        let connected = Arc::new(AtomicBool::new(false));
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(run_session(SessionTask {
+            store: self.store.clone(),
+            server: self.server.clone(),
+            doc: id,
+            wake: wake_rx,
+            events: event_tx,
+            connected: connected.clone(),
+            cancel: cancel.clone(),
+        }));
+        Ok(Session {
+            store: self.store.clone(),
+            doc: id,
+            wake: wake_tx,
+            events: event_rx,
+            connected,
+            cancel,
+            task: Some(task),
+        })
+    }
+}
+
+/// What happened in a live session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionEvent {
+    /// The session is (again) live; the text includes everything up to now.
+    Connected,
+    /// A remote edit changed the text.
+    Remote(TextChange),
+    /// A remote rename.
+    Renamed(String),
+    /// The server acknowledged ops; `pending` are still unacknowledged.
+    Acknowledged { pending: usize },
+    /// The connection dropped; the session reconnects by itself.
+    Disconnected(String),
+    /// The server refused an op (it is dropped from the log: it would be
+    /// refused again). Shows a bug or a permission problem.
+    Refused { code: ErrorCode, message: String },
+}
+
+/// A live editing session on one note.
+pub struct Session {
+    store: Arc<Mutex<Store>>,
+    doc: DocId,
+    wake: mpsc::Sender<()>,
+    events: mpsc::UnboundedReceiver<SessionEvent>,
+    connected: Arc<AtomicBool>,
+    cancel: CancellationToken,
+    task: Option<JoinHandle<()>>,
+}
+
+impl Session {
+    pub fn doc(&self) -> DocId {
+        self.doc
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.connected.load(Ordering::Acquire)
+    }
+
+    /// Inserts text; durable on return, sent right away when connected.
+    pub fn insert(&self, index: usize, text: &str) -> Result<(), StoreError> {
+        let sent = self.is_connected();
+        lock(&self.store).insert(self.doc, index, text, sent)?;
+        let _ = self.wake.try_send(());
+        Ok(())
+    }
+
+    pub fn delete(&self, range: Range<usize>) -> Result<(), StoreError> {
+        let sent = self.is_connected();
+        lock(&self.store).delete(self.doc, range, sent)?;
+        let _ = self.wake.try_send(());
+        Ok(())
+    }
+
+    pub fn rename(&self, name: &str) -> Result<(), StoreError> {
+        let sent = self.is_connected();
+        lock(&self.store).rename(self.doc, name, sent)?;
+        let _ = self.wake.try_send(());
+        Ok(())
+    }
+
+    pub fn text(&self) -> String {
+        lock(&self.store).text(self.doc).unwrap_or_default()
+    }
+
+    /// Ops not yet acknowledged by the server.
+    pub fn pending_ops(&self) -> usize {
+        lock(&self.store)
+            .note(self.doc)
+            .map_or(0, |n| n.pending.len())
+    }
+
+    /// The next event; `None` once the session is closed.
+    pub async fn next_event(&mut self) -> Option<SessionEvent> {
+        self.events.recv().await
+    }
+
+    /// Ends the session and saves the note.
+    pub async fn close(mut self) {
+        self.cancel.cancel();
+        if let Some(t) = self.task.take() {
+            let _ = t.await;
+        }
+        let _ = lock(&self.store).flush();
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+struct SessionTask {
+    store: Arc<Mutex<Store>>,
+    server: ServerConfig,
+    doc: DocId,
+    wake: mpsc::Receiver<()>,
+    events: mpsc::UnboundedSender<SessionEvent>,
+    connected: Arc<AtomicBool>,
+    cancel: CancellationToken,
+}
+
+/// An op sent on the current connection, waiting for its ack.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Sent {
+    Insert(Pid),
+    Delete(Pid),
+    Rename(DocName),
+}
+
+async fn run_session(mut t: SessionTask) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let cancel = t.cancel.clone();
+        let result = tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = live(&mut t) => r,
+        };
+        t.connected.store(false, Ordering::Release);
+        let _ = lock(&t.store).flush();
+        match result {
+            Ok(()) => return,
+            Err(e) => {
+                let _ = t.events.send(SessionEvent::Disconnected(e.to_string()));
+                if !e.is_transient() {
+                    tracing::warn!(error = %e, "session error; retrying");
+                }
+            }
+        }
+        tokio::select! {
+            _ = t.cancel.cancelled() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(10));
+    }
+}
+
+/// One connection's life: start, catch up, re-send what is unacknowledged,
+/// then relay edits both ways until the connection fails.
+async fn live(t: &mut SessionTask) -> Result<(), NetError> {
+    let store = t.store.clone();
+    let (replica, since) = {
+        let s = lock(&store);
+        let n = s
+            .note(t.doc)
+            .map_err(|e| NetError::Unexpected(e.to_string()))?;
+        (s.replica_id(), n.last_sync)
+    };
+    let mut conn = Conn::connect(&t.server, replica).await?;
+    conn.send(ClientFrame::SessionStart { since, doc: t.doc })
+        .await?;
+    let site = loop {
+        match conn.recv().await? {
+            ServerFrame::DocResponse(r) if r.doc == t.doc => {
+                let mut s = lock(&store);
+                let changes = s
+                    .apply_response(t.doc, &r.inserts, &r.deletes)
+                    .map_err(|e| NetError::Unexpected(e.to_string()))?;
+                for c in changes {
+                    let _ = t.events.send(SessionEvent::Remote(c));
+                }
+                if s.note(t.doc)
+                    .is_ok_and(|n| n.pending.pending_rename().is_none())
+                {
+                    let _ = s.apply_remote_name(t.doc, &r.name);
+                }
+            }
+            ServerFrame::SessionStarted {
+                site, sync_time, ..
+            } => {
+                let mut s = lock(&store);
+                let store_err = |e: StoreError| NetError::Unexpected(e.to_string());
+                s.set_site(t.doc, site).map_err(store_err)?;
+                s.set_note_sync(t.doc, sync_time).map_err(store_err)?;
+                break site;
+            }
+            other => {
+                return Err(NetError::Unexpected(format!(
+                    "expected 33 or 68, got {other:?}"
+                )));
+            }
+        }
+    };
+    t.connected.store(true, Ordering::Release);
+    let _ = t.events.send(SessionEvent::Connected);
+    let mut inflight: VecDeque<Sent> = VecDeque::new();
+    let mut sent_here: HashSet<Sent> = HashSet::new();
+    let mut acked = 0u64;
+    let mut last_save = Instant::now();
+    send_new(
+        &store,
+        t.doc,
+        site,
+        &mut conn,
+        &mut inflight,
+        &mut sent_here,
+    )
+    .await?;
+    loop {
+        tokio::select! {
+            w = t.wake.recv() => {
+                if w.is_none() {
+                    return Ok(());
+                }
+                send_new(&store, t.doc, site, &mut conn, &mut inflight, &mut sent_here).await?;
+            }
+            f = conn.recv_idle() => {
+                let f = f.ok_or(NetError::Closed)??;
+                let mut s = lock(&store);
+                let store_err = |e: StoreError| NetError::Unexpected(e.to_string());
+                match f {
+                    ServerFrame::Insert(i) => {
+                        let (data, pid) = i.atom.into_parts();
+                        for c in s.apply_remote_insert(t.doc, &data, &pid).map_err(store_err)? {
+                            let _ = t.events.send(SessionEvent::Remote(c));
+                        }
+                    }
+                    ServerFrame::Delete(d) => {
+                        for c in s.apply_remote_delete(t.doc, &d.pid).map_err(store_err)? {
+                            let _ = t.events.send(SessionEvent::Remote(c));
+                        }
+                    }
+                    ServerFrame::Rename(name) => {
+                        s.apply_remote_name(t.doc, &name).map_err(store_err)?;
+                        let _ = t.events.send(SessionEvent::Renamed(name.as_str().to_owned()));
+                    }
+                    ServerFrame::SessionAck { count } => {
+                        let note = s.note_mut(t.doc).map_err(store_err)?;
+                        while acked < count {
+                            let Some(op) = inflight.pop_front() else {
+                                return Err(NetError::Unexpected(format!("ack {count} covers more ops than were sent")));
+                            };
+                            acked += 1;
+                            sent_here.remove(&op);
+                            match op {
+                                Sent::Insert(p) => note.pending.acknowledge(&[p], &[], None),
+                                Sent::Delete(p) => note.pending.acknowledge(&[], &[p], None),
+                                Sent::Rename(n) => note.pending.acknowledge(&[], &[], Some(&n)),
+                            }
+                        }
+                        let pending = note.pending.len();
+                        let _ = t.events.send(SessionEvent::Acknowledged { pending });
+                        // Compact the log now and then, not on every ack.
+                        if pending == 0 || last_save.elapsed() > Duration::from_millis(500) {
+                            s.save_note(t.doc).map_err(store_err)?;
+                            last_save = Instant::now();
+                        }
+                    }
+                    ServerFrame::Error(e) if !e.code.closes_connection() => {
+                        // The op it refers to is the next unacknowledged one;
+                        // the ack that follows covers it and drops it.
+                        let _ = t.events.send(SessionEvent::Refused { code: e.code, message: e.message });
+                    }
+                    ServerFrame::Error(e) => return Err(e.into()),
+                    other => return Err(NetError::Unexpected(format!("unexpected frame in a session: {other:?}"))),
+                }
+            }
+        }
+    }
+}
+
+/// Sends every pending op not yet sent on this connection (marking them
+/// sent durably first).
+async fn send_new(
+    store: &Mutex<Store>,
+    doc: DocId,
+    site: u8,
+    conn: &mut Conn,
+    inflight: &mut VecDeque<Sent>,
+    sent_here: &mut HashSet<Sent>,
+) -> Result<(), NetError> {
+    let frames = {
+        let mut s = lock(store);
+        let store_err = |e: StoreError| NetError::Unexpected(e.to_string());
+        let note = s.note(doc).map_err(store_err)?;
+        if note.provisional || site == 0 {
+            // No site: inserts cannot be sent (PROTOCOL.md 1.3); they stay.
+            return Ok(());
+        }
+        let (inserts, deletes, rename) = note.pending.snapshot();
+        let mut frames = Vec::new();
+        for a in inserts {
+            let key = Sent::Insert(a.pid().clone());
+            if sent_here.insert(key.clone()) {
+                inflight.push_back(key);
+                frames.push(ClientFrame::Insert(SessionInsert::new(a)));
+            }
+        }
+        for p in deletes {
+            let key = Sent::Delete(p.clone());
+            if sent_here.insert(key.clone()) {
+                inflight.push_back(key);
+                frames.push(ClientFrame::Delete(SessionDelete { site, pid: p }));
+            }
+        }
+        if let Some(name) = rename {
+            let key = Sent::Rename(name.clone());
+            if sent_here.insert(key.clone()) {
+                inflight.push_back(key);
+                frames.push(ClientFrame::Rename(name));
+            }
+        }
+        if !frames.is_empty() {
+            s.mark_sent(doc).map_err(store_err)?;
+        }
+        frames
+    };
+    for f in frames {
+        conn.feed(f).await?;
+    }
+    conn.flush().await
+}

@@ -1,0 +1,313 @@
+//! One two-way sync of a store with the server, in sync mode
+//! (PROTOCOL.md 3.1).
+//!
+//! Order: hello; give provisional notes a site (an empty upsert creates the
+//! document and allocates it); synclist from the store's cursor until it is
+//! empty; then, pipelined, an upsert for every note with pending ops and a
+//! pull for every other listed note; then read the replies in order. Ops
+//! leave a note's log only on the 34 that answers the upsert that carried
+//! them. The global cursor moves only once every listed note was pulled.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use notesync_protocol::{
+    AtomListBuilder, ClientFrame, DocId, DocName, ErrorCode, Limits, Pid, PidListBuilder,
+    ServerFrame, Time, Upsert,
+};
+
+use crate::doc::TextChange;
+use crate::net::{Conn, NetError, ServerConfig};
+use crate::store::{Store, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error(transparent)]
+    Net(#[from] NetError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// What one sync did.
+#[derive(Debug, Default)]
+pub struct SyncReport {
+    /// Notes upserted (each with its pending ops).
+    pub upserted: usize,
+    /// Notes pulled.
+    pub pulled: usize,
+    /// Notes first seen on this device.
+    pub new_notes: Vec<DocId>,
+    /// Ops the server acknowledged.
+    pub acknowledged_ops: usize,
+    /// Text changes from other devices, per note.
+    pub changes: Vec<(DocId, Vec<TextChange>)>,
+    /// Notes the server refused, with why; their ops stay in the log.
+    pub refused: Vec<(DocId, ErrorCode, String)>,
+}
+
+/// Keeps upserts well inside the default frame and item limits.
+const MAX_ATOMS_PER_UPSERT: usize = 100_000;
+const MAX_UPSERT_BYTES: usize = Limits::DEFAULT_MAX_FRAME_BYTES / 4;
+
+enum Request {
+    /// An upsert and the ops it carries (acknowledged by its 34).
+    Upsert {
+        doc: DocId,
+        inserts: Vec<Pid>,
+        deletes: Vec<Pid>,
+        rename: Option<DocName>,
+    },
+    Pull {
+        doc: DocId,
+    },
+}
+
+fn lock(store: &Mutex<Store>) -> std::sync::MutexGuard<'_, Store> {
+    // A panic while holding the lock would leave the store as it was after
+    // its last completed call (every call writes its files before it
+    // returns), so a poisoned lock is safe to keep using.
+    store.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Syncs every note once.
+pub async fn sync_once(
+    store: &Arc<Mutex<Store>>,
+    cfg: &ServerConfig,
+) -> Result<SyncReport, SyncError> {
+    let replica = lock(store).replica_id();
+    let mut conn = Conn::connect(cfg, replica).await?;
+    let mut report = SyncReport::default();
+
+    // 1. Provisional notes get their site first (PROTOCOL.md 1.3).
+    let provisional: Vec<(DocId, DocName)> = {
+        let s = lock(store);
+        s.notes
+            .iter()
+            .filter(|(_, n)| n.provisional)
+            .map(|(id, n)| (*id, n.doc.name.clone()))
+            .collect()
+    };
+    for (id, name) in provisional {
+        conn.send(ClientFrame::Upsert(Upsert {
+            doc: id,
+            name,
+            since: 0,
+            inserts: AtomListBuilder::new().finish(),
+            deletes: PidListBuilder::new().finish(),
+        }))
+        .await?;
+        match read_reply(&mut conn, store, id, false, &mut report).await? {
+            Ok((site, sync_time)) => {
+                let mut s = lock(store);
+                if site == 0 {
+                    report.refused.push((
+                        id,
+                        ErrorCode::SITES_EXHAUSTED,
+                        "the server gave no site".into(),
+                    ));
+                    continue;
+                }
+                s.set_site(id, site)?;
+                s.set_note_sync(id, sync_time)?;
+            }
+            Err((code, msg)) => report.refused.push((id, code, msg)),
+        }
+    }
+
+    // 2. What changed since the cursor.
+    let mut listed: BTreeMap<DocId, Time> = BTreeMap::new();
+    let mut cursor = lock(store).last_sync_time();
+    loop {
+        conn.send(ClientFrame::Synclist { since: cursor }).await?;
+        let entries = match conn.recv().await? {
+            ServerFrame::SynclistResponse(e) => e,
+            other => {
+                return Err(NetError::Unexpected(format!(
+                    "expected synclist_response, got {other:?}"
+                ))
+                .into());
+            }
+        };
+        if entries.is_empty() {
+            break;
+        }
+        for e in &entries {
+            listed.insert(e.doc, e.modified);
+            cursor = cursor.max(e.modified);
+        }
+    }
+
+    // 3. Pipelined upserts and pulls.
+    let requests = plan(store, &listed)?;
+    for (_, frame) in &requests {
+        conn.feed(frame.clone()).await?;
+    }
+    conn.flush().await?;
+
+    // 4. Replies, in request order.
+    let mut all_pulled = true;
+    for (req, _) in requests {
+        match req {
+            Request::Upsert {
+                doc,
+                inserts,
+                deletes,
+                rename,
+            } => match read_reply(&mut conn, store, doc, rename.is_some(), &mut report).await? {
+                Ok((site, sync_time)) => {
+                    let mut s = lock(store);
+                    report.upserted += 1;
+                    report.acknowledged_ops +=
+                        inserts.len() + deletes.len() + rename.is_some() as usize;
+                    let note = s.note_mut(doc)?;
+                    note.pending
+                        .acknowledge(&inserts, &deletes, rename.as_ref());
+                    s.set_site(doc, site)?;
+                    s.set_note_sync(doc, sync_time)?;
+                }
+                Err((code, msg)) => report.refused.push((doc, code, msg)),
+            },
+            Request::Pull { doc } => {
+                match read_reply(&mut conn, store, doc, false, &mut report).await? {
+                    Ok((site, sync_time)) => {
+                        let mut s = lock(store);
+                        report.pulled += 1;
+                        s.set_site(doc, site)?;
+                        s.set_note_sync(doc, sync_time)?;
+                    }
+                    // Listed, then gone: nothing to pull.
+                    Err((ErrorCode::UNKNOWN_DOCUMENT, _)) => {}
+                    Err((code, msg)) => {
+                        all_pulled = false;
+                        report.refused.push((doc, code, msg));
+                    }
+                }
+            }
+        }
+    }
+    let mut s = lock(store);
+    s.flush()?;
+    if all_pulled {
+        s.set_last_sync_time(cursor)?;
+    }
+    Ok(report)
+}
+
+/// Builds the upserts (for notes with pending ops, marked sent first) and
+/// the pulls (for listed notes without).
+fn plan(
+    store: &Mutex<Store>,
+    listed: &BTreeMap<DocId, Time>,
+) -> Result<Vec<(Request, ClientFrame)>, SyncError> {
+    let mut s = lock(store);
+    let mut out = Vec::new();
+    let with_ops: Vec<DocId> = s
+        .notes
+        .iter()
+        .filter(|(_, n)| !n.provisional && n.site != 0 && !n.pending.is_empty())
+        .map(|(id, _)| *id)
+        .collect();
+    for &id in &with_ops {
+        s.coalesce(id)?;
+        s.mark_sent(id)?;
+        let note = s.note(id)?;
+        let (inserts, deletes, rename) = note.pending.snapshot();
+        let name = rename.clone().unwrap_or_else(|| note.doc.name.clone());
+        let since = note.last_sync;
+        // Split so no frame nears the limits (each upsert is idempotent).
+        let mut ins = inserts.into_iter().peekable();
+        let mut dels = deletes.into_iter().peekable();
+        loop {
+            let (mut ib, mut db) = (AtomListBuilder::new(), PidListBuilder::new());
+            let (mut ids_i, mut ids_d) = (Vec::new(), Vec::new());
+            while let Some(a) =
+                ins.next_if(|_| ib.len() < MAX_ATOMS_PER_UPSERT && ib.byte_len() < MAX_UPSERT_BYTES)
+            {
+                ib.push(&a);
+                ids_i.push(a.pid().clone());
+            }
+            while let Some(p) = dels
+                .next_if(|_| db.len() < MAX_ATOMS_PER_UPSERT && db.byte_len() < MAX_UPSERT_BYTES)
+            {
+                db.push(&p).expect("pending ids are valid");
+                ids_d.push(p);
+            }
+            let last = ins.peek().is_none() && dels.peek().is_none();
+            let frame = ClientFrame::Upsert(Upsert {
+                doc: id,
+                name: name.clone(),
+                since,
+                inserts: ib.finish(),
+                deletes: db.finish(),
+            });
+            let req = Request::Upsert {
+                doc: id,
+                inserts: ids_i,
+                deletes: ids_d,
+                rename: if last { rename.clone() } else { None },
+            };
+            out.push((req, frame));
+            if last {
+                break;
+            }
+        }
+    }
+    for &doc in listed.keys() {
+        if !with_ops.contains(&doc) {
+            let since = s.notes.get(&doc).map_or(0, |n| n.last_sync);
+            out.push((Request::Pull { doc }, ClientFrame::Pull { doc, since }));
+        }
+    }
+    Ok(out)
+}
+
+/// Reads one reply: 33s (applied as they come) then the 34. A refusal (an
+/// error frame that keeps the connection) is returned as `Err`; an error
+/// that ends the connection is a `SyncError`.
+async fn read_reply(
+    conn: &mut Conn,
+    store: &Mutex<Store>,
+    doc: DocId,
+    carried_rename: bool,
+    report: &mut SyncReport,
+) -> Result<Result<(u8, Time), (ErrorCode, String)>, SyncError> {
+    let mut changes = Vec::new();
+    loop {
+        match conn.recv_raw().await? {
+            ServerFrame::DocResponse(r) if r.doc == doc => {
+                let mut s = lock(store);
+                if !s.notes.contains_key(&doc) {
+                    s.adopt_remote(doc, &r.name, 0)?;
+                    report.new_notes.push(doc);
+                }
+                changes.extend(s.apply_response(doc, &r.inserts, &r.deletes)?);
+                // The 33's name is the server's current one. After an upsert
+                // it is the verdict on any rename the upsert carried; after a
+                // pull it must not undo a local rename not yet sent.
+                if carried_rename || s.note(doc)?.pending.pending_rename().is_none() {
+                    s.apply_remote_name(doc, &r.name)?;
+                }
+            }
+            ServerFrame::DocSync {
+                doc: d,
+                sync_time,
+                site,
+            } if d == doc => {
+                if !changes.is_empty() {
+                    report.changes.push((doc, changes));
+                }
+                return Ok(Ok((site, sync_time)));
+            }
+            ServerFrame::Error(e) if !e.code.closes_connection() => {
+                return Ok(Err((e.code, e.message)));
+            }
+            ServerFrame::Error(e) => return Err(NetError::from(e).into()),
+            other => {
+                return Err(NetError::Unexpected(format!(
+                    "expected 33 or 34 for {doc:032x}, got {other:?}"
+                ))
+                .into());
+            }
+        }
+    }
+}

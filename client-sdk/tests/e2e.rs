@@ -1,0 +1,184 @@
+//! The SDK against a real notesync-server (embedded, on an ephemeral port).
+
+use std::time::Duration;
+
+use notesync_client::{Client, ServerConfig, SessionEvent};
+use notesync_server::{Config, Server};
+use tokio_util::sync::CancellationToken;
+
+struct TestServer {
+    addr: String,
+    data: tempfile::TempDir,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl TestServer {
+    async fn start() -> TestServer {
+        let data = tempfile::tempdir().unwrap();
+        Self::start_on(data, "127.0.0.1:0").await
+    }
+
+    async fn start_on(data: tempfile::TempDir, listen: &str) -> TestServer {
+        let server = Server::bind(Config::new(data.path()).listen(listen))
+            .await
+            .unwrap();
+        let addr = server.local_addr().to_string();
+        let stop = CancellationToken::new();
+        let s = stop.clone();
+        let task = tokio::spawn(async move {
+            server.run(s).await.unwrap();
+        });
+        TestServer {
+            addr,
+            data,
+            stop,
+            task,
+        }
+    }
+
+    /// Stops the server (gracefully) and starts it again on the same port
+    /// and data folder.
+    async fn restart(self) -> TestServer {
+        let addr = self.addr.clone();
+        self.stop.cancel();
+        self.task.await.unwrap();
+        Self::start_on(self.data, &addr).await
+    }
+
+    fn client(&self, dir: &std::path::Path) -> Client {
+        let mut cfg = ServerConfig::new(self.addr.clone());
+        cfg.reply_timeout = Duration::from_secs(10);
+        Client::open(dir, cfg).unwrap()
+    }
+}
+
+async fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
+    for _ in 0..500 {
+        if ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+#[tokio::test]
+async fn offline_edits_at_the_same_place_are_all_kept() {
+    let server = TestServer::start().await;
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = server.client(da.path());
+    let b = server.client(db.path());
+    let id = a.create("shared").unwrap();
+    a.insert(id, 0, "hello world").unwrap();
+    a.sync_now().await.unwrap();
+    let rb = b.sync_now().await.unwrap();
+    assert_eq!(rb.new_notes, vec![id]);
+    assert_eq!(b.text(id).unwrap(), "hello world");
+    assert_eq!(b.name(id).unwrap(), "shared");
+
+    // Both offline, editing at the same places.
+    a.insert(id, 5, " AAA").unwrap();
+    a.delete(id, 0..1).unwrap();
+    b.insert(id, 5, " BBB").unwrap();
+    b.delete(id, 10..15).unwrap(); // "world"
+    assert_eq!(a.text(id).unwrap(), "ello AAA world");
+    assert_eq!(b.text(id).unwrap(), "hello BBB ");
+    a.sync_now().await.unwrap();
+    b.sync_now().await.unwrap();
+    a.sync_now().await.unwrap();
+    let (ta, tb) = (a.text(id).unwrap(), b.text(id).unwrap());
+    assert_eq!(ta, tb);
+    assert!(ta.contains("AAA") && ta.contains("BBB"), "{ta:?}");
+    assert!(ta == "ello AAA BBB " || ta == "ello BBB AAA ", "{ta:?}");
+    // The files on disk say the same.
+    let file = a.list()[0].file.clone();
+    assert_eq!(std::fs::read_to_string(file).unwrap(), ta);
+    for c in [&a, &b] {
+        assert!(c.list().iter().all(|n| n.pending_ops == 0));
+    }
+}
+
+#[tokio::test]
+async fn an_offline_insert_then_delete_sends_nothing() {
+    let server = TestServer::start().await;
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = server.client(da.path());
+    let id = a.create("scratch").unwrap();
+    a.insert(id, 0, "kept ").unwrap();
+    a.sync_now().await.unwrap();
+    a.insert(id, 5, "typo").unwrap();
+    a.delete(id, 5..9).unwrap();
+    assert_eq!(a.list()[0].pending_ops, 0, "the pair cancelled out");
+    let r = a.sync_now().await.unwrap();
+    assert_eq!(r.upserted, 0);
+    assert_eq!(r.acknowledged_ops, 0);
+    let b = server.client(db.path());
+    b.sync_now().await.unwrap();
+    assert_eq!(b.text(id).unwrap(), "kept ");
+}
+
+#[tokio::test]
+async fn a_rename_travels_and_moves_the_files() {
+    let server = TestServer::start().await;
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = server.client(da.path());
+    let b = server.client(db.path());
+    let id = a.create("draft").unwrap();
+    a.insert(id, 0, "x").unwrap();
+    a.sync_now().await.unwrap();
+    b.sync_now().await.unwrap();
+    a.rename(id, "final").unwrap();
+    a.sync_now().await.unwrap();
+    b.sync_now().await.unwrap();
+    assert_eq!(b.name(id).unwrap(), "final");
+    assert!(db.path().join("final.md").exists());
+    assert!(!db.path().join("draft.md").exists());
+}
+
+#[tokio::test]
+async fn live_sessions_converge_and_survive_a_server_restart() {
+    let server = TestServer::start().await;
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = server.client(da.path());
+    let b = server.client(db.path());
+    let id = a.create("live").unwrap();
+    a.sync_now().await.unwrap();
+    b.sync_now().await.unwrap();
+    let mut sa = a.session(id).unwrap();
+    let mut sb = b.session(id).unwrap();
+    for s in [&mut sa, &mut sb] {
+        assert_eq!(s.next_event().await, Some(SessionEvent::Connected));
+    }
+    sa.insert(0, "one ").unwrap();
+    sa.insert(4, "two ").unwrap();
+    wait_for("B to see A's words", || sb.text() == "one two ").await;
+    sb.insert(0, ">> ").unwrap();
+    sa.insert(sa.text().chars().count(), "three ").unwrap();
+    wait_for("both texts to converge", || {
+        sa.text() == sb.text() && sa.text().len() == 17
+    })
+    .await;
+    assert_eq!(sa.text(), ">> one two three ");
+
+    // The server goes away; edits made meanwhile are kept and sent later.
+    let server = server.restart().await;
+    sa.insert(0, "[a] ").unwrap();
+    sb.insert(sb.text().chars().count(), "[b]").unwrap();
+    wait_for("convergence after the restart", || {
+        sa.text() == sb.text() && sa.text().contains("[a]") && sa.text().contains("[b]")
+    })
+    .await;
+    wait_for("every op acknowledged", || {
+        sa.pending_ops() == 0 && sb.pending_ops() == 0
+    })
+    .await;
+    assert_eq!(sa.text(), "[a] >> one two three [b]");
+    sa.close().await;
+    sb.close().await;
+    // A fresh device sees the same.
+    let dc = tempfile::tempdir().unwrap();
+    let c = server.client(dc.path());
+    c.sync_now().await.unwrap();
+    assert_eq!(c.text(id).unwrap(), "[a] >> one two three [b]");
+}

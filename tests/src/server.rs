@@ -23,8 +23,9 @@ use crate::conn::Conn;
 
 /// How long a server may take to print `listening on ADDR`.
 pub const START_TIMEOUT: Duration = Duration::from_secs(20);
-/// How long a server may take to exit after SIGTERM.
-pub const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a server may take to exit after SIGTERM (more than the
+/// reference server's default grace of 10 s for open connections).
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(20);
 
 static BINARY: OnceLock<Result<PathBuf, String>> = OnceLock::new();
 

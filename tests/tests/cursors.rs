@@ -9,11 +9,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use notesync_protocol::{Atom, ClientFrame, DocId, Pid, Time};
-use notesync_tests::{Conn, DocModel, Rng, ServerProcess, model_of};
+use notesync_tests::{Conn, DocModel, Rng, ServerProcess, model_of, upsert_frame};
 
 const DOCS: u128 = 10;
 const WRITERS: usize = 3;
-const UPSERTS_PER_WRITER: usize = 40;
+const ROUNDS_PER_WRITER: usize = 40;
+const PIPELINE: usize = 4;
 
 #[derive(Default)]
 struct WriterLog {
@@ -27,42 +28,62 @@ async fn writer(addr: SocketAddr, w: usize) -> WriterLog {
     let mut rng = Rng::new(4000 + w as u64);
     let mut state: BTreeMap<DocId, (DocModel, Time)> = BTreeMap::new();
     let mut log = WriterLog::default();
-    for round in 0..UPSERTS_PER_WRITER {
-        let doc = 1 + rng.below(DOCS as usize) as u128;
-        if let std::collections::btree_map::Entry::Vacant(v) = state.entry(doc) {
-            // First contact: create or join the document, get a site.
-            let (rs, s) = c.upsert(doc, &format!("doc {doc}"), 0, &[], &[]).await;
-            let mut m = model_of(doc, &rs);
-            m.set_site(s.site, w as u64);
-            v.insert((m, s.sync_time));
+    for round in 0..ROUNDS_PER_WRITER {
+        // Up to PIPELINE upserts to distinct documents, sent back to back.
+        let mut batch: Vec<DocId> = Vec::new();
+        for _ in 0..PIPELINE {
+            let doc = 1 + rng.below(DOCS as usize) as u128;
+            if !batch.contains(&doc) {
+                batch.push(doc);
+            }
         }
-        let (m, since) = state.get_mut(&doc).unwrap();
-        let mut inserts: Vec<Atom> = Vec::new();
-        for _ in 0..1 + rng.below(3) {
-            let n = m.live_len();
-            let a = m.local_insert(rng.below(n + 1), &rng.word());
-            log.inserted
-                .entry(doc)
-                .or_default()
-                .insert(a.pid().clone(), a.data().to_string());
-            inserts.push(a);
+        for &doc in &batch {
+            if let std::collections::btree_map::Entry::Vacant(v) = state.entry(doc) {
+                // First contact: create or join the document, get a site.
+                let (rs, s) = c.upsert(doc, &format!("doc {doc}"), 0, &[], &[]).await;
+                let mut m = model_of(doc, &rs);
+                m.set_site(s.site, w as u64);
+                v.insert((m, s.sync_time));
+            }
         }
-        let mut deletes = Vec::new();
-        let live = m.live();
-        if !live.is_empty() && rng.percent(40) {
-            let i = rng.below(live.len());
-            let p = m.local_delete(i);
-            log.deleted.entry(doc).or_default().insert(p.clone());
-            deletes.push(p);
+        let mut frames = Vec::new();
+        for &doc in &batch {
+            let (m, since) = state.get_mut(&doc).unwrap();
+            let mut inserts: Vec<Atom> = Vec::new();
+            for _ in 0..1 + rng.below(3) {
+                let n = m.live_len();
+                let a = m.local_insert(rng.below(n + 1), &rng.word());
+                log.inserted
+                    .entry(doc)
+                    .or_default()
+                    .insert(a.pid().clone(), a.data().to_string());
+                inserts.push(a);
+            }
+            let mut deletes = Vec::new();
+            let live = m.live();
+            if !live.is_empty() && rng.percent(40) {
+                let i = rng.below(live.len());
+                let p = m.local_delete(i);
+                log.deleted.entry(doc).or_default().insert(p.clone());
+                deletes.push(p);
+            }
+            let name = if rng.percent(15) {
+                format!("doc {doc} by {w} in round {round}")
+            } else {
+                m.name.clone()
+            };
+            frames.push(upsert_frame(doc, &name, *since, &inserts, &deletes));
         }
-        let name = if rng.percent(15) {
-            format!("doc {doc} by {w} in round {round}")
-        } else {
-            m.name.clone()
-        };
-        let (rs, s) = c.upsert(doc, &name, *since, &inserts, &deletes).await;
-        m.apply_responses(&rs);
-        *since = s.sync_time;
+        c.send_many(frames).await;
+        for &doc in &batch {
+            let (rs, s) = c
+                .recv_doc_reply(doc, "pipelined upsert")
+                .await
+                .unwrap_or_else(|e| panic!("writer {w}: upsert refused: {e:?}"));
+            let (m, since) = state.get_mut(&doc).unwrap();
+            m.apply_responses(&rs);
+            *since = s.sync_time;
+        }
     }
     log
 }
@@ -164,6 +185,9 @@ async fn cursor_following_listers_never_miss_a_change_made_by_concurrent_writers
     let mut views = Vec::new();
     for l in listers {
         views.push(l.await.expect("lister"));
+    }
+    for (l, v) in views.iter().enumerate() {
+        eprintln!("lister {l}: {} rounds", v.rounds);
     }
 
     // The truth: a fresh pull of every document that exists.

@@ -68,8 +68,8 @@ async fn a_restart_after_sigterm_keeps_every_document_name_site_and_time() {
     let mut c = server.connect().await;
     let welcome = c.hello(r1).await;
     assert!(
-        welcome.server_time > max_time,
-        "time never goes back across a restart: welcome {} <= {max_time}",
+        welcome.server_time >= max_time,
+        "time never goes back across a restart: welcome {} < {max_time}",
         welcome.server_time
     );
     assert_eq!(
@@ -277,7 +277,7 @@ async fn kill_9_during_heavy_writes_loses_no_acknowledged_op() {
 
     // Kill once plenty is acknowledged, while the writers are still going.
     let deadline = Instant::now() + Duration::from_secs(15);
-    while progress.load(Ordering::Relaxed) < 1000 && Instant::now() < deadline {
+    while progress.load(Ordering::Relaxed) < 6000 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let acked_at_kill = progress.load(Ordering::Relaxed);
@@ -293,6 +293,9 @@ async fn kill_9_during_heavy_writes_loses_no_acknowledged_op() {
     }
     logs.push(upserter.await.expect("upsert writer"));
     let unacked: usize = logs.iter().map(|l| l.sent.len() - l.acked).sum();
+    for l in &logs {
+        eprintln!("{}: sent {}, acked {}", l.label, l.sent.len(), l.acked);
+    }
     assert!(
         unacked > 0,
         "the kill came while ops were in flight (else this test checks too little)"

@@ -13,8 +13,8 @@ use notesync_tests::{
 };
 use tokio::sync::{Barrier, oneshot};
 
-const ROUNDS: usize = 8;
-const OPS_PER_ROUND: usize = 12;
+const ROUNDS: usize = 16;
+const OPS_PER_ROUND: usize = 16;
 
 /// Creates `doc` with `n` one-word atoms through an upsert by `replica`;
 /// returns their ids in order.

@@ -619,9 +619,12 @@ async fn pipelined_requests_are_answered_in_order() {
         created.push(s);
     }
     for w in created.windows(2) {
+        // A 34 covers everything up to its time, so two replies may carry
+        // the same time; they never go back.
         assert!(
-            w[0].sync_time < w[1].sync_time,
-            "upserts are applied in order, each with a later time"
+            w[0].sync_time <= w[1].sync_time,
+            "sync times never go back: {:?}",
+            created.iter().map(|s| s.sync_time).collect::<Vec<_>>()
         );
     }
     let mut frames: Vec<ClientFrame> = docs
@@ -637,8 +640,17 @@ async fn pipelined_requests_are_answered_in_order() {
     }
     match c.recv().await {
         ServerFrame::SynclistResponse(e) => {
+            let times: Vec<u64> = e.iter().map(|e| e.modified).collect();
+            assert!(
+                times.windows(2).all(|w| w[0] < w[1]),
+                "each document's creation is a change with its own time: times are \
+                 strictly increasing and every assigned time is unique (1), got {times:?}"
+            );
             let listed: Vec<u128> = e.iter().map(|e| e.doc).collect();
             assert_eq!(listed, docs, "ascending by time = creation order");
+            for (e, s) in e.iter().zip(&created) {
+                assert!(e.modified <= s.sync_time, "a 34 covers its upsert's change");
+            }
         }
         other => panic!("expected 32, got {}", describe(&other)),
     }

@@ -587,8 +587,14 @@ fn atom(buf: &[u8], pos: usize, limits: &Limits) -> Result<Step, DecodeError> {
         None => Ok(Step::Partial),
         Some(end) => {
             need!(buf, end, limits);
-            std::str::from_utf8(&buf[pos + 1..depth_at])
-                .map_err(|_| DecodeError::InvalidUtf8 { field: "atom data" })?;
+            let data = &buf[pos + 1..depth_at];
+            // Short ASCII atoms (typed characters) are UTF-8: they skip the
+            // out-of-line validator call. Longer atoms go straight to it (it
+            // has its own ASCII fast path).
+            if data.len() > 16 || !data.is_ascii() {
+                std::str::from_utf8(data)
+                    .map_err(|_| DecodeError::InvalidUtf8 { field: "atom data" })?;
+            }
             check_levels(&buf[depth_at..end], "an atom's position id")?;
             Ok(Step::Done(end))
         }

@@ -655,3 +655,100 @@ async fn pipelined_requests_are_answered_in_order() {
         other => panic!("expected 32, got {}", describe(&other)),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delete_that_arrives_before_its_insert_keeps_the_atom_deleted() {
+    let server = ServerProcess::start();
+    let doc = 0x70B5;
+    let mut a = server.connect().await.with_label("deleter");
+    a.hello(R1).await;
+    let (_, sa) = a.upsert(doc, "n", 0, &[], &[]).await;
+    let mut b = server.connect().await.with_label("late inserter");
+    b.hello(R2).await;
+    let (_, sb) = b.pull(doc, 0).await;
+    let mut reader = server.connect().await.with_label("reader");
+    let (_, sr) = reader.pull(doc, 0).await;
+
+    // b's insert reached a some other way (a session, say) and a deleted
+    // it; a's delete reaches the server first.
+    let late = atom("late", 40, sb.site);
+    let (_, ta) = a
+        .upsert(doc, "n", sa.sync_time, &[], &[late.pid().clone()])
+        .await;
+    let (delta, sr2) = reader.pull(doc, sr.sync_time).await;
+    assert_eq!(
+        deletes_of(&delta),
+        BTreeSet::from([late.pid().clone()]),
+        "a delete of an id the server has only as a tombstone is sent (3.1)"
+    );
+    assert!(inserts_of(&delta).is_empty());
+
+    let (reply, _) = b
+        .upsert(
+            doc,
+            "n",
+            sb.sync_time,
+            &[late.clone(), atom("kept", 50, sb.site)],
+            &[],
+        )
+        .await;
+    assert!(
+        !inserts_of(&reply).contains_key(late.pid()),
+        "the reply excludes the upsert's own ids"
+    );
+    let (all, _) = reader.pull(doc, 0).await;
+    assert_eq!(
+        model_of(doc, &all).text(),
+        "kept",
+        "an insert that arrives after its delete stays deleted (3.1)"
+    );
+    let (delta, _) = reader.pull(doc, sr2.sync_time).await;
+    assert_eq!(
+        inserts_of(&delta),
+        BTreeMap::from([(atom("kept", 50, sb.site).pid().clone(), "kept".to_string())]),
+        "since the tombstone was sent, only the live insert is new"
+    );
+    let (since_a, _) = a.pull(doc, ta.sync_time).await;
+    let mut m = DocModel::new(doc);
+    m.apply_delete(late.pid());
+    m.apply_responses(&since_a);
+    assert_eq!(m.text(), "kept");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_atoms_and_ids_at_their_size_limits_round_trip() {
+    let server = ServerProcess::start();
+    let doc = 0x1111_7;
+    let mut c = server.connect().await;
+    let welcome = c.hello(R1).await;
+    assert_eq!(welcome.version, 1, "welcome carries the server's version");
+    // 85 three-byte characters: exactly 255 bytes.
+    let long_name = "語".repeat(85);
+    assert_eq!(long_name.len(), 255);
+    let (rs, s) = c.upsert(doc, &long_name, 0, &[], &[]).await;
+    assert_eq!(name_of_reply(&rs), long_name);
+    // 255 bytes of atom data ending in a 4-byte character.
+    let data = format!("{}🙂", "a".repeat(251));
+    assert_eq!(data.len(), 255);
+    // Ids at the default max_pid_depth (64), the last level ours.
+    let mut levels: Vec<notesync_protocol::Level> = (0..63)
+        .map(|i| notesync_protocol::Level::new(i, 0))
+        .collect();
+    levels.push(notesync_protocol::Level::new(7, s.site));
+    let deep = Pid::from_levels(&levels);
+    let big = notesync_protocol::Atom::new(data.clone(), deep.clone()).unwrap();
+    let mut ghost_levels = levels.clone();
+    ghost_levels[62] = notesync_protocol::Level::new(99, 200);
+    let ghost = Pid::from_levels(&ghost_levels);
+    c.upsert(doc, &long_name, s.sync_time, &[big], &[ghost.clone()])
+        .await;
+    let mut r = server.connect().await;
+    let (rs, _) = r.pull(doc, 0).await;
+    let m = model_of(doc, &rs);
+    assert_eq!(m.name, long_name);
+    assert_eq!(m.live(), vec![(deep, data)]);
+    assert!(
+        m.get(&ghost).is_some_and(|e| !e.live),
+        "the delete of an unknown 64-level id is kept as a tombstone and sent"
+    );
+}

@@ -718,7 +718,7 @@ async fn a_delete_that_arrives_before_its_insert_keeps_the_atom_deleted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn names_atoms_and_ids_at_their_size_limits_round_trip() {
     let server = ServerProcess::start();
-    let doc = 0x1111_7;
+    let doc = 0x0001_1117;
     let mut c = server.connect().await;
     let welcome = c.hello(R1).await;
     assert_eq!(welcome.version, 1, "welcome carries the server's version");
@@ -740,8 +740,14 @@ async fn names_atoms_and_ids_at_their_size_limits_round_trip() {
     let mut ghost_levels = levels.clone();
     ghost_levels[62] = notesync_protocol::Level::new(99, 200);
     let ghost = Pid::from_levels(&ghost_levels);
-    c.upsert(doc, &long_name, s.sync_time, &[big], &[ghost.clone()])
-        .await;
+    c.upsert(
+        doc,
+        &long_name,
+        s.sync_time,
+        &[big],
+        std::slice::from_ref(&ghost),
+    )
+    .await;
     let mut r = server.connect().await;
     let (rs, _) = r.pull(doc, 0).await;
     let m = model_of(doc, &rs);

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use notesync_protocol::{Atom, ClientFrame, DocId, Pid, ServerFrame, SessionInsert};
+use notesync_protocol::{Atom, ClientFrame, DocId, ErrorCode, Pid, ServerFrame, SessionInsert};
 use notesync_tests::{
     Conn, DocModel, Event, Rng, ServerProcess, SessionClient, describe, model_of, upsert_frame,
 };
@@ -160,6 +160,9 @@ async fn session_writer(
         }
         while sc.acked + WINDOW < sc.sent {
             match sc.conn.next_event().await {
+                Event::Frame(ServerFrame::Error(e)) if e.code == ErrorCode::SHUTTING_DOWN => {
+                    break 'outer;
+                }
                 Event::Frame(ServerFrame::Error(e)) => {
                     panic!("{label}: unexpected error {} {:?}", e.code, e.message)
                 }
@@ -236,6 +239,10 @@ async fn upsert_writer(addr: SocketAddr, doc: DocId, progress: Arc<AtomicU64>) -
                     dead = true;
                     break;
                 }
+                Event::Frame(ServerFrame::Error(e)) if e.code == ErrorCode::SHUTTING_DOWN => {
+                    dead = true;
+                    break;
+                }
                 Event::Frame(f) => panic!("{label}: unexpected {}", describe(&f)),
                 other => panic!("{label}: {other:?}"),
             }
@@ -254,8 +261,35 @@ async fn upsert_writer(addr: SocketAddr, doc: DocId, progress: Arc<AtomicU64>) -
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill_9_during_heavy_writes_loses_no_acknowledged_op() {
+/// A session that only listens, recording every insert broadcast to it,
+/// until the connection ends.
+async fn listener(addr: SocketAddr, k: usize, doc: DocId) -> (DocId, Vec<Atom>) {
+    let label = format!("listener {k}");
+    let mut sc = SessionClient::start(addr, &label, Some(0x9000 + k as u128), doc, 0, 0).await;
+    sc.strict = false;
+    let mut got = Vec::new();
+    loop {
+        match sc.conn.next_event().await {
+            Event::Frame(ServerFrame::Insert(i)) => got.push(i.atom),
+            Event::Frame(ServerFrame::Error(e)) if e.code.closes_connection() => break,
+            Event::Frame(ServerFrame::Delete(_) | ServerFrame::Rename(_)) => {}
+            Event::Closed => break,
+            other => panic!("{label}: {other:?}"),
+        }
+    }
+    (doc, got)
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Stop {
+    Kill9,
+    Sigterm,
+}
+
+/// Several sessions and an upserter write as fast as they can; the server
+/// is stopped mid-flight, restarted, and must hold every acknowledged op
+/// and every op it broadcast, and give every replica its site back.
+async fn heavy_writes_then(stop: Stop) {
     let mut server = ServerProcess::start();
     let docs: [DocId; 3] = [0xD1, 0xD2, 0xD3];
     let mut setup = server.connect().await;
@@ -266,6 +300,9 @@ async fn kill_9_during_heavy_writes_loses_no_acknowledged_op() {
     drop(setup);
 
     let addr = server.addr();
+    let listeners: Vec<_> = (0..2)
+        .map(|k| tokio::spawn(listener(addr, k, docs[k])))
+        .collect();
     let progress = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
     for k in 0..4 {
@@ -275,31 +312,48 @@ async fn kill_9_during_heavy_writes_loses_no_acknowledged_op() {
     let p = progress.clone();
     let upserter = tokio::spawn(upsert_writer(addr, docs[2], p));
 
-    // Kill once plenty is acknowledged, while the writers are still going.
+    // Stop once plenty is acknowledged, while the writers are still going.
     let deadline = Instant::now() + Duration::from_secs(15);
     while progress.load(Ordering::Relaxed) < 6000 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let acked_at_kill = progress.load(Ordering::Relaxed);
+    let acked_at_stop = progress.load(Ordering::Relaxed);
     assert!(
-        acked_at_kill > 0,
+        acked_at_stop > 0,
         "no op was acknowledged within 15 s: nothing to check"
     );
-    server.kill9();
+    match stop {
+        Stop::Kill9 => {
+            server.kill9();
+        }
+        Stop::Sigterm => {
+            let status = server.terminate();
+            assert!(
+                status.success(),
+                "SIGTERM during writes still shuts down cleanly (exit 0), got {status}"
+            );
+        }
+    }
 
     let mut logs = Vec::new();
     for t in tasks {
         logs.push(t.await.expect("session writer"));
     }
     logs.push(upserter.await.expect("upsert writer"));
+    let mut heard = Vec::new();
+    for l in listeners {
+        heard.push(l.await.expect("listener"));
+    }
     let unacked: usize = logs.iter().map(|l| l.sent.len() - l.acked).sum();
     for l in &logs {
         eprintln!("{}: sent {}, acked {}", l.label, l.sent.len(), l.acked);
     }
-    assert!(
-        unacked > 0,
-        "the kill came while ops were in flight (else this test checks too little)"
-    );
+    if stop == Stop::Kill9 {
+        assert!(
+            unacked > 0,
+            "the kill came while ops were in flight (else this test checks too little)"
+        );
+    }
 
     server.restart();
     let mut reader = server.connect().await;
@@ -315,7 +369,7 @@ async fn kill_9_during_heavy_writes_loses_no_acknowledged_op() {
         for (i, a) in log.sent[..log.acked].iter().enumerate() {
             assert!(
                 m.is_live(a.pid()) && m.get(a.pid()).unwrap().data == a.data(),
-                "{}: op {i} of {} acknowledged ops is missing after kill -9 and restart: {:?}",
+                "{}: op {i} of {} acknowledged ops is missing after {stop:?} and restart: {:?}",
                 log.label,
                 log.acked,
                 a
@@ -326,6 +380,21 @@ async fn kill_9_during_heavy_writes_loses_no_acknowledged_op() {
                 .iter()
                 .map(|a| (a.pid().clone(), a.data().to_string())),
         );
+    }
+    for (doc, got) in &heard {
+        eprintln!("listener on {doc:#x} heard {} inserts", got.len());
+        assert!(
+            !got.is_empty(),
+            "a listener heard nothing: nothing to check"
+        );
+        let m = &docs_now[doc];
+        for a in got {
+            assert!(
+                m.is_live(a.pid()),
+                "an insert broadcast to a listener is missing after {stop:?} and restart \
+                 (nothing is broadcast before it is durable, 3.2): {a:?}"
+            );
+        }
     }
     for (d, m) in &docs_now {
         for (p, data) in m.live() {
@@ -342,8 +411,18 @@ async fn kill_9_during_heavy_writes_loses_no_acknowledged_op() {
         let mut c = server.connect().await;
         c.hello(log.replica).await;
         let (_, s) = c.pull(log.doc, 0).await;
-        assert_eq!(s.site, log.site, "{}: site after kill -9", log.label);
+        assert_eq!(s.site, log.site, "{}: site after {stop:?}", log.label);
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_heavy_writes_loses_no_acknowledged_or_broadcast_op() {
+    heavy_writes_then(Stop::Kill9).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_heavy_writes_exits_cleanly_and_loses_no_acknowledged_op() {
+    heavy_writes_then(Stop::Sigterm).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -136,7 +136,9 @@ pub(crate) async fn serve(socket: TcpStream, shared: Arc<Shared>) {
         tracing::debug!(?peer, "closing with an error frame");
         conn.send_final(frame.clone()).await;
     }
-    let Conn { frames, .. } = conn;
+    // Drops the queue senders now (not at the end of this function), so
+    // the socket writer can finish.
+    let frames = conn.into_frames();
     // The socket writer ends once both queues are closed and drained (the
     // writer thread dropped this session when it processed its Leave).
     let wait = write_timeout.max(FINAL_WRITE) + FINAL_WRITE;
@@ -335,6 +337,10 @@ struct Conn {
 }
 
 impl Conn {
+    fn into_frames(self) -> FramedRead<OwnedReadHalf, ServerCodec> {
+        self.frames
+    }
+
     /// Runs the connection until it should close; returns the closing error
     /// frame, if one is owed.
     async fn run(&mut self) -> Option<Bytes> {

@@ -768,3 +768,17 @@ async fn shutdown_tells_clients_and_data_survives_restart() {
     }
     srv.stop().await;
 }
+
+#[tokio::test]
+async fn closed_clients_do_not_hold_up_shutdown() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let srv = start(config(dir.path())).await;
+    let mut a = Client::hello(srv.addr, 1).await;
+    a.send(upsert(1, "x", 0, vec![], vec![])).await;
+    a.recv_doc().await;
+    drop(a);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let t = std::time::Instant::now();
+    srv.stop().await;
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+}

@@ -217,7 +217,12 @@ async fn sessions(a: &Args) -> Result<(), Error> {
         600_000_000,
         3,
     )?));
-    let run_id = Instant::now().elapsed().as_nanos() as u128 ^ 0x5eed << 64;
+    // Fresh document and replica ids per run, so runs against one external
+    // server do not collide.
+    let run_id = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_nanos()
+        << 32;
     let before = embedded.as_ref().map(|e| snapshot(&e.stats));
     let start = Instant::now();
     let mut tasks = Vec::new();

@@ -122,6 +122,8 @@ pub struct Store {
     replica_id: u128,
     last_sync_time: Time,
     pub(crate) notes: HashMap<DocId, Note>,
+    /// Whether the store writes (and on renames removes) the `.md` files.
+    write_md: bool,
 }
 
 fn seed() -> u64 {
@@ -178,6 +180,7 @@ impl Store {
             replica_id,
             last_sync_time: state.last_sync_time,
             notes: HashMap::new(),
+            write_md: true,
         };
         let mut known = std::collections::HashSet::new();
         for (id_hex, ns) in state.notes {
@@ -202,6 +205,14 @@ impl Store {
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// With `false`, the store never writes or removes a `<file>.md`: the
+    /// app keeps them (from [`Store::list`] and [`Store::text`]), e.g. to
+    /// never overwrite a file a person edited meanwhile (the notesync CLI).
+    /// The structure and op log alone always hold the note.
+    pub fn set_write_md(&mut self, on: bool) {
+        self.write_md = on;
     }
 
     pub fn replica_id(&self) -> u128 {
@@ -517,7 +528,8 @@ impl Store {
         }
         self.save_note(id)?;
         self.save_state()?;
-        for p in [old_md, old_st] {
+        let old_md = Some(old_md).filter(|_| self.write_md);
+        for p in old_md.into_iter().chain([old_st]) {
             if p != new_md && p != new_st {
                 let _ = fs::remove_file(p);
             }
@@ -531,9 +543,12 @@ impl Store {
             let n = self.note(id)?;
             self.paths(&n.stem)
         };
+        let write_md = self.write_md;
         let note = self.note_mut(id)?;
         write_atomic(&st, &write_structure(&note.doc, note.last_sync)).map_err(io_err(&st))?;
-        write_atomic(&md, note.doc.text().as_bytes()).map_err(io_err(&md))?;
+        if write_md {
+            write_atomic(&md, note.doc.text().as_bytes()).map_err(io_err(&md))?;
+        }
         note.pending.structure_saved();
         let records = note.pending.to_records();
         note.log

@@ -9,6 +9,7 @@
 
 pub mod client;
 pub mod doc;
+pub mod folder;
 pub mod fsutil;
 pub mod net;
 pub mod oplog;

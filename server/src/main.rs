@@ -117,6 +117,15 @@ fn main() -> ExitCode {
 }
 
 async fn serve(config: Config) -> ExitCode {
+    // Installed before anything else, so a signal that arrives right after
+    // the listening line still shuts down cleanly instead of killing.
+    let signals = match Signals::install() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("notesync-server: cannot install signal handlers: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let server = match Server::bind(config).await {
         Ok(s) => s,
         Err(e) => {
@@ -133,7 +142,7 @@ async fn serve(config: Config) -> ExitCode {
     let shutdown = CancellationToken::new();
     let token = shutdown.clone();
     tokio::spawn(async move {
-        let signal = wait_for_signal().await;
+        let signal = signals.wait().await;
         tracing::info!(signal, "shutting down");
         token.cancel();
     });
@@ -147,24 +156,40 @@ async fn serve(config: Config) -> ExitCode {
     }
 }
 
-async fn wait_for_signal() -> &'static str {
-    #[cfg(unix)]
-    {
+#[cfg(unix)]
+struct Signals {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+}
+
+#[cfg(unix)]
+impl Signals {
+    fn install() -> std::io::Result<Self> {
         use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => tokio::select! {
-                _ = tokio::signal::ctrl_c() => "SIGINT",
-                _ = term.recv() => "SIGTERM",
-            },
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot listen for SIGTERM; only SIGINT stops the server");
-                let _ = tokio::signal::ctrl_c().await;
-                "SIGINT"
-            }
+        Ok(Signals {
+            int: signal(SignalKind::interrupt())?,
+            term: signal(SignalKind::terminate())?,
+        })
+    }
+
+    async fn wait(mut self) -> &'static str {
+        tokio::select! {
+            _ = self.int.recv() => "SIGINT",
+            _ = self.term.recv() => "SIGTERM",
         }
     }
-    #[cfg(not(unix))]
-    {
+}
+
+#[cfg(not(unix))]
+struct Signals;
+
+#[cfg(not(unix))]
+impl Signals {
+    fn install() -> std::io::Result<Self> {
+        Ok(Signals)
+    }
+
+    async fn wait(self) -> &'static str {
         let _ = tokio::signal::ctrl_c().await;
         "SIGINT"
     }

@@ -705,8 +705,9 @@ impl Folder {
                 }
                 let id = self.client.create(stem)?;
                 // The store avoids names of existing files; this file is the
-                // note's own, so take its name back.
-                if file_name(&self.info(id)?.file) != name {
+                // note's own, so take its name back (when it is a safe one).
+                if file_name(&self.info(id)?.file) != name && crate::store::safe_stem(stem) == stem
+                {
                     self.client.rename(id, stem)?;
                 }
                 if !text.is_empty() {

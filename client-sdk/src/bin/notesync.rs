@@ -14,6 +14,8 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use notesync_client::folder::{FileState, Folder, FolderError, Liveness, PickUp, WriteBack};
 use notesync_client::{ServerConfig, Session, SessionEvent, StoreError, SyncError, SyncReport};
 use notesync_protocol::DocId;
+use notify::EventKind;
+use notify::event::{AccessKind, AccessMode};
 use tokio::time::Instant;
 
 const EXIT_ERROR: u8 = 1;
@@ -22,6 +24,8 @@ const EXIT_REFUSED: u8 = 4;
 
 /// File changes are picked up once the folder was quiet this long.
 const DEBOUNCE: Duration = Duration::from_millis(200);
+/// ... but no later than this after the first change of a batch.
+const DEBOUNCE_MAX: Duration = Duration::from_secs(1);
 /// Remote edits from live sessions are written out in batches this far apart.
 const REMOTE_BATCH: Duration = Duration::from_millis(100);
 /// A note whose file changes twice within this window gets a live session.
@@ -449,6 +453,8 @@ struct Watcher {
 }
 
 async fn watch(dir: &Path, server: &ServerArgs, every: Duration) -> Result<u8, Fail> {
+    let quit = shutdown_signal()?;
+    tokio::pin!(quit);
     let (folder, _lock) = open_folder(dir, true, server.config())?;
     let dir = folder.dir().to_owned();
     // Watch before the first sync, so that no change slips between.
@@ -478,16 +484,15 @@ async fn watch(dir: &Path, server: &ServerArgs, every: Duration) -> Result<u8, F
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut housekeeping = tokio::time::interval(Duration::from_secs(1));
     let mut changed: HashSet<String> = HashSet::new();
-    let mut changed_at = Instant::now();
+    let mut files_due = Instant::now();
+    let mut first_change = Instant::now();
     let mut remote: HashSet<DocId> = HashSet::new();
     let mut remote_at = Instant::now();
-    let quit = shutdown_signal();
-    tokio::pin!(quit);
     loop {
         let wake = tokio::select! {
             _ = &mut quit => Wake::Quit,
             ev = fs_rx.recv() => Wake::Fs(ev),
-            _ = tokio::time::sleep_until(changed_at + DEBOUNCE), if !changed.is_empty() => Wake::Files,
+            _ = tokio::time::sleep_until(files_due), if !changed.is_empty() => Wake::Files,
             _ = tokio::time::sleep_until(remote_at + REMOTE_BATCH), if !remote.is_empty() => Wake::Remote,
             _ = tick.tick() => Wake::Tick,
             _ = housekeeping.tick() => Wake::Housekeeping,
@@ -508,19 +513,30 @@ async fn watch(dir: &Path, server: &ServerArgs, every: Duration) -> Result<u8, F
                     w.full_cycle().await?;
                     continue;
                 }
+                // Opening or reading a file (we do, to compare it) is no change.
+                if matches!(ev.kind, EventKind::Access(a) if a != AccessKind::Close(AccessMode::Write))
+                {
+                    continue;
+                }
                 let names = ev
                     .paths
                     .iter()
                     .filter_map(|p| p.file_name()?.to_str().map(str::to_owned))
                     .filter(|n| notesync_client::folder::is_note_file(n));
+                let was_empty = changed.is_empty();
                 let mut any = false;
                 for n in names {
                     changed.insert(n);
                     any = true;
                 }
                 if any {
-                    // Picked up once the folder is quiet for a moment.
-                    changed_at = Instant::now();
+                    // Picked up once the folder is quiet for a moment, or
+                    // a while after the first change if it never is.
+                    let now = Instant::now();
+                    if was_empty {
+                        first_change = now;
+                    }
+                    files_due = (now + DEBOUNCE).min(first_change + DEBOUNCE_MAX);
                 }
             }
             Wake::Files => {
@@ -695,26 +711,28 @@ async fn next_session_event(
     futures::future::select_all(next).await.0
 }
 
-async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
+/// Resolves on Ctrl-C or SIGTERM. The handlers are installed when this is
+/// called, not when it is first polled, so a signal during the first sync
+/// is not fatal either.
+#[cfg(unix)]
+fn shutdown_signal() -> Result<impl Future<Output = ()>, Fail> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let fail = |e: io::Error| Fail::new(format!("cannot handle signals: {e}"));
+    let mut int = signal(SignalKind::interrupt()).map_err(fail)?;
+    let mut term = signal(SignalKind::terminate()).map_err(fail)?;
+    Ok(async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
         }
-    }
-    #[cfg(not(unix))]
-    {
+    })
+}
+
+#[cfg(not(unix))]
+fn shutdown_signal() -> Result<impl Future<Output = ()>, Fail> {
+    Ok(async {
         let _ = tokio::signal::ctrl_c().await;
-    }
+    })
 }
 
 // ---------------------------------------------------------------------------

@@ -1,13 +1,13 @@
 //! The async SDK: a store plus a server, sync and live sessions.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::VecDeque;
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use notesync_protocol::{
-    ClientFrame, DocId, DocName, ErrorCode, Pid, ServerFrame, SessionDelete, SessionInsert,
+    ClientFrame, DocId, DocName, ErrorCode, ServerFrame, SessionDelete, SessionInsert,
 };
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::doc::TextChange;
 use crate::net::{Conn, NetError, ServerConfig};
+use crate::oplog::{OpKey, PendingOp};
 use crate::store::{NoteInfo, Store, StoreError};
 use crate::sync::{SyncError, SyncReport, sync_once};
 
@@ -241,14 +242,6 @@ struct SessionTask {
     cancel: CancellationToken,
 }
 
-/// An op sent on the current connection, waiting for its ack.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-enum Sent {
-    Insert(Pid),
-    Delete(Pid),
-    Rename(DocName),
-}
-
 async fn run_session(mut t: SessionTask) {
     let mut backoff = Duration::from_millis(100);
     loop {
@@ -324,8 +317,8 @@ async fn live(t: &mut SessionTask) -> Result<(), NetError> {
     };
     t.connected.store(true, Ordering::Release);
     let _ = t.events.send(SessionEvent::Connected);
-    let mut inflight: VecDeque<Sent> = VecDeque::new();
-    let mut sent_here: HashSet<Sent> = HashSet::new();
+    let mut inflight: VecDeque<(OpKey, Option<DocName>)> = VecDeque::new();
+    let mut sent_upto = 0u64;
     let mut acked = 0u64;
     let mut last_save = Instant::now();
     send_new(
@@ -334,7 +327,7 @@ async fn live(t: &mut SessionTask) -> Result<(), NetError> {
         site,
         &mut conn,
         &mut inflight,
-        &mut sent_here,
+        &mut sent_upto,
     )
     .await?;
     loop {
@@ -343,7 +336,7 @@ async fn live(t: &mut SessionTask) -> Result<(), NetError> {
                 if w.is_none() {
                     return Ok(());
                 }
-                send_new(&store, t.doc, site, &mut conn, &mut inflight, &mut sent_here).await?;
+                send_new(&store, t.doc, site, &mut conn, &mut inflight, &mut sent_upto).await?;
             }
             f = conn.recv_idle() => {
                 let f = f.ok_or(NetError::Closed)??;
@@ -372,12 +365,9 @@ async fn live(t: &mut SessionTask) -> Result<(), NetError> {
                                 return Err(NetError::Unexpected(format!("ack {count} covers more ops than were sent")));
                             };
                             acked += 1;
-                            sent_here.remove(&op);
-                            match op {
-                                Sent::Insert(p) => note.pending.acknowledge(&[p], &[], None),
-                                Sent::Delete(p) => note.pending.acknowledge(&[], &[p], None),
-                                Sent::Rename(n) => note.pending.acknowledge(&[], &[], Some(&n)),
-                            }
+                            // A rename is acknowledged only if it is still the
+                            // pending one (not replaced by a newer rename).
+                            note.pending.acknowledge_one(&op.0, op.1.as_ref());
                         }
                         let pending = note.pending.len();
                         let _ = t.events.send(SessionEvent::Acknowledged { pending });
@@ -400,15 +390,15 @@ async fn live(t: &mut SessionTask) -> Result<(), NetError> {
     }
 }
 
-/// Sends every pending op not yet sent on this connection (marking them
-/// sent durably first).
+/// Sends every pending op made after `sent_upto` (marking them sent
+/// durably first).
 async fn send_new(
     store: &Mutex<Store>,
     doc: DocId,
     site: u8,
     conn: &mut Conn,
-    inflight: &mut VecDeque<Sent>,
-    sent_here: &mut HashSet<Sent>,
+    inflight: &mut VecDeque<(OpKey, Option<DocName>)>,
+    sent_upto: &mut u64,
 ) -> Result<(), NetError> {
     let frames = {
         let mut s = lock(store);
@@ -418,28 +408,23 @@ async fn send_new(
             // No site: inserts cannot be sent (PROTOCOL.md 1.3); they stay.
             return Ok(());
         }
-        let (inserts, deletes, rename) = note.pending.snapshot();
-        let mut frames = Vec::new();
-        for a in inserts {
-            let key = Sent::Insert(a.pid().clone());
-            if sent_here.insert(key.clone()) {
-                inflight.push_back(key);
-                frames.push(ClientFrame::Insert(SessionInsert::new(a)));
-            }
-        }
-        for p in deletes {
-            let key = Sent::Delete(p.clone());
-            if sent_here.insert(key.clone()) {
-                inflight.push_back(key);
-                frames.push(ClientFrame::Delete(SessionDelete { site, pid: p }));
-            }
-        }
-        if let Some(name) = rename {
-            let key = Sent::Rename(name.clone());
-            if sent_here.insert(key.clone()) {
-                inflight.push_back(key);
-                frames.push(ClientFrame::Rename(name));
-            }
+        let ops = note.pending.ops_since(*sent_upto);
+        let mut frames = Vec::with_capacity(ops.len());
+        for (seq, op) in ops {
+            *sent_upto = seq;
+            let (key, frame) = match op {
+                PendingOp::Insert(a) => (
+                    (OpKey::Insert(a.pid().clone()), None),
+                    ClientFrame::Insert(SessionInsert::new(a)),
+                ),
+                PendingOp::Delete(p) => (
+                    (OpKey::Delete(p.clone()), None),
+                    ClientFrame::Delete(SessionDelete { site, pid: p }),
+                ),
+                PendingOp::Rename(n) => ((OpKey::Rename, Some(n.clone())), ClientFrame::Rename(n)),
+            };
+            inflight.push_back(key);
+            frames.push(frame);
         }
         if !frames.is_empty() {
             s.mark_sent(doc).map_err(store_err)?;

@@ -55,6 +55,28 @@ pub struct Pending {
     rename: Option<(DocName, bool)>,
     /// Cancels not yet reflected in the structure file.
     cancels: Vec<Pid>,
+    /// Every pending op in the order it was made, so a live session sends
+    /// only what is newer than what it already sent (not a full snapshot
+    /// per keystroke).
+    order: BTreeMap<u64, OpKey>,
+    seq_of: std::collections::HashMap<OpKey, u64>,
+    next_seq: u64,
+}
+
+/// Names one pending op.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum OpKey {
+    Insert(Pid),
+    Delete(Pid),
+    Rename,
+}
+
+/// One pending op, as sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PendingOp {
+    Insert(Atom),
+    Delete(Pid),
+    Rename(DocName),
 }
 
 /// What recording local ops did.
@@ -69,6 +91,49 @@ pub struct Recorded {
 }
 
 impl Pending {
+    fn enqueue(&mut self, key: OpKey) {
+        self.dequeue(&key);
+        self.next_seq += 1;
+        self.order.insert(self.next_seq, key.clone());
+        self.seq_of.insert(key, self.next_seq);
+    }
+
+    fn dequeue(&mut self, key: &OpKey) {
+        if let Some(seq) = self.seq_of.remove(key) {
+            self.order.remove(&seq);
+        }
+    }
+
+    /// Pending ops made after sequence number `after`, in order, with their
+    /// sequence numbers (a live session's "not yet sent on this connection").
+    pub fn ops_since(&self, after: u64) -> Vec<(u64, PendingOp)> {
+        self.order
+            .range(after + 1..)
+            .filter_map(|(&seq, key)| {
+                let op = match key {
+                    OpKey::Insert(p) => {
+                        let (d, _) = self.inserts.get(p)?;
+                        PendingOp::Insert(
+                            Atom::new(d.clone(), p.clone()).expect("pending atoms are valid"),
+                        )
+                    }
+                    OpKey::Delete(p) => PendingOp::Delete(p.clone()),
+                    OpKey::Rename => PendingOp::Rename(self.rename.as_ref()?.0.clone()),
+                };
+                Some((seq, op))
+            })
+            .collect()
+    }
+
+    /// Acknowledges one op (a session ack covers ops one by one).
+    pub fn acknowledge_one(&mut self, key: &OpKey, rename: Option<&DocName>) {
+        match key {
+            OpKey::Insert(p) => self.acknowledge(std::slice::from_ref(p), &[], None),
+            OpKey::Delete(p) => self.acknowledge(&[], std::slice::from_ref(p), None),
+            OpKey::Rename => self.acknowledge(&[], &[], rename),
+        }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.inserts.is_empty() && self.deletes.is_empty() && self.rename.is_none()
     }
@@ -99,6 +164,7 @@ impl Pending {
                 LocalOp::Insert(atom) => {
                     self.inserts
                         .insert(atom.pid().clone(), (atom.data().to_owned(), sent));
+                    self.enqueue(OpKey::Insert(atom.pid().clone()));
                     out.records.push(Record::Insert {
                         atom: atom.clone(),
                         sent,
@@ -108,6 +174,7 @@ impl Pending {
                 LocalOp::Delete(pid) => {
                     if self.is_unsent_insert(&pid) {
                         self.inserts.remove(&pid);
+                        self.dequeue(&OpKey::Insert(pid.clone()));
                         self.cancels.push(pid.clone());
                         out.records.push(Record::Cancel { pid: pid.clone() });
                         // It may be in this very batch's to_send.
@@ -116,6 +183,7 @@ impl Pending {
                         out.forget.push(pid);
                     } else {
                         self.deletes.insert(pid.clone(), sent);
+                        self.enqueue(OpKey::Delete(pid.clone()));
                         out.records.push(Record::Delete {
                             pid: pid.clone(),
                             sent,
@@ -130,6 +198,7 @@ impl Pending {
 
     pub fn record_rename(&mut self, name: DocName, sent: bool) -> Record {
         self.rename = Some((name.clone(), sent));
+        self.enqueue(OpKey::Rename);
         Record::Rename { name, sent }
     }
 
@@ -139,15 +208,20 @@ impl Pending {
             Record::Insert { atom, sent } => {
                 self.inserts
                     .insert(atom.pid().clone(), (atom.data().to_owned(), *sent));
+                self.enqueue(OpKey::Insert(atom.pid().clone()));
                 None
             }
             Record::Delete { pid, sent } => {
                 let was_sent = self.deletes.get(pid).copied().unwrap_or(false);
                 self.deletes.insert(pid.clone(), *sent || was_sent);
+                if !self.seq_of.contains_key(&OpKey::Delete(pid.clone())) {
+                    self.enqueue(OpKey::Delete(pid.clone()));
+                }
                 None
             }
             Record::Cancel { pid } => {
                 self.inserts.remove(pid);
+                self.dequeue(&OpKey::Insert(pid.clone()));
                 self.cancels.push(pid.clone());
                 Some(pid.clone())
             }
@@ -157,6 +231,7 @@ impl Pending {
             }
             Record::Rename { name, sent } => {
                 self.rename = Some((name.clone(), *sent));
+                self.enqueue(OpKey::Rename);
                 None
             }
         }
@@ -185,13 +260,18 @@ impl Pending {
     /// The server acknowledged these ops (an upsert's 34, or a session ack).
     pub fn acknowledge(&mut self, inserts: &[Pid], deletes: &[Pid], rename: Option<&DocName>) {
         for p in inserts {
-            self.inserts.remove(p);
+            if self.inserts.remove(p).is_some() {
+                self.dequeue(&OpKey::Insert(p.clone()));
+            }
         }
         for p in deletes {
-            self.deletes.remove(p);
+            if self.deletes.remove(p).is_some() {
+                self.dequeue(&OpKey::Delete(p.clone()));
+            }
         }
         if rename.is_some() && self.rename.as_ref().map(|r| &r.0) == rename {
             self.rename = None;
+            self.dequeue(&OpKey::Rename);
         }
     }
 
@@ -200,18 +280,29 @@ impl Pending {
         let mut records = Vec::with_capacity(removed.len() + added.len());
         for p in removed {
             self.inserts.remove(p);
+            self.dequeue(&OpKey::Insert(p.clone()));
             self.cancels.push(p.clone());
             records.push(Record::Cancel { pid: p.clone() });
         }
         // Deletes of chars of atoms that never left the device go with them.
         let gone: std::collections::HashSet<&Pid> = removed.iter().collect();
-        self.deletes.retain(|d, _| {
-            let levels: Vec<_> = d.levels().collect();
-            levels.len() < 2 || !gone.contains(&Pid::from_levels(&levels[..levels.len() - 1]))
-        });
+        let dropped: Vec<Pid> = self
+            .deletes
+            .keys()
+            .filter(|d| {
+                let levels: Vec<_> = d.levels().collect();
+                levels.len() >= 2 && gone.contains(&Pid::from_levels(&levels[..levels.len() - 1]))
+            })
+            .cloned()
+            .collect();
+        for d in dropped {
+            self.deletes.remove(&d);
+            self.dequeue(&OpKey::Delete(d));
+        }
         for a in added {
             self.inserts
                 .insert(a.pid().clone(), (a.data().to_owned(), false));
+            self.enqueue(OpKey::Insert(a.pid().clone()));
             records.push(Record::Insert {
                 atom: a.clone(),
                 sent: false,

@@ -1,0 +1,101 @@
+//! A real trace typed live: one client replays automerge-paper in a session
+//! while a second client observes; both must end with the trace's text.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use notesync_client::{Client, ServerConfig};
+use notesync_server::{Config, Server};
+use tokio_util::sync::CancellationToken;
+
+fn load(name: &str) -> Option<serde_json::Value> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../shared/traces")
+        .join(name);
+    let Ok(file) = std::fs::File::open(&path) else {
+        assert!(
+            std::env::var("CI").is_err(),
+            "trace {} missing in CI",
+            path.display()
+        );
+        eprintln!("skipping: trace {} not found", path.display());
+        return None;
+    };
+    let mut json = String::new();
+    flate2::read::GzDecoder::new(file)
+        .read_to_string(&mut json)
+        .unwrap();
+    Some(serde_json::from_str(&json).unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn automerge_paper_replayed_live_reaches_the_observer() {
+    let Some(trace) = load("automerge-paper.json.gz") else {
+        return;
+    };
+    let data = tempfile::tempdir().unwrap();
+    let server = Server::bind(Config::new(data.path()).listen("127.0.0.1:0"))
+        .await
+        .unwrap();
+    let addr = server.local_addr().to_string();
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(server.run(stop.clone()));
+
+    let (dw, dobs) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let writer = Client::open(dw.path(), ServerConfig::new(addr.clone())).unwrap();
+    let observer = Client::open(dobs.path(), ServerConfig::new(addr)).unwrap();
+    let id = writer.create("automerge-paper").unwrap();
+    writer.sync_now().await.unwrap();
+    observer.sync_now().await.unwrap();
+    let mut obs = observer.session(id).unwrap();
+    let mut live = writer.session(id).unwrap();
+    for s in [&mut obs, &mut live] {
+        assert_eq!(
+            s.next_event().await,
+            Some(notesync_client::SessionEvent::Connected)
+        );
+    }
+
+    let start = trace["startContent"].as_str().unwrap();
+    if !start.is_empty() {
+        live.insert(0, start).unwrap();
+    }
+    let mut edits = 0usize;
+    for txn in trace["txns"].as_array().unwrap() {
+        for patch in txn["patches"].as_array().unwrap() {
+            let pos = patch[0].as_u64().unwrap() as usize;
+            let del = patch[1].as_u64().unwrap() as usize;
+            if del > 0 {
+                live.delete(pos..pos + del).unwrap();
+            }
+            let text = patch[2].as_str().unwrap();
+            if !text.is_empty() {
+                live.insert(pos, text).unwrap();
+            }
+            edits += 1;
+            if edits % 2048 == 0 {
+                // Let the session tasks run (the replay itself never awaits).
+                tokio::task::yield_now().await;
+            }
+        }
+    }
+    let end = trace["endContent"].as_str().unwrap();
+    assert_eq!(live.text(), end);
+    let mut waited = Duration::ZERO;
+    while (obs.text() != end || live.pending_ops() > 0) && waited < Duration::from_secs(300) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        waited += Duration::from_millis(100);
+    }
+    assert_eq!(live.pending_ops(), 0, "every op acknowledged");
+    assert!(
+        obs.text() == end,
+        "the observer diverged ({} of {} chars)",
+        obs.text().len(),
+        end.len()
+    );
+    live.close().await;
+    obs.close().await;
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}

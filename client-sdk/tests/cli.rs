@@ -358,7 +358,16 @@ fn start_watch(dir: &Path, addr: &str, interval: &str) -> (Guard, PathBuf) {
     let child = Command::new(BIN)
         .arg("watch")
         .arg(dir)
-        .args(["--server", addr, "--interval", interval])
+        // A wide live-session window: the test's second save must count as
+        // "soon" however slow a loaded machine is.
+        .args([
+            "--server",
+            addr,
+            "--interval",
+            interval,
+            "--live-window",
+            "600",
+        ])
         .stdin(Stdio::null())
         .stdout(fs::File::create(&log).unwrap())
         .stderr(fs::File::create(dir.with_extension("err")).unwrap())

@@ -75,7 +75,7 @@ Keep DIR in sync until Ctrl-C.
 Edited and new files are picked up as they are saved (once the folder has
 been quiet for 200 ms) and synced at once; changes made elsewhere are
 fetched every --interval seconds and written into the files. A note whose
-file changes twice within 10 s gets a live session: its edits go out as
+file changes twice within --live-window seconds (10) gets a live session: its edits go out as
 they are picked up and edits made elsewhere arrive as they are made; the
 session closes after 30 s without changes. A file you edited is never
 overwritten before your edit is picked up.
@@ -115,6 +115,11 @@ enum Cmd {
         #[arg(long, value_name = "SECS", default_value_t = 30,
               value_parser = clap::value_parser!(u64).range(1..))]
         interval: u64,
+        /// Two changes of one note within this many seconds open a live
+        /// session for it
+        #[arg(long, value_name = "SECS", default_value_t = LIVE_WINDOW.as_secs(),
+              value_parser = clap::value_parser!(u64).range(1..))]
+        live_window: u64,
     },
     /// List the notes: id, name, file, pending ops
     Ls {
@@ -193,7 +198,14 @@ fn main() -> ExitCode {
                 dir,
                 server,
                 interval,
-            } => watch(&dir, &server, Duration::from_secs(interval)).await,
+                live_window,
+            } => {
+                let (every, window) = (
+                    Duration::from_secs(interval),
+                    Duration::from_secs(live_window),
+                );
+                watch(&dir, &server, every, window).await
+            }
             Cmd::Ls { dir } => ls(&dir),
             Cmd::Status { dir } => status(&dir),
         }
@@ -452,7 +464,12 @@ struct Watcher {
     failing: bool,
 }
 
-async fn watch(dir: &Path, server: &ServerArgs, every: Duration) -> Result<u8, Fail> {
+async fn watch(
+    dir: &Path,
+    server: &ServerArgs,
+    every: Duration,
+    live_window: Duration,
+) -> Result<u8, Fail> {
     let quit = shutdown_signal()?;
     tokio::pin!(quit);
     let (folder, _lock) = open_folder(dir, true, server.config())?;
@@ -469,7 +486,7 @@ async fn watch(dir: &Path, server: &ServerArgs, every: Duration) -> Result<u8, F
         folder,
         addr: server.server.clone(),
         sessions: HashMap::new(),
-        live: Liveness::new(LIVE_WINDOW, LIVE_QUIET),
+        live: Liveness::new(live_window, LIVE_QUIET),
         failing: false,
     };
     w.full_cycle().await?;

@@ -225,8 +225,9 @@ impl AtomRef<'_> {
 /// its length.
 fn read_atom(b: &[u8]) -> (AtomRef<'_>, usize) {
     let len = b[0] as usize;
-    // Safety of the unchecked conversion: the decoder validated this UTF-8
-    // before the list was built, and builders only write `&str` data.
+    // The decoder validated this UTF-8 before the list was built, and
+    // builders only write `&str` data, so this cannot fail; it is checked
+    // again (cheaply) because the crate forbids unsafe code.
     let data = std::str::from_utf8(&b[1..1 + len]).expect("validated by the decoder");
     let depth = b[1 + len] as usize;
     let end = 2 + len + depth * LEVEL_BYTES;

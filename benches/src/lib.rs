@@ -1,6 +1,9 @@
-//! Benchmarks live in benches/benches; this library makes their inputs.
+//! Benchmarks live in benches/benches; this library makes their inputs,
+//! and [`load`] is the load generator behind `notesync-bench`.
 //!
 //! Everything is deterministic (a fixed-seed splitmix64), so runs compare.
+
+pub mod load;
 
 use bytes::Bytes;
 use notesync_protocol::*;

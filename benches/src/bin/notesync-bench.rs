@@ -1,0 +1,109 @@
+//! `notesync-bench SCENARIO [--server ADDR] [--trace FILE] [--json] [--smoke]`:
+//! drives a live notesync server over TCP (127.0.0.1) and reports one table
+//! (and with `--json`, one JSON object on stdout; the table then goes to
+//! stderr). See BENCHMARKS.md.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use notesync_benches::load::{self, Opts, SCENARIOS};
+
+#[derive(Parser, Debug)]
+#[command(name = "notesync-bench", about, long_about = None)]
+struct Args {
+    /// live-trace, many-docs, catch-up, synclist-scale, connections,
+    /// cold-start, offline, or all.
+    scenario: String,
+    /// Drive this server instead of starting target/release/notesync-server.
+    #[arg(long, value_name = "ADDR")]
+    server: Option<SocketAddr>,
+    /// With --server: its pid, to report its memory and CPU.
+    #[arg(long, value_name = "PID")]
+    server_pid: Option<u32>,
+    /// The server binary to start (default: the workspace's release build).
+    #[arg(long, value_name = "FILE")]
+    server_bin: Option<PathBuf>,
+    /// The editing trace (default ../shared/traces/automerge-paper.json.gz).
+    #[arg(long, value_name = "FILE")]
+    trace: Option<PathBuf>,
+    /// Print one JSON object on stdout (the table goes to stderr).
+    #[arg(long)]
+    json: bool,
+    /// Small sizes; checks correctness only.
+    #[arg(long)]
+    smoke: bool,
+    /// Override the scenario's main size (edits, documents, connections).
+    #[arg(long, value_name = "N")]
+    size: Option<usize>,
+    /// Unacknowledged ops the live-trace writer keeps in flight.
+    #[arg(long, value_name = "N", default_value_t = 16_384)]
+    window: usize,
+    /// live-trace's paced rate, ops/s.
+    #[arg(long, value_name = "OPS", default_value_t = 10_000)]
+    paced_rate: u64,
+    /// Populated data folder to reuse and keep (synclist-scale, cold-start).
+    #[arg(long, value_name = "DIR")]
+    data: Option<PathBuf>,
+    /// Repetitions of short measurements (pulls, synclists, restarts).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    reps: usize,
+    /// Give up after this many seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 1800)]
+    deadline: u64,
+}
+
+fn main() -> ExitCode {
+    let a = Args::parse();
+    let mut opts = Opts::new(a.trace.unwrap_or_else(Opts::default_trace));
+    opts.server = a.server;
+    opts.server_pid = a.server_pid;
+    opts.server_bin = a.server_bin;
+    opts.smoke = a.smoke;
+    opts.size = a.size;
+    opts.window = a.window.max(1);
+    opts.paced_rate = a.paced_rate.max(1);
+    opts.data = a.data;
+    opts.reps = a.reps;
+    opts.deadline = Duration::from_secs(a.deadline);
+    let names: Vec<&str> = if a.scenario == "all" {
+        SCENARIOS.to_vec()
+    } else {
+        vec![a.scenario.as_str()]
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("notesync-bench: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut failed = false;
+    for name in names {
+        match rt.block_on(load::run(name, &opts)) {
+            Ok(report) => {
+                if a.json {
+                    eprint!("{}", report.table());
+                    println!("{}", report.json());
+                } else {
+                    print!("{}", report.table());
+                }
+            }
+            Err(e) => {
+                eprintln!("notesync-bench {name}: FAILED: {e}");
+                failed = true;
+            }
+        }
+    }
+    rt.shutdown_timeout(Duration::from_secs(2));
+    if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}

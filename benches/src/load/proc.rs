@@ -1,0 +1,83 @@
+//! Readings from /proc (Linux): a process's memory and CPU time; the fd
+//! limit.
+
+/// One reading of a process.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Sample {
+    /// Resident set size now (VmRSS), bytes.
+    pub rss: u64,
+    /// Peak resident set size (VmHWM), bytes.
+    pub hwm: u64,
+    /// User + system CPU time so far, seconds.
+    pub cpu_s: f64,
+}
+
+/// Reads `/proc/PID/status` and `/proc/PID/stat`; None if the process is
+/// gone or this is not Linux.
+pub fn sample(pid: u32) -> Option<Sample> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib = |key: &str| -> Option<u64> {
+        let line = status.lines().find(|l| l.starts_with(key))?;
+        let n: u64 = line[key.len()..]
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()?;
+        Some(n * 1024)
+    };
+    let rss = kib("VmRSS:")?;
+    let hwm = kib("VmHWM:")?;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command (which may hold spaces) start at field 3.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = f.get(11)?.parse().ok()?;
+    let stime: f64 = f.get(12)?.parse().ok()?;
+    Some(Sample {
+        rss,
+        hwm,
+        cpu_s: (utime + stime) / clock_ticks(),
+    })
+}
+
+/// This process.
+pub fn sample_self() -> Option<Sample> {
+    sample(std::process::id())
+}
+
+fn clock_ticks() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 { t as f64 } else { 100.0 }
+}
+
+/// Raises the soft open-files limit to `want` (at most the hard limit).
+/// Returns the limit now in force. Children (the server) inherit it.
+pub fn raise_fd_limit(want: u64) -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `lim` is a valid, writable rlimit.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return 0;
+    }
+    let target = (want as libc::rlim_t).min(lim.rlim_max);
+    if lim.rlim_cur < target {
+        lim.rlim_cur = target;
+        // SAFETY: as above; the kernel checks the values.
+        unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
+        // SAFETY: as above.
+        unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
+    }
+    lim.rlim_cur as u64
+}
+
+/// The 1-minute load average (0 if unknown).
+pub fn loadavg() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0)
+}

@@ -17,6 +17,7 @@ pub mod live_trace;
 pub mod many_docs;
 pub mod net;
 pub mod offline;
+pub mod populate;
 pub mod proc;
 pub mod report;
 pub mod server;

@@ -27,6 +27,8 @@ pub struct Conn {
     buf: BytesMut,
     /// Bytes written so far.
     pub sent: u64,
+    /// The welcome's server time (0 without hello).
+    pub server_time: Time,
 }
 
 /// What a session start returned.
@@ -49,12 +51,13 @@ impl Conn {
             wr,
             buf: BytesMut::new(),
             sent: 0,
+            server_time: 0,
         };
         if let Some(r) = replica {
             c.send(&ClientFrame::Hello(Hello::new(r, Bytes::new())?))
                 .await?;
             match c.recv().await? {
-                ServerFrame::Welcome { .. } => {}
+                ServerFrame::Welcome { server_time, .. } => c.server_time = server_time,
                 other => bail!("expected welcome, got {other:?}"),
             }
         }

@@ -71,7 +71,9 @@ pub fn raise_fd_limit(want: u64) -> u64 {
         // SAFETY: as above.
         unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
     }
-    lim.rlim_cur as u64
+    #[allow(clippy::unnecessary_cast)] // rlim_t is not u64 everywhere
+    let cur = lim.rlim_cur as u64;
+    cur
 }
 
 /// The 1-minute load average (0 if unknown).

@@ -186,6 +186,15 @@ impl ServerUnderTest {
     }
 }
 
+impl ServerUnderTest {
+    /// Stops the server but keeps its temporary data folder (returned: it
+    /// is removed when dropped).
+    pub fn stop_keep(mut self) -> Result<(Option<Sample>, Option<tempfile::TempDir>)> {
+        let tmp = self._tmp.take();
+        Ok((self.stop()?, tmp))
+    }
+}
+
 impl Drop for ServerUnderTest {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {

@@ -203,10 +203,34 @@ impl DocModel {
                 .next()
                 .map(|(p, _)| p.clone()),
         };
+        self.insert_between(left, right, data)
+    }
+
+    /// Appends `data` at the end of the text (without walking the whole
+    /// document: between the last live atom and whatever id follows it).
+    pub fn local_append(&mut self, data: &str) -> Atom {
+        let left = self
+            .entries
+            .iter()
+            .rev()
+            .find(|(_, e)| e.live)
+            .map(|(p, _)| p.clone());
+        let right = match &left {
+            None => self.entries.keys().next().cloned(),
+            Some(l) => self
+                .entries
+                .range::<Pid, _>((std::ops::Bound::Excluded(l), std::ops::Bound::Unbounded))
+                .next()
+                .map(|(p, _)| p.clone()),
+        };
+        self.insert_between(left, right, data)
+    }
+
+    fn insert_between(&mut self, left: Option<Pid>, right: Option<Pid>, data: &str) -> Atom {
         let alloc = self
             .alloc
             .as_mut()
-            .expect("local_insert needs a site: call set_site first");
+            .expect("a local insert needs a site: call set_site first");
         let pid = alloc
             .between(left.as_ref(), right.as_ref())
             .expect("allocate between adjacent ids");
@@ -217,12 +241,6 @@ impl DocModel {
         let atom = Atom::new(data, pid.clone()).expect("valid atom");
         self.apply_insert(data, &pid);
         atom
-    }
-
-    /// Appends `data` at the end of the text.
-    pub fn local_append(&mut self, data: &str) -> Atom {
-        let n = self.live_len();
-        self.local_insert(n, data)
     }
 
     /// Deletes live atom number `index`; returns its id.

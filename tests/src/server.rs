@@ -181,14 +181,16 @@ impl ServerProcess {
 
     fn spawn(&mut self) -> Result<(), StartFailure> {
         assert!(self.running.is_none(), "server is already running");
-        let mut child = Command::new(&self.bin)
-            .arg("--listen")
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg("--listen")
             .arg("127.0.0.1:0")
             .arg("--data")
             .arg(&self.data)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
+            .stderr(Stdio::piped());
+        die_with_parent(&mut cmd);
+        let mut child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("cannot spawn {}: {e}", self.bin.display()));
         let stdout = Captured::default();
@@ -443,3 +445,23 @@ fn join_readers(readers: Vec<thread::JoinHandle<()>>) {
         }
     }
 }
+
+/// Makes the child get SIGKILL if the thread that spawned it dies (a test
+/// process killed by a timeout must not leave servers behind). Servers are
+/// spawned from the test's own thread, which outlives them.
+#[cfg(target_os = "linux")]
+pub fn die_with_parent(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: prctl is async-signal-safe; nothing else runs in pre_exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+pub fn die_with_parent(_cmd: &mut Command) {}

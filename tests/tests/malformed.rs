@@ -92,6 +92,9 @@ struct Case {
     /// session start (33s before a 34 or 68 are skipped).
     replies: &'static [u8],
     code: ErrorCode,
+    /// For limit_exceeded: the limit's name and value, which the message
+    /// names (section 4).
+    limit: Option<(&'static str, &'static str)>,
 }
 
 fn frame(f: ClientFrame) -> Vec<u8> {
@@ -150,6 +153,7 @@ fn cases() -> Vec<Case> {
             half_close: false,
             replies: &[],
             code: ErrorCode::UNKNOWN_FRAME,
+            limit: None,
         },
         Case {
             name: "server-only header 33 sent by a client",
@@ -157,6 +161,7 @@ fn cases() -> Vec<Case> {
             half_close: false,
             replies: &[],
             code: ErrorCode::UNKNOWN_FRAME,
+            limit: None,
         },
         Case {
             name: "server-only header 97 welcome sent by a client",
@@ -164,6 +169,7 @@ fn cases() -> Vec<Case> {
             half_close: false,
             replies: &[],
             code: ErrorCode::UNKNOWN_FRAME,
+            limit: None,
         },
         Case {
             name: "error header 127 sent by a client",
@@ -171,6 +177,7 @@ fn cases() -> Vec<Case> {
             half_close: false,
             replies: &[],
             code: ErrorCode::UNKNOWN_FRAME,
+            limit: None,
         },
         Case {
             name: "reserved header 200",
@@ -178,6 +185,7 @@ fn cases() -> Vec<Case> {
             half_close: false,
             replies: &[],
             code: ErrorCode::UNKNOWN_FRAME,
+            limit: None,
         },
         Case {
             name: "unknown header after a valid synclist",
@@ -185,6 +193,7 @@ fn cases() -> Vec<Case> {
             half_close: false,
             replies: &[header::SYNCLIST_RESPONSE],
             code: ErrorCode::UNKNOWN_FRAME,
+            limit: None,
         },
         Case {
             name: "invalid UTF-8 in a name",
@@ -192,6 +201,7 @@ fn cases() -> Vec<Case> {
             half_close: false,
             replies: &[],
             code: ErrorCode::MALFORMED,
+            limit: None,
         },
         Case {
             name: "invalid UTF-8 in atom data (a split character)",
@@ -199,6 +209,7 @@ fn cases() -> Vec<Case> {
             half_close: false,
             replies: &[],
             code: ErrorCode::MALFORMED,
+            limit: None,
         },
         Case {
             name: "atom length 0",
@@ -206,6 +217,7 @@ fn cases() -> Vec<Case> {
             half_close: false,
             replies: &[],
             code: ErrorCode::MALFORMED,
+            limit: None,
         },
         Case {
             name: "position id depth 0 in a delete",
@@ -213,6 +225,7 @@ fn cases() -> Vec<Case> {
             half_close: false,
             replies: &[],
             code: ErrorCode::MALFORMED,
+            limit: None,
         },
         Case {
             name: "position id depth 0 in an atom",
@@ -220,6 +233,7 @@ fn cases() -> Vec<Case> {
             half_close: false,
             replies: &[],
             code: ErrorCode::MALFORMED,
+            limit: None,
         },
         Case {
             name: "last level with site 0",
@@ -227,6 +241,7 @@ fn cases() -> Vec<Case> {
             half_close: false,
             replies: &[],
             code: ErrorCode::MALFORMED,
+            limit: None,
         },
         Case {
             name: "a name with no 0x0A within 256 bytes",
@@ -237,6 +252,7 @@ fn cases() -> Vec<Case> {
             half_close: false,
             replies: &[],
             code: ErrorCode::MALFORMED,
+            limit: None,
         },
         Case {
             name: "session insert with site 0",
@@ -250,6 +266,7 @@ fn cases() -> Vec<Case> {
             half_close: false,
             replies: &[header::SESSION_STARTED],
             code: ErrorCode::MALFORMED,
+            limit: None,
         },
         Case {
             name: "session insert whose site differs from its atom's creator",
@@ -263,6 +280,7 @@ fn cases() -> Vec<Case> {
             half_close: false,
             replies: &[header::SESSION_STARTED],
             code: ErrorCode::MALFORMED,
+            limit: None,
         },
         Case {
             name: "connection closed in the middle of a frame",
@@ -270,6 +288,7 @@ fn cases() -> Vec<Case> {
             half_close: true,
             replies: &[],
             code: ErrorCode::MALFORMED,
+            limit: None,
         },
         Case {
             name: "insert count u64::MAX",
@@ -277,6 +296,7 @@ fn cases() -> Vec<Case> {
             half_close: false,
             replies: &[],
             code: ErrorCode::LIMIT_EXCEEDED,
+            limit: Some(("max_items_per_frame", "1000000")),
         },
         Case {
             name: "delete count 1,000,001 (max_items_per_frame is 1,000,000)",
@@ -284,6 +304,7 @@ fn cases() -> Vec<Case> {
             half_close: false,
             replies: &[],
             code: ErrorCode::LIMIT_EXCEEDED,
+            limit: Some(("max_items_per_frame", "1000000")),
         },
         Case {
             name: "position id depth 65 (max_pid_depth is 64)",
@@ -291,6 +312,7 @@ fn cases() -> Vec<Case> {
             half_close: false,
             replies: &[],
             code: ErrorCode::LIMIT_EXCEEDED,
+            limit: Some(("max_pid_depth", "64")),
         },
         Case {
             name: "position id depth 255 in a session delete",
@@ -304,6 +326,7 @@ fn cases() -> Vec<Case> {
             half_close: false,
             replies: &[header::SESSION_STARTED],
             code: ErrorCode::LIMIT_EXCEEDED,
+            limit: Some(("max_pid_depth", "64")),
         },
         Case {
             name: "a 65 before any 64",
@@ -311,6 +334,7 @@ fn cases() -> Vec<Case> {
             half_close: false,
             replies: &[],
             code: ErrorCode::WRONG_MODE,
+            limit: None,
         },
         Case {
             name: "a 66 after hello, before any 64",
@@ -318,6 +342,7 @@ fn cases() -> Vec<Case> {
             half_close: false,
             replies: &[header::WELCOME],
             code: ErrorCode::WRONG_MODE,
+            limit: None,
         },
         Case {
             name: "a 67 in sync mode",
@@ -325,6 +350,7 @@ fn cases() -> Vec<Case> {
             half_close: false,
             replies: &[header::SYNCLIST_RESPONSE],
             code: ErrorCode::WRONG_MODE,
+            limit: None,
         },
         Case {
             name: "a 64 in sync mode",
@@ -332,6 +358,7 @@ fn cases() -> Vec<Case> {
             half_close: false,
             replies: &[header::SYNCLIST_RESPONSE],
             code: ErrorCode::WRONG_MODE,
+            limit: None,
         },
         Case {
             name: "a synclist in session mode",
@@ -339,6 +366,7 @@ fn cases() -> Vec<Case> {
             half_close: false,
             replies: &[header::SESSION_STARTED],
             code: ErrorCode::WRONG_MODE,
+            limit: None,
         },
         Case {
             name: "a pull in session mode",
@@ -352,6 +380,7 @@ fn cases() -> Vec<Case> {
             half_close: false,
             replies: &[header::SESSION_STARTED],
             code: ErrorCode::WRONG_MODE,
+            limit: None,
         },
         Case {
             name: "a second 64",
@@ -359,6 +388,7 @@ fn cases() -> Vec<Case> {
             half_close: false,
             replies: &[header::SESSION_STARTED],
             code: ErrorCode::WRONG_MODE,
+            limit: None,
         },
         Case {
             name: "a second hello",
@@ -366,6 +396,7 @@ fn cases() -> Vec<Case> {
             half_close: false,
             replies: &[header::WELCOME],
             code: ErrorCode::WRONG_MODE,
+            limit: None,
         },
         Case {
             name: "a hello after a synclist",
@@ -373,6 +404,7 @@ fn cases() -> Vec<Case> {
             half_close: false,
             replies: &[header::SYNCLIST_RESPONSE],
             code: ErrorCode::WRONG_MODE,
+            limit: None,
         },
         Case {
             name: "a hello in session mode",
@@ -380,6 +412,7 @@ fn cases() -> Vec<Case> {
             half_close: false,
             replies: &[header::SESSION_STARTED],
             code: ErrorCode::WRONG_MODE,
+            limit: None,
         },
         Case {
             name: "hello with protocol version 2",
@@ -387,6 +420,7 @@ fn cases() -> Vec<Case> {
             half_close: false,
             replies: &[],
             code: ErrorCode::UNSUPPORTED_VERSION,
+            limit: None,
         },
         Case {
             name: "hello with protocol version 0",
@@ -394,6 +428,7 @@ fn cases() -> Vec<Case> {
             half_close: false,
             replies: &[],
             code: ErrorCode::UNSUPPORTED_VERSION,
+            limit: None,
         },
     ]
 }
@@ -422,6 +457,19 @@ async fn run_case(server: &ServerProcess, case: &Case) -> Result<(), String> {
                         "expected error {}, got {} {:?}",
                         case.code, e.code, e.message
                     ));
+                }
+                if let Some((name, value)) = case.limit {
+                    let digits: String = e
+                        .message
+                        .chars()
+                        .filter(|c| *c != ',' && *c != '_')
+                        .collect();
+                    if !e.message.contains(name) || !digits.contains(value) {
+                        return Err(format!(
+                            "the message names the limit and its value ({name} = {value}), got {:?}",
+                            e.message
+                        ));
+                    }
                 }
                 break;
             }
@@ -490,6 +538,12 @@ async fn a_frame_over_max_frame_bytes_is_limit_exceeded_and_closed() {
     let out = flood(server.addr(), prefix, one_pid, 40 << 20).await;
     let e = out.error();
     assert_eq!(e.code, ErrorCode::LIMIT_EXCEEDED, "{e:?}");
+    assert!(
+        e.message.contains("max_frame_bytes")
+            && e.message.replace([',', '_'], "").contains("33554432"),
+        "the message names the limit and its value (section 4): {:?}",
+        e.message
+    );
     assert!(out.closed_after, "limit_exceeded closes the connection");
     by.check("a 40 MiB frame").await;
     // Nothing of it was applied.

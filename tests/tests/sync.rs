@@ -4,7 +4,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use notesync_protocol::{ClientFrame, DocResponse, ErrorCode, Pid, ServerFrame};
-use notesync_tests::{DocModel, Rng, ServerProcess, atom, describe, model_of, upsert_frame};
+use notesync_tests::{
+    DocModel, Rng, ServerProcess, SessionClient, atom, describe, model_of, upsert_frame,
+};
 
 const R1: u128 = 0x1111_1111_1111_1111_1111_1111_1111_1111;
 const R2: u128 = 0x2222_2222_2222_2222_2222_2222_2222_2222;
@@ -84,6 +86,14 @@ async fn synclist_lists_changed_docs_ascending_and_the_cursor_lists_nothing_new(
         }
     }
     let last = list.last().unwrap().modified;
+    let mut late = server.connect().await;
+    let w = late.hello(R2).await;
+    assert!(
+        w.server_time >= *syncs.last().unwrap(),
+        "the welcome's current time is not before a time already returned: {} < {}",
+        w.server_time,
+        syncs.last().unwrap()
+    );
     assert_eq!(
         c.synclist(last).await,
         vec![],
@@ -597,6 +607,18 @@ async fn a_document_gives_255_sites_then_refuses_inserts_from_the_256th_replica(
     let m = model_of(doc, &rs);
     assert_eq!(m.text(), "");
     assert_eq!(m.name, "renamed");
+
+    // In a session too: its 68 carries site 0 and its inserts are refused.
+    let mut sc =
+        SessionClient::start(server.addr(), "replica 256 session", Some(256), doc, 0, 1).await;
+    assert_eq!(sc.site(), 0, "the 68 of a replica without a site carries 0");
+    sc.send_ops(vec![ClientFrame::Insert(
+        notesync_protocol::SessionInsert::new(atom("z", 9, 1)),
+    )])
+    .await;
+    sc.wait_acked().await;
+    let codes: Vec<ErrorCode> = sc.errors.iter().map(|(_, e)| e.code).collect();
+    assert_eq!(codes, vec![ErrorCode::SITES_EXHAUSTED]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,12 +9,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use notesync_protocol::{Atom, ClientFrame, DocId, Pid, Time};
-use notesync_tests::{Conn, DocModel, Rng, ServerProcess, model_of, upsert_frame};
+use notesync_tests::{Conn, DocModel, Rng, ServerProcess, SessionClient, model_of, upsert_frame};
 
 const DOCS: u128 = 10;
 const WRITERS: usize = 3;
 const ROUNDS_PER_WRITER: usize = 40;
 const PIPELINE: usize = 4;
+const SESSION_ROUNDS: usize = 30;
 
 #[derive(Default)]
 struct WriterLog {
@@ -85,6 +86,47 @@ async fn writer(addr: SocketAddr, w: usize) -> WriterLog {
             *since = s.sync_time;
         }
     }
+    log
+}
+
+/// A session writer on one document: rounds of pipelined inserts and
+/// deletes, each round acknowledged before the next.
+async fn session_writer(addr: SocketAddr, k: usize, doc: DocId) -> WriterLog {
+    let mut sc = SessionClient::start(
+        addr,
+        &format!("session writer {k}"),
+        Some(0x7100 + k as u128),
+        doc,
+        0,
+        k as u64,
+    )
+    .await;
+    // Whether sessions hear upserts is not what this test checks.
+    sc.strict = false;
+    let mut rng = Rng::new(5000 + k as u64);
+    for _ in 0..SESSION_ROUNDS {
+        let mut ops = Vec::new();
+        for _ in 0..8 {
+            let n = sc.model.live_len();
+            if n > 0 && rng.percent(30) {
+                ops.push(sc.delete_at(rng.below(n)));
+            } else {
+                ops.push(sc.insert_at(rng.below(n + 1), &rng.word()));
+            }
+        }
+        sc.send_ops(ops).await;
+        sc.wait_acked().await;
+    }
+    assert!(sc.errors.is_empty(), "{}: {:?}", sc.label(), sc.errors);
+    let mut log = WriterLog::default();
+    for p in &sc.own_ids {
+        let e = sc.model.get(p).expect("own id");
+        log.inserted
+            .entry(doc)
+            .or_default()
+            .insert(p.clone(), e.data.clone());
+    }
+    log.deleted.insert(doc, sc.own_deletes.clone());
     log
 }
 
@@ -174,9 +216,14 @@ async fn cursor_following_listers_never_miss_a_change_made_by_concurrent_writers
     let listers: Vec<_> = (0..2)
         .map(|l| tokio::spawn(lister(addr, l, done.clone())))
         .collect();
-    let writers: Vec<_> = (0..WRITERS)
+    let mut writers: Vec<_> = (0..WRITERS)
         .map(|w| tokio::spawn(writer(addr, w)))
         .collect();
+    // Session ops are changes too: on two of the same documents, and on one
+    // that only sessions write.
+    for (k, doc) in [1u128, 2, DOCS + 1].into_iter().enumerate() {
+        writers.push(tokio::spawn(session_writer(addr, k, doc)));
+    }
     let mut logs = Vec::new();
     for w in writers {
         logs.push(w.await.expect("writer"));

@@ -466,3 +466,74 @@ async fn session_start_on_a_new_document_creates_it_with_an_empty_name() {
     let (rs, _) = other.pull(doc, 0).await;
     assert_eq!(model_of(doc, &rs).name, "");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnecting_session_catches_up_and_its_resent_ops_are_not_repeated() {
+    let server = ServerProcess::start();
+    let doc: DocId = 0x2EC0;
+    seed_doc(&server, 0xA0, doc, 4).await;
+    let addr = server.addr();
+    let mut rng = Rng::new(3000);
+    let none = BTreeSet::new();
+    let mut b = SessionClient::start(addr, "steady", Some(0xB0), doc, 0, 1).await;
+    let mut c1 = SessionClient::start(addr, "flaky", Some(0xC0), doc, 0, 2).await;
+
+    let ops = random_ops(&mut b, &mut rng, 10, &none);
+    b.send_ops(ops).await;
+    b.wait_acked().await;
+    c1.pump_until("b's first ops", |s| s.received_ops == 10)
+        .await;
+    let ops = random_ops(&mut c1, &mut rng, 10, &none);
+    c1.send_ops(ops).await;
+    c1.wait_acked().await;
+    b.pump_until("c's first ops", |s| s.received_ops == 10)
+        .await;
+
+    // c sends 20 inserts and loses its connection before any ack.
+    let mut pending = Vec::new();
+    for i in 0..20 {
+        let n = c1.model.live_len();
+        pending.push(c1.insert_at(rng.below(n + 1), &format!("p{i} ")));
+    }
+    c1.conn.send_many(pending.clone()).await;
+    let cursor = c1.started.sync_time;
+    let (model, site, own_ids) = (c1.model.clone(), c1.site(), c1.own_ids.clone());
+    drop(c1);
+
+    // b goes on meanwhile.
+    let ops = random_ops(&mut b, &mut rng, 10, &none);
+    b.send_ops(ops).await;
+    b.wait_acked().await;
+
+    // c comes back from its last 68 and sends again what was not acked.
+    let mut c2 = SessionClient::start_with(addr, "flaky again", Some(0xC0), model, cursor, 2).await;
+    assert_eq!(c2.site(), site, "a replica keeps its site");
+    c2.own_ids = own_ids;
+    c2.send_ops(pending).await;
+    c2.wait_acked().await;
+    assert!(
+        c2.errors.is_empty(),
+        "re-sent inserts are accepted: {:?}",
+        c2.errors
+    );
+
+    b.pump_until("c's 20 inserts, once each", |s| s.received_ops == 30)
+        .await;
+    c2.rename("back").await;
+    c2.wait_acked().await;
+    b.pump_until("c's rename", |s| !s.renames.is_empty()).await;
+    assert_eq!(
+        b.received_ops, 30,
+        "a re-send that changes nothing is not broadcast (3.2)"
+    );
+    assert_eq!(
+        c2.model.live(),
+        b.model.live(),
+        "c, back from its last 68 as 3.2 says, must hold the same text: b deleted atoms \
+         that c had received live after its 68 (and so after its cursor); the 33 since that \
+         cursor sends such an atom 'as neither' (3.1), so c never learns of the delete"
+    );
+    let mut r = server.connect().await;
+    let (rs, _) = r.pull(doc, 0).await;
+    assert_eq!(model_of(doc, &rs).live(), b.model.live());
+}

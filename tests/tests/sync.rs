@@ -780,3 +780,44 @@ async fn names_atoms_and_ids_at_their_size_limits_round_trip() {
         "the delete of an unknown 64-level id is kept as a tombstone and sent"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upsert_resent_after_a_lost_reply_still_learns_that_its_atom_was_deleted() {
+    // PROTOCOL.md 3.1: "a re-send after a lost reply is safe", and "a
+    // client may forget the ops it sent only after that 34 arrives". The
+    // client below does exactly that; it must end with the server's text.
+    let server = ServerProcess::start();
+    let doc = 0x1057;
+    let mut c1 = server.connect().await.with_label("r1");
+    c1.hello(R1).await;
+    let (_, s) = c1.upsert(doc, "n", 0, &[], &[]).await;
+    let mut m1 = DocModel::new(doc);
+    m1.set_site(s.site, 1);
+    let keep = m1.local_append("keep ");
+    let x = m1.local_append("x");
+    let frame = upsert_frame(doc, "n", s.sync_time, &[keep, x.clone()], &[]);
+    c1.send(frame.clone()).await;
+    // The reply is lost (the client never sees it): its cursor stays.
+    let _lost = c1.recv_doc_reply(doc, "upsert").await.expect("committed");
+
+    let mut c2 = server.connect().await.with_label("r2");
+    c2.hello(R2).await;
+    let (rs, p) = c2.pull(doc, 0).await;
+    assert_eq!(model_of(doc, &rs).text(), "keep x");
+    c2.upsert(doc, "n", p.sync_time, &[], &[x.pid().clone()])
+        .await;
+
+    // r1 sends the same upsert again and applies the reply.
+    c1.send(frame).await;
+    let (reply, _) = c1.recv_doc_reply(doc, "re-sent upsert").await.expect("ok");
+    m1.apply_responses(&reply);
+    let (truth, _) = c2.pull(doc, 0).await;
+    assert_eq!(
+        m1.text(),
+        model_of(doc, &truth).text(),
+        "after the re-send's reply the client must hold the server's text: r2's delete of \
+         x happened after r1's cursor and r1 holds x, but the reply left the delete out \
+         (3.1's 'sent as neither' / 'excluding the ids this upsert sent' drop a delete the \
+         client lacks; its next cursor is past it, so it never learns it)"
+    );
+}

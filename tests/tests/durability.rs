@@ -449,3 +449,42 @@ async fn a_server_killed_with_kill_9_restarts_and_takes_writes() {
     let (rs, _) = r.pull(doc, 0).await;
     assert_eq!(model_of(doc, &rs).text(), "beforeafter");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sites_given_out_survive_kill_9_even_before_any_insert() {
+    // 1.2: "The pairing is stored durably with the document." A replica
+    // that got its site in a 34 or a 68 makes ids with it (offline too);
+    // the site must not change, nor go to another replica, after a crash.
+    let mut server = ServerProcess::start();
+    let doc = 0x5173;
+    let mut c = server.connect().await;
+    c.hello(0x10).await;
+    let (_, s10) = c.upsert(doc, "sites", 0, &[], &[]).await;
+    let mut sites = vec![(0x10u128, s10.site)];
+    for r in [0x11u128, 0x12] {
+        let mut c = server.connect().await;
+        c.hello(r).await;
+        sites.push((r, c.pull(doc, 0).await.1.site));
+    }
+    let sc = SessionClient::start(server.addr(), "session", Some(0x13), doc, 0, 1).await;
+    sites.push((0x13, sc.site()));
+    drop(sc);
+    drop(c);
+    server.kill9();
+    server.restart();
+
+    let mut after = Vec::new();
+    for &(r, _) in &sites {
+        let mut c = server.connect().await;
+        c.hello(r).await;
+        after.push((r, c.pull(doc, 0).await.1.site));
+    }
+    assert_eq!(after, sites, "every replica keeps the site it was given");
+    let mut c = server.connect().await;
+    c.hello(0x14).await;
+    let fresh = c.pull(doc, 0).await.1.site;
+    assert!(
+        fresh != 0 && sites.iter().all(|&(_, s)| s != fresh),
+        "a new replica gets a site nobody has: {fresh} vs {sites:?}"
+    );
+}

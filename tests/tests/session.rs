@@ -348,6 +348,12 @@ async fn refused_session_ops_are_reported_before_their_ack_and_not_broadcast() {
         }),
         // 7: rename.
         ClientFrame::Rename(name_of("renamed by x")),
+        // 8: a delete with site 0 from a replica that has a site:
+        // site_mismatch (a 66's site is the sender's, 0 only when it has none).
+        ClientFrame::Delete(SessionDelete {
+            site: 0,
+            pid: good.pid().clone(),
+        }),
     ];
     x.send_ops(ops).await;
     x.wait_acked().await;
@@ -357,19 +363,20 @@ async fn refused_session_ops_are_reported_before_their_ack_and_not_broadcast() {
         vec![
             ErrorCode::SITE_MISMATCH,
             ErrorCode::SITE_MISMATCH,
-            ErrorCode::ID_CONFLICT
+            ErrorCode::ID_CONFLICT,
+            ErrorCode::SITE_MISMATCH
         ],
-        "ops 2, 3 and 4 are refused, in order: {:?}",
+        "ops 2, 3, 4 and 8 are refused, in order: {:?}",
         x.errors
     );
-    for ((acked_before, code), op) in codes.iter().zip([2u64, 3, 4]) {
+    for ((acked_before, code), op) in codes.iter().zip([2u64, 3, 4, 8]) {
         assert!(
             *acked_before < op,
             "the {code} for op {op} must come before the ack that covers it \
              (an ack of {acked_before} arrived first)"
         );
     }
-    assert_eq!(x.acked, 7, "refused ops are counted by the ack too");
+    assert_eq!(x.acked, 8, "refused ops are counted by the ack too");
 
     // The listener gets exactly ops 1, 6 and 7, from x's site, in order.
     let mut got = Vec::new();

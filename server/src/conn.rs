@@ -741,6 +741,7 @@ async fn upsert_reply(shared: Arc<Shared>, upsert: Arc<Upsert>, site: u8) -> Res
         let sent = SentIds::from_upsert(&upsert);
         let mut out = DocFrames::new(doc, rec.doc_name()?, chunk, items);
         snap.delta(doc, upsert.since, Some(&sent), &mut out)?;
+        snap.deleted_sent_inserts(doc, upsert.since, &sent, &mut out)?;
         Ok((out.finish(), snap.clock()?))
     })
     .await;

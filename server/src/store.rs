@@ -233,27 +233,31 @@ pub struct AtomRecord {
     pub insert: Time,
     /// First delete time; 0 while live.
     pub delete: Time,
+    /// Site of the first delete's sender (0: it had none).
+    pub deleter: u8,
     /// Empty until an insert of the id has arrived.
     pub data: Vec<u8>,
 }
 
 impl AtomRecord {
     fn encode(&self) -> Vec<u8> {
-        let mut v = Vec::with_capacity(16 + self.data.len());
+        let mut v = Vec::with_capacity(17 + self.data.len());
         v.extend_from_slice(&self.insert.to_be_bytes());
         v.extend_from_slice(&self.delete.to_be_bytes());
+        v.push(self.deleter);
         v.extend_from_slice(&self.data);
         v
     }
 
     fn decode(b: &[u8]) -> Result<Self, StoreError> {
-        if b.len() < 16 {
-            return Err(corrupt("atoms", "record shorter than 16 bytes"));
+        if b.len() < 17 {
+            return Err(corrupt("atoms", "record shorter than 17 bytes"));
         }
         Ok(AtomRecord {
             insert: be_u64(&b[0..8]),
             delete: be_u64(&b[8..16]),
-            data: b[16..].to_vec(),
+            deleter: b[16],
+            data: b[17..].to_vec(),
         })
     }
 
@@ -555,10 +559,43 @@ impl Snapshot {
     }
 }
 
+impl Snapshot {
+    /// For an upsert's reply: the deletes of ids the upsert inserted that
+    /// are deleted here but that [`delta`](Self::delta) did not send (the
+    /// delete came first, or the atom was inserted and deleted after
+    /// `since`, e.g. by a re-send after a lost reply). The client holds
+    /// those atoms live; without this it would never learn of the delete.
+    pub fn deleted_sent_inserts(
+        &self,
+        doc: DocId,
+        since: Time,
+        sent: &SentIds,
+        out: &mut DocFrames,
+    ) -> Result<(), StoreError> {
+        let atoms = self.txn.open_table(ATOMS)?;
+        for pid_key in &sent.insert_order {
+            if sent.deletes.contains(pid_key) {
+                continue;
+            }
+            let Some(v) = atoms.get(atom_key(doc, pid_key).as_slice())? else {
+                continue;
+            };
+            let rec = AtomRecord::decode(v.value())?;
+            if rec.delete != 0 && rec.delta(since) != Some(Delta::Delete) {
+                let pid = Pid::from_key(pid_key).ok_or(corrupt("atoms", "position id key"))?;
+                out.push_delete(&pid)?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The ids an upsert sent: its reply leaves them out (the client has them).
 #[derive(Debug, Default)]
 pub struct SentIds {
     inserts: HashSet<Vec<u8>>,
+    /// The inserted ids once each, in the upsert's order.
+    insert_order: Vec<Vec<u8>>,
     deletes: HashSet<Vec<u8>>,
 }
 
@@ -569,15 +606,22 @@ impl SentIds {
             p.write_key(&mut k);
             k
         };
+        let mut inserts = HashSet::with_capacity(u.inserts.len());
+        let mut insert_order = Vec::with_capacity(u.inserts.len());
+        for a in u.inserts.iter() {
+            let k = key(a.pid);
+            if inserts.insert(k.clone()) {
+                insert_order.push(k);
+            }
+        }
         SentIds {
-            inserts: u.inserts.iter().map(|a| key(a.pid)).collect(),
+            inserts,
+            insert_order,
             deletes: u.deletes.iter().map(key).collect(),
         }
     }
 
-    /// Whether the client already has this change. An insert this upsert
-    /// sent that landed on an older tombstone is *not* left out as a
-    /// delete: the client does not know the id is deleted.
+    /// Whether the client already has this change.
     fn contains(&self, kind: Delta, pid_key: &[u8]) -> bool {
         match kind {
             Delta::Insert => self.inserts.contains(pid_key),
@@ -662,11 +706,13 @@ impl DocFrames {
 pub enum Inserted {
     /// A new live atom, at this time.
     New(Time),
-    /// The id exists with the same data: nothing changed.
+    /// The id exists, live, with the same data: nothing changed.
     Unchanged,
-    /// The id was only a tombstone: its data is stored, it stays deleted,
-    /// and nothing a client can see changed.
-    UnderTombstone,
+    /// The id is deleted on the server (a tombstone that came first, or a
+    /// delete since): nothing a client can see changed, but the sender
+    /// holds the atom live and must be told of the delete. `stored`: its
+    /// data was stored now (it was a bare tombstone).
+    Deleted { deleter: u8, stored: bool },
 }
 
 /// What a delete did.
@@ -788,6 +834,7 @@ impl<'t> WriteTables<'t> {
                 let rec = AtomRecord {
                     insert: t,
                     delete: 0,
+                    deleter: 0,
                     data: data.to_vec(),
                 };
                 self.atoms.insert(key.as_slice(), rec.encode().as_slice())?;
@@ -798,13 +845,21 @@ impl<'t> WriteTables<'t> {
                 // Deleted before it arrived: keep the data (so a different
                 // re-use of the id is still a conflict), but it stays a
                 // tombstone and gets no insert time.
+                let deleter = rec.deleter;
                 let rec = AtomRecord {
                     data: data.to_vec(),
                     ..rec
                 };
                 self.atoms.insert(key.as_slice(), rec.encode().as_slice())?;
-                Ok(Inserted::UnderTombstone)
+                Ok(Inserted::Deleted {
+                    deleter,
+                    stored: true,
+                })
             }
+            Some(rec) if rec.data == data && rec.delete != 0 => Ok(Inserted::Deleted {
+                deleter: rec.deleter,
+                stored: false,
+            }),
             Some(rec) if rec.data == data => Ok(Inserted::Unchanged),
             Some(_) => Err(corrupt(
                 "atoms",
@@ -814,10 +869,12 @@ impl<'t> WriteTables<'t> {
     }
 
     /// Deletes an atom, or records a tombstone for an unknown id.
+    /// `deleter` is the sender's site (0: none).
     pub fn delete_atom(
         &mut self,
         doc: DocId,
         pid_key: &[u8],
+        deleter: u8,
         clock: &mut ServerClock,
     ) -> Result<Deleted, StoreError> {
         let key = atom_key(doc, pid_key);
@@ -831,11 +888,16 @@ impl<'t> WriteTables<'t> {
             None => AtomRecord {
                 insert: 0,
                 delete: 0,
+                deleter: 0,
                 data: Vec::new(),
             },
         };
         let t = clock.next();
-        let rec = AtomRecord { delete: t, ..rec };
+        let rec = AtomRecord {
+            delete: t,
+            deleter,
+            ..rec
+        };
         self.atoms.insert(key.as_slice(), rec.encode().as_slice())?;
         self.put_change(doc, t, CHANGE_DELETE, pid_key)?;
         Ok(Deleted::New(t))
@@ -965,10 +1027,10 @@ pub(crate) mod tests {
         });
         // Deletes are idempotent: the first delete time stays.
         let d1 = write(&o.db, |t| {
-            t.delete_atom(DOC, p.key(), &mut clock).expect("del")
+            t.delete_atom(DOC, p.key(), 2, &mut clock).expect("del")
         });
         let d2 = write(&o.db, |t| {
-            t.delete_atom(DOC, p.key(), &mut clock).expect("del")
+            t.delete_atom(DOC, p.key(), 2, &mut clock).expect("del")
         });
         let Deleted::New(t1) = d1 else {
             panic!("first delete changed nothing")
@@ -993,20 +1055,30 @@ pub(crate) mod tests {
         let p = pid(7, 3);
         let before = clock.last();
         let d = write(&o.db, |t| {
-            t.delete_atom(DOC, p.key(), &mut clock).expect("del")
+            t.delete_atom(DOC, p.key(), 2, &mut clock).expect("del")
         });
         assert!(matches!(d, Deleted::New(_)));
         let i = write(&o.db, |t| {
             t.insert_atom(DOC, p.key(), b"late", &mut clock)
                 .expect("ins")
         });
-        assert_eq!(i, Inserted::UnderTombstone);
-        // Same data again: unchanged; other data: conflict.
+        assert_eq!(
+            i,
+            Inserted::Deleted {
+                deleter: 2,
+                stored: true
+            }
+        );
+        // Same data again: nothing stored, still deleted; other data:
+        // conflict.
         write(&o.db, |t| {
             assert_eq!(
                 t.insert_atom(DOC, p.key(), b"late", &mut clock)
                     .expect("ins"),
-                Inserted::Unchanged
+                Inserted::Deleted {
+                    deleter: 2,
+                    stored: false
+                }
             );
             assert_eq!(
                 t.check_insert(DOC, p.key(), b"other").expect("check"),
@@ -1038,13 +1110,13 @@ pub(crate) mod tests {
         let new_live = pid(3, 1);
         let new_deleted = pid(4, 1);
         write(&o.db, |w| {
-            w.delete_atom(DOC, old_deleted.key(), &mut clock)
+            w.delete_atom(DOC, old_deleted.key(), 1, &mut clock)
                 .expect("del");
             w.insert_atom(DOC, new_live.key(), b"c", &mut clock)
                 .expect("ins");
             w.insert_atom(DOC, new_deleted.key(), b"d", &mut clock)
                 .expect("ins");
-            w.delete_atom(DOC, new_deleted.key(), &mut clock)
+            w.delete_atom(DOC, new_deleted.key(), 1, &mut clock)
                 .expect("del");
             w.set_clock(clock.last()).expect("clock");
         });

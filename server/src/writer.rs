@@ -325,7 +325,8 @@ struct DocEntry {
     dirty: bool,
 }
 
-/// A session's acknowledgement for this batch: refusals, then the count.
+/// A session's acknowledgement for this batch: frames for it (refusals,
+/// deletes it lacks), then the count.
 struct Ack {
     doc: DocId,
     session_id: u64,
@@ -546,7 +547,6 @@ impl Writer {
                             *hello,
                             op,
                         )?;
-                        let refusal = refusal.map(|e| error_bytes(e.code(), e.to_string()));
                         batch.ack(*doc, *session_id, *seq, refusal);
                     }
                     Pending::Leave { .. } | Pending::Stop => {}
@@ -674,14 +674,15 @@ impl Writer {
                         ServerFrame::Insert(SessionInsert::new(a.to_atom())),
                     );
                 }
-                Inserted::UnderTombstone => batch.wrote = true,
+                // The reply tells the client (Snapshot::deleted_sent_inserts).
+                Inserted::Deleted { stored, .. } => batch.wrote |= stored,
                 Inserted::Unchanged => {}
             }
         }
         for p in u.deletes.iter() {
             key.clear();
             p.write_key(&mut key);
-            if let Deleted::New(at) = t.delete_atom(u.doc, &key, &mut self.clock)? {
+            if let Deleted::New(at) = t.delete_atom(u.doc, &key, site, &mut self.clock)? {
                 modified = Some(at);
                 batch.changes += 1;
                 batch.broadcast(
@@ -727,7 +728,9 @@ impl Writer {
         Ok(Ok(site))
     }
 
-    /// Applies one session op. `Ok(Some(_))`: refused by a protocol rule.
+    /// Applies one session op. `Ok(Some(frame))`: a frame for the sender,
+    /// sent before the ack that covers the op: a refusal, or the delete of
+    /// an atom it re-sent that is deleted here.
     #[allow(clippy::too_many_arguments)]
     fn apply_op(
         &mut self,
@@ -738,30 +741,31 @@ impl Writer {
         site: u8,
         hello: bool,
         op: &SessionOp,
-    ) -> Result<Option<WriteError>, StoreError> {
+    ) -> Result<Option<Bytes>, StoreError> {
         if Batch::doc(&mut batch.docs, t, doc)?.is_none() {
-            return Ok(Some(WriteError::refused(
+            return Ok(Some(error_bytes(
                 ErrorCode::INVALID_REQUEST,
                 format!("document {doc:032x} does not exist"),
             )));
         }
         let origin = Some(session_id);
+        let mut tell = None;
         let modified = match op {
             SessionOp::Insert(ins) => {
                 if !hello {
-                    return Ok(Some(WriteError::refused(
+                    return Ok(Some(error_bytes(
                         ErrorCode::HELLO_REQUIRED,
-                        HELLO_REQUIRED_MESSAGE.into(),
+                        HELLO_REQUIRED_MESSAGE,
                     )));
                 }
                 if site == 0 {
-                    return Ok(Some(WriteError::refused(
+                    return Ok(Some(error_bytes(
                         ErrorCode::SITES_EXHAUSTED,
                         exhausted_message(doc),
                     )));
                 }
                 if ins.site != site {
-                    return Ok(Some(WriteError::refused(
+                    return Ok(Some(error_bytes(
                         ErrorCode::SITE_MISMATCH,
                         format!(
                             "session_insert site {} is not this replica's site for the document ({site})",
@@ -772,7 +776,7 @@ impl Writer {
                 let key = ins.atom.pid().key();
                 let data = ins.atom.data().as_bytes();
                 if t.check_insert(doc, key, data)? == InsertCheck::Conflict {
-                    return Ok(Some(WriteError::refused(
+                    return Ok(Some(error_bytes(
                         ErrorCode::ID_CONFLICT,
                         format!("id {:?} already exists with other data", ins.atom.pid()),
                     )));
@@ -782,8 +786,17 @@ impl Writer {
                         batch.broadcast(&self.rooms, doc, origin, ServerFrame::Insert(ins.clone()));
                         Some(at)
                     }
-                    Inserted::UnderTombstone => {
-                        batch.wrote = true;
+                    Inserted::Deleted { deleter, stored } => {
+                        batch.wrote |= stored;
+                        // The sender holds it live (a re-send after a lost
+                        // ack, or a delete that came first): tell it.
+                        tell = Some(
+                            ServerFrame::Delete(SessionDelete {
+                                site: deleter,
+                                pid: ins.atom.pid().clone(),
+                            })
+                            .to_bytes(),
+                        );
                         None
                     }
                     Inserted::Unchanged => None,
@@ -791,7 +804,7 @@ impl Writer {
             }
             SessionOp::Delete(del) => {
                 if del.site != site {
-                    return Ok(Some(WriteError::refused(
+                    return Ok(Some(error_bytes(
                         ErrorCode::SITE_MISMATCH,
                         format!(
                             "session_delete site {} is not this connection's site for the document ({site}; 0 means none)",
@@ -799,7 +812,7 @@ impl Writer {
                         ),
                     )));
                 }
-                match t.delete_atom(doc, del.pid.key(), &mut self.clock)? {
+                match t.delete_atom(doc, del.pid.key(), site, &mut self.clock)? {
                     Deleted::New(at) => {
                         batch.broadcast(&self.rooms, doc, origin, ServerFrame::Delete(del.clone()));
                         Some(at)
@@ -831,7 +844,7 @@ impl Writer {
             batch.wrote = true;
             batch.changes += 1;
         }
-        Ok(None)
+        Ok(tell)
     }
 
     /// After a successful commit: index, fan-out, acks, replies, sessions.

@@ -782,3 +782,48 @@ async fn closed_clients_do_not_hold_up_shutdown() {
     srv.stop().await;
     assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
 }
+
+/// A client that re-sends an insert (lost reply or lost ack) whose atom was
+/// deleted meanwhile still learns of the delete, in both modes.
+#[tokio::test]
+async fn a_resent_insert_of_a_deleted_atom_learns_the_delete() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let srv = start(config(dir.path())).await;
+    let mut a = Client::hello(srv.addr, 1).await;
+    a.send(upsert(4, "n", 0, vec![], vec![])).await;
+    let (_, _, _, last) = a.recv_doc().await;
+    let (t, site_a) = sync_of(&last);
+    let x = atom("x", 1, site_a);
+    a.send(upsert(4, "n", t, vec![x.clone()], vec![])).await;
+    a.recv_doc().await; // the "lost" reply
+    let mut b = Client::hello(srv.addr, 2).await;
+    b.send(upsert(4, "n", 0, vec![], vec![x.pid().clone()]))
+        .await;
+    let (_, _, _, last) = b.recv_doc().await;
+    let site_b = sync_of(&last).1;
+    a.send(upsert(4, "n", t, vec![x.clone()], vec![])).await;
+    let (ins, del, _, _) = a.recv_doc().await;
+    assert!(ins.is_empty());
+    assert_eq!(
+        del,
+        vec![x.pid().clone()],
+        "the re-send's reply carries the delete"
+    );
+
+    // Session: the same through a re-sent 65.
+    let mut s = Client::hello(srv.addr, 1).await;
+    s.send(ClientFrame::SessionStart { since: t, doc: 4 }).await;
+    s.recv_doc().await;
+    s.send(ClientFrame::Insert(SessionInsert::new(x.clone())))
+        .await;
+    assert_eq!(
+        s.recv().await,
+        ServerFrame::Delete(SessionDelete {
+            site: site_b,
+            pid: x.pid().clone()
+        }),
+        "the sender is told, with the deleter's site, before the ack"
+    );
+    assert_eq!(s.recv().await, ServerFrame::SessionAck { count: 1 });
+    srv.stop().await;
+}

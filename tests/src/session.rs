@@ -4,6 +4,12 @@
 //! never gets its own ops back, and (in strict mode) every broadcast is new
 //! relative to what it already has (nothing sent twice, nothing missing
 //! before a delete).
+//!
+//! The echo check treats a 66 carrying this client's own site as its own
+//! delete come back. PROTOCOL.md 3.2 also lets the server send a sender a
+//! 66 for an insert it re-sent whose id is deleted, with the deleter's
+//! site: a test that re-sends inserts of ids it deleted itself cannot use
+//! this check.
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;

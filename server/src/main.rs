@@ -99,6 +99,10 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        // Its default reports a failed log write with eprintln!, which
+        // panics once stderr has no reader (a dead log collector): logs are
+        // best effort, shutting down must not depend on them.
+        .log_internal_errors(false)
         .init();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -106,7 +110,9 @@ fn main() -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("notesync-server: cannot start the runtime: {e}");
+            report(format_args!(
+                "notesync-server: cannot start the runtime: {e}"
+            ));
             return ExitCode::FAILURE;
         }
     };
@@ -122,7 +128,9 @@ async fn serve(config: Config) -> ExitCode {
     let signals = match Signals::install() {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("notesync-server: cannot install signal handlers: {e}");
+            report(format_args!(
+                "notesync-server: cannot install signal handlers: {e}"
+            ));
             return ExitCode::FAILURE;
         }
     };
@@ -130,7 +138,7 @@ async fn serve(config: Config) -> ExitCode {
         Ok(s) => s,
         Err(e) => {
             tracing::error!(error = %e, "cannot start");
-            eprintln!("notesync-server: {e}");
+            report(format_args!("notesync-server: {e}"));
             return ExitCode::FAILURE;
         }
     };
@@ -143,14 +151,14 @@ async fn serve(config: Config) -> ExitCode {
     let token = shutdown.clone();
     tokio::spawn(async move {
         let signal = signals.wait().await;
-        tracing::info!(signal, "shutting down");
         token.cancel();
+        tracing::info!(signal, "shutting down");
     });
     match server.run(shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "shutdown was not clean");
-            eprintln!("notesync-server: {e}");
+            report(format_args!("notesync-server: {e}"));
             ExitCode::FAILURE
         }
     }
@@ -193,4 +201,10 @@ impl Signals {
         let _ = tokio::signal::ctrl_c().await;
         "SIGINT"
     }
+}
+
+/// Writes an error line to stderr; unlike `eprintln!`, never panics when
+/// stderr has no reader.
+fn report(args: std::fmt::Arguments<'_>) {
+    let _ = writeln!(std::io::stderr(), "{args}");
 }

@@ -283,9 +283,11 @@ async fn live(t: &mut SessionTask) -> Result<(), NetError> {
     let mut conn = Conn::connect(&t.server, replica).await?;
     conn.send(ClientFrame::SessionStart { since, doc: t.doc })
         .await?;
+    let mut inserted = std::collections::HashSet::new();
     let site = loop {
         match conn.recv().await? {
             ServerFrame::DocResponse(r) if r.doc == t.doc => {
+                inserted.extend(r.inserts.iter().map(|a| a.pid.to_pid()));
                 let mut s = lock(&store);
                 let changes = s
                     .apply_response(t.doc, &r.inserts, &r.deletes)
@@ -304,6 +306,9 @@ async fn live(t: &mut SessionTask) -> Result<(), NetError> {
             } => {
                 let mut s = lock(&store);
                 let store_err = |e: StoreError| NetError::Unexpected(e.to_string());
+                for c in s.reconcile_catch_up(t.doc, &inserted).map_err(store_err)? {
+                    let _ = t.events.send(SessionEvent::Remote(c));
+                }
                 s.set_site(t.doc, site).map_err(store_err)?;
                 s.set_note_sync(t.doc, sync_time).map_err(store_err)?;
                 break site;
@@ -345,6 +350,7 @@ async fn live(t: &mut SessionTask) -> Result<(), NetError> {
                 match f {
                     ServerFrame::Insert(i) => {
                         let (data, pid) = i.atom.into_parts();
+                        s.note_live(t.doc, pid.clone()).map_err(store_err)?;
                         for c in s.apply_remote_insert(t.doc, &data, &pid).map_err(store_err)? {
                             let _ = t.events.send(SessionEvent::Remote(c));
                         }
@@ -368,6 +374,10 @@ async fn live(t: &mut SessionTask) -> Result<(), NetError> {
                             // A rename is acknowledged only if it is still the
                             // pending one (not replaced by a newer rename).
                             note.pending.acknowledge_one(&op.0, op.1.as_ref());
+                            if let OpKey::Insert(p) = &op.0 {
+                                // Stored after this note's cursor (3.2.1).
+                                note.live_since.insert(p.clone());
+                            }
                         }
                         let pending = note.pending.len();
                         let _ = t.events.send(SessionEvent::Acknowledged { pending });

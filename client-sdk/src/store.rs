@@ -12,7 +12,11 @@
 //!                            (u8 len, data, pid in wire form), in position
 //!                            order; then u64 count and the deleted ids (atoms,
 //!                            chars of atoms, ids known only as deleted: see
-//!                            PROTOCOL.md 1.2). All integers big-endian.
+//!                            PROTOCOL.md 1.2); then u64 count and the ids
+//!                            received live (or acknowledged in a session)
+//!                            after last_modified, which the next catch-up
+//!                            reconciles (PROTOCOL.md 3.2.1). All integers
+//!                            big-endian.
 //!   <file>.md.latest_ops     the op log (see `oplog`)
 //! ```
 //!
@@ -99,6 +103,9 @@ pub(crate) struct Note {
     /// Ids made before the note had a site: re-made before they are sent.
     pub provisional: bool,
     pub last_sync: Time,
+    /// Ids that entered the note after `last_sync` without a catch-up
+    /// (received live, or own inserts acknowledged in a session).
+    pub live_since: std::collections::BTreeSet<notesync_protocol::Pid>,
     alloc: Allocator,
     /// Unsaved changes to the structure or text files.
     dirty: bool,
@@ -248,9 +255,9 @@ impl Store {
         provisional: bool,
     ) -> Result<Note, StoreError> {
         let (_, st_path, log_path) = self.paths(&stem);
-        let (mut doc, last_sync) = match fs::read(&st_path) {
+        let (mut doc, last_sync, live_since) = match fs::read(&st_path) {
             Ok(bytes) => read_structure(&st_path, &bytes, name)?,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => (Doc::new(id, name), 0),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => (Doc::new(id, name), 0, Vec::new()),
             Err(e) => return Err(io_err(&st_path)(e)),
         };
         if doc.id != id {
@@ -285,6 +292,7 @@ impl Store {
             site,
             provisional,
             last_sync,
+            live_since: live_since.into_iter().collect(),
             alloc,
             dirty: !records.is_empty(),
         })
@@ -308,7 +316,7 @@ impl Store {
             let path = entry.path();
             let bytes = fs::read(&path).map_err(io_err(&path))?;
             let name = DocName::new(stem).unwrap_or_default();
-            let (doc, _) = read_structure(&path, &bytes, name.clone())?;
+            let (doc, _, _) = read_structure(&path, &bytes, name.clone())?;
             if self.notes.contains_key(&doc.id) {
                 continue;
             }
@@ -367,6 +375,7 @@ impl Store {
             site: 0,
             provisional: true,
             last_sync: 0,
+            live_since: Default::default(),
             alloc: make_alloc(id, 0, true)?,
             dirty: true,
         };
@@ -393,6 +402,7 @@ impl Store {
             site,
             provisional: false,
             last_sync: 0,
+            live_since: Default::default(),
             alloc: make_alloc(id, site, false)?,
             dirty: true,
         };
@@ -545,7 +555,11 @@ impl Store {
         };
         let write_md = self.write_md;
         let note = self.note_mut(id)?;
-        write_atomic(&st, &write_structure(&note.doc, note.last_sync)).map_err(io_err(&st))?;
+        write_atomic(
+            &st,
+            &write_structure(&note.doc, note.last_sync, &note.live_since),
+        )
+        .map_err(io_err(&st))?;
         if write_md {
             write_atomic(&md, note.doc.text().as_bytes()).map_err(io_err(&md))?;
         }
@@ -681,6 +695,37 @@ impl Store {
         Ok(c)
     }
 
+    /// Remembers an id that entered the note live, after its cursor.
+    pub(crate) fn note_live(
+        &mut self,
+        id: DocId,
+        pid: notesync_protocol::Pid,
+    ) -> Result<(), StoreError> {
+        let note = self.note_mut(id)?;
+        note.live_since.insert(pid);
+        note.dirty = true;
+        Ok(())
+    }
+
+    /// After a complete catch-up (every 33 up to its 34 or 68): ids that
+    /// entered live after the old cursor and are not among the catch-up's
+    /// inserts were deleted meanwhile (PROTOCOL.md 3.2.1).
+    pub(crate) fn reconcile_catch_up(
+        &mut self,
+        id: DocId,
+        inserted: &std::collections::HashSet<notesync_protocol::Pid>,
+    ) -> Result<Vec<TextChange>, StoreError> {
+        let note = self.note_mut(id)?;
+        let mut changes = Vec::new();
+        for pid in std::mem::take(&mut note.live_since) {
+            if !inserted.contains(&pid) && !note.pending.has_insert(&pid) {
+                changes.extend(note.doc.apply_delete(&pid));
+            }
+        }
+        note.dirty = true;
+        Ok(changes)
+    }
+
     pub(crate) fn set_note_sync(&mut self, id: DocId, t: Time) -> Result<(), StoreError> {
         let note = self.note_mut(id)?;
         if t > note.last_sync {
@@ -715,7 +760,11 @@ fn make_alloc(id: DocId, site: u8, provisional: bool) -> Result<Allocator, Store
 }
 
 /// Serializes a note's structure file.
-pub fn write_structure(doc: &Doc, last_sync: Time) -> BytesMut {
+pub fn write_structure(
+    doc: &Doc,
+    last_sync: Time,
+    live_since: &std::collections::BTreeSet<notesync_protocol::Pid>,
+) -> BytesMut {
     let (atoms, deleted) = doc.to_parts();
     let mut out =
         BytesMut::with_capacity(40 + doc.len_chars() + 8 * atoms.len() + 8 * deleted.len());
@@ -731,13 +780,22 @@ pub fn write_structure(doc: &Doc, last_sync: Time) -> BytesMut {
     for pid in &deleted {
         pid.write_wire(&mut out);
     }
+    out.put_u64(live_since.len() as u64);
+    for pid in live_since {
+        pid.write_wire(&mut out);
+    }
     out
 }
 
-/// Parses a structure file. Its body has the layout of a 33's lists, so
-/// the protocol's decoder validates it (counts are checked against the
-/// file's size before use, as on the wire).
-pub fn read_structure(path: &Path, b: &[u8], name: DocName) -> Result<(Doc, Time), StoreError> {
+/// Parses a structure file: (document, last sync time, ids to reconcile).
+/// Its body has the layout of a 33's lists, so the protocol's decoder
+/// validates it (counts are checked against the file's size before use, as
+/// on the wire).
+pub fn read_structure(
+    path: &Path,
+    b: &[u8],
+    name: DocName,
+) -> Result<(Doc, Time, Vec<notesync_protocol::Pid>), StoreError> {
     let bad = |why| StoreError::BadStructure {
         path: path.to_owned(),
         why,
@@ -748,22 +806,39 @@ pub fn read_structure(path: &Path, b: &[u8], name: DocName) -> Result<(Doc, Time
     let mut head = &b[..24];
     let id = head.get_u128();
     let last_sync = head.get_u64();
-    // Rebuild it as a 33 frame: header, id, empty name, then the two lists.
-    let mut frame = BytesMut::with_capacity(b.len() + 2);
-    frame.put_u8(33);
-    frame.put_u128(id);
-    frame.put_u8(b'\n');
-    frame.put_slice(&b[24..]);
-    let limits = notesync_protocol::Limits {
-        max_frame_bytes: frame.len().max(1024),
-        max_items_per_frame: u64::MAX,
-        max_pid_depth: 255,
+    // Rebuild the lists as a 33 frame: header, id, empty name, lists.
+    let as_33 = |lists: &[u8]| -> Result<(notesync_protocol::DocResponse, BytesMut), StoreError> {
+        let mut frame = BytesMut::with_capacity(lists.len() + 18);
+        frame.put_u8(33);
+        frame.put_u128(id);
+        frame.put_u8(b'\n');
+        frame.put_slice(lists);
+        let limits = notesync_protocol::Limits {
+            max_frame_bytes: frame.len().max(1024),
+            max_items_per_frame: u64::MAX,
+            max_pid_depth: 255,
+        };
+        match FrameDecoder::<ServerFrame>::new(limits).decode(&mut frame) {
+            Ok(Some(ServerFrame::DocResponse(r))) => Ok((r, frame)),
+            Ok(Some(_)) => Err(bad("it is not a structure file")),
+            Ok(None) => Err(bad("it is cut short")),
+            Err(_) => Err(bad("an atom or id in it is malformed")),
+        }
     };
-    let r = match FrameDecoder::<ServerFrame>::new(limits).decode(&mut frame) {
-        Ok(Some(ServerFrame::DocResponse(r))) if frame.is_empty() => r,
-        Ok(Some(_)) => return Err(bad("it has bytes after its lists")),
-        Ok(None) => return Err(bad("it is cut short")),
-        Err(_) => return Err(bad("an atom or id in it is malformed")),
+    let (r, rest) = as_33(&b[24..])?;
+    // The third list (ids to reconcile) is absent in files written before
+    // it existed.
+    let live_since = if rest.is_empty() {
+        Vec::new()
+    } else {
+        let mut lists = BytesMut::with_capacity(rest.len() + 8);
+        lists.put_u64(0);
+        lists.put_slice(&rest);
+        let (r2, rest2) = as_33(&lists)?;
+        if !rest2.is_empty() {
+            return Err(bad("it has bytes after its lists"));
+        }
+        r2.deletes.iter().map(|p| p.to_pid()).collect()
     };
     let atoms = r
         .inserts
@@ -771,7 +846,11 @@ pub fn read_structure(path: &Path, b: &[u8], name: DocName) -> Result<(Doc, Time
         .map(|a| (a.pid.to_pid(), a.data.to_owned()))
         .collect();
     let deleted = r.deletes.iter().map(|p| p.to_pid()).collect();
-    Ok((Doc::from_parts(id, name, atoms, deleted), last_sync))
+    Ok((
+        Doc::from_parts(id, name, atoms, deleted),
+        last_sync,
+        live_since,
+    ))
 }
 
 const RESERVED: &[&str] = &[

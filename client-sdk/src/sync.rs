@@ -272,9 +272,11 @@ async fn read_reply(
     report: &mut SyncReport,
 ) -> Result<Result<(u8, Time), (ErrorCode, String)>, SyncError> {
     let mut changes = Vec::new();
+    let mut inserted = std::collections::HashSet::new();
     loop {
         match conn.recv_raw().await? {
             ServerFrame::DocResponse(r) if r.doc == doc => {
+                inserted.extend(r.inserts.iter().map(|a| a.pid.to_pid()));
                 let mut s = lock(store);
                 if !s.notes.contains_key(&doc) {
                     s.adopt_remote(doc, &r.name, 0)?;
@@ -293,6 +295,12 @@ async fn read_reply(
                 sync_time,
                 site,
             } if d == doc => {
+                {
+                    let mut s = lock(store);
+                    if s.notes.contains_key(&doc) {
+                        changes.extend(s.reconcile_catch_up(doc, &inserted)?);
+                    }
+                }
                 if !changes.is_empty() {
                     report.changes.push((doc, changes));
                 }

@@ -182,3 +182,56 @@ async fn live_sessions_converge_and_survive_a_server_restart() {
     c.sync_now().await.unwrap();
     assert_eq!(c.text(id).unwrap(), "[a] >> one two three [b]");
 }
+
+/// PROTOCOL.md 3.2.1: text received live after the cursor and deleted while
+/// this replica was away is deleted here too when it catches up, although
+/// the catch-up sends it as neither insert nor delete.
+#[tokio::test]
+async fn text_received_live_then_deleted_while_away_disappears_on_catch_up() {
+    let server = TestServer::start().await;
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = server.client(da.path());
+    let b = server.client(db.path());
+    let id = a.create("away").unwrap();
+    a.insert(id, 0, "base ").unwrap();
+    a.sync_now().await.unwrap();
+    b.sync_now().await.unwrap();
+    let mut sa = a.session(id).unwrap();
+    let mut sb = b.session(id).unwrap();
+    for s in [&mut sa, &mut sb] {
+        assert_eq!(s.next_event().await, Some(SessionEvent::Connected));
+    }
+    sa.insert(5, "live").unwrap();
+    wait_for("B to receive the live text", || sb.text() == "base live").await;
+    wait_for("A's op acknowledged", || sa.pending_ops() == 0).await;
+    sb.close().await;
+    // While B is away, A deletes what B received live.
+    sa.delete(5..9).unwrap();
+    wait_for("A's delete acknowledged", || sa.pending_ops() == 0).await;
+    sa.close().await;
+    // B catches up by sync (a pull since its session's cursor)...
+    b.sync_now().await.unwrap();
+    assert_eq!(b.text(id).unwrap(), "base ");
+    // ...and the same holds after a restart of B's store (the set of ids
+    // to reconcile is durable) and a catch-up by session.
+    let dc = tempfile::tempdir().unwrap();
+    let c = server.client(dc.path());
+    c.sync_now().await.unwrap();
+    let mut sc = c.session(id).unwrap();
+    let mut sb = b.session(id).unwrap();
+    for s in [&mut sc, &mut sb] {
+        assert_eq!(s.next_event().await, Some(SessionEvent::Connected));
+    }
+    sc.insert(0, "x").unwrap();
+    wait_for("B to receive x", || sb.text() == "xbase ").await;
+    sb.close().await;
+    drop(b);
+    sc.delete(0..1).unwrap();
+    wait_for("C's delete acknowledged", || sc.pending_ops() == 0).await;
+    let b = server.client(db.path());
+    let mut sb = b.session(id).unwrap();
+    assert_eq!(sb.next_event().await.map(|e| matches!(e, SessionEvent::Remote(_) | SessionEvent::Connected)), Some(true));
+    wait_for("B to drop x after catching up", || sb.text() == "base ").await;
+    sb.close().await;
+    sc.close().await;
+}

@@ -43,7 +43,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::index::Index;
 use crate::rooms::{AckCell, Kill, Outbox, OutboxRx, Sub, error_bytes, outbox};
-use crate::store::{DocFrames, SentIds, Snapshot, StoreError};
+use crate::store::{DocFrames, Rule, SentIds, Snapshot, StoreError};
 use crate::writer::{Request, SessionOp, WriteError};
 
 /// What every connection shares.
@@ -212,7 +212,7 @@ async fn write_loop(
     while direct_open || live_open {
         let first = tokio::select! {
             biased;
-            _ = kill.token().cancelled() => break,
+            _ = kill.aborted().cancelled() => break,
             m = direct.recv(), if direct_open => match m {
                 Some(b) => Some(b),
                 None => {
@@ -266,11 +266,8 @@ async fn write_loop(
         }
         live.release(live_bytes);
     }
-    let closing = if kill.is_killed() {
-        kill.frame()
-    } else {
-        last.get().cloned()
-    };
+    // A kill's frame wins over the connection's own closing frame.
+    let closing = kill.frame().or_else(|| last.get().cloned());
     if let Some(frame) = closing {
         let _ = timeout(FINAL_WRITE, wr.write_all(&frame)).await;
     }
@@ -287,7 +284,7 @@ async fn write_out(
 ) -> bool {
     let written = tokio::select! {
         biased;
-        _ = kill.token().cancelled() => return false,
+        _ = kill.aborted().cancelled() => return false,
         r = with_timeout(write_timeout, wr.write_all(buf)) => r,
     };
     match written {
@@ -397,7 +394,7 @@ impl Conn {
             biased;
             _ = self.shared.shutdown.cancelled() => Event::End(Some(shutting_down())),
             // The socket writer sends the kill's frame itself.
-            _ = self.kill.token().cancelled() => Event::End(None),
+            _ = self.kill.stopped().cancelled() => Event::End(None),
             r = with_timeout(idle, self.frames.next()) => match r {
                 None => Event::End(Some(error_bytes(
                     ErrorCode::TIMEOUT,
@@ -576,7 +573,7 @@ impl Conn {
                 }
             };
             let mut out = DocFrames::new(doc, name, chunk, items);
-            snap.delta(doc, since, None, &mut out)?;
+            snap.delta(doc, since, Rule::Session, None, &mut out)?;
             Ok((out.finish(), snap.clock()?))
         })
         .await;
@@ -676,7 +673,7 @@ async fn pull(
             None => Some(0),
         };
         let mut out = DocFrames::new(doc, rec.doc_name()?, chunk, items);
-        snap.delta(doc, since, None, &mut out)?;
+        snap.delta(doc, since, Rule::Pull, None, &mut out)?;
         Ok(Some((out.finish(), snap.clock()?, site)))
     })
     .await;
@@ -740,7 +737,7 @@ async fn upsert_reply(shared: Arc<Shared>, upsert: Arc<Upsert>, site: u8) -> Res
         };
         let sent = SentIds::from_upsert(&upsert);
         let mut out = DocFrames::new(doc, rec.doc_name()?, chunk, items);
-        snap.delta(doc, upsert.since, Some(&sent), &mut out)?;
+        snap.delta(doc, upsert.since, Rule::Pull, Some(&sent), &mut out)?;
         snap.deleted_sent_inserts(doc, upsert.since, &sent, &mut out)?;
         Ok((out.finish(), snap.clock()?))
     })

@@ -22,9 +22,15 @@ use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
 /// Ends a connection from outside its task, with the error frame to send.
+///
+/// Two strengths: [`end`](Self::end) stops the reader and lets the socket
+/// writer drain what is queued (acks included) before the frame;
+/// [`kill`](Self::kill) also aborts the socket writer, dropping the queue
+/// (for a slow reader, whose queue is the problem, or a dead socket).
 #[derive(Default)]
 pub struct Kill {
-    token: CancellationToken,
+    stop: CancellationToken,
+    abort: CancellationToken,
     frame: OnceLock<Bytes>,
 }
 
@@ -62,20 +68,34 @@ impl Kill {
         Arc::new(Kill::default())
     }
 
-    /// Kills the connection; the first reason given is the one sent.
+    /// Stops the connection after what is queued; the first frame given is
+    /// the one sent.
+    pub fn end(&self, frame: Bytes) {
+        let _ = self.frame.set(frame);
+        self.stop.cancel();
+    }
+
+    /// Stops the connection now, dropping what is queued.
     pub fn kill(&self, frame: Option<Bytes>) {
         if let Some(f) = frame {
             let _ = self.frame.set(f);
         }
-        self.token.cancel();
+        self.stop.cancel();
+        self.abort.cancel();
     }
 
-    pub fn token(&self) -> &CancellationToken {
-        &self.token
+    /// Cancelled when the reader must stop.
+    pub fn stopped(&self) -> &CancellationToken {
+        &self.stop
+    }
+
+    /// Cancelled when the socket writer must stop at once.
+    pub fn aborted(&self) -> &CancellationToken {
+        &self.abort
     }
 
     pub fn is_killed(&self) -> bool {
-        self.token.is_cancelled()
+        self.stop.is_cancelled()
     }
 
     /// The error frame to send before closing, if any.
@@ -282,11 +302,11 @@ impl Rooms {
         });
     }
 
-    /// Ends one session with an error frame.
-    pub fn kill(&mut self, doc: DocId, session_id: u64, frame: Bytes) {
+    /// Ends one session with an error frame, after what is queued for it.
+    pub fn end(&mut self, doc: DocId, session_id: u64, frame: Bytes) {
         self.retain(doc, |sub| {
             if sub.session_id == session_id {
-                sub.kill.kill(Some(frame.clone()));
+                sub.kill.end(frame.clone());
                 false
             } else {
                 true
@@ -295,10 +315,10 @@ impl Rooms {
     }
 
     /// Ends every session (the writer is stopping).
-    pub fn kill_all(&mut self, frame: Bytes) {
+    pub fn end_all(&mut self, frame: Bytes) {
         for (_, subs) in self.rooms.drain() {
             for sub in subs {
-                sub.kill.kill(Some(frame.clone()));
+                sub.kill.end(frame.clone());
             }
         }
     }

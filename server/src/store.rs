@@ -261,14 +261,28 @@ impl AtomRecord {
         })
     }
 
-    /// What a pull since `since` sends for this atom (PROTOCOL.md 3.1).
-    pub fn delta(&self, since: Time) -> Option<Delta> {
+    /// What a pull (or a session's 33) since `since` sends for this atom
+    /// (PROTOCOL.md 3.1, 3.2).
+    pub fn delta(&self, since: Time, rule: Rule) -> Option<Delta> {
         if self.delete == 0 {
             (self.insert > since).then_some(Delta::Insert)
+        } else if self.delete > since && (self.insert <= since || rule == Rule::Session) {
+            Some(Delta::Delete)
         } else {
-            (self.insert <= since && self.delete > since).then_some(Delta::Delete)
+            None
         }
     }
+}
+
+/// Which deletes a delta sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rule {
+    /// A pull or an upsert's reply: an atom inserted and deleted after
+    /// `since` is sent as neither (the client cannot have it).
+    Pull,
+    /// A session's 33: every delete after `since` is sent, since a session
+    /// client may hold atoms it received live after its cursor.
+    Session,
 }
 
 /// How an atom appears in a pull.
@@ -498,6 +512,7 @@ impl Snapshot {
         &self,
         doc: DocId,
         since: Time,
+        rule: Rule,
         exclude: Option<&SentIds>,
         out: &mut DocFrames,
     ) -> Result<(), StoreError> {
@@ -527,7 +542,9 @@ impl Snapshot {
             for entry in range {
                 let (k, v) = entry?;
                 let rec = AtomRecord::decode(v.value())?;
-                if let Some(kind) = rec.delta(0) {
+                // Since 0 the client holds nothing (a session's cursor is
+                // never 0), so tombstones of atoms it never saw are left out.
+                if let Some(kind) = rec.delta(0, Rule::Pull) {
                     emit(kind, &k.value()[16..], &rec.data)?;
                 }
             }
@@ -545,7 +562,7 @@ impl Snapshot {
                 };
                 // Each atom has at most one entry per kind: emitting only at
                 // the entry of the kind it is sent as never sends it twice.
-                match (kind, rec.delta(since)) {
+                match (kind, rec.delta(since, rule)) {
                     (CHANGE_INSERT, Some(Delta::Insert)) => {
                         emit(Delta::Insert, pid_key, &rec.data)?
                     }
@@ -581,7 +598,7 @@ impl Snapshot {
                 continue;
             };
             let rec = AtomRecord::decode(v.value())?;
-            if rec.delete != 0 && rec.delta(since) != Some(Delta::Delete) {
+            if rec.delete != 0 && rec.delta(since, Rule::Pull) != Some(Delta::Delete) {
                 let pid = Pid::from_key(pid_key).ok_or(corrupt("atoms", "position id key"))?;
                 out.push_delete(&pid)?;
             }
@@ -973,6 +990,10 @@ pub(crate) mod tests {
 
     /// (inserted data, deleted pids) a pull since `since` sends.
     fn pull(db: &Database, since: Time) -> (Vec<(String, Pid)>, Vec<Pid>) {
+        delta(db, since, Rule::Pull)
+    }
+
+    fn delta(db: &Database, since: Time, rule: Rule) -> (Vec<(String, Pid)>, Vec<Pid>) {
         let snap = Snapshot::begin(db).expect("snapshot");
         let name = snap
             .doc(DOC)
@@ -981,7 +1002,7 @@ pub(crate) mod tests {
             .doc_name()
             .expect("name");
         let mut out = DocFrames::new(DOC, name, 1 << 20, 1 << 20);
-        snap.delta(DOC, since, None, &mut out).expect("delta");
+        snap.delta(DOC, since, rule, None, &mut out).expect("delta");
         let mut ins = Vec::new();
         let mut del = Vec::new();
         for f in out.finish() {
@@ -1120,6 +1141,15 @@ pub(crate) mod tests {
                 .expect("del");
             w.set_clock(clock.last()).expect("clock");
         });
+        // A session's 33 since t also sends the delete of the atom
+        // inserted and deleted after t (the client may have had it live).
+        assert_eq!(
+            delta(&o.db, t, Rule::Session),
+            (
+                vec![("c".into(), new_live.clone())],
+                vec![old_deleted.clone(), new_deleted.clone()]
+            )
+        );
         // Since t: the new live atom; the delete of the old atom; the atom
         // inserted and deleted after t is sent as neither.
         assert_eq!(
@@ -1147,7 +1177,8 @@ pub(crate) mod tests {
         });
         let snap = Snapshot::begin(&o.db).expect("snap");
         let mut out = DocFrames::new(DOC, DocName::default(), 1000, 1 << 20);
-        snap.delta(DOC, 0, None, &mut out).expect("delta");
+        snap.delta(DOC, 0, Rule::Pull, None, &mut out)
+            .expect("delta");
         let frames = out.finish();
         assert!(frames.len() > 5, "{} frames", frames.len());
         assert!(frames.iter().all(|f| f.len() < 1200));

@@ -451,7 +451,7 @@ impl Writer {
             }
             stop = self.process(batch);
         }
-        self.rooms.kill_all(error_bytes(
+        self.rooms.end_all(error_bytes(
             ErrorCode::SHUTTING_DOWN,
             "the server is shutting down; reconnect later",
         ));
@@ -931,7 +931,7 @@ impl Writer {
                             "the server could not store an op (not acknowledged; send it again): {msg}"
                         ),
                     );
-                    self.rooms.kill(doc, session_id, frame);
+                    self.rooms.end(doc, session_id, frame);
                 }
                 Pending::Leave {
                     doc,

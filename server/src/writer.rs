@@ -849,11 +849,11 @@ impl Writer {
 
     /// After a successful commit: index, fan-out, acks, replies, sessions.
     fn publish(&mut self, pending: Vec<Pending>, mut batch: Batch) -> bool {
-        let updates: Vec<(DocId, Time)> = batch
+        let updates: Vec<(DocId, Option<Time>, Time)> = batch
             .docs
             .iter()
             .filter(|(_, e)| e.stored_modified != Some(e.rec.modified))
-            .map(|(&d, e)| (d, e.rec.modified))
+            .map(|(&d, e)| (d, e.stored_modified, e.rec.modified))
             .collect();
         if !updates.is_empty() || batch.wrote {
             self.index.publish(updates, self.clock.last());

@@ -38,10 +38,7 @@ impl Index {
         // Collecting sorted input builds the tree in bulk, in linear time.
         let by_time = sorted.into_iter().collect();
         Index {
-            inner: RwLock::new(Inner {
-                by_time,
-                clock,
-            }),
+            inner: RwLock::new(Inner { by_time, clock }),
         }
     }
 

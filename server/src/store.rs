@@ -845,6 +845,45 @@ impl<'t> WriteTables<'t> {
             Some(v) => Some(AtomRecord::decode(v.value())?),
             None => None,
         };
+        self.insert_found(doc, &key, pid_key, data, existing, clock)
+    }
+
+    /// [`check_insert`](Self::check_insert) then
+    /// [`insert_atom`](Self::insert_atom) with one lookup instead of two
+    /// (a session insert's hot path): `None`, and nothing written, if the
+    /// id exists with other data.
+    pub fn insert_checked(
+        &mut self,
+        doc: DocId,
+        pid_key: &[u8],
+        data: &[u8],
+        clock: &mut ServerClock,
+    ) -> Result<Option<Inserted>, StoreError> {
+        let key = atom_key(doc, pid_key);
+        let existing = match self.atoms.get(key.as_slice())? {
+            Some(v) => Some(AtomRecord::decode(v.value())?),
+            None => None,
+        };
+        if existing
+            .as_ref()
+            .is_some_and(|rec| !rec.data.is_empty() && rec.data != data)
+        {
+            return Ok(None);
+        }
+        self.insert_found(doc, &key, pid_key, data, existing, clock)
+            .map(Some)
+    }
+
+    /// The insert, given what the atoms table holds at `key`.
+    fn insert_found(
+        &mut self,
+        doc: DocId,
+        key: &[u8],
+        pid_key: &[u8],
+        data: &[u8],
+        existing: Option<AtomRecord>,
+        clock: &mut ServerClock,
+    ) -> Result<Inserted, StoreError> {
         match existing {
             None => {
                 let t = clock.next();
@@ -854,7 +893,7 @@ impl<'t> WriteTables<'t> {
                     deleter: 0,
                     data: data.to_vec(),
                 };
-                self.atoms.insert(key.as_slice(), rec.encode().as_slice())?;
+                self.atoms.insert(key, rec.encode().as_slice())?;
                 self.put_change(doc, t, CHANGE_INSERT, pid_key)?;
                 Ok(Inserted::New(t))
             }
@@ -867,7 +906,7 @@ impl<'t> WriteTables<'t> {
                     data: data.to_vec(),
                     ..rec
                 };
-                self.atoms.insert(key.as_slice(), rec.encode().as_slice())?;
+                self.atoms.insert(key, rec.encode().as_slice())?;
                 Ok(Inserted::Deleted {
                     deleter,
                     stored: true,

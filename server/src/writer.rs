@@ -775,13 +775,13 @@ impl Writer {
                 }
                 let key = ins.atom.pid().key();
                 let data = ins.atom.data().as_bytes();
-                if t.check_insert(doc, key, data)? == InsertCheck::Conflict {
+                let Some(inserted) = t.insert_checked(doc, key, data, &mut self.clock)? else {
                     return Ok(Some(error_bytes(
                         ErrorCode::ID_CONFLICT,
                         format!("id {:?} already exists with other data", ins.atom.pid()),
                     )));
-                }
-                match t.insert_atom(doc, key, data, &mut self.clock)? {
+                };
+                match inserted {
                     Inserted::New(at) => {
                         batch.broadcast(&self.rooms, doc, origin, ServerFrame::Insert(ins.clone()));
                         Some(at)

@@ -41,7 +41,7 @@ struct Args {
     /// Unacknowledged ops the live-trace writer keeps in flight.
     #[arg(long, value_name = "N", default_value_t = 16_384)]
     window: usize,
-    /// live-trace's paced rate, ops/s.
+    /// live-trace's paced rate, ops/s (0: skip the paced phase).
     #[arg(long, value_name = "OPS", default_value_t = 10_000)]
     paced_rate: u64,
     /// Populated data folder to reuse and keep (synclist-scale, cold-start).
@@ -50,6 +50,9 @@ struct Args {
     /// Repetitions of short measurements (pulls, synclists, restarts).
     #[arg(long, value_name = "N", default_value_t = 0)]
     reps: usize,
+    /// Run each scenario this many times and report the medians.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    runs: usize,
     /// Give up after this many seconds.
     #[arg(long, value_name = "SECS", default_value_t = 1800)]
     deadline: u64,
@@ -64,7 +67,7 @@ fn main() -> ExitCode {
     opts.smoke = a.smoke;
     opts.size = a.size;
     opts.window = a.window.max(1);
-    opts.paced_rate = a.paced_rate.max(1);
+    opts.paced_rate = a.paced_rate;
     opts.data = a.data;
     opts.reps = a.reps;
     opts.deadline = Duration::from_secs(a.deadline);
@@ -85,7 +88,34 @@ fn main() -> ExitCode {
     };
     let mut failed = false;
     for name in names {
-        match rt.block_on(load::run(name, &opts)) {
+        let mut reports = Vec::new();
+        let mut error = None;
+        for run in 0..a.runs.max(1) {
+            match rt.block_on(load::run(name, &opts)) {
+                Ok(r) => {
+                    if a.runs > 1 {
+                        eprintln!(
+                            "run {} of {}: load average {:.2}\n{}",
+                            run + 1,
+                            a.runs,
+                            load::proc::loadavg(),
+                            r.table()
+                        );
+                    }
+                    reports.push(r);
+                }
+                Err(e) => {
+                    error = Some(e);
+                    break;
+                }
+            }
+        }
+        let result = match error {
+            Some(e) => Err(e),
+            None if reports.len() == 1 => Ok(reports.remove(0)),
+            None => load::Report::median_of(&reports).ok_or_else(|| "no run".into()),
+        };
+        match result {
             Ok(report) => {
                 if a.json {
                     eprint!("{}", report.table());

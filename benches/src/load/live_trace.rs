@@ -360,7 +360,11 @@ pub async fn run(opts: &Opts) -> Result<Report> {
     } else {
         opts.paced_rate
     };
-    let paced = phase(&server, &trace, OBSERVERS, Some(rate), opts.window).await?;
+    let paced = if rate > 0 {
+        Some(phase(&server, &trace, OBSERVERS, Some(rate), opts.window).await?)
+    } else {
+        None
+    };
     let last = server.stop()?;
 
     let mut r = Report::new(
@@ -402,35 +406,38 @@ pub async fn run(opts: &Opts) -> Result<Report> {
     if let Some(c) = flood.server_cpu_s {
         r.num("flood_server_cpu_s", "server CPU during the replay", c, "s");
     }
-    r.num("paced_rate", "paced rate", rate as f64, "ops/s")
-        .num(
-            "paced_ops_per_s",
-            "paced: durable ops/s",
-            paced.ops as f64 / paced.acked_in.as_secs_f64(),
-            "ops/s",
-        )
-        .latency("paced_", "paced: fan-out latency", &paced.fanout)
-        .latency("paced_ack_", "paced: ack latency", &paced.ack);
-    if let Some(c) = paced.server_cpu_s {
-        r.num(
-            "paced_server_cpu_s",
-            "server CPU during the paced replay",
-            c,
-            "s",
-        );
+    if let Some(paced) = &paced {
+        r.num("paced_rate", "paced rate", rate as f64, "ops/s")
+            .num(
+                "paced_ops_per_s",
+                "paced: durable ops/s",
+                paced.ops as f64 / paced.acked_in.as_secs_f64(),
+                "ops/s",
+            )
+            .latency("paced_", "paced: fan-out latency", &paced.fanout)
+            .latency("paced_ack_", "paced: ack latency", &paced.ack);
+        if let Some(c) = paced.server_cpu_s {
+            r.num(
+                "paced_server_cpu_s",
+                "server CPU during the paced replay",
+                c,
+                "s",
+            );
+        }
     }
     r.text(
         "check",
         "check",
         &format!(
-            "all {} observers hold the {} text ({} chars), twice",
+            "all {} observers hold the {} text ({} chars){}",
             OBSERVERS,
             if trace.complete {
                 "endContent"
             } else {
                 "writer's"
             },
-            flood.text.chars().count()
+            flood.text.chars().count(),
+            if paced.is_some() { ", twice" } else { "" }
         ),
     );
     r.server(last).client(proc::sample_self());

@@ -138,10 +138,16 @@ pub async fn run(name: &str, opts: &Opts) -> Result<Report> {
             ),
         }
     };
-    match tokio::time::timeout(opts.deadline, fut).await {
-        Ok(r) => r,
+    let cpu0 = proc::sample_self().map(|s| s.cpu_s);
+    let mut report = match tokio::time::timeout(opts.deadline, fut).await {
+        Ok(r) => r?,
         Err(_) => bail!("{name}: did not finish within {:?}", opts.deadline),
+    };
+    // This run's own CPU (several runs share the process).
+    if let (Some(a), Some(b)) = (cpu0, proc::sample_self().map(|s| s.cpu_s)) {
+        report.set_num("client_cpu_s", b - a);
     }
+    Ok(report)
 }
 
 /// A latency histogram in microseconds (1 µs to 1 hour, 3 digits).

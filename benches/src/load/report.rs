@@ -10,8 +10,28 @@ use super::proc::Sample;
 pub struct Report {
     pub scenario: String,
     pub title: String,
-    rows: Vec<(String, String, String)>,
+    rows: Vec<Row>,
     json: Map<String, Value>,
+}
+
+#[derive(Debug, Clone)]
+struct Row {
+    key: String,
+    label: String,
+    /// A number, or text.
+    value: Result<f64, String>,
+    unit: String,
+}
+
+fn show(value: f64) -> String {
+    let decimals = if value.abs() >= 100.0 || value == value.trunc() {
+        0
+    } else if value.abs() >= 1.0 {
+        2
+    } else {
+        4
+    };
+    group(value, decimals)
 }
 
 fn group(v: f64, decimals: usize) -> String {
@@ -48,15 +68,12 @@ impl Report {
 
     /// A number: `key` in JSON, `label` and `unit` in the table.
     pub fn num(&mut self, key: &str, label: &str, value: f64, unit: &str) -> &mut Self {
-        let decimals = if value.abs() >= 100.0 || value == value.trunc() {
-            0
-        } else if value.abs() >= 1.0 {
-            2
-        } else {
-            4
-        };
-        self.rows
-            .push((label.into(), group(value, decimals), unit.into()));
+        self.rows.push(Row {
+            key: key.into(),
+            label: label.into(),
+            value: Ok(value),
+            unit: unit.into(),
+        });
         let v = if value == value.trunc() && value.abs() < 9e15 {
             Value::from(value as i64)
         } else {
@@ -70,7 +87,12 @@ impl Report {
 
     /// A value that is not a number.
     pub fn text(&mut self, key: &str, label: &str, value: &str) -> &mut Self {
-        self.rows.push((label.into(), value.into(), String::new()));
+        self.rows.push(Row {
+            key: key.into(),
+            label: label.into(),
+            value: Err(value.into()),
+            unit: String::new(),
+        });
         self.json.insert(key.into(), value.into());
         self
     }
@@ -128,6 +150,16 @@ impl Report {
         self
     }
 
+    /// Replaces a number already reported.
+    pub fn set_num(&mut self, key: &str, value: f64) {
+        if let Some(r) = self.rows.iter_mut().find(|r| r.key == key) {
+            r.value = Ok(value);
+            if let Some(n) = serde_json::Number::from_f64(value) {
+                self.json.insert(key.into(), Value::Number(n));
+            }
+        }
+    }
+
     pub fn get(&self, key: &str) -> Option<&Value> {
         self.json.get(key)
     }
@@ -137,22 +169,49 @@ impl Report {
     }
 
     pub fn table(&self) -> String {
-        let w = self.rows.iter().map(|r| r.0.len()).max().unwrap_or(0);
-        let v = self
+        let w = self.rows.iter().map(|r| r.label.len()).max().unwrap_or(0);
+        let shown: Vec<Option<String>> = self
             .rows
             .iter()
-            .filter(|r| !r.2.is_empty())
-            .map(|r| r.1.len())
-            .max()
-            .unwrap_or(0);
+            .map(|r| r.value.as_ref().ok().map(|v| show(*v)))
+            .collect();
+        let v = shown.iter().flatten().map(|s| s.len()).max().unwrap_or(0);
         let mut out = format!("== {}: {}\n", self.scenario, self.title);
-        for (l, val, unit) in &self.rows {
-            if unit.is_empty() && val.parse::<f64>().is_err() && !val.contains(',') {
-                out.push_str(&format!("  {l:<w$}  {val}\n"));
-            } else {
-                out.push_str(&format!("  {l:<w$}  {val:>v$} {unit}\n"));
+        for (r, num) in self.rows.iter().zip(&shown) {
+            match (num, &r.value) {
+                (Some(n), _) => out.push_str(&format!("  {:<w$}  {n:>v$} {}\n", r.label, r.unit)),
+                (None, Err(t)) => out.push_str(&format!("  {:<w$}  {t}\n", r.label)),
+                (None, Ok(_)) => {}
             }
         }
         out
+    }
+
+    /// One report from several runs of a scenario: the median of every
+    /// number (rows as in the first run), the run count in the title and
+    /// as `runs`.
+    pub fn median_of(runs: &[Report]) -> Option<Report> {
+        let first = runs.first()?;
+        let mut r = Report::new(
+            &first.scenario,
+            format!("{} (median of {} runs)", first.title, runs.len()),
+        );
+        r.num("runs", "runs", runs.len() as f64, "");
+        for row in &first.rows {
+            match &row.value {
+                Ok(_) => {
+                    let vals: Vec<f64> = runs
+                        .iter()
+                        .filter_map(|x| x.rows.iter().find(|y| y.key == row.key))
+                        .filter_map(|y| y.value.as_ref().ok().copied())
+                        .collect();
+                    r.num(&row.key, &row.label, super::median(&vals), &row.unit);
+                }
+                Err(t) => {
+                    r.text(&row.key, &row.label, t);
+                }
+            }
+        }
+        Some(r)
     }
 }

@@ -12,8 +12,8 @@ use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
 use notesync_protocol::{
     Atom, AtomListBuilder, ClientCodec, ClientFrame, DecodeError, DocId, DocName, DocResponse,
-    ErrorCode, ErrorFrame, Hello, Pid, PidListBuilder, ServerFrame, SessionDelete, SessionInsert,
-    SyncEntry, Time, Upsert,
+    ErrorCode, ErrorFrame, Hello, Limits, Pid, PidListBuilder, ServerFrame, SessionDelete,
+    SessionInsert, SyncEntry, Time, Upsert,
 };
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -68,6 +68,12 @@ pub struct Conn {
 impl Conn {
     /// Connects to `addr`; panics if that fails within [`WAIT`].
     pub async fn connect(addr: SocketAddr) -> Conn {
+        Self::connect_with(addr, Limits::default()).await
+    }
+
+    /// Connects to `addr`, decoding the server's frames with `limits` (for
+    /// a server configured with other limits than the defaults).
+    pub async fn connect_with(addr: SocketAddr, limits: Limits) -> Conn {
         let stream = match tokio::time::timeout(WAIT, TcpStream::connect(addr)).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => panic!("cannot connect to {addr}: {e}"),
@@ -76,7 +82,7 @@ impl Conn {
         stream.set_nodelay(true).expect("set TCP_NODELAY");
         let label = format!("conn {}", stream.local_addr().expect("local addr"));
         Conn {
-            framed: Framed::new(stream, ClientCodec::default()),
+            framed: Framed::new(stream, ClientCodec::new(limits)),
             addr,
             label,
             wait: WAIT,
@@ -234,6 +240,14 @@ impl Conn {
         }
     }
 
+    /// Expects a 127 error with `code`, then the connection closed (a
+    /// closing code, PROTOCOL.md section 4).
+    pub async fn expect_closing_error(&mut self, code: ErrorCode) -> ErrorFrame {
+        let e = self.expect_error(code).await;
+        self.expect_closed().await;
+        e
+    }
+
     /// Expects the server to close the connection with nothing more sent.
     pub async fn expect_closed(&mut self) {
         match self.next_event().await {
@@ -258,8 +272,13 @@ impl Conn {
 
     /// 96 hello with an empty token; expects 97 welcome.
     pub async fn hello(&mut self, replica: u128) -> Welcome {
+        self.hello_with_token(replica, &[]).await
+    }
+
+    /// 96 hello with `token`; expects 97 welcome.
+    pub async fn hello_with_token(&mut self, replica: u128, token: &[u8]) -> Welcome {
         self.send(ClientFrame::Hello(
-            Hello::new(replica, Bytes::new()).expect("empty token"),
+            Hello::new(replica, Bytes::copy_from_slice(token)).expect("token of 255 bytes at most"),
         ))
         .await;
         match self.recv().await {

@@ -9,7 +9,11 @@
 //! - [`SessionClient`] is a session-mode client that checks acks, no echo
 //!   and no repeats as frames arrive.
 //! - [`Rng`] makes every test replay the same operations from a seed.
+//! - [`conformance`] is the conformance kit: every rule of PROTOCOL.md as
+//!   a named check, for any server (the `notesync-conformance` binary) and
+//!   for clients (against a scripted fake server).
 
+pub mod conformance;
 pub mod conn;
 pub mod model;
 pub mod raw;

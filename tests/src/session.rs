@@ -57,20 +57,15 @@ impl SessionClient {
         Self::start_with(addr, label, replica, DocModel::new(doc), since, seed).await
     }
 
-    /// As [`start`](Self::start), for a replica that already holds `model`
-    /// (synced up to `since`).
-    pub async fn start_with(
-        addr: SocketAddr,
-        label: &str,
-        replica: Option<u128>,
+    /// Starts a session on `conn`, which has sent its hello (or not, to
+    /// have no replica id), for a replica that holds `model` (synced up to
+    /// `since`).
+    pub async fn start_on(
+        mut conn: Conn,
         mut model: DocModel,
         since: Time,
         seed: u64,
     ) -> SessionClient {
-        let mut conn = Conn::connect(addr).await.with_label(label);
-        if let Some(r) = replica {
-            conn.hello(r).await;
-        }
         let (rs, started) = conn.session_start(since, model.id).await;
         model.apply_responses(&rs);
         if started.site != 0 {
@@ -89,6 +84,23 @@ impl SessionClient {
             own_deletes: BTreeSet::new(),
             strict: true,
         }
+    }
+
+    /// As [`start`](Self::start), for a replica that already holds `model`
+    /// (synced up to `since`).
+    pub async fn start_with(
+        addr: SocketAddr,
+        label: &str,
+        replica: Option<u128>,
+        model: DocModel,
+        since: Time,
+        seed: u64,
+    ) -> SessionClient {
+        let mut conn = Conn::connect(addr).await.with_label(label);
+        if let Some(r) = replica {
+            conn.hello(r).await;
+        }
+        Self::start_on(conn, model, since, seed).await
     }
 
     pub fn site(&self) -> u8 {

@@ -85,22 +85,24 @@ async fn acks(mut rd: Reader, acked: Arc<AtomicU64>, stop: CancellationToken) ->
     }
 }
 
-/// Per step: latencies, and ops received.
+/// Per step: the latencies every observer saw (one histogram per step,
+/// shared: a histogram per observer and step would be gigabytes), and the
+/// ops received.
 struct Seen {
-    hists: Vec<Histogram<u64>>,
+    hists: Vec<std::sync::Mutex<Histogram<u64>>>,
+    received: Vec<AtomicU64>,
 }
 
 async fn observe(
     mut rd: Reader,
     _wr: OwnedWriteHalf,
-    steps: usize,
-    received: Arc<Vec<AtomicU64>>,
+    seen: Arc<Seen>,
     stop: CancellationToken,
-) -> Result<Seen> {
-    let mut hists: Vec<Histogram<u64>> = (0..steps).map(|_| histogram()).collect();
+) -> Result<()> {
+    let steps = seen.hists.len();
     loop {
         let f = tokio::select! {
-            _ = stop.cancelled() => return Ok(Seen { hists }),
+            _ = stop.cancelled() => return Ok(()),
             f = net::recv(&mut rd, Duration::from_secs(3600)) => f?,
         };
         let ServerFrame::Insert(i) = f else {
@@ -115,8 +117,11 @@ async fn observe(
         if step >= steps {
             bail!("observer: op of step {step}");
         }
-        hists[step].saturating_record(now.saturating_sub(sent).max(1));
-        received[step].fetch_add(1, Ordering::Relaxed);
+        seen.hists[step]
+            .lock()
+            .map_err(|_| "poisoned")?
+            .saturating_record(now.saturating_sub(sent).max(1));
+        seen.received[step].fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -167,7 +172,7 @@ pub async fn run(opts: &Opts) -> Result<Report> {
     let rates: Vec<u64> = if opts.smoke {
         vec![500, 1_000]
     } else {
-        vec![5_000, 10_000, 20_000, 40_000, 80_000, 160_000]
+        vec![1_000, 2_000, 5_000, 10_000, 20_000, 40_000, 80_000]
     };
     let step_dur = if opts.smoke {
         Duration::from_millis(500)
@@ -187,8 +192,12 @@ pub async fn run(opts: &Opts) -> Result<Report> {
     base();
 
     let stop = CancellationToken::new();
-    let received: Arc<Vec<AtomicU64>> =
-        Arc::new((0..rates.len()).map(|_| AtomicU64::new(0)).collect());
+    let seen = Arc::new(Seen {
+        hists: (0..rates.len())
+            .map(|_| std::sync::Mutex::new(histogram()))
+            .collect(),
+        received: (0..rates.len()).map(|_| AtomicU64::new(0)).collect(),
+    });
     // Writers first (so each gets a site), then observers.
     let wlist: Vec<(usize, usize)> = (0..docs)
         .flat_map(|d| (0..WRITERS).map(move |w| (d, w)))
@@ -216,8 +225,7 @@ pub async fn run(opts: &Opts) -> Result<Report> {
         obs_tasks.push(tokio::spawn(observe(
             c.rd,
             c.wr,
-            rates.len(),
-            received.clone(),
+            seen.clone(),
             stop.clone(),
         )));
     }
@@ -261,13 +269,13 @@ pub async fn run(opts: &Opts) -> Result<Report> {
             let acked_all = all
                 .iter()
                 .all(|w| w.acked.load(Ordering::Acquire) >= w.sent);
-            let seen = received[step].load(Ordering::Relaxed);
-            if acked_all && seen >= expected_seen {
+            let got = seen.received[step].load(Ordering::Relaxed);
+            if acked_all && got >= expected_seen {
                 break;
             }
             if drain_start.elapsed() > DRAIN {
                 bail!(
-                    "step {rate} ops/s: not drained within {DRAIN:?} ({seen} of {expected_seen} seen)"
+                    "step {rate} ops/s: not drained within {DRAIN:?} ({got} of {expected_seen} seen)"
                 );
             }
             tokio::time::sleep(Duration::from_millis(2)).await;
@@ -294,10 +302,10 @@ pub async fn run(opts: &Opts) -> Result<Report> {
         t.await??;
     }
     for t in obs_tasks {
-        let seen = t.await??;
-        for (r, h) in results.iter_mut().zip(&seen.hists) {
-            r.hist.add(h)?;
-        }
+        t.await??;
+    }
+    for (r, h) in results.iter_mut().zip(&seen.hists) {
+        r.hist.add(&*h.lock().map_err(|_| "poisoned")?)?;
     }
     for r in results.iter_mut() {
         r.ok =

@@ -45,6 +45,7 @@ fn now_us() -> u64 {
 }
 
 struct Writer {
+    doc: usize,
     wr: OwnedWriteHalf,
     alloc: Allocator,
     last: Option<Pid>,
@@ -98,11 +99,12 @@ async fn observe(
     _wr: OwnedWriteHalf,
     seen: Arc<Seen>,
     stop: CancellationToken,
-) -> Result<()> {
+) -> Result<u64> {
     let steps = seen.hists.len();
+    let mut count = 0u64;
     loop {
         let f = tokio::select! {
-            _ = stop.cancelled() => return Ok(()),
+            _ = stop.cancelled() => return Ok(count),
             f = net::recv(&mut rd, Duration::from_secs(3600)) => f?,
         };
         let ServerFrame::Insert(i) = f else {
@@ -122,6 +124,7 @@ async fn observe(
             .map_err(|_| "poisoned")?
             .saturating_record(now.saturating_sub(sent).max(1));
         seen.received[step].fetch_add(1, Ordering::Relaxed);
+        count += 1;
     }
 }
 
@@ -235,6 +238,7 @@ pub async fn run(opts: &Opts) -> Result<Report> {
         let acked = Arc::new(AtomicU64::new(0));
         ack_tasks.push(tokio::spawn(acks(c.rd, acked.clone(), stop.clone())));
         all.push(Writer {
+            doc: d,
             wr: c.wr,
             alloc: Allocator::new(site, doc_of(d), k as u64)?,
             last: None,
@@ -301,8 +305,17 @@ pub async fn run(opts: &Opts) -> Result<Report> {
     for t in ack_tasks {
         t.await??;
     }
-    for t in obs_tasks {
-        t.await??;
+    // Every observer received every op of its document, once.
+    let mut per_doc = vec![0u64; docs];
+    for w in &all {
+        per_doc[w.doc] += w.sent;
+    }
+    for (k, t) in obs_tasks.into_iter().enumerate() {
+        let got = t.await??;
+        let want = per_doc[k / OBSERVERS];
+        if got != want {
+            bail!("observer {k} received {got} ops of its document's {want}");
+        }
     }
     for (r, h) in results.iter_mut().zip(&seen.hists) {
         r.hist.add(&*h.lock().map_err(|_| "poisoned")?)?;

@@ -7,12 +7,20 @@
 //!   (each frame by [`Target::wait`], each check by its own time limit).
 //!   The `notesync-conformance` binary runs them; `tests/conformance.rs`
 //!   runs them in-process against `notesync-server`.
+//! - Client checks ([`client_checks`]) drive a client through the rules a
+//!   client must follow, against a scripted fake server
+//!   ([`fake_server::FakeServer`]). The client is reached through
+//!   [`client_checks::ClientUnderTest`]; `tests/client_conformance.rs`
+//!   implements it for the reference SDK.
 //!
 //! A check fails by panicking with a message that says what was expected
 //! and what came back (the harness's [`Conn`] helpers do the same); the
 //! runner turns the panic into a failed row of the report. A check that
 //! cannot apply to the target (say, a check of connections without hello
 //! against a server that requires a token) returns [`Skipped`].
+
+pub mod client_checks;
+pub mod fake_server;
 
 mod checks_conn;
 mod checks_limits;
@@ -189,7 +197,8 @@ impl Ctx {
 
 type RunFn<A> = Arc<dyn Fn(A) -> BoxFuture<'static, Outcome> + Send + Sync>;
 
-/// One named check. `A` is what it runs on: a [`Ctx`] for server checks.
+/// One named check. `A` is what it runs on: a [`Ctx`] for server checks, a
+/// [`client_checks::ClientCtx`] for client checks.
 pub struct Check<A> {
     /// Stable, kebab-case.
     pub name: String,
@@ -261,6 +270,13 @@ pub fn server_checks() -> Vec<Check<Ctx>> {
     v.extend(checks_session::checks());
     v.extend(checks_time::checks());
     v.extend(checks_limits::checks());
+    assert_unique(&v);
+    v
+}
+
+/// Every client check.
+pub fn client_checks() -> Vec<Check<client_checks::ClientCtx>> {
+    let v = client_checks::checks();
     assert_unique(&v);
     v
 }
@@ -454,6 +470,29 @@ pub async fn run_all<A: Send + 'static>(
             .collect(),
         elapsed: start.elapsed(),
     }
+}
+
+/// Runs client checks on clients made by `factory`.
+pub async fn run_client_checks(
+    factory: Arc<dyn client_checks::ClientFactory>,
+    checks: &[Check<client_checks::ClientCtx>],
+    seed: u64,
+    jobs: usize,
+    on_done: impl FnMut(&CheckResult),
+) -> Report {
+    run_all(
+        checks,
+        |c| {
+            let mut h: u64 = seed;
+            for b in c.name.bytes() {
+                h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
+            }
+            client_checks::ClientCtx::new(factory.clone(), h)
+        },
+        jobs,
+        on_done,
+    )
+    .await
 }
 
 /// Runs server checks against `target`; ids come from `seed`.

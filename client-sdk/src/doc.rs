@@ -515,63 +515,84 @@ impl Doc {
         true
     }
 
-    /// Replaces runs of adjacent one-char atoms whose ids satisfy `unsent`
-    /// by as few atoms as possible (up to 255 bytes each, never splitting a
-    /// char), with fresh ids in the same gap. Returns (old ids removed, new
-    /// atoms), for the op log to swap. Only for ids that never left the
-    /// device. `force`: rewrite every such run, even one that cannot shrink,
-    /// and multi-char atoms too (to re-make provisional ids with a real
-    /// site).
+    /// Replaces runs of adjacent atoms whose ids satisfy `unsent` (never
+    /// left the device) by as few atoms as possible (up to 255 bytes each,
+    /// never splitting a char), with fresh ids in the same gap. A run is a
+    /// stretch of entries that are all such atoms or their chars (deleted
+    /// chars included: rewriting drops them, and the deletes the log holds
+    /// for them). Returns (old ids removed, new atoms), for the op log to
+    /// swap. A run is rewritten when that makes fewer atoms or drops
+    /// deleted chars; `force` rewrites every run (to re-make provisional
+    /// ids with a real site).
     pub fn coalesce(
         &mut self,
         alloc: &mut Allocator,
         unsent: impl Fn(&Pid) -> bool,
         force: bool,
     ) -> Result<(Vec<Pid>, Vec<Atom>), EditError> {
-        // A run: consecutive entries that are live, never-sent atoms (and,
-        // with force, their virtual entries).
-        let mut runs: Vec<Vec<Pid>> = Vec::new();
-        let mut cur: Vec<Pid> = Vec::new();
-        let mut cur_bytes = 0usize;
-        let mut close = |cur: &mut Vec<Pid>, bytes: &mut usize| {
-            if !cur.is_empty() && (force || cur.len() > bytes.div_ceil(MAX_ATOM_BYTES)) {
-                runs.push(std::mem::take(cur));
+        // A run: a stretch of entries that are all never-sent atoms or
+        // chars of them, collected in position order.
+        #[derive(Default)]
+        struct Run {
+            atoms: Vec<Pid>,
+            text: String,
+            /// Chars per multi-char atom seen in the run (to check that a
+            /// rewritten atom takes all of its chars with it).
+            chars_seen: std::collections::HashMap<Pid, usize>,
+            dead_chars: bool,
+        }
+        let mut runs: Vec<(Vec<Pid>, String)> = Vec::new();
+        let mut cur = Run::default();
+        let close = |cur: &mut Run, runs: &mut Vec<(Vec<Pid>, String)>, doc: &Doc| {
+            let run = std::mem::take(cur);
+            if run.atoms.is_empty() {
+                return;
             }
-            cur.clear();
-            *bytes = 0;
+            // Every multi-char atom of the run must have all its chars here:
+            // otherwise rewriting it would move chars across other entries.
+            let whole = run.chars_seen.iter().all(|(p, &seen)| {
+                doc.find(p)
+                    .is_ok_and(|l| doc.entry(l).data.chars().count() == seen)
+            });
+            let fewer = run.atoms.len() > run.text.len().div_ceil(MAX_ATOM_BYTES);
+            if whole && (force || run.dead_chars || fewer) {
+                runs.push((run.atoms, run.text));
+            }
         };
         for e in self.entries() {
-            let member = e.live
-                && match e.kind {
-                    Kind::Atom => unsent(&e.pid),
-                    Kind::Header => force && unsent(&e.pid),
-                    Kind::Virtual => force && unsent(&parent(&e.pid)),
-                    Kind::Unknown => false,
-                };
-            if member {
-                if e.kind != Kind::Virtual {
-                    cur.push(e.pid.clone());
+            match e.kind {
+                // A deleted never-sent atom (the op log forgets them, so
+                // only a doc used without one has them) is dropped.
+                Kind::Atom if unsent(&e.pid) => {
+                    cur.atoms.push(e.pid.clone());
+                    if e.live {
+                        cur.text.push_str(&e.data);
+                    } else {
+                        cur.dead_chars = true;
+                    }
                 }
-                cur_bytes += if e.kind == Kind::Header {
-                    0
-                } else {
-                    e.data.len()
-                };
-            } else {
-                close(&mut cur, &mut cur_bytes);
+                Kind::Header if unsent(&e.pid) => {
+                    cur.atoms.push(e.pid.clone());
+                    cur.chars_seen.insert(e.pid.clone(), 0);
+                }
+                Kind::Virtual if cur.chars_seen.contains_key(&parent(&e.pid)) => {
+                    *cur.chars_seen.get_mut(&parent(&e.pid)).expect("checked") += 1;
+                    if e.live {
+                        cur.text.push_str(&e.data);
+                    } else {
+                        cur.dead_chars = true;
+                    }
+                }
+                _ => close(&mut cur, &mut runs, self),
             }
         }
-        close(&mut cur, &mut cur_bytes);
+        close(&mut cur, &mut runs, self);
         let mut removed = Vec::new();
         let mut added = Vec::new();
-        for run in runs {
+        for (run, text) in runs {
             let first = self.find(&run[0]).expect("run ids exist");
             let left = self.pid_before(first).cloned();
-            let mut text = String::new();
             for pid in &run {
-                let l = self.find(pid).expect("run ids exist");
-                let e = self.entry(l);
-                text.push_str(&e.data);
                 self.forget(pid);
             }
             let right = {

@@ -173,8 +173,12 @@ impl Pending {
                 }
                 LocalOp::Delete(pid) => {
                     if self.is_unsent_insert(&pid) {
-                        self.inserts.remove(&pid);
+                        let (data, _) = self.inserts.remove(&pid).expect("checked");
                         self.dequeue(&OpKey::Insert(pid.clone()));
+                        // Deletes of its chars (PROTOCOL.md 1.2) go with it.
+                        if data.chars().nth(1).is_some() {
+                            self.drop_char_deletes(std::slice::from_ref(&pid));
+                        }
                         self.cancels.push(pid.clone());
                         out.records.push(Record::Cancel { pid: pid.clone() });
                         // It may be in this very batch's to_send.
@@ -275,6 +279,27 @@ impl Pending {
         }
     }
 
+    /// Drops pending deletes of the chars of these atoms (ids that never
+    /// left the device, so neither do their chars).
+    fn drop_char_deletes(&mut self, atoms: &[Pid]) {
+        for atom in atoms {
+            // An atom's char ids extend its id, so in key order they follow
+            // it directly: a range, not a scan.
+            let chars: Vec<Pid> = self
+                .deletes
+                .range(atom.clone()..)
+                .map(|(d, _)| d)
+                .take_while(|d| d.key().starts_with(atom.key()))
+                .filter(|d| d.depth() == atom.depth() + 1)
+                .cloned()
+                .collect();
+            for d in chars {
+                self.deletes.remove(&d);
+                self.dequeue(&OpKey::Delete(d));
+            }
+        }
+    }
+
     /// Swaps coalesced inserts: `removed` (never sent) become `added`.
     pub fn swap_coalesced(&mut self, removed: &[Pid], added: &[Atom]) -> Vec<Record> {
         let mut records = Vec::with_capacity(removed.len() + added.len());
@@ -285,20 +310,7 @@ impl Pending {
             records.push(Record::Cancel { pid: p.clone() });
         }
         // Deletes of chars of atoms that never left the device go with them.
-        let gone: std::collections::HashSet<&Pid> = removed.iter().collect();
-        let dropped: Vec<Pid> = self
-            .deletes
-            .keys()
-            .filter(|d| {
-                let levels: Vec<_> = d.levels().collect();
-                levels.len() >= 2 && gone.contains(&Pid::from_levels(&levels[..levels.len() - 1]))
-            })
-            .cloned()
-            .collect();
-        for d in dropped {
-            self.deletes.remove(&d);
-            self.dequeue(&OpKey::Delete(d));
-        }
+        self.drop_char_deletes(removed);
         for a in added {
             self.inserts
                 .insert(a.pid().clone(), (a.data().to_owned(), false));

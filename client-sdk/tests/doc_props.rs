@@ -104,3 +104,31 @@ proptest! {
         prop_assert_eq!(a.text(), b.text());
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    /// Rewriting never-sent atoms (coalescing before an upsert, or re-making
+    /// provisional ids) never changes the text, and leaves no deleted char
+    /// behind, whatever mix of pastes, typing inside them and deletes came
+    /// first.
+    #[test]
+    fn coalescing_keeps_the_text(edits in prop::collection::vec(edit(), 1..60), force: bool) {
+        let mut doc = Doc::new(9, DocName::default());
+        let mut alloc = Allocator::new(3, 9, 1).unwrap();
+        let mut model = Vec::new();
+        for e in &edits {
+            run(&mut doc, &mut model, &mut alloc, e);
+        }
+        let before = doc.text();
+        let mut real = Allocator::new(4, 9, 2).unwrap();
+        let (removed, added) = doc.coalesce(&mut real, |_| true, force).unwrap();
+        prop_assert_eq!(doc.text(), before.clone());
+        prop_assert_eq!(added.iter().map(|a| a.data()).collect::<String>().len() <= before.len(), true);
+        if force {
+            prop_assert!(added.iter().all(|a| a.pid().creator() == 4));
+            prop_assert_eq!(added.iter().map(|a| a.data()).collect::<String>(), before);
+        }
+        let _ = removed;
+    }
+}

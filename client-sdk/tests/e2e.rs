@@ -230,7 +230,12 @@ async fn text_received_live_then_deleted_while_away_disappears_on_catch_up() {
     wait_for("C's delete acknowledged", || sc.pending_ops() == 0).await;
     let b = server.client(db.path());
     let mut sb = b.session(id).unwrap();
-    assert_eq!(sb.next_event().await.map(|e| matches!(e, SessionEvent::Remote(_) | SessionEvent::Connected)), Some(true));
+    assert_eq!(
+        sb.next_event()
+            .await
+            .map(|e| matches!(e, SessionEvent::Remote(_) | SessionEvent::Connected)),
+        Some(true)
+    );
     wait_for("B to drop x after catching up", || sb.text() == "base ").await;
     sb.close().await;
     sc.close().await;

@@ -66,9 +66,9 @@ fn offline_upsert(trace: &serde_json::Value) -> (usize, usize, usize) {
     }
     let end = trace["endContent"].as_str().unwrap();
     assert_eq!(doc.text(), end);
-    // Every delete cancelled its own unsent insert: only inserts remain, and
-    // no tombstone is left behind.
-    assert_eq!(doc.atom_count(), pending.len());
+    // Every delete of a whole unsent atom cancelled its insert; deletes of
+    // chars inside pasted (multi-char) atoms remain until the rewrite below.
+    assert!(pending.len() >= doc.atom_count());
     // The server gave this replica site 7: re-id and coalesce.
     let mut real = Allocator::new(7, doc_id, 2).unwrap();
     let (removed, added) = doc

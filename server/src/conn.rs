@@ -360,7 +360,16 @@ impl Conn {
                 self.replica = Some(h.replica);
                 let welcome = ServerFrame::Welcome {
                     version: PROTOCOL_VERSION,
-                    server_time: self.shared.index.clock(),
+                    // The server's current time: never before a time it
+                    // has returned, and not 0 on a fresh server. Not a
+                    // cursor (PROTOCOL.md 3): it may be ahead of changes
+                    // still being committed.
+                    server_time: self
+                        .shared
+                        .config
+                        .wall_clock
+                        .now_micros()
+                        .max(self.shared.index.clock()),
                 };
                 if !self.send_direct(welcome.to_bytes()).await {
                     return None;

@@ -99,15 +99,26 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if let Err(e) = rt.block_on(async {
+    let probe = rt.block_on(async {
         tokio::time::timeout(
             Duration::from_secs(args.wait_secs),
             tokio::net::TcpStream::connect(addr),
         )
         .await
-    }) {
-        eprintln!("notesync-conformance: cannot connect to {addr}: {e}");
-        return ExitCode::from(2);
+    });
+    match probe {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => {
+            eprintln!("notesync-conformance: cannot connect to {addr}: {e}");
+            return ExitCode::from(2);
+        }
+        Err(_) => {
+            eprintln!(
+                "notesync-conformance: connecting to {addr} took over {}s",
+                args.wait_secs
+            );
+            return ExitCode::from(2);
+        }
     }
     let target = Target {
         addr,

@@ -180,7 +180,8 @@ pub struct RawOutcome {
 pub async fn raw_exchange(target: &Target, bytes: Vec<u8>, half_close: bool) -> RawOutcome {
     let stream = match tokio::time::timeout(target.wait, TcpStream::connect(target.addr)).await {
         Ok(Ok(s)) => s,
-        other => panic!("cannot connect to {}: {other:?}", target.addr),
+        Ok(Err(e)) => panic!("cannot connect to {}: {e}", target.addr),
+        Err(_) => panic!("connecting to {} took over {:?}", target.addr, target.wait),
     };
     let _ = stream.set_nodelay(true);
     let (rd, mut wr) = stream.into_split();

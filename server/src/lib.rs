@@ -28,6 +28,8 @@ mod conn;
 mod index;
 mod rooms;
 mod server;
+#[cfg(test)]
+mod storage_faults;
 mod store;
 mod writer;
 

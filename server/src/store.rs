@@ -363,6 +363,13 @@ pub fn open(dir: &Path) -> Result<Opened, OpenError> {
             });
         }
     };
+    open_database(db, path)
+}
+
+/// The part of [`open`] after the file is open: checks the schema, counts
+/// the boot, loads the index. Separate so that tests can open a database
+/// over a fault-injecting redb storage backend (`storage_faults`).
+pub(crate) fn open_database(db: Database, path: PathBuf) -> Result<Opened, OpenError> {
     let store_err = |source: StoreError| OpenError::Store {
         path: path.clone(),
         source,

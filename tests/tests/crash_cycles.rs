@@ -300,7 +300,15 @@ impl Truth {
 }
 
 fn check_opened_clean(server: &ServerProcess, cycle: u64) {
-    let err = server.stderr();
+    // The server logs before it prints `listening on`, but its stderr is
+    // collected by a reader thread that may not have caught up yet: wait
+    // (bounded) for the line rather than racing that thread.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut err = server.stderr();
+    while !err.contains("database open") && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        err = server.stderr();
+    }
     assert!(
         err.contains("database open"),
         "cycle {cycle}: no `database open` line:\n{err}"

@@ -400,3 +400,129 @@ async fn bad_peers_get_their_error_memory_stays_bounded_and_honest_clients_conve
     );
     assert_eq!(upserts.load(Ordering::Relaxed), 50);
 }
+
+// ---------------------------------------------------------------- server fuzz corpus
+
+#[path = "../src/server_fuzz.rs"]
+mod server_fuzz;
+
+fn server_corpus() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/server_frames")
+}
+
+/// Replays the `server_frames` fuzz corpus against the real server binary,
+/// through the same function the fuzz target calls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_frames_fuzz_corpus_replays() {
+    let server = notesync_tests::ServerProcess::start();
+    let addr = server.addr();
+    let mut files: Vec<_> = std::fs::read_dir(server_corpus())
+        .expect("fuzz/corpus/server_frames")
+        .map(|e| e.expect("entry").path())
+        .collect();
+    files.sort();
+    assert!(files.len() >= 10, "only {} corpus files", files.len());
+    let n = files.len();
+    tokio::task::spawn_blocking(move || {
+        for f in &files {
+            let data = std::fs::read(f).expect("read");
+            if let Err(e) =
+                std::panic::catch_unwind(|| server_fuzz::server_frames_target(addr, &data))
+            {
+                panic!("{}: {:?}", f.display(), e.downcast_ref::<String>());
+            }
+        }
+    })
+    .await
+    .expect("replay");
+    eprintln!("server_frames corpus: {n} inputs replayed");
+}
+
+/// Writes seeds for the `server_frames` fuzz target:
+/// `cargo test -p notesync-tests --test network_faults -- --ignored write_server_frames_seeds`.
+#[test]
+#[ignore]
+fn write_server_frames_seeds() {
+    use notesync_tests::{DocModel, name_of, upsert_frame};
+    let dir = server_corpus();
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let enc = |frames: &[ClientFrame]| {
+        let mut b = Vec::new();
+        for f in frames {
+            b.extend(encode(f));
+        }
+        b
+    };
+    let mut m = DocModel::new(0xF0_0001);
+    m.set_site(1, 1);
+    let atoms: Vec<_> = (0..4).map(|i| m.local_append(&format!("é{i}"))).collect();
+    let seeds: Vec<(&str, u8, Vec<u8>)> = vec![
+        ("empty", 0, vec![]),
+        ("hello-only", 1, vec![]),
+        ("synclist", 1, enc(&[ClientFrame::Synclist { since: 0 }])),
+        (
+            "pull",
+            1,
+            enc(&[ClientFrame::Pull {
+                doc: 0xF0_0001,
+                since: 0,
+            }]),
+        ),
+        (
+            "upsert",
+            1,
+            enc(&[upsert_frame(
+                0xF0_0001,
+                "n",
+                0,
+                &atoms,
+                &[atoms[1].pid().clone()],
+            )]),
+        ),
+        (
+            "upsert-pipelined",
+            1,
+            enc(&[
+                upsert_frame(0xF0_0002, "a", 0, &atoms[..2], &[]),
+                ClientFrame::Synclist { since: 0 },
+                ClientFrame::Pull {
+                    doc: 0xF0_0002,
+                    since: 0,
+                },
+            ]),
+        ),
+        (
+            "session-ops",
+            3,
+            enc(&[
+                ClientFrame::Insert(notesync_protocol::SessionInsert::new(atoms[0].clone())),
+                ClientFrame::Delete(notesync_protocol::SessionDelete {
+                    site: 1,
+                    pid: atoms[0].pid().clone(),
+                }),
+                ClientFrame::Rename(name_of("renamed")),
+            ]),
+        ),
+        (
+            "session-no-hello",
+            2,
+            enc(&[ClientFrame::Rename(name_of("x"))]),
+        ),
+        ("wrong-mode", 3, enc(&[ClientFrame::Synclist { since: 0 }])),
+        ("garbage", 0, vec![0xFF, 0x00, 0x41]),
+        ("partial-upsert", 1, {
+            let b = enc(&[upsert_frame(0xF0_0003, "p", 0, &atoms, &[])]);
+            b[..b.len() / 2].to_vec()
+        }),
+        ("second-hello", 1, hello(9)),
+    ];
+    for (i, (name, flags, body)) in seeds.into_iter().enumerate() {
+        // Pieces: one write, or 1..7-byte writes.
+        let mut data = vec![flags, 1, 1, if i % 2 == 0 { 0 } else { 3 }];
+        if i % 2 == 1 {
+            data.extend_from_slice(&[0, 2, 6]);
+        }
+        data.extend(body);
+        std::fs::write(dir.join(format!("seed-{name}")), data).expect("write");
+    }
+}

@@ -607,3 +607,65 @@ fn replicas_converge_and_keep_every_acknowledged_edit() {
     let n: u64 = if long { 100_000 } else { 500 };
     run_seeds(REGRESSION_SEEDS.iter().copied().chain(0..n));
 }
+
+// ---------------------------------------------------------------- op log fuzz corpus
+
+#[path = "../src/oplog_fuzz.rs"]
+mod oplog_fuzz;
+
+/// Replays the op-log fuzz corpus (`fuzz/corpus/oplog/`, target `oplog`)
+/// through the same function the fuzz target calls.
+#[test]
+fn oplog_fuzz_corpus_replays() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/oplog");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.expect("entry").path())
+        .collect();
+    files.sort();
+    assert!(files.len() >= 10, "only {} corpus files", files.len());
+    let mut failed = Vec::new();
+    for f in &files {
+        let data = std::fs::read(f).expect("read");
+        if std::panic::catch_unwind(|| oplog_fuzz::oplog_target(&data)).is_err() {
+            failed.push(f.display().to_string());
+        }
+    }
+    assert!(failed.is_empty(), "oplog_target failed on {failed:#?}");
+}
+
+/// Writes seed inputs for the `oplog` fuzz target from real logs:
+/// `cargo test -p notesync-tests --test simulation -- --ignored write_oplog_seeds`.
+#[test]
+#[ignore]
+fn write_oplog_seeds() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/oplog");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    for seed in 0..12u64 {
+        let mut w = World::new(seed);
+        for _ in 0..60 {
+            w.step();
+        }
+        let r = &mut w.replicas[0];
+        let mut records = r.pending.to_records();
+        records.push(notesync_client::oplog::Record::MarkSent);
+        let log = encode_records(&records);
+        // As is (flags bit 0), cut at a seed-chosen point.
+        let mut data = vec![1, (seed * 37) as u8];
+        data.extend_from_slice(&log);
+        std::fs::write(dir.join(format!("seed-log-{seed}")), &data).expect("write");
+        // As payloads (flags bit 0 clear), for inputs past the checksum.
+        let mut data = vec![(seed % 2) as u8 * 2, seed as u8];
+        let mut rest = &log[..];
+        while rest.len() >= 8 {
+            let len = u32::from_be_bytes(rest[..4].try_into().unwrap()) as usize;
+            if len > 255 {
+                break;
+            }
+            data.push(len as u8);
+            data.extend_from_slice(&rest[4..4 + len]);
+            rest = &rest[8 + len..];
+        }
+        std::fs::write(dir.join(format!("seed-payloads-{seed}")), &data).expect("write");
+    }
+}

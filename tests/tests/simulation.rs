@@ -584,6 +584,9 @@ fn run_seeds(seeds: impl Iterator<Item = u64>) {
             }
         };
         count += 1;
+        if count % 10_000 == 0 {
+            eprintln!("simulation: {count} seeds passed");
+        }
         total.edits += s.edits;
         total.requests += s.requests;
         total.duplicates += s.duplicates;

@@ -171,6 +171,16 @@ impl Doc {
             .find_map(|ch| ch.entries.last().map(|e| &e.pid))
     }
 
+    /// The id of the entry at `loc` (an insertion point) or the next one.
+    fn pid_at(&self, (c, i): Loc) -> Option<&Pid> {
+        if let Some(e) = self.chunks[c].entries.get(i) {
+            return Some(&e.pid);
+        }
+        self.chunks[c + 1..]
+            .iter()
+            .find_map(|ch| ch.entries.first().map(|e| &e.pid))
+    }
+
     /// The live char entry holding char `index`; `None` for the end.
     fn locate_char(&self, mut index: usize) -> Option<Loc> {
         for (c, ch) in self.chunks.iter().enumerate() {
@@ -325,15 +335,7 @@ impl Doc {
         // keeps ids short (measured on the traces).
         let at = self.locate_char(index).unwrap_or_else(|| self.end());
         let left = self.pid_before(at).cloned();
-        let right = self.chunks[at.0]
-            .entries
-            .get(at.1)
-            .map(|e| e.pid.clone())
-            .or_else(|| {
-                self.chunks[at.0 + 1..]
-                    .iter()
-                    .find_map(|ch| ch.entries.first().map(|e| e.pid.clone()))
-            });
+        let right = self.pid_at(at).cloned();
         let mut ops = Vec::new();
         self.place_text(alloc, left, right.as_ref(), text, &mut ops)?;
         Ok(ops)
@@ -595,18 +597,9 @@ impl Doc {
             for pid in &run {
                 self.forget(pid);
             }
-            let right = {
-                let at = self.find(&run[0]).expect_err("removed");
-                self.chunks[at.0]
-                    .entries
-                    .get(at.1)
-                    .map(|e| e.pid.clone())
-                    .or_else(|| {
-                        self.chunks[at.0 + 1..]
-                            .iter()
-                            .find_map(|ch| ch.entries.first().map(|e| e.pid.clone()))
-                    })
-            };
+            let right = self
+                .pid_at(self.find(&run[0]).expect_err("removed"))
+                .cloned();
             let mut ops = Vec::new();
             self.place_text(alloc, left, right.as_ref(), &text, &mut ops)?;
             removed.extend(run);

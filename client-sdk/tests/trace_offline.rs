@@ -4,32 +4,12 @@
 //! The traces live in ../shared/traces (never copied into the repo). Outside
 //! CI a missing trace skips with a message; in CI (CI=true) it fails.
 
-use std::io::Read;
-use std::path::PathBuf;
+mod common;
+use common::load_trace as load;
 
 use notesync_client::Doc;
 use notesync_client::oplog::Pending;
 use notesync_protocol::{Allocator, AtomListBuilder, ClientFrame, DocName, PidListBuilder, Upsert};
-
-fn load(name: &str) -> Option<serde_json::Value> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../shared/traces")
-        .join(name);
-    let Ok(file) = std::fs::File::open(&path) else {
-        assert!(
-            std::env::var("CI").is_err(),
-            "trace {} missing in CI",
-            path.display()
-        );
-        eprintln!("skipping: trace {} not found", path.display());
-        return None;
-    };
-    let mut json = String::new();
-    flate2::read::GzDecoder::new(file)
-        .read_to_string(&mut json)
-        .unwrap();
-    Some(serde_json::from_str(&json).unwrap())
-}
 
 /// Types the trace offline, then builds the upsert the SDK would send.
 /// Returns (upsert frame bytes, final text bytes, atoms sent).

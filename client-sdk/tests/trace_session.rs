@@ -1,33 +1,14 @@
 //! A real trace typed live: one client replays automerge-paper in a session
 //! while a second client observes; both must end with the trace's text.
 
-use std::io::Read;
-use std::path::PathBuf;
+mod common;
+use common::load_trace as load;
+
 use std::time::Duration;
 
 use notesync_client::{Client, ServerConfig};
 use notesync_server::{Config, Server};
 use tokio_util::sync::CancellationToken;
-
-fn load(name: &str) -> Option<serde_json::Value> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../shared/traces")
-        .join(name);
-    let Ok(file) = std::fs::File::open(&path) else {
-        assert!(
-            std::env::var("CI").is_err(),
-            "trace {} missing in CI",
-            path.display()
-        );
-        eprintln!("skipping: trace {} not found", path.display());
-        return None;
-    };
-    let mut json = String::new();
-    flate2::read::GzDecoder::new(file)
-        .read_to_string(&mut json)
-        .unwrap();
-    Some(serde_json::from_str(&json).unwrap())
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn automerge_paper_replayed_live_reaches_the_observer() {

@@ -99,6 +99,7 @@ pub fn server_frames_target(addr: SocketAddr, data: &[u8]) {
             {
                 panic!("the server neither answered nor closed within {BOUND:?}")
             }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {} // a signal: retry
             Err(_) => break, // reset after the server closed
         }
     }
@@ -139,7 +140,10 @@ pub fn server_frames_target(addr: SocketAddr, data: &[u8]) {
     let mut dec = FrameDecoder::<ServerFrame>::new(Limits::default());
     let mut got = BytesMut::new();
     loop {
-        let k = c.read(&mut buf).expect("the server answers a hello");
+        let k = match c.read(&mut buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue, // a signal
+            r => r.expect("the server answers a hello"),
+        };
         assert!(k > 0, "the server closed instead of answering a hello");
         got.extend_from_slice(&buf[..k]);
         match dec.decode(&mut got) {

@@ -354,6 +354,8 @@ pub async fn run(opts: &Opts) -> Result<Report> {
         .map(|f| f.to_string_lossy().into_owned())
         .unwrap_or_default();
     let server = ServerUnderTest::start(opts, &[])?;
+    let probe_dir = server.data_dir.clone().unwrap_or_else(std::env::temp_dir);
+    let fsync = proc::fsync_probe(&probe_dir, if opts.smoke { 10 } else { 200 })?;
     let flood = phase(&server, &trace, OBSERVERS, None, opts.window).await?;
     let rate = if opts.smoke {
         opts.paced_rate.min(2_000)
@@ -439,6 +441,24 @@ pub async fn run(opts: &Opts) -> Result<Report> {
             flood.text.chars().count(),
             if paced.is_some() { ", twice" } else { "" }
         ),
+    );
+    r.num(
+        "fsync_p50_us",
+        "disk fdatasync p50 (probe before the run)",
+        fsync.0,
+        "µs",
+    )
+    .num(
+        "fsync_p99_us",
+        "disk fdatasync p99 (probe before the run)",
+        fsync.1,
+        "µs",
+    )
+    .num(
+        "load_average",
+        "load average (1 min) at the end",
+        proc::loadavg(),
+        "",
     );
     r.server(last).client(proc::sample_self());
     Ok(r)

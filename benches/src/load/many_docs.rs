@@ -420,6 +420,12 @@ pub async fn run(opts: &Opts) -> Result<Report> {
         "check",
         "every op acked; every observer received every op of its document",
     );
+    rep.num(
+        "load_average",
+        "load average (1 min) at the end",
+        proc::loadavg(),
+        "",
+    );
     rep.server(last).client(proc::sample_self());
     Ok(rep)
 }

@@ -83,3 +83,25 @@ pub fn loadavg() -> f64 {
         .and_then(|s| s.split_whitespace().next()?.parse().ok())
         .unwrap_or(0.0)
 }
+
+/// The disk's commit latency right now: `n` 4 KiB appends to a file in
+/// `dir`, each followed by `fdatasync`. Returns (p50, p99) in µs. The
+/// server fsyncs every batch, so its latencies follow this.
+pub fn fsync_probe(dir: &std::path::Path, n: usize) -> std::io::Result<(f64, f64)> {
+    use std::io::Write;
+    let path = dir.join(format!("fsync-probe-{}", std::process::id()));
+    let mut f = std::fs::File::create(&path)?;
+    let block = [0x5au8; 4096];
+    let mut us = Vec::with_capacity(n);
+    for _ in 0..n.max(1) {
+        f.write_all(&block)?;
+        let t = std::time::Instant::now();
+        f.sync_data()?;
+        us.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    drop(f);
+    let _ = std::fs::remove_file(&path);
+    us.sort_by(|a, b| a.total_cmp(b));
+    let at = |q: f64| us[((us.len() as f64 * q) as usize).min(us.len() - 1)];
+    Ok((at(0.5), at(0.99)))
+}

@@ -42,9 +42,18 @@
 //! - no id is ever sent with two different data, nor at a reserved virtual
 //!   id of a multi-char atom; no request or session op is ever refused.
 //!
+//! One deliberate difference from the SDK: a session's ack of an insert
+//! puts it in the 3.2.1 set only if no catch-up showed it already stored
+//! (a re-send after lost acks is stored before the new cursor, and the
+//! next catch-up would delete it locally). `client.rs` puts every
+//! acknowledged insert there; `NOTESYNC_SIM_SDK_ACK_RULE=1` simulates that
+//! rule instead, and seed 0 then diverges.
+//!
 //! A failing seed is printed; add it to `REGRESSION_SEEDS`.
 //! `NOTESYNC_LONG=1` runs 100,000 seeds instead of 500;
-//! `NOTESYNC_SIM_SEEDS=N` runs N seeds; `NOTESYNC_SIM_SEED=N` runs one.
+//! `NOTESYNC_SIM_SEEDS=N` runs N seeds; `NOTESYNC_SIM_SEED=N` runs one;
+//! `NOTESYNC_SIM_TRACE=1` prints what sessions send and what catch-ups
+//! delete.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 use std::net::SocketAddr;
@@ -270,7 +279,8 @@ impl Replica {
     }
 
     /// A catch-up (all 33s up to a 34 or 68): apply, then the 3.2.1 rule.
-    fn catch_up(&mut self, inserts: &[(Pid, String)], deletes: &[Pid], sync_time: u64) {
+    /// Returns the ids the 3.2.1 rule deleted.
+    fn catch_up(&mut self, inserts: &[(Pid, String)], deletes: &[Pid], sync_time: u64) -> Vec<Pid> {
         let mut inserted = HashSet::new();
         for (p, d) in inserts {
             self.doc.apply_insert(d, p);
@@ -285,12 +295,15 @@ impl Replica {
                 self.stored_before.insert(p.clone());
             }
         }
+        let mut gone = Vec::new();
         for p in std::mem::take(&mut self.live_since) {
             if !inserted.contains(&p) && !self.pending.has_insert(&p) {
                 self.doc.apply_delete(&p);
+                gone.push(p);
             }
         }
         self.since = self.since.max(sync_time);
+        gone
     }
 
     /// A client restart: the document from its persisted parts, the op
@@ -384,6 +397,8 @@ struct World<'a> {
     /// session goes into `live_since`, also a re-send of one stored before
     /// the session's cursor; the next catch-up then deletes it locally.
     sdk_ack_rule: bool,
+    /// `NOTESYNC_SIM_TRACE=1`: print what happens to sessions and catch-ups.
+    trace: bool,
 }
 
 impl<'a> World<'a> {
@@ -440,6 +455,7 @@ impl<'a> World<'a> {
             acked_deletes: BTreeSet::new(),
             stats: Stats::default(),
             sdk_ack_rule: std::env::var("NOTESYNC_SIM_SDK_ACK_RULE").is_ok_and(|v| v == "1"),
+            trace: std::env::var("NOTESYNC_SIM_TRACE").is_ok_and(|v| v == "1"),
         }
     }
 
@@ -599,7 +615,13 @@ impl<'a> World<'a> {
         let Some(reply) = r.replies.pop_front() else {
             return;
         };
-        r.catch_up(&reply.inserts, &reply.deletes, reply.sync_time);
+        let gone = r.catch_up(&reply.inserts, &reply.deletes, reply.sync_time);
+        if self.trace {
+            eprintln!(
+                "[{}] replica {i}: upsert reply applied, 3.2.1 deleted {gone:?}",
+                self.seed
+            );
+        }
         r.pending
             .acknowledge(&reply.acked_inserts, &reply.acked_deletes, None);
         for p in &reply.acked_inserts {
@@ -636,7 +658,15 @@ impl<'a> World<'a> {
             "seed {seed}: replica {i}'s site changed"
         );
         let (ins, del) = parts_of(&rs);
-        r.catch_up(&ins, &del, started.sync_time);
+        let gone = r.catch_up(&ins, &del, started.sync_time);
+        if self.trace {
+            eprintln!(
+                "[{seed}] replica {i}: session started (33 with {} inserts, {} deletes), \
+                 3.2.1 deleted {gone:?}",
+                ins.len(),
+                del.len()
+            );
+        }
         r.sess = Some(Sess {
             conn,
             site: started.site,
@@ -744,6 +774,14 @@ impl<'a> World<'a> {
                 ),
             }
         }
+        if self.trace {
+            eprintln!(
+                "[{seed}] replica {i}: session sent inserts {:?} deletes {:?}{}",
+                ins.iter().map(|a| a.pid()).collect::<Vec<_>>(),
+                dels,
+                if ack_lost { ", acks lost, cut" } else { "" }
+            );
+        }
         if ack_lost {
             self.stats.acks_lost += 1;
             self.cut(i);
@@ -755,8 +793,16 @@ impl<'a> World<'a> {
                 OpKey::Insert(p) => {
                     // Stored after the cursor, unless a catch-up showed it
                     // stored already (a re-send after a lost ack).
-                    if !r.stored_before.remove(&p) || self.sdk_ack_rule {
+                    let before = r.stored_before.remove(&p);
+                    if !before || self.sdk_ack_rule {
                         r.live_since.insert(p.clone());
+                    }
+                    if before && self.trace {
+                        eprintln!(
+                            "[{seed}] replica {i}: ack of a re-sent insert stored before \
+                             the cursor: {p:?} (into live_since: {})",
+                            self.sdk_ack_rule
+                        );
                     }
                     self.acked_inserts
                         .insert(p, format!("session of replica {i}"));

@@ -411,7 +411,7 @@ impl std::fmt::Display for CheckReport {
             if self.ok() {
                 "ok".to_owned()
             } else {
-                format!("{} problems", self.problem_count)
+                format!("{} problem(s)", self.problem_count)
             }
         )?;
         for p in &self.problems {

@@ -57,7 +57,8 @@
 //!
 //! A failing seed is printed; add it to `REGRESSION_SEEDS`.
 //! `NOTESYNC_LONG=1` runs 100,000 seeds instead of 500;
-//! `NOTESYNC_SIM_SEEDS=N` runs N seeds; `NOTESYNC_SIM_SEED=N` runs one;
+//! `NOTESYNC_SIM_SEEDS=N` runs N seeds (from `NOTESYNC_SIM_FIRST`, default
+//! 0); `NOTESYNC_SIM_SEED=N` runs one;
 //! `NOTESYNC_SIM_TRACE=1` prints what sessions send and what catch-ups
 //! delete.
 
@@ -1226,7 +1227,8 @@ fn replicas_converge_and_keep_every_acknowledged_edit() {
     }
     let long = std::env::var("NOTESYNC_LONG").is_ok_and(|v| v == "1");
     let n = var("NOTESYNC_SIM_SEEDS").unwrap_or(if long { 100_000 } else { 500 });
-    run_seeds(REGRESSION_SEEDS.iter().copied().chain(0..n));
+    let first = var("NOTESYNC_SIM_FIRST").unwrap_or(0);
+    run_seeds(REGRESSION_SEEDS.iter().copied().chain(first..first + n));
 }
 
 // ---------------------------------------------------------------- op log fuzz corpus

@@ -357,10 +357,23 @@ pub fn check(data: &Path, out: &mut dyn Write) -> Result<(), AdminError> {
 /// `notesync-server backup`: copies the data folder to `dest` (which must
 /// not exist or be empty) and writes what it copied to `out`.
 pub fn backup(data: &Path, dest: &Path, out: &mut dyn Write) -> Result<(), AdminError> {
-    let dest = std::path::absolute(dest).map_err(|source| AdminError::Socket {
-        path: dest.to_owned(),
-        source,
-    })?;
+    let absolute = |p: &Path| {
+        std::path::absolute(p).map_err(|e| {
+            AdminError::Server(format!("cannot resolve the path {}: {e}", p.display()))
+        })
+    };
+    let dest = absolute(dest)?;
+    let data_abs = std::fs::canonicalize(data).or_else(|_| absolute(data))?;
+    let dest_in = std::fs::canonicalize(dest.parent().unwrap_or(&dest))
+        .map(|p| p.join(dest.file_name().unwrap_or_default()))
+        .unwrap_or_else(|_| dest.clone());
+    if dest_in.starts_with(&data_abs) {
+        return Err(AdminError::Server(format!(
+            "backup destination {} is inside the data folder {}; choose a folder outside it",
+            dest.display(),
+            data_abs.display()
+        )));
+    }
     let dest_str = dest.to_str().filter(|s| !s.contains('\n')).ok_or_else(|| {
         AdminError::Server(format!(
             "backup destination {} must be valid UTF-8 without line breaks",

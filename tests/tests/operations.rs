@@ -564,6 +564,16 @@ async fn a_stale_admin_socket_is_handled_by_the_commands_and_the_next_server() {
     assert!(b.status.success(), "{}", shown(&b));
     let e = cli(&["export", "--doc", "7", "--data", path_str(&dest)]).await;
     assert_eq!(text(&e.stdout), "x", "{}", shown(&e));
+    // A destination inside the data folder is refused.
+    let inside = data.join("backups");
+    let b = cli(&["backup", path_str(&inside), "--data", path_str(&data)]).await;
+    assert!(!b.status.success(), "{}", shown(&b));
+    assert!(
+        text(&b.stderr).contains("inside the data folder"),
+        "{}",
+        shown(&b)
+    );
+    assert!(!inside.exists());
     // The next server replaces the stale socket and answers on it.
     server.restart();
     let e = cli(&["export", "--doc", "7", "--data", path_str(&data)]).await;

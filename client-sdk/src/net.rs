@@ -7,11 +7,32 @@ use notesync_protocol::{
     ClientCodec, ClientFrame, DecodeError, ErrorCode, ErrorFrame, Hello, PROTOCOL_VERSION,
     ServerFrame, Time,
 };
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::rustls;
 use tokio_util::codec::Framed;
 
+/// TLS settings of a connection.
+#[derive(Debug, Clone, Default)]
+pub struct TlsSettings {
+    /// PEM file of the certificate authorities to trust (for a
+    /// self-signed server); None: the public web roots (webpki-roots).
+    pub ca_file: Option<PathBuf>,
+    /// The name the server's certificate must carry; None: the host part
+    /// of the address.
+    pub server_name: Option<String>,
+}
+
+/// A byte stream to the server: TCP, or TLS over TCP.
+trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+
 /// How to reach the server.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ServerConfig {
     /// `host:port`.
     pub addr: String,
@@ -19,6 +40,8 @@ pub struct ServerConfig {
     pub token: Vec<u8>,
     /// Longest wait for any one reply before the connection is given up.
     pub reply_timeout: Duration,
+    /// Connect with TLS; None: plain TCP.
+    pub tls: Option<TlsSettings>,
 }
 
 impl ServerConfig {
@@ -27,8 +50,62 @@ impl ServerConfig {
             addr: addr.into(),
             token: Vec::new(),
             reply_timeout: Duration::from_secs(30),
+            tls: None,
         }
     }
+}
+
+// By hand: the token is a secret and must never reach a log.
+impl std::fmt::Debug for ServerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerConfig")
+            .field("addr", &self.addr)
+            .field(
+                "token",
+                &if self.token.is_empty() {
+                    "none"
+                } else {
+                    "<redacted>"
+                },
+            )
+            .field("reply_timeout", &self.reply_timeout)
+            .field("tls", &self.tls)
+            .finish()
+    }
+}
+
+/// The host part of `host:port` (brackets of an IPv6 literal removed).
+fn host_of(addr: &str) -> &str {
+    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+    host.trim_start_matches('[').trim_end_matches(']')
+}
+
+fn tls_connector(tls: &TlsSettings) -> Result<TlsConnector, NetError> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    match &tls.ca_file {
+        Some(path) => {
+            let certs = CertificateDer::pem_file_iter(path)
+                .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| NetError::Tls(format!("reading CA file {}: {e}", path.display())))?;
+            let (added, _) = roots.add_parsable_certificates(certs);
+            if added == 0 {
+                return Err(NetError::Tls(format!(
+                    "no usable CA certificate in {}",
+                    path.display()
+                )));
+            }
+        }
+        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| NetError::Tls(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(TlsConnector::from(Arc::new(config)))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +127,8 @@ pub enum NetError {
     Server { code: ErrorCode, message: String },
     #[error("unexpected reply from the server: {0}")]
     Unexpected(String),
+    #[error("TLS: {0}")]
+    Tls(String),
 }
 
 impl NetError {
@@ -64,7 +143,7 @@ impl NetError {
                     | ErrorCode::STORAGE
                     | ErrorCode::SHUTTING_DOWN
             ),
-            NetError::Decode(_) | NetError::Unexpected(_) => false,
+            NetError::Decode(_) | NetError::Unexpected(_) | NetError::Tls(_) => false,
             _ => true,
         }
     }
@@ -81,7 +160,7 @@ impl From<ErrorFrame> for NetError {
 
 /// An open connection, after hello and welcome.
 pub struct Conn {
-    framed: Framed<TcpStream, ClientCodec>,
+    framed: Framed<Box<dyn Stream>, ClientCodec>,
     timeout: Duration,
     pub server_time: Time,
 }
@@ -97,6 +176,28 @@ impl Conn {
                 source,
             })?;
         stream.set_nodelay(true)?;
+        let stream: Box<dyn Stream> = match &cfg.tls {
+            None => Box::new(stream),
+            Some(tls) => {
+                let host = tls
+                    .server_name
+                    .clone()
+                    .unwrap_or_else(|| host_of(&cfg.addr).to_owned());
+                let name = rustls_pki_types::ServerName::try_from(host.clone())
+                    .map_err(|e| NetError::Tls(format!("invalid server name {host:?}: {e}")))?;
+                let handshake = tls_connector(tls)?.connect(name, stream);
+                let stream = tokio::time::timeout(cfg.reply_timeout, handshake)
+                    .await
+                    .map_err(|_| NetError::Timeout(cfg.reply_timeout))?
+                    .map_err(|e| {
+                        match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+                            Some(te) => NetError::Tls(format!("handshake with {}: {te}", cfg.addr)),
+                            None => NetError::Tls(format!("handshake with {}: {e}", cfg.addr)),
+                        }
+                    })?;
+                Box::new(stream)
+            }
+        };
         let mut conn = Conn {
             framed: Framed::new(stream, ClientCodec::default()),
             timeout: cfg.reply_timeout,

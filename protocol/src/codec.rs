@@ -152,6 +152,7 @@ impl Frame for ClientFrame {
             header::SYNCLIST => &[U64],
             header::SYNC_DOC_PULL => &[U128, U64],
             header::SYNC_DOC_UPSERT => &[U128, Name, U64, AtomSeq, PidSeq],
+            header::DOC_DELETE => &[U128],
             header::SESSION_START => &[U64, U128],
             header::SESSION_INSERT => &[Site, OneAtom],
             header::SESSION_DELETE => &[U8, OnePid],
@@ -175,6 +176,7 @@ impl Frame for ClientFrame {
                 inserts: f.atoms(3),
                 deletes: f.pids(4),
             }),
+            header::DOC_DELETE => ClientFrame::DeleteDoc { doc: f.u128(0) },
             header::SESSION_START => ClientFrame::SessionStart {
                 since: f.u64(0),
                 doc: f.u128(1),
@@ -208,6 +210,7 @@ impl Frame for ServerFrame {
             header::SYNCLIST_RESPONSE => &[EntrySeq],
             header::SYNC_DOC_RESPONSE => &[U128, Name, AtomSeq, PidSeq],
             header::DOC_SYNC => &[U128, U64, U8],
+            header::DOC_DELETED => &[U128, U64],
             header::SESSION_INSERT => &[Site, OneAtom],
             header::SESSION_DELETE => &[U8, OnePid],
             header::NAME_CHANGE => &[Name],
@@ -232,6 +235,10 @@ impl Frame for ServerFrame {
                 doc: f.u128(0),
                 sync_time: f.u64(1),
                 site: f.u8(2),
+            },
+            header::DOC_DELETED => ServerFrame::DocDeleted {
+                doc: f.u128(0),
+                deleted_time: f.u64(1),
             },
             header::SESSION_INSERT => ServerFrame::Insert(SessionInsert {
                 site: f.u8(0),
@@ -314,6 +321,13 @@ impl<F: Frame> FrameDecoder<F> {
 
     pub fn limits(&self) -> &Limits {
         &self.limits
+    }
+
+    /// Changes the limits for the frames that follow (e.g. small before
+    /// authentication, the full ones after). A frame in progress is held
+    /// to the new limits as it continues.
+    pub fn set_limits(&mut self, limits: Limits) {
+        self.limits = limits;
     }
 
     /// Whether a frame has been started but not finished.
@@ -667,6 +681,10 @@ impl<In: Frame, Out: Frame> Codec<In, Out> {
 
     pub fn decoder(&self) -> &FrameDecoder<In> {
         &self.decoder
+    }
+
+    pub fn decoder_mut(&mut self) -> &mut FrameDecoder<In> {
+        &mut self.decoder
     }
 }
 

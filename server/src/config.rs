@@ -48,8 +48,40 @@ pub struct Config {
     /// On shutdown, how long connections get to finish before the server
     /// stops waiting for them.
     pub shutdown_timeout: Duration,
+    /// Require a valid token in every connection's hello, even if the data
+    /// folder has no tokens yet. Whenever it has tokens, authentication is
+    /// required anyway; without tokens and without this, the server serves
+    /// namespace `default` to anyone and listens on loopback only.
+    pub require_auth: bool,
+    /// With authentication required: time a new connection has to send its
+    /// hello (shorter than `handshake_timeout`, as nothing is trusted yet).
+    pub auth_timeout: Duration,
+    /// With authentication required: the largest frame read before the
+    /// hello is accepted (a hello is at most 274 bytes).
+    pub pre_auth_max_frame_bytes: usize,
+    /// Failed authentications from one IP address within
+    /// `failed_auth_window`, at most; past it the address is refused until
+    /// the window ends.
+    pub max_failed_auth: u32,
+    pub failed_auth_window: Duration,
+    /// How often the server looks for changes to the tokens file (added or
+    /// revoked tokens; a revoked token's connections are closed).
+    pub tokens_poll: Duration,
+    /// Serve TLS with this certificate chain and key (PEM files); None:
+    /// plain TCP.
+    pub tls: Option<TlsFiles>,
+    /// Serve Prometheus metrics over HTTP (`GET /metrics`) on this
+    /// address; None: no metrics listener.
+    pub metrics: Option<String>,
     /// The wall clock the server clock is built on (injectable for tests).
     pub wall_clock: Arc<dyn WallClock>,
+}
+
+/// A PEM certificate chain and its private key.
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 impl Config {
@@ -66,6 +98,11 @@ impl Config {
     pub const DEFAULT_MAX_BATCH: usize = 4096;
     pub const DEFAULT_WRITER_QUEUE: usize = 8192;
     pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
+    pub const DEFAULT_AUTH_TIMEOUT: Duration = Duration::from_secs(5);
+    pub const DEFAULT_PRE_AUTH_MAX_FRAME_BYTES: usize = 512;
+    pub const DEFAULT_MAX_FAILED_AUTH: u32 = 10;
+    pub const DEFAULT_FAILED_AUTH_WINDOW: Duration = Duration::from_secs(60);
+    pub const DEFAULT_TOKENS_POLL: Duration = Duration::from_secs(1);
 
     /// The defaults, serving `data_dir`.
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {
@@ -84,6 +121,14 @@ impl Config {
             max_batch: Self::DEFAULT_MAX_BATCH,
             writer_queue: Self::DEFAULT_WRITER_QUEUE,
             shutdown_timeout: Self::DEFAULT_SHUTDOWN_TIMEOUT,
+            require_auth: false,
+            auth_timeout: Self::DEFAULT_AUTH_TIMEOUT,
+            pre_auth_max_frame_bytes: Self::DEFAULT_PRE_AUTH_MAX_FRAME_BYTES,
+            max_failed_auth: Self::DEFAULT_MAX_FAILED_AUTH,
+            failed_auth_window: Self::DEFAULT_FAILED_AUTH_WINDOW,
+            tokens_poll: Self::DEFAULT_TOKENS_POLL,
+            tls: None,
+            metrics: None,
             wall_clock: Arc::new(SystemClock),
         }
     }
@@ -112,6 +157,14 @@ impl std::fmt::Debug for Config {
             .field("max_batch", &self.max_batch)
             .field("writer_queue", &self.writer_queue)
             .field("shutdown_timeout", &self.shutdown_timeout)
+            .field("require_auth", &self.require_auth)
+            .field("auth_timeout", &self.auth_timeout)
+            .field("pre_auth_max_frame_bytes", &self.pre_auth_max_frame_bytes)
+            .field("max_failed_auth", &self.max_failed_auth)
+            .field("failed_auth_window", &self.failed_auth_window)
+            .field("tokens_poll", &self.tokens_poll)
+            .field("tls", &self.tls)
+            .field("metrics", &self.metrics)
             .finish_non_exhaustive()
     }
 }

@@ -21,39 +21,88 @@
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use notesync_protocol::{
-    ClientFrame, DecodeError, DocId, ErrorCode, PROTOCOL_VERSION, ServerCodec, ServerFrame, Time,
-    Upsert,
+    ClientFrame, DecodeError, DocId, ErrorCode, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+    ServerCodec, ServerFrame, Time, Upsert, VERSION_DELETION,
 };
-use redb::Database;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::timeout;
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::{Access, FailBudget, Identity, Tokens};
 use crate::config::Config;
-use crate::index::Index;
-use crate::rooms::{AckCell, Kill, Outbox, OutboxRx, Sub, error_bytes, outbox};
+use crate::rooms::{AckCell, Kill, Outbox, OutboxRx, Sub, deleted_bytes, error_bytes, outbox};
 use crate::store::{DocFrames, Rule, SentIds, Snapshot, StoreError};
+use crate::tenants::{Tenant, Tenants};
 use crate::writer::{Request, SessionOp, WriteError};
+
+/// The read half of a connection (TCP or TLS).
+pub(crate) type Rd = Box<dyn AsyncRead + Send + Unpin>;
+/// The write half of a connection (TCP or TLS).
+pub(crate) type Wr = Box<dyn AsyncWrite + Send + Unpin>;
 
 /// What every connection shares.
 pub(crate) struct Shared {
     pub config: Config,
-    pub db: Arc<Database>,
-    pub index: Arc<Index>,
-    pub writer: mpsc::Sender<Request>,
+    pub tenants: Arc<Tenants>,
+    pub tokens: Tokens,
+    /// Whether hello must carry a valid token (`--require-auth`, or the
+    /// folder has tokens; re-evaluated when the tokens file changes).
+    pub auth_required: AtomicBool,
+    pub fails: FailBudget,
+    /// Live authenticated connections by token id, to end them when their
+    /// token is revoked.
+    pub authed: Mutex<HashMap<String, HashMap<u64, Arc<Kill>>>>,
+    pub next_conn: AtomicU64,
     pub next_session: AtomicU64,
     pub shutdown: CancellationToken,
+}
+
+impl Shared {
+    fn authed(&self) -> std::sync::MutexGuard<'_, HashMap<String, HashMap<u64, Arc<Kill>>>> {
+        self.authed.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Ends every connection of a revoked token (after what is queued for
+    /// them), telling them why.
+    pub fn revoke(&self, token_id: &str) {
+        let conns = self.authed().remove(token_id).unwrap_or_default();
+        if !conns.is_empty() {
+            tracing::info!(token = token_id, connections = conns.len(), "token revoked: closing its connections");
+        }
+        for kill in conns.into_values() {
+            kill.end(error_bytes(ErrorCode::UNAUTHORIZED, "this connection's token was revoked"));
+        }
+    }
+}
+
+/// Keeps a connection in `Shared::authed` while it lives.
+struct Registered {
+    shared: Arc<Shared>,
+    token_id: String,
+    conn_id: u64,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        let mut map = self.shared.authed();
+        if let Some(conns) = map.get_mut(&self.token_id) {
+            conns.remove(&self.conn_id);
+            if conns.is_empty() {
+                map.remove(&self.token_id);
+            }
+        }
+    }
 }
 
 /// Bytes of list data per 33 frame.
@@ -96,6 +145,10 @@ fn storage(e: &dyn std::fmt::Display) -> Bytes {
 
 /// A writer failure as the frame the client gets, and whether it closes.
 fn write_error(e: WriteError) -> Result<Frames, Bytes> {
+    if let WriteError::Deleted { doc, at } = e {
+        // Only a version 1 connection gets here (see `refusal`).
+        return Ok(vec![deleted_bytes(1, doc, at)]);
+    }
     let frame = error_bytes(e.code(), e.to_string());
     if e.code().closes_connection() {
         Err(frame)
@@ -104,11 +157,22 @@ fn write_error(e: WriteError) -> Result<Frames, Bytes> {
     }
 }
 
+/// A writer refusal for a connection of protocol `version`: a deleted
+/// document is a 35 from version 2 on (PROTOCOL.md 3.5).
+fn refusal(version: u8, e: WriteError) -> Result<Frames, Bytes> {
+    match e {
+        WriteError::Deleted { doc, at } => Ok(vec![deleted_bytes(version, doc, at)]),
+        e => write_error(e),
+    }
+}
+
+fn unauthorized(what: &str) -> Bytes {
+    error_bytes(ErrorCode::UNAUTHORIZED, what)
+}
+
 /// Serves one accepted connection to its end.
-pub(crate) async fn serve(socket: TcpStream, shared: Arc<Shared>) {
-    let peer = socket.peer_addr().ok();
+pub(crate) async fn serve(rd: Rd, wr: Wr, peer: SocketAddr, shared: Arc<Shared>) {
     let write_timeout = shared.config.write_timeout;
-    let (rd, wr) = socket.into_split();
     let kill = Kill::new();
     let ack = AckCell::new();
     let last = Arc::new(OnceLock::new());
@@ -121,19 +185,25 @@ pub(crate) async fn serve(socket: TcpStream, shared: Arc<Shared>) {
         write_timeout,
     };
     let write_task = tokio::spawn(write_loop(wr, direct_rx, live_rx, side));
+    let tenant = shared.tenants.default_tenant().clone();
     let mut conn = Conn {
         frames: FramedRead::new(rd, ServerCodec::new(shared.config.limits)),
         shared,
+        tenant,
+        identity: Identity::anonymous(),
+        registered: None,
+        peer,
         kill: kill.clone(),
         ack,
         last,
         direct: Some(direct_tx),
         live: Some(live),
         replica: None,
+        version: 1,
     };
     let close = conn.run().await;
     if let Some(frame) = &close {
-        tracing::debug!(?peer, "closing with an error frame");
+        tracing::debug!(%peer, "closing with an error frame");
         conn.send_final(frame.clone()).await;
     }
     // Drops the queue senders now (not at the end of this function), so
@@ -153,7 +223,7 @@ pub(crate) async fn serve(socket: TcpStream, shared: Arc<Shared>) {
 
 /// Reads and discards input for a moment, so closing does not reset the
 /// connection before the peer has read the error frame.
-async fn linger(mut rd: OwnedReadHalf) {
+async fn linger(mut rd: Rd) {
     let mut buf = vec![0u8; 16 * 1024];
     let _ = timeout(LINGER, async {
         let mut total = 0usize;
@@ -167,15 +237,27 @@ async fn linger(mut rd: OwnedReadHalf) {
     .await;
 }
 
-/// Tells a client over the connection limit, then closes.
-pub(crate) async fn reject_busy(socket: TcpStream, max_connections: usize) {
-    let (rd, mut wr) = socket.into_split();
-    let frame = error_bytes(
+/// The frame for a client over the connection limit.
+pub(crate) fn busy_frame(max_connections: usize) -> Bytes {
+    error_bytes(
         ErrorCode::SERVER_BUSY,
         format!(
             "the server is at its connection limit (max_connections {max_connections}); try again later"
         ),
-    );
+    )
+}
+
+/// The frame for an address that used up its failed-authentication budget.
+pub(crate) fn blocked_frame(retry_in: Duration, max: u32, window: Duration) -> Bytes {
+    unauthorized(&format!(
+        "too many failed authentication attempts from this address (max_failed_auth {max} per {}s); retry in {}s",
+        window.as_secs(),
+        retry_in.as_secs().max(1)
+    ))
+}
+
+/// Sends one closing frame, then closes.
+pub(crate) async fn reject(rd: Rd, mut wr: Wr, frame: Bytes) {
     let _ = timeout(FINAL_WRITE, wr.write_all(&frame)).await;
     let _ = timeout(FINAL_WRITE, wr.shutdown()).await;
     linger(rd).await;
@@ -194,7 +276,7 @@ struct WriteSide {
 /// Drains `direct`, then (once it closes) `live` and the acks, into the
 /// socket; then the closing frame, if any.
 async fn write_loop(
-    mut wr: OwnedWriteHalf,
+    mut wr: Wr,
     mut direct: mpsc::Receiver<Bytes>,
     mut live: OutboxRx,
     side: WriteSide,
@@ -277,7 +359,7 @@ async fn write_loop(
 /// Writes `buf`; false (and the connection killed) if it failed, timed out
 /// or the connection was killed meanwhile.
 async fn write_out(
-    wr: &mut OwnedWriteHalf,
+    wr: &mut Wr,
     buf: &[u8],
     kill: &Kill,
     write_timeout: Duration,
@@ -320,8 +402,14 @@ async fn poll_job(job: &mut Option<Job>) -> Result<Frames, Bytes> {
 }
 
 struct Conn {
-    frames: FramedRead<OwnedReadHalf, ServerCodec>,
+    frames: FramedRead<Rd, ServerCodec>,
     shared: Arc<Shared>,
+    /// The namespace's database, index and writer (`default` until a
+    /// token says otherwise).
+    tenant: Arc<Tenant>,
+    identity: Identity,
+    registered: Option<Registered>,
+    peer: SocketAddr,
     kill: Arc<Kill>,
     ack: Arc<AckCell>,
     /// The closing frame, for the socket writer to send last.
@@ -331,35 +419,115 @@ struct Conn {
     live: Option<Outbox>,
     /// From hello; None: no hello, so no site (PROTOCOL.md 1.2).
     replica: Option<u128>,
+    /// The protocol version from hello (1 without one): what it may be sent.
+    version: u8,
 }
 
 impl Conn {
-    fn into_frames(self) -> FramedRead<OwnedReadHalf, ServerCodec> {
+    fn into_frames(self) -> FramedRead<Rd, ServerCodec> {
         self.frames
+    }
+
+    fn read_only(&self) -> bool {
+        self.identity.access == Access::ReadOnly
+    }
+
+    /// Checks a hello's credentials and binds the connection to its
+    /// namespace; the closing frame if it may not go on.
+    async fn authenticate(&mut self, token: &[u8], required: bool) -> Result<(), Bytes> {
+        if token.is_empty() && !required {
+            return Ok(());
+        }
+        let Some(identity) = self.shared.tokens.verify(token) else {
+            self.shared.fails.fail(self.peer.ip());
+            tracing::info!(peer = %self.peer, "authentication failed");
+            return Err(unauthorized(if token.is_empty() {
+                "this server requires a token in hello"
+            } else {
+                "invalid or revoked token"
+            }));
+        };
+        if let Some(id) = &identity.token_id {
+            let conn_id = self.shared.next_conn.fetch_add(1, Ordering::Relaxed);
+            self.shared
+                .authed()
+                .entry(id.clone())
+                .or_default()
+                .insert(conn_id, self.kill.clone());
+            self.registered = Some(Registered {
+                shared: self.shared.clone(),
+                token_id: id.clone(),
+                conn_id,
+            });
+            // Revoked between the check and the registration: the revoker
+            // did not see this connection.
+            if !self.shared.tokens.contains(id) {
+                return Err(unauthorized("invalid or revoked token"));
+            }
+        }
+        self.tenant = match self.shared.tenants.get(&identity.namespace).await {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::error!(error = %e, namespace = %identity.namespace, "cannot open namespace");
+                return Err(storage(&e));
+            }
+        };
+        tracing::debug!(peer = %self.peer, namespace = %identity.namespace, "authenticated");
+        self.identity = identity;
+        Ok(())
     }
 
     /// Runs the connection until it should close; returns the closing error
     /// frame, if one is owed.
     async fn run(&mut self) -> Option<Bytes> {
-        let handshake = self.shared.config.handshake_timeout;
-        let first = match self.next_frame(handshake, "handshake_timeout").await {
-            Event::Frame(f) => f,
-            Event::End(close) => return close,
+        let config = &self.shared.config;
+        let handshake = config.handshake_timeout;
+        let required = self.shared.auth_required.load(Ordering::Relaxed);
+        let full_limits = config.limits;
+        let (first_wait, first_limit) = if required {
+            // Nothing is trusted before the hello: small frames, little time.
+            let mut small = full_limits;
+            small.max_frame_bytes = small.max_frame_bytes.min(config.pre_auth_max_frame_bytes);
+            self.frames.decoder_mut().decoder_mut().set_limits(small);
+            (config.auth_timeout, "auth_timeout")
+        } else {
+            (handshake, "handshake_timeout")
         };
+        let first = match self.next_frame(first_wait, first_limit).await {
+            Event::Frame(f) => f,
+            Event::End(close) => {
+                if required && close.is_some() {
+                    self.shared.fails.fail(self.peer.ip());
+                }
+                return close;
+            }
+        };
+        if required && !matches!(first, ClientFrame::Hello(_)) {
+            self.shared.fails.fail(self.peer.ip());
+            return Some(unauthorized(
+                "this server requires authentication: the first frame must be 96 hello with a token",
+            ));
+        }
         let first = match first {
             ClientFrame::Hello(h) => {
-                if h.version != PROTOCOL_VERSION {
+                if !(MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&h.version) {
                     return Some(error_bytes(
                         ErrorCode::UNSUPPORTED_VERSION,
                         format!(
-                            "protocol version {} is not spoken by this server (it speaks {PROTOCOL_VERSION})",
+                            "protocol version {} is not spoken by this server (it speaks {MIN_PROTOCOL_VERSION} to {PROTOCOL_VERSION})",
                             h.version
                         ),
                     ));
                 }
+                self.version = h.version;
+                if let Err(close) = self.authenticate(&h.token, required).await {
+                    return Some(close);
+                }
+                self.frames.decoder_mut().decoder_mut().set_limits(full_limits);
                 self.replica = Some(h.replica);
                 let welcome = ServerFrame::Welcome {
-                    version: PROTOCOL_VERSION,
+                    // The version this connection uses (PROTOCOL.md 6).
+                    version: self.version,
                     // The server's current time: never before a time it
                     // has returned, and not 0 on a fresh server. Not a
                     // cursor (PROTOCOL.md 3): it may be ahead of changes
@@ -369,7 +537,7 @@ impl Conn {
                         .config
                         .wall_clock
                         .now_micros()
-                        .max(self.shared.index.clock()),
+                        .max(self.tenant.index.clock()),
                 };
                 if !self.send_direct(welcome.to_bytes()).await {
                     return None;
@@ -382,9 +550,10 @@ impl Conn {
             f => f,
         };
         match first {
-            ClientFrame::Synclist { .. } | ClientFrame::Pull { .. } | ClientFrame::Upsert(_) => {
-                self.sync_mode(first).await
-            }
+            ClientFrame::Synclist { .. }
+            | ClientFrame::Pull { .. }
+            | ClientFrame::Upsert(_)
+            | ClientFrame::DeleteDoc { .. } => self.sync_mode(first).await,
             ClientFrame::SessionStart { since, doc } => self.session_mode(since, doc).await,
             ClientFrame::Hello(_) => Some(wrong_mode(
                 "hello is accepted only as the first frame of a connection",
@@ -498,18 +667,26 @@ impl Conn {
     /// Turns a request into its response job. Upserts go to the writer now.
     async fn sync_job(&mut self, frame: ClientFrame) -> Result<Job, Option<Bytes>> {
         let shared = self.shared.clone();
-        let replica = self.replica;
+        let tenant = self.tenant.clone();
+        // A read-only connection gets no site: it never inserts.
+        let replica = if self.read_only() { None } else { self.replica };
         match frame {
             ClientFrame::Synclist { since } => Ok(Box::pin(async move {
                 let cap = shared.config.max_synclist_entries;
-                let list = shared.index.synclist(since, cap);
+                let list = tenant.index.synclist(since, cap);
                 Ok(vec![ServerFrame::SynclistResponse(list).to_bytes()])
             })),
             ClientFrame::Pull { doc, since } => {
-                Ok(Box::pin(
-                    async move { pull(shared, replica, doc, since).await },
-                ))
+                let version = self.version;
+                Ok(Box::pin(async move {
+                    pull(&shared.config, tenant, replica, doc, since, version).await
+                }))
             }
+            // A write (PROTOCOL.md 3.5): every check goes in `delete_doc`.
+            ClientFrame::DeleteDoc { doc } => self.delete_doc(doc).await,
+            ClientFrame::Upsert(_) if self.read_only() => Ok(Box::pin(async move {
+                Ok(vec![read_only_frame("sync_doc_upsert")])
+            })),
             ClientFrame::Upsert(u) => {
                 let upsert = Arc::new(u);
                 let (reply, rx) = oneshot::channel();
@@ -518,13 +695,14 @@ impl Conn {
                     upsert: upsert.clone(),
                     reply,
                 };
-                if shared.writer.send(req).await.is_err() {
+                if tenant.writer.send(req).await.is_err() {
                     return Err(Some(shutting_down()));
                 }
+                let version = self.version;
                 Ok(Box::pin(async move {
                     match rx.await {
-                        Ok(Ok(site)) => upsert_reply(shared, upsert, site).await,
-                        Ok(Err(e)) => write_error(e),
+                        Ok(Ok(site)) => upsert_reply(&shared.config, tenant, upsert, site).await,
+                        Ok(Err(e)) => refusal(version, e),
                         Err(_) => Err(shutting_down()),
                     }
                 }))
@@ -541,6 +719,45 @@ impl Conn {
         }
     }
 
+    /// 3 doc_delete (PROTOCOL.md 3.5): answered with 35. A version 2
+    /// frame: a connection that did not announce version 2 gets
+    /// `unknown_frame`.
+    async fn delete_doc(&mut self, doc: DocId) -> Result<Job, Option<Bytes>> {
+        if self.version < VERSION_DELETION {
+            return Err(Some(error_bytes(
+                ErrorCode::UNKNOWN_FRAME,
+                format!(
+                    "doc_delete (3) is a protocol version {VERSION_DELETION} frame; \
+                     this connection uses version {} (send hello with version {VERSION_DELETION})",
+                    self.version
+                ),
+            )));
+        }
+        let tenant = self.tenant.clone();
+        let (reply, rx) = oneshot::channel();
+        if tenant
+            .writer
+            .send(Request::DeleteDoc { doc, reply })
+            .await
+            .is_err()
+        {
+            return Err(Some(shutting_down()));
+        }
+        Ok(Box::pin(async move {
+            match rx.await {
+                Ok(Ok(at)) => Ok(vec![
+                    ServerFrame::DocDeleted {
+                        doc,
+                        deleted_time: at,
+                    }
+                    .to_bytes(),
+                ]),
+                Ok(Err(e)) => write_error(e),
+                Err(_) => Err(shutting_down()),
+            }
+        }))
+    }
+
     // --------------------------------------------------------- session mode
 
     async fn session_mode(&mut self, since: Time, doc: DocId) -> Option<Bytes> {
@@ -550,25 +767,36 @@ impl Conn {
         let (reply, rx) = oneshot::channel();
         let sub = Sub {
             session_id,
+            version: self.version,
             outbox: live,
             ack: self.ack.clone(),
             kill: self.kill.clone(),
         };
+        let tenant = self.tenant.clone();
         let req = Request::Start {
             doc,
-            replica: self.replica,
+            // A read-only session gets no site: it never inserts.
+            replica: if self.read_only() { None } else { self.replica },
             sub,
             reply,
         };
-        if shared.writer.send(req).await.is_err() {
+        if tenant.writer.send(req).await.is_err() {
             return Some(shutting_down());
         }
         let started = match rx.await {
             Ok(Ok(s)) => s,
-            Ok(Err(e)) => return Some(error_bytes(e.code(), e.to_string())),
+            // Refused (a deleted document: 35 or unknown_document); the
+            // connection closes.
+            Ok(Err(e)) => {
+                return Some(match e {
+                    WriteError::Deleted { doc, at } => deleted_bytes(self.version, doc, at),
+                    e => error_bytes(e.code(), e.to_string()),
+                });
+            }
             Err(_) => return Some(shutting_down()),
         };
         let site = started.site;
+        let _open = crate::metrics::session();
         let (chunk, items) = chunk_limits(&shared.config);
         let built = tokio::task::spawn_blocking(move || -> Result<(Frames, Time), StoreError> {
             let snap = started.snapshot;
@@ -616,7 +844,7 @@ impl Conn {
             session_id,
             reply,
         };
-        if shared.writer.send(leave).await.is_ok() {
+        if tenant.writer.send(leave).await.is_ok() {
             let _ = rx.await;
         }
         close
@@ -625,6 +853,7 @@ impl Conn {
     async fn session_ops(&mut self, doc: DocId, session_id: u64, site: u8) -> Option<Bytes> {
         let idle = self.shared.config.session_idle_timeout;
         let hello = self.replica.is_some();
+        let read_only = self.read_only();
         let mut seq = 0u64;
         loop {
             let op = match self.next_frame(idle, "session_idle_timeout").await {
@@ -645,9 +874,10 @@ impl Conn {
                 seq,
                 site,
                 hello,
+                read_only,
                 op,
             };
-            if self.shared.writer.send(req).await.is_err() {
+            if self.tenant.writer.send(req).await.is_err() {
                 return Some(shutting_down());
             }
         }
@@ -662,21 +892,34 @@ fn chunk_limits(config: &Config) -> (usize, usize) {
     )
 }
 
+fn read_only_frame(what: &str) -> Bytes {
+    error_bytes(
+        ErrorCode::READ_ONLY,
+        format!("this token allows reading only: {what} refused"),
+    )
+}
+
 /// 33s then 34 for a pull, allocating the site if this replica has none.
 async fn pull(
-    shared: Arc<Shared>,
+    config: &Config,
+    tenant: Arc<Tenant>,
     replica: Option<u128>,
     doc: DocId,
     since: Time,
+    version: u8,
 ) -> Result<Frames, Bytes> {
-    let db = shared.db.clone();
-    let (chunk, items) = chunk_limits(&shared.config);
+    let db = tenant.db.clone();
+    let (chunk, items) = chunk_limits(config);
     type Read = Option<(Frames, Time, Option<u8>)>;
     let read = tokio::task::spawn_blocking(move || -> Result<Read, StoreError> {
         let snap = Snapshot::begin(&db)?;
         let Some(rec) = snap.doc(doc)? else {
             return Ok(None);
         };
+        if rec.deleted != 0 {
+            // 35, or unknown_document for version 1 (PROTOCOL.md 3.5).
+            return Ok(Some((vec![deleted_bytes(version, doc, rec.deleted)], 0, None)));
+        }
         let site = match replica {
             Some(r) => snap.site(doc, r)?,
             None => Some(0),
@@ -687,6 +930,7 @@ async fn pull(
     })
     .await;
     let (mut frames, sync_time, site) = match read {
+        Ok(Ok(Some((frames, 0, None)))) => return Ok(frames),
         Ok(Ok(Some(r))) => r,
         Ok(Ok(None)) => {
             return Ok(vec![error_bytes(
@@ -706,7 +950,7 @@ async fn pull(
                 replica,
                 reply,
             };
-            if shared.writer.send(req).await.is_err() {
+            if tenant.writer.send(req).await.is_err() {
                 return Err(shutting_down());
             }
             match rx.await {
@@ -730,9 +974,14 @@ async fn pull(
 
 /// 33s then 34 for a committed upsert: what the client lacks since its `t`,
 /// less what it sent.
-async fn upsert_reply(shared: Arc<Shared>, upsert: Arc<Upsert>, site: u8) -> Result<Frames, Bytes> {
-    let db = shared.db.clone();
-    let (chunk, items) = chunk_limits(&shared.config);
+async fn upsert_reply(
+    config: &Config,
+    tenant: Arc<Tenant>,
+    upsert: Arc<Upsert>,
+    site: u8,
+) -> Result<Frames, Bytes> {
+    let db = tenant.db.clone();
+    let (chunk, items) = chunk_limits(config);
     let doc = upsert.doc;
     let read = tokio::task::spawn_blocking(move || -> Result<(Frames, Time), StoreError> {
         // Any snapshot after the commit will do: its clock covers the upsert

@@ -8,7 +8,10 @@
 //! - `index`: the in-memory synclist index;
 //! - `rooms`: session fan-out and bounded per-connection queues;
 //! - `conn`: one connection's state machine (handshake, sync, session);
-//! - `server`: the accept loop and graceful shutdown.
+//! - `server`: the accept loop (TLS, auth budget) and graceful shutdown;
+//! - [`auth`]: tokens (hashed in the data folder), the failed-attempt
+//!   budget;
+//! - [`tenants`]: one database, index and writer per namespace.
 //!
 //! Embedding:
 //!
@@ -23,17 +26,23 @@
 //! ```
 #![forbid(unsafe_code)]
 
+pub mod admin;
+pub mod auth;
 pub mod config;
+pub mod config_file;
 mod conn;
 mod index;
+mod metrics;
+pub mod ops;
 mod rooms;
 mod server;
 #[cfg(test)]
 mod storage_faults;
 mod store;
+pub mod tenants;
 mod writer;
 
-pub use config::Config;
+pub use config::{Config, TlsFiles};
 pub use server::{Error, Server};
 pub use store::{OpenError, StoreError, SystemClock, WallClock};
 pub use writer::WriterStats;

@@ -5,48 +5,55 @@
 //! `shutting_down` and closes; the writer commits what is queued and stops;
 //! the database is closed.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use redb::Database;
-use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, mpsc};
+use bytes::Bytes;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
 use tokio::time::timeout;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::Config;
-use crate::conn::{self, Shared};
-use crate::index::Index;
-use crate::store::{self, OpenError, ServerClock};
-use crate::writer::{self, Request, WriterStats};
+use crate::auth::{FailBudget, TokenError, Tokens};
+use crate::config::{Config, TlsFiles};
+use crate::conn::{self, Rd, Shared, Wr};
+use crate::metrics::Counted;
+use crate::store::OpenError;
+use crate::tenants::{StopError, TenantError, Tenants};
+use crate::writer::WriterStats;
 
 /// Connections answered `server_busy` at once, at most; past it, excess
 /// connections are closed without a word.
 const MAX_BUSY_REPLIES: usize = 64;
-/// How long shutdown waits for the writer's last commit.
-const WRITER_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why the server could not start or stop cleanly.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(transparent)]
     Open(#[from] OpenError),
+    #[error(transparent)]
+    Tenant(#[from] TenantError),
+    #[error(transparent)]
+    Tokens(#[from] TokenError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: String,
         source: std::io::Error,
     },
-    #[error("cannot start the writer thread: {0}")]
-    Writer(std::io::Error),
-    #[error("the writer thread did not stop within {WRITER_STOP_TIMEOUT:?}")]
-    WriterStuck,
-    #[error("the writer thread panicked")]
-    WriterPanicked,
-    #[error("closing the database: {0}")]
-    Close(redb::DatabaseError),
+    #[error(
+        "refusing to listen on {addr} without authentication: the data folder has no tokens. \
+         Add one (notesync-server token add --namespace NAME --data DIR), or listen on a loopback address"
+    )]
+    Unprotected { addr: SocketAddr },
+    #[error("TLS: {0}")]
+    Tls(String),
+    #[error(transparent)]
+    Stop(#[from] StopError),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -56,34 +63,77 @@ pub struct Server {
     config: Config,
     listener: TcpListener,
     local_addr: SocketAddr,
-    db: Arc<Database>,
-    index: Arc<Index>,
-    writer: mpsc::Sender<Request>,
-    writer_thread: std::thread::JoinHandle<()>,
-    stats: Arc<WriterStats>,
-    boot: u64,
+    tenants: Arc<Tenants>,
+    tokens: Tokens,
+    tls: Option<TlsAcceptor>,
+    /// The metrics listener and its address (`Config::metrics`).
+    metrics: Option<(TcpListener, SocketAddr)>,
+    /// `DATA/admin.sock`, for export, check and backup.
+    admin: Option<crate::admin::AdminSocket>,
+}
+
+fn load_tls(files: &TlsFiles) -> Result<TlsAcceptor, Error> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = CertificateDer::pem_file_iter(&files.cert)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| {
+            Error::Tls(format!(
+                "reading certificates from {}: {e}",
+                files.cert.display()
+            ))
+        })?;
+    if certs.is_empty() {
+        return Err(Error::Tls(format!(
+            "no certificate in {}",
+            files.cert.display()
+        )));
+    }
+    let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|e| {
+        Error::Tls(format!(
+            "reading the private key from {}: {e}",
+            files.key.display()
+        ))
+    })?;
+    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let config = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::Tls(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| {
+            Error::Tls(format!(
+                "certificate and key do not form a usable pair: {e}"
+            ))
+        })?;
+    Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
 impl Server {
     /// Opens the data folder (a clear error if another server has it),
-    /// rebuilds the index, starts the writer and binds the listener.
+    /// rebuilds the `default` namespace's index, starts its writer, loads
+    /// the tokens and binds the listener.
     pub async fn bind(config: Config) -> Result<Server, Error> {
         let started = Instant::now();
-        let dir = config.data_dir.clone();
-        let opened = tokio::task::spawn_blocking(move || store::open(&dir))
-            .await
-            .map_err(|e| Error::Internal(e.to_string()))??;
-        let opened_in = started.elapsed();
-        let docs = opened.doc_times.len();
-        let index = Arc::new(Index::rebuild(opened.doc_times, opened.clock));
-        tracing::info!(
-            path = %opened.path.display(),
-            documents = docs,
-            boot = opened.boot,
-            open_ms = opened_in.as_secs_f64() * 1e3,
-            total_ms = started.elapsed().as_secs_f64() * 1e3,
-            "database open, index rebuilt"
-        );
+        let tenants = Arc::new(Tenants::open(config.clone()).await?);
+        let tokens = Tokens::load(&config.data_dir)?;
+        let tls = config.tls.as_ref().map(load_tls).transpose()?;
+        let metrics = match &config.metrics {
+            Some(addr) => Some(
+                crate::metrics::bind(addr)
+                    .await
+                    .map_err(|source| Error::Bind {
+                        addr: addr.clone(),
+                        source,
+                    })?,
+            ),
+            None => None,
+        };
+        // Without it the operations commands cannot reach this server (they
+        // say so); serving goes on.
+        let admin = crate::admin::AdminSocket::bind(&config.data_dir)
+            .inspect_err(|e| tracing::warn!(error = %e, "cannot listen on the admin socket"))
+            .ok();
         let listener = TcpListener::bind(&config.listen)
             .await
             .map_err(|source| Error::Bind {
@@ -94,27 +144,46 @@ impl Server {
             addr: config.listen.clone(),
             source,
         })?;
-        let db = Arc::new(opened.db);
-        let clock = ServerClock::new(config.wall_clock.clone(), opened.clock);
-        let (writer, writer_thread, stats) = writer::spawn(
-            db.clone(),
-            clock,
-            index.clone(),
-            config.writer_queue,
-            config.max_batch,
-        )
-        .map_err(Error::Writer)?;
+        let auth = config.require_auth || !tokens.is_empty();
+        if !auth && !local_addr.ip().is_loopback() {
+            return Err(Error::Unprotected { addr: local_addr });
+        }
+        if auth {
+            tracing::info!(
+                tokens = tokens.len(),
+                "authentication required: every connection must send a token"
+            );
+        } else {
+            tracing::warn!(
+                "authentication off: no tokens in the data folder, so anyone who can reach {local_addr} \
+                 reads and writes namespace default; listening on loopback only"
+            );
+        }
+        tracing::info!(
+            tls = tls.is_some(),
+            startup_ms = started.elapsed().as_secs_f64() * 1e3,
+            "ready"
+        );
         Ok(Server {
             config,
             listener,
             local_addr,
-            db,
-            index,
-            writer,
-            writer_thread,
-            stats,
-            boot: opened.boot,
+            tenants,
+            tokens,
+            tls,
+            metrics,
+            admin,
         })
+    }
+
+    /// The address the metrics listener bound (with `Config::metrics`).
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().map(|(_, a)| *a)
+    }
+
+    /// The admin socket the operations commands use, if it could be bound.
+    pub fn admin_socket(&self) -> Option<&std::path::Path> {
+        self.admin.as_ref().map(|a| a.path())
     }
 
     /// The address actually bound (useful with port 0).
@@ -122,9 +191,10 @@ impl Server {
         self.local_addr
     }
 
-    /// The writer's counters (batches, commits, batch sizes).
+    /// The `default` namespace's writer counters (batches, commits, batch
+    /// sizes).
     pub fn stats(&self) -> Arc<WriterStats> {
-        self.stats.clone()
+        self.tenants.default_tenant().stats.clone()
     }
 
     /// Serves until `shutdown` is cancelled, then shuts down gracefully.
@@ -132,25 +202,49 @@ impl Server {
         let Server {
             config,
             listener,
-            db,
-            index,
-            writer,
-            writer_thread,
-            boot,
+            tenants,
+            tokens,
+            tls,
+            metrics,
+            admin,
             ..
         } = self;
+        let data_dir = config.data_dir.clone();
         let max_connections = config.max_connections.max(1);
         let shutdown_timeout = config.shutdown_timeout;
+        let handshake_timeout = config.handshake_timeout;
+        let boot = tenants.default_tenant().boot;
         let shared = Arc::new(Shared {
-            config,
-            db: db.clone(),
-            index,
-            writer: writer.clone(),
+            auth_required: AtomicBool::new(config.require_auth || !tokens.is_empty()),
+            fails: FailBudget::new(config.max_failed_auth.max(1), config.failed_auth_window),
+            tokens,
+            tenants: tenants.clone(),
+            authed: Default::default(),
+            next_conn: AtomicU64::new(0),
             // Unique across restarts: the boot count is persisted.
             next_session: AtomicU64::new(boot << 40),
             shutdown: shutdown.clone(),
+            config,
         });
         let tracker = TaskTracker::new();
+        tracker.spawn(watch_tokens(shared.clone()));
+        if let Some((listener, _)) = metrics {
+            tracker.spawn(crate::metrics::serve(
+                listener,
+                tenants.clone(),
+                tracker.clone(),
+                shutdown.clone(),
+            ));
+        }
+        if let Some(admin) = admin {
+            tracker.spawn(crate::admin::serve(
+                admin,
+                tenants.clone(),
+                data_dir,
+                tracker.clone(),
+                shutdown.clone(),
+            ));
+        }
         let permits = Arc::new(Semaphore::new(max_connections));
         let busy = Arc::new(Semaphore::new(MAX_BUSY_REPLIES));
 
@@ -175,20 +269,41 @@ impl Server {
                 }
             };
             let _ = socket.set_nodelay(true);
+            let refusal = if shared.auth_required.load(Ordering::Relaxed)
+                && let Some(retry_in) = shared.fails.blocked(peer.ip())
+            {
+                tracing::debug!(%peer, "refused: failed-authentication budget used up");
+                Some(conn::blocked_frame(
+                    retry_in,
+                    shared.config.max_failed_auth,
+                    shared.config.failed_auth_window,
+                ))
+            } else {
+                None
+            };
             match permit.or_else(|| permits.clone().try_acquire_owned().ok()) {
-                Some(permit) => {
+                Some(permit) if refusal.is_none() => {
                     tracing::debug!(%peer, "accepted");
                     let shared = shared.clone();
+                    let tls = tls.clone();
                     tracker.spawn(async move {
-                        conn::serve(socket, shared).await;
+                        let _open = crate::metrics::connection();
+                        if let Some((rd, wr)) = open_stream(socket, tls, handshake_timeout).await {
+                            conn::serve(rd, wr, peer, shared).await;
+                        }
                         drop(permit);
                     });
                 }
-                None => {
-                    tracing::warn!(%peer, max_connections, "connection limit reached");
+                permit => {
+                    drop(permit);
+                    let frame = refusal.unwrap_or_else(|| {
+                        tracing::warn!(%peer, max_connections, "connection limit reached");
+                        conn::busy_frame(max_connections)
+                    });
                     if let Ok(p) = busy.clone().try_acquire_owned() {
+                        let tls = tls.clone();
                         tracker.spawn(async move {
-                            conn::reject_busy(socket, max_connections).await;
+                            refuse(socket, tls, handshake_timeout, frame).await;
                             drop(p);
                         });
                     }
@@ -207,31 +322,89 @@ impl Server {
             );
         }
         drop(shared);
-        // Stop is queued behind everything already sent, so it is all
-        // committed before the writer exits.
-        let stopped = timeout(WRITER_STOP_TIMEOUT, writer.send(Request::Stop)).await;
-        drop(writer);
-        if !matches!(stopped, Ok(Ok(()))) {
-            tracing::warn!("could not queue the writer's stop");
-        }
-        let joined = timeout(
-            WRITER_STOP_TIMEOUT,
-            tokio::task::spawn_blocking(move || writer_thread.join()),
-        )
-        .await;
-        match joined {
-            Err(_) => return Err(Error::WriterStuck),
-            Ok(Err(e)) => return Err(Error::Internal(e.to_string())),
-            Ok(Ok(Err(_))) => return Err(Error::WriterPanicked),
-            Ok(Ok(Ok(()))) => {}
-        }
-        match Arc::try_unwrap(db) {
-            Ok(db) => db.close().map_err(Error::Close)?,
-            Err(_) => tracing::warn!(
-                "database still referenced by unfinished connections; it closes when they end"
-            ),
-        }
-        tracing::info!("database closed");
+        tenants.stop().await?;
+        tracing::info!("databases closed");
         Ok(())
+    }
+}
+
+/// The connection's byte stream: plain, or TLS after its handshake (which
+/// must finish within `handshake_timeout`).
+async fn open_stream(
+    socket: TcpStream,
+    tls: Option<TlsAcceptor>,
+    handshake_timeout: Duration,
+) -> Option<(Rd, Wr)> {
+    match tls {
+        None => {
+            let (rd, wr) = socket.into_split();
+            Some((Box::new(Counted(rd)), Box::new(Counted(wr))))
+        }
+        Some(acceptor) => {
+            match timeout(handshake_timeout, acceptor.accept(Counted(socket))).await {
+                Ok(Ok(stream)) => {
+                    let (rd, wr) = tokio::io::split(stream);
+                    Some((Box::new(rd), Box::new(wr)))
+                }
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "TLS handshake failed");
+                    None
+                }
+                Err(_) => {
+                    tracing::debug!("TLS handshake timed out");
+                    None
+                }
+            }
+        }
+    }
+}
+
+async fn refuse(
+    socket: TcpStream,
+    tls: Option<TlsAcceptor>,
+    handshake_timeout: Duration,
+    frame: Bytes,
+) {
+    if let Some((rd, wr)) = open_stream(socket, tls, handshake_timeout).await {
+        conn::reject(rd, wr, frame).await;
+    }
+}
+
+/// Re-reads the tokens file when it changes; ends the connections of
+/// revoked tokens.
+async fn watch_tokens(shared: Arc<Shared>) {
+    let period = shared.config.tokens_poll.max(Duration::from_millis(10));
+    let mut ticks = tokio::time::interval(period);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut reported: HashMap<String, ()> = HashMap::new();
+    loop {
+        tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        let s = shared.clone();
+        let reloaded = tokio::task::spawn_blocking(move || s.tokens.reload_if_changed()).await;
+        match reloaded {
+            Ok(Ok(gone)) => {
+                reported.clear();
+                let required = shared.config.require_auth || !shared.tokens.is_empty();
+                if required != shared.auth_required.swap(required, Ordering::Relaxed) {
+                    tracing::info!(
+                        required,
+                        "authentication requirement changed with the tokens file"
+                    );
+                }
+                for id in gone {
+                    shared.revoke(&id);
+                }
+            }
+            Ok(Err(e)) => {
+                // Reported once per distinct problem; the old tokens stay.
+                if reported.insert(e.to_string(), ()).is_none() {
+                    tracing::error!(error = %e, "cannot reload the tokens file; keeping the tokens as they were");
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "token reload task failed"),
+        }
     }
 }

@@ -50,6 +50,10 @@ pub enum WriteError {
     /// The writer has stopped (the server is shutting down).
     #[error("the server is shutting down; reconnect later")]
     Stopped,
+    /// The document was deleted at `at` (PROTOCOL.md 3.5): a version 2
+    /// connection gets 35, a version 1 connection `unknown_document`.
+    #[error("document {doc:032x} was deleted (at {at}) and stays deleted")]
+    Deleted { doc: DocId, at: Time },
 }
 
 impl WriteError {
@@ -58,6 +62,7 @@ impl WriteError {
             WriteError::Refused { code, .. } => *code,
             WriteError::Storage(_) => ErrorCode::STORAGE,
             WriteError::Stopped => ErrorCode::SHUTTING_DOWN,
+            WriteError::Deleted { .. } => ErrorCode::UNKNOWN_DOCUMENT,
         }
     }
 
@@ -95,6 +100,12 @@ pub enum Request {
         replica: u128,
         reply: oneshot::Sender<Result<u8, WriteError>>,
     },
+    /// Deletes a document (3 doc_delete); answered with its deletion time
+    /// (the first one, if it was deleted already).
+    DeleteDoc {
+        doc: DocId,
+        reply: oneshot::Sender<Result<Time, WriteError>>,
+    },
     /// Creates the document if needed, allocates the site, registers `sub`.
     Start {
         doc: DocId,
@@ -112,6 +123,8 @@ pub enum Request {
         site: u8,
         /// Whether the connection sent a hello.
         hello: bool,
+        /// Whether its credentials allow reading only (every op refused).
+        read_only: bool,
         op: SessionOp,
     },
     /// Removes a session; answered once every earlier op of it is acked.
@@ -140,6 +153,7 @@ pub struct WriterStats {
 
 impl WriterStats {
     fn record(&self, requests: usize, ops: u64, commit_micros: Option<u64>) {
+        crate::metrics::batch(requests, ops, commit_micros);
         self.batches.fetch_add(1, Ordering::Relaxed);
         self.requests.fetch_add(requests as u64, Ordering::Relaxed);
         self.ops.fetch_add(ops, Ordering::Relaxed);
@@ -230,12 +244,19 @@ enum Pending {
         reply: oneshot::Sender<Result<u8, WriteError>>,
         site: u8,
     },
+    DeleteDoc {
+        doc: DocId,
+        reply: oneshot::Sender<Result<Time, WriteError>>,
+        outcome: Result<Time, WriteError>,
+    },
     Start {
         doc: DocId,
         replica: Option<u128>,
         sub: Sub,
         reply: oneshot::Sender<Result<Started, WriteError>>,
         site: u8,
+        /// Set when the document is deleted: the session is refused.
+        refused: Option<WriteError>,
     },
     Op {
         doc: DocId,
@@ -243,6 +264,7 @@ enum Pending {
         seq: u64,
         site: u8,
         hello: bool,
+        read_only: bool,
         op: SessionOp,
     },
     Leave {
@@ -276,6 +298,11 @@ impl From<Request> for Pending {
                 reply,
                 site: 0,
             },
+            Request::DeleteDoc { doc, reply } => Pending::DeleteDoc {
+                doc,
+                reply,
+                outcome: Err(WriteError::Stopped),
+            },
             Request::Start {
                 doc,
                 replica,
@@ -287,6 +314,7 @@ impl From<Request> for Pending {
                 sub,
                 reply,
                 site: 0,
+                refused: None,
             },
             Request::Op {
                 doc,
@@ -294,6 +322,7 @@ impl From<Request> for Pending {
                 seq,
                 site,
                 hello,
+                read_only,
                 op,
             } => Pending::Op {
                 doc,
@@ -301,6 +330,7 @@ impl From<Request> for Pending {
                 seq,
                 site,
                 hello,
+                read_only,
                 op,
             },
             Request::Leave {
@@ -341,6 +371,9 @@ struct Batch {
     fanouts: HashMap<DocId, Fanout>,
     acks: Vec<Ack>,
     ack_index: HashMap<u64, usize>,
+    /// Documents deleted in this batch, with their deletion time: their
+    /// sessions are told and ended after the commit.
+    deleted: Vec<(DocId, Time)>,
     changes: u64,
     wrote: bool,
 }
@@ -414,7 +447,7 @@ fn site_for(
     let Some(entry) = Batch::doc(&mut batch.docs, t, doc)? else {
         return Ok(0);
     };
-    if entry.rec.next_site > MAX_SITE || entry.rec.next_site == 0 {
+    if entry.rec.deleted != 0 || entry.rec.next_site > MAX_SITE || entry.rec.next_site == 0 {
         return Ok(0);
     }
     let site = entry.rec.next_site as u8;
@@ -507,9 +540,25 @@ impl Writer {
                     } => {
                         *site = site_for(&mut batch, &mut t, *doc, *replica)?;
                     }
+                    Pending::DeleteDoc { doc, outcome, .. } => {
+                        *outcome = self.apply_delete_doc(&mut batch, &mut t, *doc)?;
+                    }
                     Pending::Start {
-                        doc, replica, site, ..
+                        doc,
+                        replica,
+                        site,
+                        refused,
+                        ..
                     } => {
+                        if let Some(e) = Batch::doc(&mut batch.docs, &t, *doc)?
+                            && e.rec.deleted != 0
+                        {
+                            *refused = Some(WriteError::Deleted {
+                                doc: *doc,
+                                at: e.rec.deleted,
+                            });
+                            continue;
+                        }
                         if Batch::doc(&mut batch.docs, &t, *doc)?.is_none() {
                             // A session creates its document with an empty
                             // name that was never set: any upsert's name wins.
@@ -517,6 +566,7 @@ impl Writer {
                                 modified: self.clock.next(),
                                 name_time: 0,
                                 next_site: 1,
+                                deleted: 0,
                                 name: String::new(),
                             };
                             batch.create(*doc, rec);
@@ -531,6 +581,7 @@ impl Writer {
                         seq,
                         site,
                         hello,
+                        read_only,
                         op,
                     } => {
                         if !self.rooms.contains(*doc, *session_id) {
@@ -538,15 +589,20 @@ impl Writer {
                             // re-send on its next session.
                             continue;
                         }
-                        let refusal = self.apply_op(
-                            &mut batch,
-                            &mut t,
-                            *doc,
-                            *session_id,
-                            *site,
-                            *hello,
-                            op,
-                        )?;
+                        if batch.deleted.iter().any(|(d, _)| d == doc) {
+                            // Deleted earlier in this batch: the op is not
+                            // stored or acked; the session is ended with
+                            // the deletion after the commit.
+                            continue;
+                        }
+                        let refusal = if *read_only {
+                            Some(error_bytes(
+                                ErrorCode::READ_ONLY,
+                                "this token allows reading only: session edits are refused",
+                            ))
+                        } else {
+                            self.apply_op(&mut batch, &mut t, *doc, *session_id, *site, *hello, op)?
+                        };
                         batch.ack(*doc, *session_id, *seq, refusal);
                     }
                     Pending::Leave { .. } | Pending::Stop => {}
@@ -577,7 +633,17 @@ impl Writer {
         replica: Option<u128>,
         u: &Upsert,
     ) -> Result<Result<u8, WriteError>, StoreError> {
-        let exists = Batch::doc(&mut batch.docs, t, u.doc)?.is_some();
+        let exists = match Batch::doc(&mut batch.docs, t, u.doc)? {
+            // Never resurrected: ids are never reused (PROTOCOL.md 3.5).
+            Some(e) if e.rec.deleted != 0 => {
+                return Ok(Err(WriteError::Deleted {
+                    doc: u.doc,
+                    at: e.rec.deleted,
+                }));
+            }
+            Some(_) => true,
+            None => false,
+        };
         // The site this upsert would have, without allocating yet: a refused
         // upsert must write nothing.
         let (site, allocate) = match replica {
@@ -650,6 +716,7 @@ impl Writer {
                     modified: now,
                     name_time: now,
                     next_site: 1,
+                    deleted: 0,
                     name: u.name.as_str().to_owned(),
                 },
             );
@@ -726,6 +793,36 @@ impl Writer {
             batch.wrote = true;
         }
         Ok(Ok(site))
+    }
+
+    /// Deletes a document (3 doc_delete): its record stays with its
+    /// deletion time (which is also its `modified`, so synclist lists it),
+    /// its atoms, change index and sites are dropped. Idempotent: a deleted
+    /// document answers its first deletion time.
+    fn apply_delete_doc(
+        &mut self,
+        batch: &mut Batch,
+        t: &mut WriteTables<'_>,
+        doc: DocId,
+    ) -> Result<Result<Time, WriteError>, StoreError> {
+        let Some(entry) = Batch::doc(&mut batch.docs, t, doc)? else {
+            return Ok(Err(WriteError::refused(
+                ErrorCode::UNKNOWN_DOCUMENT,
+                format!("document {doc:032x} does not exist on this server"),
+            )));
+        };
+        if entry.rec.deleted != 0 {
+            return Ok(Ok(entry.rec.deleted));
+        }
+        let now = self.clock.next();
+        entry.rec.deleted = now;
+        entry.rec.modified = now;
+        entry.dirty = true;
+        batch.wrote = true;
+        batch.changes += 1;
+        batch.deleted.push((doc, now));
+        t.drop_content(doc)?;
+        Ok(Ok(now))
     }
 
     /// Applies one session op. `Ok(Some(frame))`: a frame for the sender,
@@ -871,6 +968,16 @@ impl Writer {
                 Pending::Upsert { reply, outcome, .. } => {
                     let _ = reply.send(outcome);
                 }
+                Pending::DeleteDoc { reply, outcome, .. } => {
+                    let _ = reply.send(outcome);
+                }
+                Pending::Start {
+                    reply,
+                    refused: Some(e),
+                    ..
+                } => {
+                    let _ = reply.send(Err(e));
+                }
                 Pending::Alloc { reply, site, .. } => {
                     let _ = reply.send(Ok(site));
                 }
@@ -879,6 +986,7 @@ impl Writer {
                     sub,
                     reply,
                     site,
+                    refused: None,
                     ..
                 } => {
                     let session_id = sub.session_id;
@@ -907,6 +1015,11 @@ impl Writer {
                 Pending::Stop => stop = true,
             }
         }
+        // After the joins: a session registered in this batch on a
+        // document deleted in it is ended too.
+        for (doc, at) in batch.deleted.drain(..) {
+            self.rooms.end_deleted(doc, at);
+        }
         stop
     }
 
@@ -917,6 +1030,9 @@ impl Writer {
         for p in pending {
             match p {
                 Pending::Upsert { reply, .. } | Pending::Alloc { reply, .. } => {
+                    let _ = reply.send(Err(WriteError::Storage(msg.clone())));
+                }
+                Pending::DeleteDoc { reply, .. } => {
                     let _ = reply.send(Err(WriteError::Storage(msg.clone())));
                 }
                 Pending::Start { reply, .. } => {

@@ -138,6 +138,8 @@ struct Running {
 pub struct ServerProcess {
     bin: PathBuf,
     data: PathBuf,
+    /// Extra command-line arguments for every start.
+    args: Vec<String>,
     _tmp: Option<tempfile::TempDir>,
     running: Option<Running>,
     /// Output of earlier runs (before a restart), for diagnostics.
@@ -156,6 +158,7 @@ impl ServerProcess {
         let mut s = ServerProcess {
             bin: server_binary(),
             data,
+            args: Vec::new(),
             _tmp: Some(tmp),
             running: None,
             history: String::new(),
@@ -168,9 +171,16 @@ impl ServerProcess {
     /// Starts a server on an existing data folder that this value does not
     /// own (it is not deleted on drop).
     pub fn try_start_in(data: &Path) -> Result<ServerProcess, StartFailure> {
+        Self::try_start_with(data, &[])
+    }
+
+    /// Like [`try_start_in`](Self::try_start_in), with extra arguments
+    /// (kept for restarts).
+    pub fn try_start_with(data: &Path, args: &[&str]) -> Result<ServerProcess, StartFailure> {
         let mut s = ServerProcess {
             bin: server_binary(),
             data: data.to_path_buf(),
+            args: args.iter().map(|a| a.to_string()).collect(),
             _tmp: None,
             running: None,
             history: String::new(),
@@ -186,6 +196,7 @@ impl ServerProcess {
             .arg("127.0.0.1:0")
             .arg("--data")
             .arg(&self.data)
+            .args(&self.args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());

@@ -11,8 +11,12 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use notesync_client::folder::{FileState, Folder, FolderError, Liveness, PickUp, WriteBack};
-use notesync_client::{ServerConfig, Session, SessionEvent, StoreError, SyncError, SyncReport};
+use notesync_client::folder::{
+    FileDeletion, FileState, Folder, FolderError, Liveness, PickUp, WriteBack,
+};
+use notesync_client::{
+    ServerConfig, Session, SessionEvent, StoreError, SyncError, SyncReport, TlsSettings,
+};
 use notesync_protocol::DocId;
 use notify::EventKind;
 use notify::event::{AccessKind, AccessMode};
@@ -59,9 +63,11 @@ One two-way sync of DIR with the server.
 3. The files are written from the notes. A file you edit meanwhile is
    picked up first, never overwritten.
 
-Deleting a file does not delete its note: deleting notes is not supported
-yet (a later issue). The file is written again from the note, with a
-warning.
+Deleting NAME.md deletes its note: on the server at this sync, and then on
+every other device (their NAME.md files are removed at their next sync). A
+device that has edits of the note that never reached the server keeps that
+text in .notesync/trash/ and says so. A note that never synced is not
+deleted: its file is written again, with a warning.
 
 If the server cannot be reached, your edits stay in the op logs
 (*.md.latest_ops) and go out with the next sync that reaches it.
@@ -80,8 +86,9 @@ they are picked up and edits made elsewhere arrive as they are made; the
 session closes after 30 s without changes. A file you edited is never
 overwritten before your edit is picked up.
 
-Deleting a file does not delete its note (a later issue): the file is
-written again from the note, with a warning.
+Deleting a file deletes its note, here and on the server, and so on every
+device; notes deleted elsewhere have their files removed here (text with
+edits that never reached the server is kept in .notesync/trash/).
 
 Ctrl-C (or SIGTERM) picks up pending changes, closes the sessions, saves
 everything and exits 0; edits not yet sent stay in the op logs for the next
@@ -142,13 +149,55 @@ struct ServerArgs {
     #[arg(long, value_name = "SECS", default_value_t = 30,
           value_parser = clap::value_parser!(u64).range(1..))]
     timeout: u64,
+    /// File holding the access token (from `notesync-server token add`);
+    /// without it, the NOTESYNC_TOKEN environment variable, if set. (Not
+    /// a flag value: command lines are visible to other users.)
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
+    /// Connect with TLS (the server runs with --tls-cert/--tls-key)
+    #[arg(long)]
+    tls: bool,
+    /// PEM file of the certificate authority to trust (a self-signed
+    /// server); default: the public web roots. Implies --tls
+    #[arg(long, value_name = "FILE")]
+    tls_ca: Option<PathBuf>,
+    /// Name the server's certificate must carry, if not the host of
+    /// --server. Implies --tls
+    #[arg(long, value_name = "NAME")]
+    tls_name: Option<String>,
 }
 
 impl ServerArgs {
-    fn config(&self) -> ServerConfig {
+    fn config(&self) -> Result<ServerConfig, Fail> {
         let mut c = ServerConfig::new(self.server.clone());
         c.reply_timeout = Duration::from_secs(self.timeout);
-        c
+        c.token = match &self.token_file {
+            Some(path) => std::fs::read_to_string(path)
+                .map_err(|e| {
+                    Fail::new(format!(
+                        "cannot read the token file {}: {e}",
+                        path.display()
+                    ))
+                })?
+                .trim()
+                .as_bytes()
+                .to_vec(),
+            None => std::env::var("NOTESYNC_TOKEN")
+                .map(|t| t.trim().as_bytes().to_vec())
+                .unwrap_or_default(),
+        };
+        if c.token.len() > 255 {
+            return Err(Fail::new(
+                "the token is longer than 255 bytes: is it the right file?",
+            ));
+        }
+        if self.tls || self.tls_ca.is_some() || self.tls_name.is_some() {
+            c.tls = Some(TlsSettings {
+                ca_file: self.tls_ca.clone(),
+                server_name: self.tls_name.clone(),
+            });
+        }
+        Ok(c)
     }
 }
 
@@ -301,7 +350,7 @@ fn progress() -> ProgressBar {
 }
 
 async fn sync(dir: &Path, server: &ServerArgs) -> Result<u8, Fail> {
-    let (mut folder, _lock) = open_folder(dir, true, server.config())?;
+    let (mut folder, _lock) = open_folder(dir, true, server.config()?)?;
     let bar = progress();
     bar.set_message("reading files");
     let b = bar.clone();
@@ -314,6 +363,8 @@ async fn sync(dir: &Path, server: &ServerArgs) -> Result<u8, Fail> {
     let synced = folder.client().sync_now().await;
     // What came back is saved before the files show it.
     let flushed = folder.client().flush();
+    // Files of notes deleted elsewhere go before the write-back (which only
+    // writes the notes the store still has).
     bar.set_message("writing files");
     let wrote = folder.write_back(None, &none);
     bar.finish_and_clear();
@@ -323,6 +374,8 @@ async fn sync(dir: &Path, server: &ServerArgs) -> Result<u8, Fail> {
     print_write_back(&wrote, false);
     match synced {
         Ok(report) => {
+            let gone = folder.apply_remote_deletions(&report.deleted)?;
+            print_remote_deletions(&gone);
             println!("synced with {}: {}", server.server, sync_line(&report));
             if !wrote.written.is_empty() {
                 println!("wrote {}", count(wrote.written.len(), "file", "files"));
@@ -369,6 +422,12 @@ fn sync_line(r: &SyncReport) -> String {
         format!("{} new from the server", r.new_notes.len()),
         format!("{} acknowledged", count(r.acknowledged_ops, "op", "ops")),
     ];
+    if !r.deletes_sent.is_empty() {
+        parts.push(format!("{} deleted on the server", r.deletes_sent.len()));
+    }
+    if !r.deleted.is_empty() {
+        parts.push(format!("{} deleted elsewhere", r.deleted.len()));
+    }
     if !r.refused.is_empty() {
         parts.push(format!("{} refused", r.refused.len()));
     }
@@ -394,8 +453,13 @@ fn print_refused(folder: &Folder, r: &SyncReport) {
 fn print_pick_up(folder: &Folder, p: &PickUp, summary: bool) {
     for (_, f) in &p.missing {
         eprintln!(
-            "warning: {f} was deleted, but deleting notes is not supported yet: \
+            "warning: {f} was deleted, but its note never synced, so it is not deleted: \
              it is written again from its note"
+        );
+    }
+    for (id, f) in &p.deleted {
+        println!(
+            "deleted note {id:032x} ({f} was deleted); the server and other devices follow at the sync"
         );
     }
     for (f, why) in &p.skipped {
@@ -424,6 +488,30 @@ fn print_pick_up(folder: &Folder, p: &PickUp, summary: bool) {
         }
         for (_, f) in &p.created {
             println!("new note from {f}");
+        }
+    }
+}
+
+fn print_remote_deletions(gone: &[FileDeletion]) {
+    for d in gone {
+        let file = if d.file.is_empty() {
+            format!("{:?}", d.name)
+        } else {
+            d.file.clone()
+        };
+        if d.removed {
+            println!("removed {file}: its note was deleted on another device");
+        } else {
+            println!("its note was deleted on another device: {file}");
+        }
+        for k in &d.kept {
+            println!(
+                "kept unsynced edits of {file} in {} (the note stays deleted)",
+                k.display()
+            );
+        }
+        if let Some(why) = &d.left {
+            eprintln!("warning: {file} left as it is: {why}");
         }
     }
 }
@@ -472,7 +560,7 @@ async fn watch(
 ) -> Result<u8, Fail> {
     let quit = shutdown_signal()?;
     tokio::pin!(quit);
-    let (folder, _lock) = open_folder(dir, true, server.config())?;
+    let (folder, _lock) = open_folder(dir, true, server.config()?)?;
     let dir = folder.dir().to_owned();
     // Watch before the first sync, so that no change slips between.
     let (tx, mut fs_rx) = tokio::sync::mpsc::unbounded_channel();
@@ -591,6 +679,12 @@ async fn watch(
                         note_label(&w.folder, id)
                     );
                 }
+                SessionEvent::Deleted(d) => {
+                    w.sessions.remove(&id);
+                    w.live.closed(id);
+                    let gone = w.folder.apply_remote_deletions(&[d])?;
+                    print_remote_deletions(&gone);
+                }
                 SessionEvent::Connected | SessionEvent::Acknowledged { .. } => {}
             },
         }
@@ -625,6 +719,12 @@ impl Watcher {
     async fn full_cycle(&mut self) -> Result<(), Fail> {
         let picked = self.folder.pick_up(None, &self.sessions)?;
         print_pick_up(&self.folder, &picked, false);
+        for (id, _) in &picked.deleted {
+            if let Some(s) = self.sessions.remove(id) {
+                s.close().await;
+                self.live.closed(*id);
+            }
+        }
         self.sync_and_write().await
     }
 
@@ -638,10 +738,25 @@ impl Watcher {
                     self.failing = false;
                 }
                 // Quiet unless something moved.
-                if r.upserted + r.changes.len() + r.new_notes.len() + r.refused.len() > 0 {
+                if r.upserted
+                    + r.changes.len()
+                    + r.new_notes.len()
+                    + r.refused.len()
+                    + r.deleted.len()
+                    + r.deletes_sent.len()
+                    > 0
+                {
                     println!("synced: {}", sync_line(r));
                 }
                 print_refused(&self.folder, r);
+                for d in &r.deleted {
+                    if let Some(s) = self.sessions.remove(&d.id) {
+                        s.close().await;
+                        self.live.closed(d.id);
+                    }
+                }
+                let gone = self.folder.apply_remote_deletions(&r.deleted)?;
+                print_remote_deletions(&gone);
             }
             Err(e) => {
                 if !self.failing {
@@ -665,7 +780,15 @@ impl Watcher {
         let picked = self.folder.pick_up(Some(names), &self.sessions)?;
         print_pick_up(&self.folder, &picked, false);
         let now = Instant::now().into_std();
-        let mut need_sync = false;
+        // A deleted note's session has nothing left to do; the deletion
+        // goes out with the sync.
+        let mut need_sync = !picked.deleted.is_empty();
+        for (id, _) in &picked.deleted {
+            if let Some(s) = self.sessions.remove(id) {
+                s.close().await;
+                self.live.closed(*id);
+            }
+        }
         let mut touched: HashSet<DocId> = picked.missing.iter().map(|m| m.0).collect();
         for id in picked.notes().collect::<Vec<_>>() {
             touched.insert(id);

@@ -1,0 +1,137 @@
+//! TLS end to end: the SDK syncs and runs a live session through a server
+//! serving TLS with a generated (self-signed) certificate and requiring a
+//! token; clients that do not trust the certificate, or speak plain TCP to
+//! it, get a clear error and nothing else.
+
+use std::time::Duration;
+
+use notesync_client::{Client, NetError, ServerConfig, SyncError, TlsSettings};
+use notesync_server::auth::{Access, add_token};
+use notesync_server::{Config, Server, TlsFiles};
+use tokio_util::sync::CancellationToken;
+
+struct TlsServer {
+    addr: String,
+    ca: std::path::PathBuf,
+    token: String,
+    _dir: tempfile::TempDir,
+    stop: CancellationToken,
+}
+
+async fn start() -> TlsServer {
+    let dir = tempfile::tempdir().unwrap();
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let cert_path = dir.path().join("cert.pem");
+    let key_path = dir.path().join("key.pem");
+    std::fs::write(&cert_path, cert.cert.pem()).unwrap();
+    std::fs::write(&key_path, cert.signing_key.serialize_pem()).unwrap();
+    let data = dir.path().join("data");
+    let (_, token) = add_token(&data, "tls-team", Access::ReadWrite).unwrap();
+    let mut config = Config::new(&data).listen("127.0.0.1:0");
+    config.tls = Some(TlsFiles {
+        cert: cert_path.clone(),
+        key: key_path,
+    });
+    let server = Server::bind(config).await.unwrap();
+    let addr = server.local_addr().to_string();
+    let stop = CancellationToken::new();
+    let s = stop.clone();
+    tokio::spawn(async move { server.run(s).await.unwrap() });
+    TlsServer {
+        addr,
+        ca: cert_path,
+        token,
+        _dir: dir,
+        stop,
+    }
+}
+
+impl TlsServer {
+    fn config(&self) -> ServerConfig {
+        let mut cfg = ServerConfig::new(self.addr.clone());
+        cfg.reply_timeout = Duration::from_secs(10);
+        cfg.token = self.token.clone().into_bytes();
+        cfg.tls = Some(TlsSettings {
+            ca_file: Some(self.ca.clone()),
+            server_name: Some("localhost".to_owned()),
+        });
+        cfg
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sdk_syncs_and_edits_live_over_tls() {
+    let server = start().await;
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = Client::open(da.path(), server.config()).unwrap();
+    let b = Client::open(db.path(), server.config()).unwrap();
+    let id = a.create("over tls").unwrap();
+    a.insert(id, 0, "encrypted hello").unwrap();
+    a.sync_now().await.unwrap();
+    let r = b.sync_now().await.unwrap();
+    assert_eq!(r.new_notes, vec![id]);
+    assert_eq!(b.text(id).unwrap(), "encrypted hello");
+
+    // A live session through TLS: b sees a's edit.
+    let sa = a.session(id).unwrap();
+    let mut sb = b.session(id).unwrap();
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while !sb.is_connected() || !sa.is_connected() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("both sessions connect over TLS");
+    sa.insert(0, "live, ").unwrap();
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while sb.text() != "live, encrypted hello" {
+            if sb.next_event().await.is_none() {
+                panic!("b's session ended");
+            }
+        }
+    })
+    .await
+    .expect("b sees a's live edit");
+    sa.close().await;
+    sb.close().await;
+    server.stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn untrusted_certificates_and_plain_tcp_are_refused_clearly() {
+    let server = start().await;
+    // Trusting only the public roots: the self-signed certificate fails.
+    let mut cfg = server.config();
+    cfg.tls = Some(TlsSettings {
+        ca_file: None,
+        server_name: Some("localhost".to_owned()),
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let c = Client::open(dir.path(), cfg).unwrap();
+    match c.sync_now().await {
+        Err(SyncError::Net(NetError::Tls(msg))) => {
+            assert!(msg.contains("certificate"), "{msg}");
+        }
+        other => panic!("expected a TLS certificate error, got {other:?}"),
+    }
+    // The right CA but another name: refused too.
+    let mut cfg = server.config();
+    cfg.tls = Some(TlsSettings {
+        ca_file: Some(server.ca.clone()),
+        server_name: Some("notesync.example".to_owned()),
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let c = Client::open(dir.path(), cfg).unwrap();
+    assert!(matches!(
+        c.sync_now().await,
+        Err(SyncError::Net(NetError::Tls(_)))
+    ));
+    // Plain TCP to a TLS server: an error, not a hang or a panic.
+    let mut cfg = server.config();
+    cfg.tls = None;
+    cfg.reply_timeout = Duration::from_secs(3);
+    let dir = tempfile::tempdir().unwrap();
+    let c = Client::open(dir.path(), cfg).unwrap();
+    assert!(c.sync_now().await.is_err());
+    server.stop.cancel();
+}

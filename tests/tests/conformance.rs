@@ -48,3 +48,41 @@ async fn notesync_server_passes_every_conformance_check() {
         server.stderr()
     );
 }
+
+/// The whole kit again, with a token, against a server that requires one:
+/// every rule holds inside a namespace too, and the `auth-` checks run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notesync_server_with_tokens_passes_every_conformance_check() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let out = std::process::Command::new(notesync_tests::server_binary())
+        .args(["token", "add", "--namespace", "kit", "--data"])
+        .arg(&data)
+        .output()
+        .expect("run notesync-server token add");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let token = String::from_utf8(out.stdout).unwrap().trim().as_bytes().to_vec();
+    // The auth checks fail on purpose; keep the address's budget out of it.
+    let server = ServerProcess::try_start_with(&data, &["--max-failed-auth", "1000"])
+        .unwrap_or_else(|e| panic!("{e}"));
+    quiet_check_panics();
+    let seed = random_seed();
+    let mut target = Target::new(server.addr());
+    target.token = Some(token);
+    let report = run_server_checks(target, &server_checks(), seed, 2, |_| {}).await;
+    eprintln!("{}", report.table());
+    let ran_auth = report
+        .results
+        .iter()
+        .filter(|r| r.name.starts_with("auth-") && matches!(r.status, Status::Pass))
+        .count();
+    assert_eq!(ran_auth, 2, "the auth checks run with a token");
+    let failed: Vec<&str> = report.failures().map(|r| r.name.as_str()).collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} conformance checks failed with a token: {failed:?}\n(server stderr:\n{})",
+        failed.len(),
+        report.results.len(),
+        server.stderr()
+    );
+}

@@ -733,6 +733,9 @@ impl Conn {
                 ),
             )));
         }
+        if self.read_only() {
+            return Ok(Box::pin(async move { Ok(vec![read_only_frame("doc_delete")]) }));
+        }
         let tenant = self.tenant.clone();
         let (reply, rx) = oneshot::channel();
         if tenant

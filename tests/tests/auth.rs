@@ -191,6 +191,8 @@ async fn namespaces_are_isolated_and_tokens_are_enforced() {
         .await
         .expect_err("a read-only token created a document");
     assert_eq!(e.code, ErrorCode::READ_ONLY);
+    ro.send(ClientFrame::DeleteDoc { doc }).await;
+    ro.expect_error(ErrorCode::READ_ONLY).await;
     ro.pull(doc, 0).await;
     let mut ro_sess = authed(&server, &alice_ro, 0xC, "alice-ro-session").await;
     let (_, ro_started) = ro_sess.session_start(0, doc).await;
@@ -295,6 +297,22 @@ async fn namespaces_are_isolated_and_tokens_are_enforced() {
     // The other tokens still work; bob's document is intact.
     let (parts, _) = b.pull(doc, 0).await;
     assert_eq!(model_of(doc, &parts).text(), "bob text");
+
+    // Bob deleting "his" copy of the id deletes only his.
+    let bob_doc2 = 0xB0B;
+    b.upsert(bob_doc2, "bob's other", 0, &[], &[]).await;
+    let (_, alice_other) = a.upsert(bob_doc2, "alice's other", 0, &[], &[]).await;
+    b.send(ClientFrame::DeleteDoc { doc: bob_doc2 }).await;
+    match b.recv().await {
+        ServerFrame::DocDeleted { doc: d, .. } => assert_eq!(d, bob_doc2),
+        other => panic!("bob's doc_delete: {}", describe(&other)),
+    }
+    let (parts, _) = a.pull(bob_doc2, 0).await;
+    assert_eq!(parts[0].name.as_str(), "alice's other");
+    assert!(
+        a.synclist_all(alice_other.sync_time).await.is_empty(),
+        "bob's deletion shows in alice's listing"
+    );
 
     // Namespaces survive a restart, still apart.
     let mut server = server;

@@ -60,8 +60,16 @@ async fn notesync_server_with_tokens_passes_every_conformance_check() {
         .arg(&data)
         .output()
         .expect("run notesync-server token add");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let token = String::from_utf8(out.stdout).unwrap().trim().as_bytes().to_vec();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token = String::from_utf8(out.stdout)
+        .unwrap()
+        .trim()
+        .as_bytes()
+        .to_vec();
     // The auth checks fail on purpose; keep the address's budget out of it.
     let server = ServerProcess::try_start_with(&data, &["--max-failed-auth", "1000"])
         .unwrap_or_else(|e| panic!("{e}"));

@@ -56,6 +56,8 @@ pub enum OpsError {
          backup that would leave it out"
     )]
     UnknownTable { namespace: String, table: String },
+    #[error("{0} holds no notesync database (is it the data folder?)")]
+    NoData(PathBuf),
     #[error("backup destination {0} exists and is not an empty folder")]
     DestNotEmpty(PathBuf),
     #[error("no namespace {namespace:?} in {data}")]
@@ -141,6 +143,9 @@ impl OfflineFolder {
                 e => e.into(),
             })?;
             dbs.push((name, db));
+        }
+        if dbs.is_empty() {
+            return Err(OpsError::NoData(data.to_owned()));
         }
         Ok(OfflineFolder {
             data: data.to_owned(),

@@ -564,6 +564,14 @@ async fn a_stale_admin_socket_is_handled_by_the_commands_and_the_next_server() {
     assert!(b.status.success(), "{}", shown(&b));
     let e = cli(&["export", "--doc", "7", "--data", path_str(&dest)]).await;
     assert_eq!(text(&e.stdout), "x", "{}", shown(&e));
+    // A folder that is not a data folder is an error, not an empty report.
+    let none = cli(&["check", "--data", path_str(&dest.join("namespaces"))]).await;
+    assert!(!none.status.success(), "{}", shown(&none));
+    assert!(
+        text(&none.stderr).contains("holds no notesync database"),
+        "{}",
+        shown(&none)
+    );
     // A destination inside the data folder is refused.
     let inside = data.join("backups");
     let b = cli(&["backup", path_str(&inside), "--data", path_str(&data)]).await;

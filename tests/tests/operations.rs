@@ -425,7 +425,7 @@ async fn write_load(
                 doc,
                 "load",
                 *since.get(&doc).unwrap_or(&0),
-                &[a.clone()],
+                std::slice::from_ref(&a),
                 &[],
             )
             .await;

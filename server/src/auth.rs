@@ -319,13 +319,22 @@ pub struct Tokens {
 
 struct TokensState {
     by_id: HashMap<String, TokenRecord>,
-    /// (modified, length) of the file when last read; None: no file.
-    seen: Option<(SystemTime, u64)>,
+    /// The file's stamp when last read; None: no file.
+    seen: Option<Stamp>,
 }
 
-fn file_stamp(path: &Path) -> Option<(SystemTime, u64)> {
+/// (modified, length, inode): the token commands replace the file by a
+/// rename, so a new inode shows a change even within one mtime tick and at
+/// the same length.
+type Stamp = (SystemTime, u64, u64);
+
+fn file_stamp(path: &Path) -> Option<Stamp> {
     let m = std::fs::metadata(path).ok()?;
-    Some((m.modified().ok()?, m.len()))
+    #[cfg(unix)]
+    let ino = std::os::unix::fs::MetadataExt::ino(&m);
+    #[cfg(not(unix))]
+    let ino = 0;
+    Some((m.modified().ok()?, m.len(), ino))
 }
 
 impl Tokens {

@@ -25,7 +25,7 @@ pub use conn::{Conn, DocSync, Event, Started, WAIT, Welcome, describe, name_of, 
 pub use model::{Applied, DocModel, Entry, model_of};
 pub use raw::{FloodOutcome, RawFrame, flood};
 pub use rng::Rng;
-pub use server::{ServerProcess, StartFailure, server_binary};
+pub use server::{ServerProcess, StartFailure, server_binary, token_command};
 pub use session::SessionClient;
 
 use notesync_protocol::{Atom, Level, Pid};

@@ -476,3 +476,21 @@ pub fn die_with_parent(cmd: &mut Command) {
 
 #[cfg(not(target_os = "linux"))]
 pub fn die_with_parent(_cmd: &mut Command) {}
+
+/// Runs `notesync-server token ARGS --data DATA` (the real subcommand);
+/// its stdout. Panics if it fails.
+pub fn token_command(data: &Path, args: &[&str]) -> String {
+    let out = Command::new(server_binary())
+        .arg("token")
+        .args(args)
+        .arg("--data")
+        .arg(data)
+        .output()
+        .expect("run notesync-server token");
+    assert!(
+        out.status.success(),
+        "notesync-server token {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8 output")
+}

@@ -11,23 +11,12 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use notesync_protocol::{ClientFrame, ErrorCode, ServerFrame};
-use notesync_tests::{Conn, Event, ServerProcess, atom, describe, model_of, server_binary};
+use notesync_tests::{
+    Conn, Event, ServerProcess, atom, describe, model_of, server_binary, token_command,
+};
 
-/// Runs `notesync-server token ARGS --data DIR`; its stdout.
 fn token_cmd(data: &Path, args: &[&str]) -> String {
-    let out = Command::new(server_binary())
-        .arg("token")
-        .args(args)
-        .arg("--data")
-        .arg(data)
-        .output()
-        .expect("run notesync-server token");
-    assert!(
-        out.status.success(),
-        "token {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).expect("utf-8 output")
+    token_command(data, args)
 }
 
 /// A new token (the line `token add` prints) and its id.

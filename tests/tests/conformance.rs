@@ -55,18 +55,7 @@ async fn notesync_server_passes_every_conformance_check() {
 async fn notesync_server_with_tokens_passes_every_conformance_check() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
-    let out = std::process::Command::new(notesync_tests::server_binary())
-        .args(["token", "add", "--namespace", "kit", "--data"])
-        .arg(&data)
-        .output()
-        .expect("run notesync-server token add");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let token = String::from_utf8(out.stdout)
-        .unwrap()
+    let token = notesync_tests::token_command(&data, &["add", "--namespace", "kit"])
         .trim()
         .as_bytes()
         .to_vec();

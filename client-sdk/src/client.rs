@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use crate::doc::TextChange;
 use crate::net::{Conn, NetError, ServerConfig};
 use crate::oplog::{OpKey, PendingOp};
-use crate::store::{NoteInfo, Store, StoreError};
+use crate::store::{NoteInfo, RemoteDeletion, Store, StoreError};
 use crate::sync::{SyncError, SyncReport, sync_once};
 
 /// An app's handle on its notes.
@@ -53,6 +53,12 @@ impl Client {
 
     pub fn rename(&self, id: DocId, name: &str) -> Result<(), StoreError> {
         lock(&self.store).rename(id, name, false)
+    }
+
+    /// Deletes a note, here now and on the server (and so on every device)
+    /// at the next sync. Works offline. Close its session first.
+    pub fn delete_note(&self, id: DocId) -> Result<(), StoreError> {
+        lock(&self.store).delete_note(id)
     }
 
     /// Inserts text at a char index; durable when it returns.
@@ -156,6 +162,10 @@ pub enum SessionEvent {
     /// The server refused an op (it is dropped from the log: it would be
     /// refused again). Shows a bug or a permission problem.
     Refused { code: ErrorCode, message: String },
+    /// The note was deleted on another device: it is removed here (its
+    /// text kept in the trash if it had unsynced edits) and the session
+    /// ends.
+    Deleted(RemoteDeletion),
 }
 
 /// A live editing session on one note.
@@ -313,6 +323,10 @@ async fn live(t: &mut SessionTask) -> Result<(), NetError> {
                 s.set_note_sync(t.doc, sync_time).map_err(store_err)?;
                 break site;
             }
+            ServerFrame::DocDeleted { doc, .. } if doc == t.doc => {
+                deleted(t);
+                return Ok(());
+            }
             other => {
                 return Err(NetError::Unexpected(format!(
                     "expected 33 or 68, got {other:?}"
@@ -393,10 +407,27 @@ async fn live(t: &mut SessionTask) -> Result<(), NetError> {
                         let _ = t.events.send(SessionEvent::Refused { code: e.code, message: e.message });
                     }
                     ServerFrame::Error(e) => return Err(e.into()),
+                    ServerFrame::DocDeleted { doc, .. } if doc == t.doc => {
+                        drop(s);
+                        deleted(t);
+                        return Ok(());
+                    }
                     other => return Err(NetError::Unexpected(format!("unexpected frame in a session: {other:?}"))),
                 }
             }
         }
+    }
+}
+
+/// The session's note was deleted on the server (35): removed here, and
+/// the app is told.
+fn deleted(t: &SessionTask) {
+    match lock(&t.store).apply_remote_deletion(t.doc) {
+        Ok(Some(d)) => {
+            let _ = t.events.send(SessionEvent::Deleted(d));
+        }
+        Ok(None) => {}
+        Err(e) => tracing::warn!(error = %e, "removing a deleted note"),
     }
 }
 

@@ -40,7 +40,7 @@ use similar::{Algorithm, DiffTag, capture_diff_slices_deadline};
 use crate::client::{Client, Session};
 use crate::fsutil::{sync_dir, write_atomic};
 use crate::net::ServerConfig;
-use crate::store::{NoteInfo, StoreError};
+use crate::store::{NoteInfo, RemoteDeletion, StoreError, TRASH_DIR, free_trash_path};
 
 /// Where the bases live, inside the store's own folder.
 const BASE_DIR: &str = ".notesync/cli";
@@ -451,9 +451,12 @@ pub struct PickUp {
     pub renamed: Vec<(DocId, String)>,
     /// Files moved to the name the store gave their note (from, to).
     pub moved: Vec<(String, String)>,
-    /// Notes whose file was deleted: it is written again from the store
-    /// (deleting notes is not supported yet).
+    /// Notes whose file was deleted that never synced: it is written again
+    /// from the store (a note is deleted only once the server has it).
     pub missing: Vec<(DocId, String)>,
+    /// Notes whose file a person deleted: the notes are deleted (here now,
+    /// on the server and every device at the next sync).
+    pub deleted: Vec<(DocId, String)>,
     /// Files left alone, with why.
     pub skipped: Vec<(String, String)>,
 }
@@ -464,6 +467,7 @@ impl PickUp {
             && self.created.is_empty()
             && self.renamed.is_empty()
             && self.missing.is_empty()
+            && self.deleted.is_empty()
     }
 
     /// The notes this changed.
@@ -488,6 +492,23 @@ pub struct WriteBack {
     pub skipped: Vec<(String, String)>,
 }
 
+/// What became of the file of a note deleted on another device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileDeletion {
+    pub id: DocId,
+    pub name: String,
+    /// The note's file, as it was named here.
+    pub file: String,
+    /// Whether the file was removed (it had nothing that was not synced).
+    pub removed: bool,
+    /// Where text that never reached the server was kept: the store's copy
+    /// of the note's unsynced edits, and the file itself if it was edited
+    /// after it was last picked up.
+    pub kept: Vec<PathBuf>,
+    /// Why the file was left as it is, if it was (e.g. not UTF-8).
+    pub left: Option<String>,
+}
+
 /// How a note's file compares with the store.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FileState {
@@ -497,7 +518,8 @@ pub enum FileState {
     Edited,
     /// The store has changes the file does not show yet.
     Behind,
-    /// The file is gone (it is written again at the next sync).
+    /// The file is gone: the note is deleted at the next sync (a note that
+    /// never synced is written again instead).
     Missing,
     /// The file is not usable text; why.
     Unusable(String),
@@ -536,12 +558,31 @@ impl Folder {
             .unwrap_or_else(|e| e.into_inner())
             .set_write_md(false);
         let bases = load_bases(&dir.join(BASE_DIR))?;
-        Ok(Folder {
+        let mut folder = Folder {
             dir,
             client,
             bases,
             progress: None,
-        })
+        };
+        // A note deleted elsewhere whose file was not dealt with yet (a
+        // crash right after the sync that removed it from the store).
+        let orphans: Vec<DocId> = {
+            let store = folder
+                .client
+                .store()
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            folder
+                .bases
+                .keys()
+                .copied()
+                .filter(|id| store.is_deleted(*id) && store.note(*id).is_err())
+                .collect()
+        };
+        for id in orphans {
+            folder.remove_deleted_file(id, String::new(), None)?;
+        }
+        Ok(folder)
     }
 
     pub fn dir(&self) -> &Path {
@@ -735,7 +776,94 @@ impl Folder {
             }
             self.set_base(id, file, text)?;
         }
+        // Files a person deleted (not renamed, see above): a note the server
+        // has is deleted; one that never synced is written again.
+        for id in missing {
+            let Some(i) = report.missing.iter().position(|m| m.0 == id) else {
+                continue;
+            };
+            if self.info(id)?.last_sync == 0 {
+                continue;
+            }
+            let (_, file) = report.missing.remove(i);
+            // A live session on it stops working: the caller closes it.
+            self.client.delete_note(id)?;
+            self.drop_base(id)?;
+            report.deleted.push((id, file));
+        }
         Ok(report)
+    }
+
+    fn drop_base(&mut self, id: DocId) -> Result<(), FolderError> {
+        self.bases.remove(&id);
+        let path = self.dir.join(BASE_DIR).join(format!("{id:032x}.base"));
+        match fs::remove_file(&path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io_err(&path)(e)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Deals with the files of notes deleted on another device (from
+    /// [`crate::SyncReport::deleted`] or [`crate::SessionEvent::Deleted`]):
+    /// a file that holds what was last picked up from it is removed; a file
+    /// edited since (its edits never reached the store) is moved to the
+    /// trash, never lost.
+    pub fn apply_remote_deletions(
+        &mut self,
+        deletions: &[RemoteDeletion],
+    ) -> Result<Vec<FileDeletion>, FolderError> {
+        let mut out = Vec::new();
+        for d in deletions {
+            out.push(self.remove_deleted_file(d.id, d.name.clone(), d.kept.clone())?);
+        }
+        Ok(out)
+    }
+
+    fn remove_deleted_file(
+        &mut self,
+        id: DocId,
+        name: String,
+        kept: Option<PathBuf>,
+    ) -> Result<FileDeletion, FolderError> {
+        let base = self.bases.get(&id).cloned();
+        let mut done = FileDeletion {
+            id,
+            name,
+            file: base.as_ref().map(|b| b.file.clone()).unwrap_or_default(),
+            removed: false,
+            kept: kept.into_iter().collect(),
+            left: None,
+        };
+        if let Some(base) = &base {
+            let path = self.path(&base.file)?;
+            match read_file(&path)? {
+                Read::Missing => {}
+                Read::Unusable(why) => done.left = Some(why),
+                Read::Text(t, stamp) if t == base.text => {
+                    // Unless it changed in the last instant.
+                    if Stamp::of(&path).map_err(io_err(&path))?.as_ref() == Some(&stamp) {
+                        fs::remove_file(&path).map_err(io_err(&path))?;
+                        sync_dir(&self.dir).map_err(io_err(&self.dir))?;
+                        done.removed = true;
+                    } else {
+                        done.left = Some("it changed while being removed".into());
+                    }
+                }
+                Read::Text(..) => {
+                    let trash = self.dir.join(TRASH_DIR);
+                    fs::create_dir_all(&trash).map_err(io_err(&trash))?;
+                    let stem = base.file.strip_suffix(".md").unwrap_or(&base.file);
+                    let to = free_trash_path(&trash, stem, id);
+                    if move_new(&path, &to)? == Wrote::Done {
+                        done.kept.push(to);
+                    } else {
+                        done.left = Some("the trash file name is taken".into());
+                    }
+                }
+            }
+        }
+        self.drop_base(id)?;
+        Ok(done)
     }
 
     fn pick_up_note(&mut self, info: &NoteInfo, target: &Target<'_>) -> Result<Found, FolderError> {

@@ -4,7 +4,11 @@
 //! ```text
 //! DIR/
 //!   .notesync/state.json     replica id, global last sync time, and per note:
-//!                            file name, name, site, whether ids are provisional
+//!                            file name, name, site, whether ids are provisional;
+//!                            the ids of notes deleted here that the server
+//!                            was not told of yet, and of notes known deleted
+//!   .notesync/trash/         the text of notes deleted elsewhere while this
+//!                            device had edits of them not yet synced
 //!   <file>.md                the text (what editors and people read)
 //!   <file>.md.structure      u128 document_id, u64 last_modified (the note's
 //!                            last sync time, from the server), u64 count, then
@@ -28,7 +32,7 @@
 //! that state.json does not know (a crash while a note was created) is
 //! adopted on open.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -45,6 +49,9 @@ use crate::oplog::{LogFile, Pending, Record};
 
 const STATE_DIR: &str = ".notesync";
 const STATE_FILE: &str = "state.json";
+/// Where the text of a note deleted elsewhere goes when this device has
+/// edits of it that never reached the server.
+pub const TRASH_DIR: &str = ".notesync/trash";
 const STATE_FORMAT: u32 = 1;
 /// The site provisional ids use: they never leave the device (see
 /// PROTOCOL.md 1.3: a note created offline has no site until its first
@@ -89,6 +96,12 @@ struct StateFile {
     replica_id: String,
     last_sync_time: Time,
     notes: BTreeMap<String, NoteState>,
+    /// Notes deleted here; the server is told at the next sync.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pending_deletes: BTreeSet<String>,
+    /// Notes known to be deleted on the server: never adopted again.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    deleted: BTreeSet<String>,
 }
 
 /// One note in memory.
@@ -122,6 +135,18 @@ pub struct NoteInfo {
     pub site: u8,
 }
 
+/// A note deleted on another device, removed here (PROTOCOL.md 3.5).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteDeletion {
+    pub id: DocId,
+    pub name: String,
+    /// The note's `.md` file (removed, unless the app keeps the files).
+    pub file: PathBuf,
+    /// Where its text was kept, when this device had edits of it that
+    /// never reached the server (they are not lost: they are here).
+    pub kept: Option<PathBuf>,
+}
+
 /// The store: synchronous, file-backed. The async client wraps it.
 #[derive(Debug)]
 pub struct Store {
@@ -129,6 +154,10 @@ pub struct Store {
     replica_id: u128,
     last_sync_time: Time,
     pub(crate) notes: HashMap<DocId, Note>,
+    /// Deleted here, not yet confirmed by the server.
+    pending_deletes: BTreeSet<DocId>,
+    /// Known deleted on the server.
+    deleted: BTreeSet<DocId>,
     /// Whether the store writes (and on renames removes) the `.md` files.
     write_md: bool,
 }
@@ -165,6 +194,8 @@ impl Store {
                 replica_id: format!("{:032x}", random_u128()),
                 last_sync_time: 0,
                 notes: BTreeMap::new(),
+                pending_deletes: BTreeSet::new(),
+                deleted: BTreeSet::new(),
             },
             Err(e) => return Err(io_err(&state_path)(e)),
         };
@@ -182,11 +213,23 @@ impl Store {
                 path: state_path.clone(),
                 why: "replica_id is not 32 hex digits".into(),
             })?;
+        let ids = |set: &BTreeSet<String>| -> Result<BTreeSet<DocId>, StoreError> {
+            set.iter()
+                .map(|h| {
+                    u128::from_str_radix(h, 16).map_err(|_| StoreError::BadState {
+                        path: state_path.clone(),
+                        why: format!("deleted note id {h:?} is not hex"),
+                    })
+                })
+                .collect()
+        };
         let mut store = Store {
             dir,
             replica_id,
             last_sync_time: state.last_sync_time,
             notes: HashMap::new(),
+            pending_deletes: ids(&state.pending_deletes)?,
+            deleted: ids(&state.deleted)?,
             write_md: true,
         };
         let mut known = std::collections::HashSet::new();
@@ -320,6 +363,14 @@ impl Store {
             if self.notes.contains_key(&doc.id) {
                 continue;
             }
+            if self.is_deleted(doc.id) {
+                // A crash while its files were being removed: finish.
+                let (_, st, log) = self.paths(stem);
+                for p in [st, log] {
+                    remove_if_there(&p)?;
+                }
+                continue;
+            }
             tracing::warn!(file = %path.display(), "adopting a note missing from state.json");
             // Its site is unknown: provisional until the next sync tells it.
             let note = self.load_note(doc.id, name, stem.to_owned(), 0, false)?;
@@ -348,6 +399,12 @@ impl Store {
                     )
                 })
                 .collect(),
+            pending_deletes: self
+                .pending_deletes
+                .iter()
+                .map(|id| format!("{id:032x}"))
+                .collect(),
+            deleted: self.deleted.iter().map(|id| format!("{id:032x}")).collect(),
         };
         let path = self.dir.join(STATE_DIR).join(STATE_FILE);
         let json = serde_json::to_vec_pretty(&state).expect("state serializes");
@@ -427,6 +484,86 @@ impl Store {
             .map(|k| format!("{base} ({k})"))
             .find(|s| !taken(s))
             .expect("some suffix is free")
+    }
+
+    /// Whether a note was deleted (here, or on the server).
+    pub fn is_deleted(&self, id: DocId) -> bool {
+        self.deleted.contains(&id) || self.pending_deletes.contains(&id)
+    }
+
+    /// Notes deleted here that the server has not confirmed yet.
+    pub fn pending_deletes(&self) -> Vec<DocId> {
+        self.pending_deletes.iter().copied().collect()
+    }
+
+    /// Deletes a note: its files go now, and the next sync deletes it on
+    /// the server, which removes it from every device (PROTOCOL.md 3.5).
+    /// Its edits not yet sent are dropped with it (deleting is the user's
+    /// decision). Works offline.
+    pub fn delete_note(&mut self, id: DocId) -> Result<(), StoreError> {
+        self.note(id)?;
+        // Even a note that never synced: its first upsert may have reached
+        // the server with its reply lost. The server answers
+        // unknown_document when it has no such note.
+        self.pending_deletes.insert(id);
+        self.remove_note(id)
+    }
+
+    /// The server confirmed a deletion (35), or has no such note.
+    pub(crate) fn delete_confirmed(&mut self, id: DocId) -> Result<(), StoreError> {
+        self.pending_deletes.remove(&id);
+        self.deleted.insert(id);
+        self.save_state()
+    }
+
+    /// The server says this note was deleted (35): its files go; if this
+    /// device has edits of it that never reached the server, its text is
+    /// kept in the trash first (no edit is lost silently). `None` if the
+    /// store has no such note (nothing to remove).
+    pub(crate) fn apply_remote_deletion(
+        &mut self,
+        id: DocId,
+    ) -> Result<Option<RemoteDeletion>, StoreError> {
+        self.pending_deletes.remove(&id);
+        self.deleted.insert(id);
+        let Some(note) = self.notes.get(&id) else {
+            self.save_state()?;
+            return Ok(None);
+        };
+        let name = note.doc.name.as_str().to_owned();
+        let file = self.dir.join(format!("{}.md", note.stem));
+        let kept = if note.pending.is_empty() {
+            None
+        } else {
+            let trash = self.dir.join(TRASH_DIR);
+            fs::create_dir_all(&trash).map_err(io_err(&trash))?;
+            let path = free_trash_path(&trash, &note.stem, id);
+            write_atomic(&path, note.doc.text().as_bytes()).map_err(io_err(&path))?;
+            Some(path)
+        };
+        self.remove_note(id)?;
+        Ok(Some(RemoteDeletion {
+            id,
+            name,
+            file,
+            kept,
+        }))
+    }
+
+    /// Forgets a note (its id is in `pending_deletes` or `deleted`): the
+    /// state first (an orphan structure file of a deleted id is removed at
+    /// the next open, never adopted), then its files.
+    fn remove_note(&mut self, id: DocId) -> Result<(), StoreError> {
+        let note = self.notes.remove(&id).ok_or(StoreError::UnknownNote(id))?;
+        self.save_state()?;
+        let (md, st, log) = self.paths(&note.stem);
+        drop(note);
+        remove_if_there(&st)?;
+        remove_if_there(&log)?;
+        if self.write_md {
+            remove_if_there(&md)?;
+        }
+        crate::fsutil::sync_dir(&self.dir).map_err(io_err(&self.dir))
     }
 
     pub(crate) fn note(&self, id: DocId) -> Result<&Note, StoreError> {
@@ -748,6 +885,25 @@ impl Note {
         self.dirty = true;
         Ok(rec.to_send)
     }
+}
+
+fn remove_if_there(path: &Path) -> Result<(), StoreError> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io_err(path)(e)),
+        _ => Ok(()),
+    }
+}
+
+/// `<trash>/<stem>.<id>.md`, or with ` (k)` before `.md` if taken.
+pub(crate) fn free_trash_path(trash: &Path, stem: &str, id: DocId) -> PathBuf {
+    let first = trash.join(format!("{stem}.{id:032x}.md"));
+    if !first.exists() {
+        return first;
+    }
+    (2..)
+        .map(|k| trash.join(format!("{stem}.{id:032x} ({k}).md")))
+        .find(|p| !p.exists())
+        .expect("some suffix is free")
 }
 
 fn make_alloc(id: DocId, site: u8, provisional: bool) -> Result<Allocator, StoreError> {

@@ -3,10 +3,13 @@
 //!
 //! Order: hello; give provisional notes a site (an empty upsert creates the
 //! document and allocates it); synclist from the store's cursor until it is
-//! empty; then, pipelined, an upsert for every note with pending ops and a
-//! pull for every other listed note; then read the replies in order. Ops
-//! leave a note's log only on the 34 that answers the upsert that carried
-//! them. The global cursor moves only once every listed note was pulled.
+//! empty; then, pipelined, a doc_delete for every note deleted here, an
+//! upsert for every note with pending ops and a pull for every other listed
+//! note; then read the replies in order. Ops leave a note's log only on the
+//! 34 that answers the upsert that carried them. A 35 (the note was deleted
+//! on the server) removes the note here, keeping its text in the trash if
+//! it had edits the server never took (PROTOCOL.md 3.5). The global cursor
+//! moves only once every listed note was pulled.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -18,7 +21,7 @@ use notesync_protocol::{
 
 use crate::doc::TextChange;
 use crate::net::{Conn, NetError, ServerConfig};
-use crate::store::{Store, StoreError};
+use crate::store::{RemoteDeletion, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SyncError {
@@ -43,6 +46,10 @@ pub struct SyncReport {
     pub changes: Vec<(DocId, Vec<TextChange>)>,
     /// Notes the server refused, with why; their ops stay in the log.
     pub refused: Vec<(DocId, ErrorCode, String)>,
+    /// Notes deleted on another device, removed here.
+    pub deleted: Vec<RemoteDeletion>,
+    /// Deletions made here that the server has now made.
+    pub deletes_sent: Vec<DocId>,
 }
 
 /// Keeps upserts well inside the default frame and item limits.
@@ -60,6 +67,18 @@ enum Request {
     Pull {
         doc: DocId,
     },
+    /// 3 doc_delete of a note deleted here.
+    Delete {
+        doc: DocId,
+    },
+}
+
+/// How the server answered a request about one document.
+enum Reply {
+    /// 34: synced up to this time; this replica's site.
+    Synced(u8, Time),
+    /// 35: the document is deleted (at this time).
+    Deleted,
 }
 
 fn lock(store: &Mutex<Store>) -> std::sync::MutexGuard<'_, Store> {
@@ -97,7 +116,8 @@ pub async fn sync_once(
         }))
         .await?;
         match read_reply(&mut conn, store, id, false, &mut report).await? {
-            Ok((site, sync_time)) => {
+            Ok(Reply::Deleted) => deleted(store, id, &mut report)?,
+            Ok(Reply::Synced(site, sync_time)) => {
                 let mut s = lock(store);
                 if site == 0 {
                     report.refused.push((
@@ -154,7 +174,9 @@ pub async fn sync_once(
                 deletes,
                 rename,
             } => match read_reply(&mut conn, store, doc, rename.is_some(), &mut report).await? {
-                Ok((site, sync_time)) => {
+                // Deleted before these ops reached it: none was applied.
+                Ok(Reply::Deleted) => deleted(store, doc, &mut report)?,
+                Ok(Reply::Synced(site, sync_time)) => {
                     let mut s = lock(store);
                     report.upserted += 1;
                     report.acknowledged_ops +=
@@ -169,7 +191,8 @@ pub async fn sync_once(
             },
             Request::Pull { doc } => {
                 match read_reply(&mut conn, store, doc, false, &mut report).await? {
-                    Ok((site, sync_time)) => {
+                    Ok(Reply::Deleted) => deleted(store, doc, &mut report)?,
+                    Ok(Reply::Synced(site, sync_time)) => {
                         let mut s = lock(store);
                         report.pulled += 1;
                         s.set_site(doc, site)?;
@@ -183,6 +206,14 @@ pub async fn sync_once(
                     }
                 }
             }
+            Request::Delete { doc } => match read_delete_reply(&mut conn, doc).await? {
+                // Deleted (by this request or before it), or never there.
+                Ok(()) | Err((ErrorCode::UNKNOWN_DOCUMENT, _)) => {
+                    lock(store).delete_confirmed(doc)?;
+                    report.deletes_sent.push(doc);
+                }
+                Err((code, msg)) => report.refused.push((doc, code, msg)),
+            },
         }
     }
     let mut s = lock(store);
@@ -201,6 +232,9 @@ fn plan(
 ) -> Result<Vec<(Request, ClientFrame)>, SyncError> {
     let mut s = lock(store);
     let mut out = Vec::new();
+    for doc in s.pending_deletes() {
+        out.push((Request::Delete { doc }, ClientFrame::DeleteDoc { doc }));
+    }
     let with_ops: Vec<DocId> = s
         .notes
         .iter()
@@ -253,7 +287,9 @@ fn plan(
         }
     }
     for &doc in listed.keys() {
-        if !with_ops.contains(&doc) {
+        // A note deleted here or known deleted: nothing to pull (it would
+        // come back as a new note).
+        if !with_ops.contains(&doc) && !s.is_deleted(doc) {
             let since = s.notes.get(&doc).map_or(0, |n| n.last_sync);
             out.push((Request::Pull { doc }, ClientFrame::Pull { doc, since }));
         }
@@ -270,7 +306,7 @@ async fn read_reply(
     doc: DocId,
     carried_rename: bool,
     report: &mut SyncReport,
-) -> Result<Result<(u8, Time), (ErrorCode, String)>, SyncError> {
+) -> Result<Result<Reply, (ErrorCode, String)>, SyncError> {
     let mut changes = Vec::new();
     let mut inserted = std::collections::HashSet::new();
     loop {
@@ -304,8 +340,9 @@ async fn read_reply(
                 if !changes.is_empty() {
                     report.changes.push((doc, changes));
                 }
-                return Ok(Ok((site, sync_time)));
+                return Ok(Ok(Reply::Synced(site, sync_time)));
             }
+            ServerFrame::DocDeleted { doc: d, .. } if d == doc => return Ok(Ok(Reply::Deleted)),
             ServerFrame::Error(e) if !e.code.closes_connection() => {
                 return Ok(Err((e.code, e.message)));
             }
@@ -316,6 +353,30 @@ async fn read_reply(
                 ))
                 .into());
             }
+        }
+    }
+}
+
+/// A note the server says is deleted: removed here (its text kept in the
+/// trash if it had edits the server never took).
+fn deleted(store: &Mutex<Store>, doc: DocId, report: &mut SyncReport) -> Result<(), SyncError> {
+    if let Some(d) = lock(store).apply_remote_deletion(doc)? {
+        report.deleted.push(d);
+    }
+    Ok(())
+}
+
+/// Reads the answer to a doc_delete: 35, or a refusal.
+async fn read_delete_reply(
+    conn: &mut Conn,
+    doc: DocId,
+) -> Result<Result<(), (ErrorCode, String)>, SyncError> {
+    match conn.recv_raw().await? {
+        ServerFrame::DocDeleted { doc: d, .. } if d == doc => Ok(Ok(())),
+        ServerFrame::Error(e) if !e.code.closes_connection() => Ok(Err((e.code, e.message))),
+        ServerFrame::Error(e) => Err(NetError::from(e).into()),
+        other => {
+            Err(NetError::Unexpected(format!("expected 35 for {doc:032x}, got {other:?}")).into())
         }
     }
 }

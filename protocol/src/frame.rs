@@ -21,9 +21,13 @@ pub mod header {
     pub const SYNCLIST: u8 = 0;
     pub const SYNC_DOC_PULL: u8 = 1;
     pub const SYNC_DOC_UPSERT: u8 = 2;
+    /// Version 2.
+    pub const DOC_DELETE: u8 = 3;
     pub const SYNCLIST_RESPONSE: u8 = 32;
     pub const SYNC_DOC_RESPONSE: u8 = 33;
     pub const DOC_SYNC: u8 = 34;
+    /// Version 2.
+    pub const DOC_DELETED: u8 = 35;
     pub const SESSION_START: u8 = 64;
     pub const SESSION_INSERT: u8 = 65;
     pub const SESSION_DELETE: u8 = 66;
@@ -35,8 +39,13 @@ pub mod header {
     pub const ERROR: u8 = 127;
 }
 
-/// The protocol version this crate speaks (sent in hello and welcome).
-pub const PROTOCOL_VERSION: u8 = 1;
+/// The newest protocol version this crate speaks (sent in hello; a server
+/// answers the version the connection uses in welcome).
+pub const PROTOCOL_VERSION: u8 = 2;
+/// The oldest protocol version a server still speaks (PROTOCOL.md 6).
+pub const MIN_PROTOCOL_VERSION: u8 = 1;
+/// The first version with document deletion (frames 3 and 35).
+pub const VERSION_DELETION: u8 = 2;
 /// Longest document name in bytes, terminator excluded.
 pub const MAX_NAME_BYTES: usize = 255;
 /// Longest atom data in bytes.
@@ -505,6 +514,8 @@ pub enum ClientFrame {
     Pull { doc: DocId, since: Time },
     /// 2 sync_doc_upsert.
     Upsert(Upsert),
+    /// 3 doc_delete (version 2).
+    DeleteDoc { doc: DocId },
     /// 64 session_start.
     SessionStart { since: Time, doc: DocId },
     /// 65 session_insert.
@@ -530,6 +541,9 @@ pub enum ServerFrame {
         sync_time: Time,
         site: u8,
     },
+    /// 35 doc_deleted (version 2): the document was deleted at
+    /// `deleted_time` and stays deleted.
+    DocDeleted { doc: DocId, deleted_time: Time },
     /// 65 session_insert, relayed from another session.
     Insert(SessionInsert),
     /// 66 session_delete, relayed.
@@ -595,6 +609,7 @@ impl ClientFrame {
             ClientFrame::Synclist { .. } => SYNCLIST,
             ClientFrame::Pull { .. } => SYNC_DOC_PULL,
             ClientFrame::Upsert(_) => SYNC_DOC_UPSERT,
+            ClientFrame::DeleteDoc { .. } => DOC_DELETE,
             ClientFrame::SessionStart { .. } => SESSION_START,
             ClientFrame::Insert(_) => SESSION_INSERT,
             ClientFrame::Delete(_) => SESSION_DELETE,
@@ -620,6 +635,7 @@ impl ClientFrame {
                 u.inserts.write(out);
                 u.deletes.write(out);
             }
+            ClientFrame::DeleteDoc { doc } => out.put_u128(*doc),
             ClientFrame::SessionStart { since, doc } => {
                 out.put_u64(*since);
                 out.put_u128(*doc);
@@ -660,6 +676,7 @@ impl ServerFrame {
             ServerFrame::SynclistResponse(_) => SYNCLIST_RESPONSE,
             ServerFrame::DocResponse(_) => SYNC_DOC_RESPONSE,
             ServerFrame::DocSync { .. } => DOC_SYNC,
+            ServerFrame::DocDeleted { .. } => DOC_DELETED,
             ServerFrame::Insert(_) => SESSION_INSERT,
             ServerFrame::Delete(_) => SESSION_DELETE,
             ServerFrame::Rename(_) => NAME_CHANGE,
@@ -690,6 +707,10 @@ impl ServerFrame {
                 out.put_u128(*doc);
                 out.put_u64(*sync_time);
                 out.put_u8(*site);
+            }
+            ServerFrame::DocDeleted { doc, deleted_time } => {
+                out.put_u128(*doc);
+                out.put_u64(*deleted_time);
             }
             ServerFrame::Insert(i) => encode_insert(i, out),
             ServerFrame::Delete(d) => encode_delete(d, out),

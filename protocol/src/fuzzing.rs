@@ -148,6 +148,7 @@ impl Checked for ClientFrame {
         match self {
             ClientFrame::Synclist { .. }
             | ClientFrame::Pull { .. }
+            | ClientFrame::DeleteDoc { .. }
             | ClientFrame::SessionStart { .. } => {}
             ClientFrame::Upsert(u) => {
                 check_name(&u.name);
@@ -193,6 +194,7 @@ impl Checked for ServerFrame {
                 assert_eq!(&again, e, "error message over 65,535 bytes");
             }
             ServerFrame::DocSync { .. }
+            | ServerFrame::DocDeleted { .. }
             | ServerFrame::SessionStarted { .. }
             | ServerFrame::SessionAck { .. }
             | ServerFrame::Welcome { .. } => {}

@@ -170,6 +170,7 @@ fn client_frames() -> Vec<(&'static str, ClientFrame)> {
             "hello-no-token",
             ClientFrame::Hello(Hello::new(1, bytes::Bytes::new()).unwrap()),
         ),
+        ("doc-delete", ClientFrame::DeleteDoc { doc: 9 }),
     ]
 }
 
@@ -248,6 +249,13 @@ fn server_frames() -> Vec<(&'static str, ServerFrame)> {
         (
             "error-unknown-code",
             ServerFrame::Error(ErrorFrame::new(ErrorCode(200), "")),
+        ),
+        (
+            "doc-deleted",
+            ServerFrame::DocDeleted {
+                doc: 9,
+                deleted_time: 46,
+            },
         ),
     ]
 }

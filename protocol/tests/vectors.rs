@@ -276,6 +276,9 @@ fn expected_client() -> Vec<(&'static str, ClientFrame)> {
         ("hello.token", hello(1, b"secret")),
         ("hello.token_255_binary", hello(1, &[0xff; 255])),
         ("hello.version_2", hello(2, b"")),
+        ("hello.version_9", hello(9, b"")),
+        ("doc_delete.d", DeleteDoc { doc: D }),
+        ("doc_delete.max", DeleteDoc { doc: u128::MAX }),
     ]
 }
 
@@ -376,6 +379,20 @@ fn expected_server() -> Vec<(&'static str, ServerFrame)> {
             Welcome {
                 version: 1,
                 server_time: T,
+            },
+        ),
+        (
+            "welcome.version_2",
+            Welcome {
+                version: 2,
+                server_time: T + 1,
+            },
+        ),
+        (
+            "doc_deleted.t",
+            DocDeleted {
+                doc: D,
+                deleted_time: T,
             },
         ),
         (

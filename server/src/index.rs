@@ -67,7 +67,7 @@ impl Index {
         self.read().clock
     }
 
-    #[cfg(test)]
+    /// Documents in the index (the metrics' `documents`).
     pub fn len(&self) -> usize {
         self.read().by_time.len()
     }

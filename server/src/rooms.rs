@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use bytes::{Bytes, BytesMut};
-use notesync_protocol::{DocId, ErrorCode, ErrorFrame, ServerFrame};
+use notesync_protocol::{DocId, ErrorCode, ErrorFrame, ServerFrame, Time, VERSION_DELETION};
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
@@ -105,7 +105,27 @@ impl Kill {
 }
 
 pub fn error_bytes(code: ErrorCode, message: impl Into<String>) -> Bytes {
+    crate::metrics::error_frame(code);
     ServerFrame::Error(ErrorFrame::new(code, message)).to_bytes()
+}
+
+/// How a connection of protocol `version` is told that `doc` was deleted
+/// at `at` (PROTOCOL.md 3.5): 35 from version 2 on (frames are sent only to
+/// peers that announced a version that has them), `unknown_document`
+/// before.
+pub fn deleted_bytes(version: u8, doc: DocId, at: Time) -> Bytes {
+    if version >= VERSION_DELETION {
+        ServerFrame::DocDeleted {
+            doc,
+            deleted_time: at,
+        }
+        .to_bytes()
+    } else {
+        error_bytes(
+            ErrorCode::UNKNOWN_DOCUMENT,
+            format!("document {doc:032x} was deleted (at {at}) and stays deleted"),
+        )
+    }
 }
 
 /// Creates a connection's live queue, bounded to `max_bytes` of frames.
@@ -188,6 +208,8 @@ impl OutboxRx {
 /// One session in a room.
 pub struct Sub {
     pub session_id: u64,
+    /// The connection's protocol version (what it may be sent).
+    pub version: u8,
     pub outbox: Outbox,
     pub ack: Arc<AckCell>,
     pub kill: Arc<Kill>,
@@ -200,6 +222,7 @@ impl Sub {
         match self.outbox.try_push(frame) {
             Ok(()) => true,
             Err(PushError::Full) => {
+                crate::metrics::slow_reader();
                 self.kill.kill(Some(error_bytes(
                     ErrorCode::SLOW_READER,
                     format!(
@@ -314,6 +337,16 @@ impl Rooms {
         });
     }
 
+    /// Tells every session on `doc` that it was deleted at `at` and ends
+    /// it, after what is queued for it.
+    pub fn end_deleted(&mut self, doc: DocId, at: Time) {
+        if let Some(subs) = self.rooms.remove(&doc) {
+            for sub in subs {
+                sub.kill.end(deleted_bytes(sub.version, doc, at));
+            }
+        }
+    }
+
     /// Ends every session (the writer is stopping).
     pub fn end_all(&mut self, frame: Bytes) {
         for (_, subs) in self.rooms.drain() {
@@ -348,6 +381,7 @@ mod tests {
         (
             Sub {
                 session_id: id,
+                version: 2,
                 outbox,
                 ack: AckCell::new(),
                 kill: Kill::new(),

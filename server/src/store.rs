@@ -6,7 +6,7 @@
 //! | table       | key                                   | value |
 //! |-------------|---------------------------------------|-------|
 //! | `meta`      | `&str`                                | `u64` (`schema_version`, `clock`, `boot`) |
-//! | `documents` | `u128` document                       | modified, name time, next site, name |
+//! | `documents` | `u128` document                       | modified, name time, next site, deleted time, name |
 //! | `doc_times` | modified `u64` BE ++ document `u128` BE | `()` |
 //! | `sites`     | document BE ++ replica BE             | `u8` site |
 //! | `atoms`     | document BE ++ pid key form           | insert time, delete time, data |
@@ -38,8 +38,9 @@ use redb::{
     TableDefinition, WriteTransaction,
 };
 
-/// The layout version this build reads and writes.
-pub const SCHEMA_VERSION: u64 = 1;
+/// The layout version this build reads and writes. Version 1 (no deletion
+/// time in `documents`) is migrated at start.
+pub const SCHEMA_VERSION: u64 = 2;
 /// File name of the database inside the data folder.
 pub const DB_FILE: &str = "notesync.redb";
 
@@ -76,7 +77,7 @@ pub enum OpenError {
     )]
     AlreadyOpen { path: PathBuf },
     #[error(
-        "{path} has schema version {found}, but this server reads version {SCHEMA_VERSION} only; \
+        "{path} has schema version {found}, but this server reads versions 1 to {SCHEMA_VERSION} only; \
          use a matching notesync-server build"
     )]
     UnknownSchema { path: PathBuf, found: u64 },
@@ -180,20 +181,38 @@ pub struct DocRecord {
     pub name_time: Time,
     /// Next site to hand out; `MAX_SITE + 1` once all are taken.
     pub next_site: u16,
+    /// When the document was deleted (0: it is not). A deleted document
+    /// keeps its record (so its id is never reused and every device learns
+    /// of the deletion) and loses its atoms; `modified` equals this time.
+    pub deleted: Time,
     pub name: String,
 }
 
+/// Bytes before the name in a `documents` record (schema 2).
+const DOC_HEAD: usize = 26;
+
 impl DocRecord {
     fn encode(&self) -> Vec<u8> {
-        let mut v = Vec::with_capacity(18 + self.name.len());
+        let mut v = Vec::with_capacity(DOC_HEAD + self.name.len());
         v.extend_from_slice(&self.modified.to_be_bytes());
         v.extend_from_slice(&self.name_time.to_be_bytes());
         v.extend_from_slice(&self.next_site.to_be_bytes());
+        v.extend_from_slice(&self.deleted.to_be_bytes());
         v.extend_from_slice(self.name.as_bytes());
         v
     }
 
     fn decode(b: &[u8]) -> Result<Self, StoreError> {
+        if b.len() < DOC_HEAD {
+            return Err(corrupt("documents", "record shorter than 26 bytes"));
+        }
+        let mut rec = Self::decode_v1(&[&b[..18], &b[DOC_HEAD..]].concat())?;
+        rec.deleted = be_u64(&b[18..26]);
+        Ok(rec)
+    }
+
+    /// A schema 1 record: no deletion time.
+    fn decode_v1(b: &[u8]) -> Result<Self, StoreError> {
         let bad = || corrupt("documents", "record shorter than 18 bytes");
         let modified =
             u64::from_be_bytes(b.get(0..8).ok_or_else(bad)?.try_into().map_err(|_| bad())?);
@@ -216,6 +235,7 @@ impl DocRecord {
             modified,
             name_time,
             next_site,
+            deleted: 0,
             name,
         })
     }
@@ -405,6 +425,11 @@ fn init_schema(db: &Database, path: &Path) -> Result<u64, OpenError> {
             .map(|v| v.value());
         match version {
             Some(SCHEMA_VERSION) => {}
+            Some(1) => {
+                migrate_v1(&txn).map_err(wrap)?;
+                meta.insert(META_SCHEMA, SCHEMA_VERSION)
+                    .map_err(|e| wrap(e.into()))?;
+            }
             Some(found) => {
                 return Err(OpenError::UnknownSchema {
                     path: path.to_owned(),
@@ -438,6 +463,21 @@ fn init_schema(db: &Database, path: &Path) -> Result<u64, OpenError> {
     txn.open_table(CHANGES).map_err(|e| wrap(e.into()))?;
     txn.commit().map_err(|e| wrap(e.into()))?;
     Ok(boot)
+}
+
+/// Schema 1 to 2: every `documents` record gets a deletion time of 0. One
+/// pass over the documents, in the transaction that writes the new version.
+fn migrate_v1(txn: &WriteTransaction) -> Result<(), StoreError> {
+    let mut docs = txn.open_table(DOCUMENTS)?;
+    let mut all = Vec::new();
+    for entry in docs.range::<u128>(..)? {
+        let (k, v) = entry?;
+        all.push((k.value(), DocRecord::decode_v1(v.value())?));
+    }
+    for (doc, rec) in all {
+        docs.insert(doc, rec.encode().as_slice())?;
+    }
+    Ok(())
 }
 
 fn load(db: &Database) -> Result<(Time, Vec<(Time, DocId)>), StoreError> {
@@ -966,6 +1006,27 @@ impl<'t> WriteTables<'t> {
         Ok(Deleted::New(t))
     }
 
+    /// Drops a deleted document's atoms, change index and sites (its record
+    /// stays). Cost: O(its atoms), in the deleting transaction.
+    pub fn drop_content(&mut self, doc: DocId) -> Result<(), StoreError> {
+        let lo = doc.to_be_bytes();
+        match doc.checked_add(1).map(|d| d.to_be_bytes()) {
+            Some(hi) => self
+                .atoms
+                .retain_in::<&[u8], _>(lo.as_slice()..hi.as_slice(), |_, _| false)?,
+            None => self
+                .atoms
+                .retain_in::<&[u8], _>(lo.as_slice().., |_, _| false)?,
+        }
+        let (clo, chi) = (change_key(doc, 0), change_key(doc, Time::MAX));
+        self.changes
+            .retain_in::<&[u8; 24], _>(&clo..=&chi, |_, _| false)?;
+        let (slo, shi) = (site_key(doc, 0), site_key(doc, u128::MAX));
+        self.sites
+            .retain_in::<&[u8; 32], _>(&slo..=&shi, |_, _| false)?;
+        Ok(())
+    }
+
     fn put_change(
         &mut self,
         doc: DocId,
@@ -1027,6 +1088,7 @@ pub(crate) mod tests {
                 modified: clock.next(),
                 name_time: 0,
                 next_site: 1,
+                deleted: 0,
                 name: "n".into(),
             };
             t.put_doc(DOC, &rec, None).expect("put");
@@ -1294,6 +1356,82 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn schema_1_is_migrated_to_2() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let o = open(dir.path()).expect("open");
+            // A schema 1 database: its documents records have no deletion
+            // time (modified, name_time, next_site, name).
+            write(&o.db, |t| {
+                t.meta.insert(META_SCHEMA, 1).expect("meta");
+                let mut v1 = Vec::new();
+                v1.extend_from_slice(&7u64.to_be_bytes());
+                v1.extend_from_slice(&5u64.to_be_bytes());
+                v1.extend_from_slice(&3u16.to_be_bytes());
+                v1.extend_from_slice("old é".as_bytes());
+                t.docs.insert(DOC, v1.as_slice()).expect("doc");
+            });
+        }
+        let o = open(dir.path()).expect("a schema 1 database opens");
+        let snap = Snapshot::begin(&o.db).expect("snap");
+        assert_eq!(
+            snap.doc(DOC).expect("doc"),
+            Some(DocRecord {
+                modified: 7,
+                name_time: 5,
+                next_site: 3,
+                deleted: 0,
+                name: "old é".into(),
+            })
+        );
+        let version = snap
+            .txn
+            .open_table(META)
+            .expect("meta")
+            .get(META_SCHEMA)
+            .expect("get")
+            .map(|v| v.value());
+        assert_eq!(version, Some(SCHEMA_VERSION));
+    }
+
+    #[test]
+    fn dropping_a_deleted_documents_content_leaves_other_documents() {
+        let (_d, o) = open_tmp();
+        let mut clock = ServerClock::new(Arc::new(SystemClock), o.clock);
+        create_doc(&o.db, &mut clock);
+        const OTHER: DocId = DOC + 1;
+        const BEFORE: DocId = DOC - 1;
+        write(&o.db, |t| {
+            for d in [BEFORE, DOC, OTHER] {
+                t.insert_atom(d, pid(1, 1).key(), b"a", &mut clock)
+                    .expect("ins");
+                t.delete_atom(d, pid(2, 1).key(), 1, &mut clock)
+                    .expect("del");
+                t.put_site(d, 9, 1).expect("site");
+            }
+            t.set_clock(clock.last()).expect("clock");
+        });
+        write(&o.db, |t| t.drop_content(DOC).expect("drop"));
+        let snap = Snapshot::begin(&o.db).expect("snap");
+        assert_eq!(snap.atom(DOC, &pid(1, 1)).expect("atom"), None);
+        assert_eq!(snap.atom(DOC, &pid(2, 1)).expect("atom"), None);
+        assert_eq!(snap.site(DOC, 9).expect("site"), None);
+        assert_eq!(pull(&o.db, 1), (vec![], vec![]));
+        for d in [BEFORE, OTHER] {
+            assert!(snap.atom(d, &pid(1, 1)).expect("atom").is_some());
+            assert_eq!(snap.site(d, 9).expect("site"), Some(1));
+            let changes = snap.txn.open_table(CHANGES).expect("changes");
+            let n = changes
+                .range::<&[u8; 24]>(&change_key(d, 0)..=&change_key(d, Time::MAX))
+                .expect("range")
+                .count();
+            assert_eq!(n, 2, "document {d:x} keeps its change index");
+        }
+        // The record stays (the writer keeps it, with its deletion time).
+        assert!(snap.doc(DOC).expect("doc").is_some());
+    }
+
+    #[test]
     fn doc_times_rebuild_in_order() {
         let dir = tempfile::tempdir().expect("tempdir");
         {
@@ -1304,6 +1442,7 @@ pub(crate) mod tests {
                         modified: m,
                         name_time: 0,
                         next_site: 1,
+                        deleted: 0,
                         name: String::new(),
                     };
                     t.put_doc(i, &rec, None).expect("put");
@@ -1313,6 +1452,7 @@ pub(crate) mod tests {
                     modified: 40,
                     name_time: 0,
                     next_site: 1,
+                    deleted: 0,
                     name: String::new(),
                 };
                 t.put_doc(1, &rec, Some(10)).expect("put");
@@ -1320,5 +1460,32 @@ pub(crate) mod tests {
         }
         let o = open(dir.path()).expect("reopen");
         assert_eq!(o.doc_times, vec![(20, 2), (30, 3), (40, 1)]);
+    }
+}
+
+// ---------------------------------------------------------------- raw layout, for `ops`
+
+/// The stored layout as it is, for the operations commands (`ops`: backup,
+/// check, export), which read every table of a snapshot directly.
+pub(crate) mod raw {
+    use super::*;
+
+    pub(crate) const META_TABLE: TableDefinition<&str, u64> = META;
+    pub(crate) const DOCUMENTS_TABLE: TableDefinition<u128, &[u8]> = DOCUMENTS;
+    pub(crate) const DOC_TIMES_TABLE: TableDefinition<&[u8; 24], ()> = DOC_TIMES;
+    pub(crate) const SITES_TABLE: TableDefinition<&[u8; 32], u8> = SITES;
+    pub(crate) const ATOMS_TABLE: TableDefinition<&[u8], &[u8]> = ATOMS;
+    pub(crate) const CHANGES_TABLE: TableDefinition<&[u8; 24], &[u8]> = CHANGES;
+    pub(crate) const SCHEMA_KEY: &str = META_SCHEMA;
+    pub(crate) const CLOCK_KEY: &str = META_CLOCK;
+    pub(crate) const KIND_INSERT: u8 = CHANGE_INSERT;
+    pub(crate) const KIND_DELETE: u8 = CHANGE_DELETE;
+
+    pub(crate) fn doc_record(b: &[u8]) -> Result<DocRecord, StoreError> {
+        DocRecord::decode(b)
+    }
+
+    pub(crate) fn atom_record(b: &[u8]) -> Result<AtomRecord, StoreError> {
+        AtomRecord::decode(b)
     }
 }

@@ -8,8 +8,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
 use notesync_protocol::{
-    Atom, AtomList, ClientCodec, ClientFrame, DocName, ErrorCode, Hello, Level, Pid,
-    PidListBuilder, ServerFrame, SessionDelete, SessionInsert, Time, Upsert,
+    Atom, AtomList, ClientCodec, ClientFrame, DocName, ErrorCode, Hello, Level, PROTOCOL_VERSION,
+    Pid, PidListBuilder, ServerFrame, SessionDelete, SessionInsert, Time, Upsert,
 };
 use notesync_server::{Config, Server};
 use tokio::io::AsyncWriteExt;
@@ -75,7 +75,8 @@ impl Client {
         ))
         .await;
         match c.recv().await {
-            ServerFrame::Welcome { version: 1, .. } => c,
+            // The version of the hello (PROTOCOL.md 6).
+            ServerFrame::Welcome { version, .. } if version == PROTOCOL_VERSION => c,
             f => panic!("expected welcome, got {f:?}"),
         }
     }

@@ -21,6 +21,8 @@ use notesync_tests::conformance::{
 struct Sdk {
     client: Client,
     sessions: HashMap<DocId, Session>,
+    /// Where the SDK kept the text of notes deleted elsewhere.
+    kept: HashMap<DocId, std::path::PathBuf>,
 }
 
 impl ClientUnderTest for Sdk {
@@ -45,11 +47,13 @@ impl ClientUnderTest for Sdk {
     }
     fn sync(&mut self) -> BoxFuture<'_, Result<(), String>> {
         Box::pin(async move {
-            self.client
-                .sync_now()
-                .await
-                .map(drop)
-                .map_err(|e| e.to_string())
+            let report = self.client.sync_now().await.map_err(|e| e.to_string())?;
+            for d in report.deleted {
+                if let Some(path) = d.kept {
+                    self.kept.insert(d.id, path);
+                }
+            }
+            Ok(())
         })
     }
     fn open_session(&mut self, doc: DocId) {
@@ -63,6 +67,13 @@ impl ClientUnderTest for Sdk {
     }
     fn session_delete(&mut self, doc: DocId, range: Range<usize>) {
         self.sessions[&doc].delete(range).expect("session delete");
+    }
+    fn delete_note(&mut self, doc: DocId) {
+        self.client.delete_note(doc).expect("delete a note");
+    }
+    fn kept_text(&self, doc: DocId) -> Option<String> {
+        let path = self.kept.get(&doc)?;
+        Some(std::fs::read_to_string(path).expect("read the kept text"))
     }
     fn close_session(&mut self, doc: DocId) -> BoxFuture<'_, ()> {
         let s = self.sessions.remove(&doc);
@@ -83,6 +94,7 @@ impl ClientFactory for SdkFactory {
         Box::new(Sdk {
             client: Client::open(dir, cfg).expect("open the SDK's store"),
             sessions: HashMap::new(),
+            kept: HashMap::new(),
         })
     }
 }

@@ -148,8 +148,8 @@ fn cases() -> Vec<Case> {
     let deep: Vec<(u8, u32)> = (0..65).map(|i| (1, i)).collect();
     vec![
         Case {
-            name: "unknown header 3 (sync range, not a frame)",
-            bytes: vec![3, 0, 0, 0],
+            name: "unknown header 4 (sync range, not a frame)",
+            bytes: vec![4, 0, 0, 0],
             half_close: false,
             replies: &[],
             code: ErrorCode::UNKNOWN_FRAME,
@@ -415,8 +415,8 @@ fn cases() -> Vec<Case> {
             limit: None,
         },
         Case {
-            name: "hello with protocol version 2",
-            bytes: hello(2),
+            name: "hello with protocol version 3",
+            bytes: hello(3),
             half_close: false,
             replies: &[],
             code: ErrorCode::UNSUPPORTED_VERSION,

@@ -14,13 +14,13 @@ pub fn checks() -> Vec<Check<Ctx>> {
         Check::new(
             "hello-welcome",
             "3, 6",
-            "hello is answered by 97 welcome with version 1 and the server's time",
+            "hello is answered by 97 welcome with the hello's version (1 or 2) and the server's time",
             hello_welcome,
         ),
         Check::new(
             "hello-unsupported-version",
             "3, 6",
-            "hello with a version the server does not speak (0, 2, 255): unsupported_version, closed",
+            "hello with a version the server does not speak (0, 3, 255): unsupported_version, closed",
             unsupported_version,
         ),
         Check::new(
@@ -72,17 +72,25 @@ pub fn checks() -> Vec<Check<Ctx>> {
 }
 
 async fn hello_welcome(ctx: Ctx) -> Outcome {
+    for hello_version in [1u8, 2] {
+        hello_welcome_as(&ctx, hello_version).await;
+    }
+    Ok(())
+}
+
+async fn hello_welcome_as(ctx: &Ctx, hello_version: u8) {
     let mut c = ctx.raw_conn("hello").await;
     let replica = ctx.replica();
-    c.send_raw(&hello_bytes(&ctx, replica, 1)).await;
+    c.send_raw(&hello_bytes(ctx, replica, hello_version)).await;
     match c.next_event().await {
         Event::Frame(ServerFrame::Welcome {
             version,
             server_time,
         }) => {
             assert_eq!(
-                version, 1,
-                "expected welcome with version 1, got version {version}"
+                version, hello_version,
+                "a hello with version {hello_version}: expected welcome with that version \
+                 (the one the connection uses, 6), got version {version}"
             );
             assert!(
                 server_time > 0,
@@ -94,11 +102,10 @@ async fn hello_welcome(ctx: Ctx) -> Outcome {
             show(&other)
         ),
     }
-    Ok(())
 }
 
 async fn unsupported_version(ctx: Ctx) -> Outcome {
-    for version in [0u8, 2, 255] {
+    for version in [0u8, 3, 255] {
         let bytes = hello_bytes(&ctx, ctx.replica(), version);
         closing_case(
             &ctx,
@@ -167,8 +174,8 @@ async fn unknown_every_header(ctx: Ctx) -> Outcome {
     let headers: Vec<u8> = (0..=255u8).filter(|&h| !accepted(h)).collect();
     assert_eq!(
         headers.len(),
-        256 - 8,
-        "a client sends 8 kinds of frame (2.3)"
+        256 - 9,
+        "a client sends 9 kinds of frame (2.3; 3 doc_delete from version 2)"
     );
     // A few at a time: each on its own connection.
     let mut set = tokio::task::JoinSet::new();
@@ -224,7 +231,7 @@ async fn unknown_after_reply(ctx: Ctx) -> Outcome {
 }
 
 async fn unknown_in_session(ctx: Ctx) -> Outcome {
-    for h in [3u8, header::SYNC_DOC_RESPONSE, header::SESSION_ACK] {
+    for h in [4u8, header::SYNC_DOC_RESPONSE, header::SESSION_ACK] {
         let (prefix, mut replies) = auth_prefix(&ctx);
         replies.push(header::SESSION_STARTED);
         let start = frame_bytes(&ClientFrame::SessionStart {

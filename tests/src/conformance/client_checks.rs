@@ -47,6 +47,12 @@ pub trait ClientUnderTest: Send + Sync {
     fn session_delete(&mut self, doc: DocId, range: Range<usize>);
     /// Ends the session (its connection closes).
     fn close_session(&mut self, doc: DocId) -> BoxFuture<'_, ()>;
+    /// Deletes a note (PROTOCOL.md 3.5): here at once, on the server at the
+    /// next sync.
+    fn delete_note(&mut self, doc: DocId);
+    /// The text the client kept of a note deleted elsewhere while it had
+    /// edits of it the server never took (3.5), if it kept any.
+    fn kept_text(&self, doc: DocId) -> Option<String>;
 }
 
 /// Makes a client with its state in `dir`, talking to `server`.
@@ -178,7 +184,7 @@ impl Setup {
 /// Every client check.
 pub fn checks() -> Vec<Check<ClientCtx>> {
     vec![
-        Check::new("client-hello-first-same-replica", "1, 3", "every connection (sync, session) starts with hello version 1, with one replica id", hello_first),
+        Check::new("client-hello-first-same-replica", "1, 3", "every connection (sync, session) starts with hello version 1 or 2, with one replica id", hello_first),
         Check::new("client-synclist-pages-then-pulls", "3.1", "synclist is repeated from the largest time received until empty; each listed document is pulled", synclist_pages),
         Check::new("client-pull-since-last-34", "3.1", "a document's next pull and upsert use the sync_time of its last 34", since_last_34),
         Check::new("client-applies-split-33s", "3.1, 5", "a reply split over several 33s is applied whole before its 34", split_33s),
@@ -194,6 +200,9 @@ pub fn checks() -> Vec<Check<ClientCtx>> {
         Check::new("client-upsert-resent-after-lost-34", "3.1", "ops of an upsert whose 34 never came are sent again, with the same ids and data", upsert_resent),
         Check::new("client-upsert-resent-learns-delete", "3.1", "the reply to a re-sent upsert deleting one of its inserts deletes it on the client", upsert_resent_delete),
         Check::new("client-unknown-error-code-closes", "4", "an error code the client does not know closes the connection (sync and session)", unknown_error_closes),
+        Check::new("client-deletes-a-note", "3.5", "a note deleted on the client goes at once there, is deleted on the server by a 3 at the next sync (after a version 2 hello), once", deletes_a_note),
+        Check::new("client-removes-a-note-deleted-elsewhere", "3.5", "a document the server answers with 35 is removed from the client and never pulled or upserted again", removes_deleted_elsewhere),
+        Check::new("client-keeps-edits-of-a-deleted-note", "3.5", "edits the server never took of a note deleted elsewhere are kept (not silently lost) and do not bring it back", keeps_edits_of_deleted),
     ]
     .into_iter()
     .map(|c| c.with_timeout(Duration::from_secs(60)))
@@ -1013,5 +1022,125 @@ async fn unknown_error_closes(ctx: ClientCtx) -> Outcome {
     )
     .await;
     s.client.close_session(doc).await;
+    Ok(())
+}
+
+/// Requests about `doc` among `reqs` (pulls, upserts, deletes).
+fn requests_about(reqs: &[ClientFrame], doc: DocId) -> Vec<&ClientFrame> {
+    reqs.iter()
+        .filter(|f| match f {
+            ClientFrame::Pull { doc: d, .. } | ClientFrame::DeleteDoc { doc: d } => *d == doc,
+            ClientFrame::Upsert(u) => u.doc == doc,
+            _ => false,
+        })
+        .collect()
+}
+
+async fn deletes_a_note(ctx: ClientCtx) -> Outcome {
+    let mut s = setup(&ctx).await;
+    let doc = s.client.create("to delete");
+    s.client.insert(doc, 0, "soon gone");
+    s.sync_ok("sync 1").await;
+    s.sync_ok("sync 2").await;
+    assert_eq!(s.world().text(doc), "soon gone");
+    s.client.delete_note(doc);
+    assert_eq!(
+        s.client.text(doc),
+        None,
+        "a deleted note is gone from the client at once"
+    );
+    let reqs = s.sync_ok("sync after the deletion").await;
+    let about = requests_about(&reqs, doc);
+    assert!(
+        matches!(about.as_slice(), [ClientFrame::DeleteDoc { .. }]),
+        "the sync after a deletion sends one 3 doc_delete for the note and nothing else about it, got {}",
+        about
+            .iter()
+            .map(|f| show_client(f))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    assert!(
+        s.world().docs[&doc].deleted.is_some(),
+        "the server deleted it"
+    );
+    let reqs = s.sync_ok("a later sync").await;
+    let about = requests_about(&reqs, doc);
+    assert!(
+        about.is_empty(),
+        "a deletion the server confirmed is not sent again, and the note is not pulled back: got {}",
+        about
+            .iter()
+            .map(|f| show_client(f))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    assert_eq!(s.client.text(doc), None);
+    Ok(())
+}
+
+async fn removes_deleted_elsewhere(ctx: ClientCtx) -> Outcome {
+    let mut s = setup(&ctx).await;
+    let (doc, _) = s.remote_doc("shared", 3, &[("from elsewhere", 1)]);
+    s.sync_ok("sync 1").await;
+    assert_eq!(s.text(doc), "from elsewhere");
+    s.world().remote_delete_doc(doc);
+    s.sync_ok("sync after the deletion elsewhere").await;
+    assert_eq!(
+        s.client.text(doc),
+        None,
+        "a note the server answers with 35 is removed from the client"
+    );
+    assert_eq!(
+        s.client.kept_text(doc),
+        None,
+        "nothing to keep: the client had no edits of it"
+    );
+    let reqs = s.sync_ok("a later sync").await;
+    let about = requests_about(&reqs, doc);
+    assert!(
+        about.is_empty(),
+        "a deleted note is neither pulled nor upserted again: got {}",
+        about
+            .iter()
+            .map(|f| show_client(f))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    Ok(())
+}
+
+async fn keeps_edits_of_deleted(ctx: ClientCtx) -> Outcome {
+    let mut s = setup(&ctx).await;
+    let (doc, _) = s.remote_doc("shared", 3, &[("base", 1)]);
+    s.sync_ok("sync 1").await;
+    s.client.insert(doc, 4, " and my offline edit");
+    s.world().remote_delete_doc(doc);
+    s.sync_ok("sync after the deletion elsewhere").await;
+    assert_eq!(
+        s.client.text(doc),
+        None,
+        "the note is removed from the client"
+    );
+    assert_eq!(
+        s.client.kept_text(doc).as_deref(),
+        Some("base and my offline edit"),
+        "the text with the edits the server never took is kept, not silently lost (3.5)"
+    );
+    assert!(
+        s.world().docs[&doc].deleted.is_some() && s.world().text(doc).is_empty(),
+        "the edit did not bring the document back"
+    );
+    let reqs = s.sync_ok("a later sync").await;
+    let about = requests_about(&reqs, doc);
+    assert!(
+        about.is_empty(),
+        "the kept text is not upserted to the deleted note: got {}",
+        about
+            .iter()
+            .map(|f| show_client(f))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     Ok(())
 }

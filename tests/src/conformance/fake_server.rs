@@ -11,8 +11,10 @@
 //!
 //! Every frame a client sends is checked as it arrives against the rules a
 //! client must follow, and the first violation fails the check:
-//! - each connection starts with hello, version 1, and every connection of
-//!   one client carries the same replica id (1, 3);
+//! - each connection starts with hello, version 1 or 2, and every
+//!   connection of one client carries the same replica id (1, 3, 6); the
+//!   fake server answers the hello's version and sends version 2 frames
+//!   (35) only after a version 2 hello; a 3 (doc_delete) only after one;
 //! - an insert (upsert or 65) is made only with the site this server gave
 //!   the replica for the document in a 34 or 68, never before it has one,
 //!   never with another site (1.1 rule 3, 1.3); a 66 carries its site;
@@ -252,6 +254,7 @@ impl FakeServer {
             session_doc: None,
             got_first: false,
             label: format!("connection {id} ({what})"),
+            version: 1,
         }
     }
 
@@ -276,6 +279,8 @@ pub struct FakeConn {
     pub session_doc: Option<DocId>,
     got_first: bool,
     pub label: String,
+    /// The version of the client's hello (1 until one arrives).
+    pub version: u8,
 }
 
 impl FakeConn {
@@ -301,11 +306,13 @@ impl FakeConn {
                 self.got_first = true;
                 match f {
                     ClientFrame::Hello(h) => {
-                        assert_eq!(
-                            h.version, 1,
-                            "{}: the client's hello carries version 1 (6)",
-                            self.label
+                        assert!(
+                            (1..=2).contains(&h.version),
+                            "{}: the client's hello carries version 1 or 2 (6), got {}",
+                            self.label,
+                            h.version
                         );
+                        self.version = h.version;
                         let first = *t.replica.get_or_insert(h.replica);
                         assert_eq!(
                             h.replica, first,
@@ -354,8 +361,9 @@ impl FakeConn {
                 show_client(&other)
             ),
         };
+        // The version the connection uses (6).
         self.send(ServerFrame::Welcome {
-            version: 1,
+            version: h.version,
             server_time: time,
         })
         .await;
@@ -468,6 +476,8 @@ pub struct FakeDoc {
     pub name_time: Time,
     pub atoms: BTreeMap<Pid, AtomState>,
     pub modified: Time,
+    /// Deleted at this time (3.5).
+    pub deleted: Option<Time>,
 }
 
 /// What a session op did.
@@ -542,9 +552,43 @@ impl World {
                 name_time: t,
                 atoms: BTreeMap::new(),
                 modified: t,
+                deleted: None,
             },
         );
         t
+    }
+
+    /// Another replica deletes the document (3.5).
+    pub fn remote_delete_doc(&mut self, doc: DocId) -> Time {
+        let t = self.tick();
+        let d = self.doc_mut(doc);
+        d.deleted = Some(t);
+        d.modified = t;
+        d.atoms.clear();
+        t
+    }
+
+    /// The 35 for a deleted document, if it is one.
+    fn deleted_reply(&self, doc: DocId) -> Option<Vec<ServerFrame>> {
+        let t = self.docs.get(&doc)?.deleted?;
+        Some(vec![ServerFrame::DocDeleted {
+            doc,
+            deleted_time: t,
+        }])
+    }
+
+    /// The reply to a 3 doc_delete from the client.
+    pub fn delete_doc(&mut self, doc: DocId) -> Vec<ServerFrame> {
+        if !self.docs.contains_key(&doc) {
+            return vec![ServerFrame::Error(ErrorFrame::new(
+                ErrorCode::UNKNOWN_DOCUMENT,
+                "unknown document",
+            ))];
+        }
+        if self.docs[&doc].deleted.is_none() {
+            self.remote_delete_doc(doc);
+        }
+        self.deleted_reply(doc).expect("deleted")
     }
 
     fn doc_mut(&mut self, doc: DocId) -> &mut FakeDoc {
@@ -663,6 +707,9 @@ impl World {
                 "unknown document",
             ))];
         }
+        if let Some(r) = self.deleted_reply(doc) {
+            return r;
+        }
         let (ins, del) = self.delta(doc, since, false);
         let mut out = self.responses(doc, &ins, &del);
         let site = self.site(doc);
@@ -676,6 +723,10 @@ impl World {
 
     /// Applies an upsert from the client as 3.1 says; the reply.
     pub fn upsert(&mut self, u: &Upsert) -> Vec<ServerFrame> {
+        // Never resurrected (3.5).
+        if let Some(r) = self.deleted_reply(u.doc) {
+            return r;
+        }
         let site = self.site(u.doc);
         if !self.docs.contains_key(&u.doc) {
             self.create(u.doc, u.name.as_str());
@@ -880,6 +931,14 @@ pub async fn serve_sync(
                 )],
                 ClientFrame::Pull { doc, since } => w.pull(*doc, *since),
                 ClientFrame::Upsert(u) => w.upsert(u),
+                ClientFrame::DeleteDoc { doc } => {
+                    assert_eq!(
+                        conn.version, 2,
+                        "{}: doc_delete (3) is a version 2 frame: sent after a version {} hello (6)",
+                        conn.label, conn.version
+                    );
+                    w.delete_doc(*doc)
+                }
                 other => panic!(
                     "{}: a sync-mode connection sent {} (3: wrong_mode)",
                     conn.label,
@@ -887,6 +946,16 @@ pub async fn serve_sync(
                 ),
             }
         };
+        // A version 1 connection never gets a 35 (6): unknown_document.
+        let reply: Vec<ServerFrame> = reply
+            .into_iter()
+            .map(|r| match r {
+                ServerFrame::DocDeleted { .. } if conn.version < 2 => {
+                    ServerFrame::Error(ErrorFrame::new(ErrorCode::UNKNOWN_DOCUMENT, "deleted"))
+                }
+                r => r,
+            })
+            .collect();
         let lost = lose(&f);
         answered.push(f);
         if lost {

@@ -23,6 +23,7 @@ pub mod client_checks;
 pub mod fake_server;
 
 mod checks_conn;
+mod checks_delete;
 mod checks_limits;
 mod checks_session;
 mod checks_sites;
@@ -269,6 +270,8 @@ pub fn server_checks() -> Vec<Check<Ctx>> {
     v.extend(checks_sites::checks());
     v.extend(checks_session::checks());
     v.extend(checks_time::checks());
+    // Before the limits checks, whose large frames keep the writer busy.
+    v.extend(checks_delete::checks());
     v.extend(checks_limits::checks());
     assert_unique(&v);
     v

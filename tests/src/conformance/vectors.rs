@@ -279,6 +279,24 @@ async fn ok_vector(ctx: Ctx, v: Vector) -> Outcome {
                 "{what}: the new document has the upsert's name"
             );
         }
+        header::DOC_DELETE => {
+            // A version 2 frame: after a version 2 hello, on a document of
+            // this check's own.
+            let doc = ctx.doc();
+            write_u128(&mut bytes, 1, doc);
+            let (mut c, _, _) = create_doc(&ctx, "vector doc_delete", doc, "to delete").await;
+            c.send_raw(&bytes).await;
+            match c.next_event().await {
+                Event::Frame(ServerFrame::DocDeleted {
+                    doc: d,
+                    deleted_time,
+                }) if d == doc && deleted_time > 0 => {}
+                other => panic!(
+                    "{what}: expected 35 doc_deleted for the document (3.5), got {}",
+                    super::util::show(&other)
+                ),
+            }
+        }
         header::SESSION_START => {
             let doc = ctx.doc();
             write_u128(&mut bytes, 9, doc);
@@ -311,10 +329,12 @@ async fn ok_vector(ctx: Ctx, v: Vector) -> Outcome {
             write_u128(&mut bytes, 2, replica);
             let version = bytes[1];
             let token = &bytes[19..];
-            let refused = if version != 1 {
+            let refused = if !(1..=2).contains(&version) {
                 Some((
                     ErrorCode::UNSUPPORTED_VERSION,
-                    format!("{what}: a server of version 1 cannot speak version {version} (3, 6)"),
+                    format!(
+                        "{what}: a server of versions 1 and 2 cannot speak version {version} (3, 6)"
+                    ),
                 ))
             } else if ctx.target().token.as_ref().is_some_and(|t| t != token) {
                 Some((
@@ -333,9 +353,10 @@ async fn ok_vector(ctx: Ctx, v: Vector) -> Outcome {
                     let mut c = ctx.raw_conn("vector hello").await;
                     c.send_raw(&bytes).await;
                     match c.next_event().await {
-                        Event::Frame(ServerFrame::Welcome { version: 1, .. }) => {}
+                        Event::Frame(ServerFrame::Welcome { version: v, .. }) if v == version => {}
                         other => panic!(
-                            "{what}: expected 97 welcome with version 1, got {}",
+                            "{what}: expected 97 welcome with version {version} (the version the \
+                             connection uses, 6), got {}",
                             super::util::show(&other)
                         ),
                     }

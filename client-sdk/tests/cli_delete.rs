@@ -1,0 +1,177 @@
+//! `notesync sync` and deleted notes (PROTOCOL.md 3.5): deleting a note's
+//! `.md` deletes the note everywhere; a folder with edits of it that never
+//! reached the server keeps them in `.notesync/trash/`.
+
+use std::collections::BTreeMap;
+use std::ffi::OsStr;
+use std::fs;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use notesync_server::{Config, Server};
+use tokio_util::sync::CancellationToken;
+
+const BIN: &str = env!("CARGO_BIN_EXE_notesync");
+
+/// A server on its own runtime, so the test can block on child processes.
+struct TestServer {
+    addr: String,
+    rt: Option<tokio::runtime::Runtime>,
+    stop: CancellationToken,
+    _data: tempfile::TempDir,
+}
+
+impl TestServer {
+    fn start() -> TestServer {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let data = tempfile::tempdir().unwrap();
+        let server = rt
+            .block_on(Server::bind(Config::new(data.path()).listen("127.0.0.1:0")))
+            .unwrap();
+        let addr = server.local_addr().to_string();
+        let stop = CancellationToken::new();
+        let s = stop.clone();
+        rt.spawn(async move { server.run(s).await.unwrap() });
+        TestServer {
+            addr,
+            rt: Some(rt),
+            stop,
+            _data: data,
+        }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_timeout(Duration::from_secs(5));
+        }
+    }
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// `notesync sync DIR --server ADDR`, which must succeed; its stdout and
+/// stderr. (`notesync sync` bounds every wait on the server itself.)
+fn sync(dir: &Path, addr: &str) -> (String, String) {
+    let out: Output = Command::new(BIN)
+        .args([
+            OsStr::new("sync"),
+            dir.as_os_str(),
+            OsStr::new("--server"),
+            OsStr::new(addr),
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "sync {} failed: {}\n{}",
+        dir.display(),
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    (text(&out.stdout), text(&out.stderr))
+}
+
+/// The note files of a folder: name -> contents.
+fn md_files(dir: &Path) -> BTreeMap<String, String> {
+    fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap())
+        .filter_map(|e| {
+            let name = e.file_name().into_string().unwrap();
+            (name.ends_with(".md") && !name.starts_with('.'))
+                .then(|| (name, fs::read_to_string(e.path()).unwrap()))
+        })
+        .collect()
+}
+
+fn files(entries: &[(&str, &str)]) -> BTreeMap<String, String> {
+    entries
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+#[test]
+fn deleting_a_file_deletes_the_note_on_every_device() {
+    let server = TestServer::start();
+    let (a, b, c) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
+    fs::write(a.path().join("list.md"), "milk\neggs\n").unwrap();
+    fs::write(a.path().join("keep.md"), "stays").unwrap();
+    sync(a.path(), &server.addr);
+    sync(b.path(), &server.addr);
+    sync(c.path(), &server.addr);
+    let both = files(&[("keep.md", "stays"), ("list.md", "milk\neggs\n")]);
+    assert_eq!(md_files(b.path()), both);
+    assert_eq!(md_files(c.path()), both);
+
+    // B and C are offline; C edits the note meanwhile. A deletes its file.
+    fs::write(c.path().join("list.md"), "milk\neggs\nbread (from C)\n").unwrap();
+    fs::remove_file(a.path().join("list.md")).unwrap();
+    let (out, _) = sync(a.path(), &server.addr);
+    assert!(out.contains("deleted note"), "{out}");
+    assert!(out.contains("1 deleted on the server"), "{out}");
+    assert_eq!(md_files(a.path()), files(&[("keep.md", "stays")]));
+    assert!(!a.path().join("list.md.structure").exists());
+    assert!(!a.path().join("list.md.latest_ops").exists());
+
+    // B comes back: the file goes.
+    let (out, _) = sync(b.path(), &server.addr);
+    assert!(out.contains("removed list.md"), "{out}");
+    assert_eq!(md_files(b.path()), files(&[("keep.md", "stays")]));
+    assert!(!b.path().join("list.md.structure").exists());
+
+    // C comes back: its edit never reached the server, so the text is kept
+    // in the trash, said so, and the note stays deleted.
+    let (out, _) = sync(c.path(), &server.addr);
+    assert!(out.contains("kept unsynced edits of list.md"), "{out}");
+    assert_eq!(md_files(c.path()), files(&[("keep.md", "stays")]));
+    let trash: Vec<String> = fs::read_dir(c.path().join(".notesync/trash"))
+        .unwrap()
+        .map(|e| fs::read_to_string(e.unwrap().path()).unwrap())
+        .collect();
+    assert_eq!(trash, vec!["milk\neggs\nbread (from C)\n".to_owned()]);
+
+    // Nothing brings it back.
+    for d in [&a, &b, &c] {
+        sync(d.path(), &server.addr);
+        assert_eq!(md_files(d.path()), files(&[("keep.md", "stays")]));
+    }
+}
+
+#[test]
+fn a_note_that_never_synced_is_written_again() {
+    let dir = tempfile::tempdir().unwrap();
+    fs::write(dir.path().join("draft.md"), "draft").unwrap();
+    // No server: the sync fails, the note never synced.
+    let out = Command::new(BIN)
+        .args([
+            OsStr::new("sync"),
+            dir.path().as_os_str(),
+            OsStr::new("--server"),
+            OsStr::new("127.0.0.1:1"),
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    fs::remove_file(dir.path().join("draft.md")).unwrap();
+    let server = TestServer::start();
+    let (_, err) = sync(dir.path(), &server.addr);
+    assert!(err.contains("never synced"), "{err}");
+    assert_eq!(md_files(dir.path()), files(&[("draft.md", "draft")]));
+}

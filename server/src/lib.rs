@@ -11,7 +11,13 @@
 //! - `server`: the accept loop (TLS, auth budget) and graceful shutdown;
 //! - [`auth`]: tokens (hashed in the data folder), the failed-attempt
 //!   budget;
-//! - [`tenants`]: one database, index and writer per namespace.
+//! - [`tenants`]: one database, index and writer per namespace;
+//! - [`ops`]: backup, check and export over one read snapshot per
+//!   namespace database;
+//! - [`admin`]: the Unix socket through which those commands reach a
+//!   running server (which holds the databases' locks), and their CLI side;
+//! - `metrics`: Prometheus counters and the `GET /metrics` listener;
+//! - [`config_file`]: `--config FILE` (TOML keys named as the flags).
 //!
 //! Embedding:
 //!

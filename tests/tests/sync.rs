@@ -743,7 +743,11 @@ async fn names_atoms_and_ids_at_their_size_limits_round_trip() {
     let doc = 0x0001_1117;
     let mut c = server.connect().await;
     let welcome = c.hello(R1).await;
-    assert_eq!(welcome.version, 1, "welcome carries the server's version");
+    assert_eq!(
+        welcome.version,
+        notesync_protocol::PROTOCOL_VERSION,
+        "welcome carries the version of the hello (PROTOCOL.md 6)"
+    );
     // 85 three-byte characters: exactly 255 bytes.
     let long_name = "語".repeat(85);
     assert_eq!(long_name.len(), 255);

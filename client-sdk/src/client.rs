@@ -126,6 +126,7 @@ impl Client {
         let connected = Arc::new(AtomicBool::new(false));
         let cancel = CancellationToken::new();
         let task = tokio::spawn(run_session(SessionTask {
+            resync: false,
             store: self.store.clone(),
             server: self.server.clone(),
             doc: id,
@@ -243,6 +244,8 @@ impl Drop for Session {
 }
 
 struct SessionTask {
+    /// Set when the server answered session_start with a 36.
+    resync: bool,
     store: Arc<Mutex<Store>>,
     server: ServerConfig,
     doc: DocId,
@@ -262,6 +265,24 @@ async fn run_session(mut t: SessionTask) {
         };
         t.connected.store(false, Ordering::Release);
         let _ = lock(&t.store).flush();
+        let result = match result {
+            Ok(()) if std::mem::take(&mut t.resync) => {
+                match crate::sync::pull_full(&t.store, &t.server, t.doc).await {
+                    Ok(r) => {
+                        for d in r.deleted {
+                            let _ = t.events.send(SessionEvent::Deleted(d));
+                        }
+                        if lock(&t.store).note(t.doc).is_err() {
+                            return;
+                        }
+                        continue;
+                    }
+                    Err(crate::sync::SyncError::Net(e)) => Err(e),
+                    Err(e) => Err(NetError::Unexpected(e.to_string())),
+                }
+            }
+            r => r,
+        };
         match result {
             Ok(()) => return,
             Err(e) => {
@@ -325,6 +346,12 @@ async fn live(t: &mut SessionTask) -> Result<(), NetError> {
             }
             ServerFrame::DocDeleted { doc, .. } if doc == t.doc => {
                 deleted(t);
+                return Ok(());
+            }
+            // Our cursor is older than the server's tombstones (PROTOCOL.md
+            // 3.6): resync in sync mode first, then start again.
+            ServerFrame::Resync { doc } if doc == t.doc => {
+                t.resync = true;
                 return Ok(());
             }
             other => {

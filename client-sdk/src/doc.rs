@@ -611,6 +611,14 @@ impl Doc {
         Ok((removed, added))
     }
 
+    /// The ids of the live atoms (not their chars).
+    pub(crate) fn live_atoms(&self) -> Vec<Pid> {
+        self.entries()
+            .filter(|e| e.live && matches!(e.kind, Kind::Atom | Kind::Header))
+            .map(|e| e.pid.clone())
+            .collect()
+    }
+
     /// What to persist: every atom with its data (live or not), and every
     /// deleted id (atoms, chars, and ids known only as deleted).
     pub fn to_parts(&self) -> (Vec<(Pid, String)>, Vec<Pid>) {

@@ -863,6 +863,29 @@ impl Store {
         Ok(changes)
     }
 
+    /// After a resync (PROTOCOL.md 3.6: a 36, then the full live state up
+    /// to its 34): every live atom of the note that the server did not list
+    /// live was deleted there (its tombstone may be gone), so it is deleted
+    /// here, except this replica's own inserts not yet acknowledged, which
+    /// stay and are sent. Tombstones the note knows stay known (so its ids
+    /// are never made again).
+    pub(crate) fn reconcile_full(
+        &mut self,
+        id: DocId,
+        inserted: &std::collections::HashSet<notesync_protocol::Pid>,
+    ) -> Result<Vec<TextChange>, StoreError> {
+        let note = self.note_mut(id)?;
+        let mut changes = Vec::new();
+        for pid in note.doc.live_atoms() {
+            if !inserted.contains(&pid) && !note.pending.has_insert(&pid) {
+                changes.extend(note.doc.apply_delete(&pid));
+            }
+        }
+        note.live_since.clear();
+        note.dirty = true;
+        Ok(changes)
+    }
+
     pub(crate) fn set_note_sync(&mut self, id: DocId, t: Time) -> Result<(), StoreError> {
         let note = self.note_mut(id)?;
         if t > note.last_sync {

@@ -50,6 +50,10 @@ pub struct SyncReport {
     pub deleted: Vec<RemoteDeletion>,
     /// Deletions made here that the server has now made.
     pub deletes_sent: Vec<DocId>,
+    /// Notes the server resynced (PROTOCOL.md 3.6: this device's last sync
+    /// was older than the tombstones it keeps): replaced by the server's
+    /// full state, this device's unacknowledged edits kept and sent.
+    pub resynced: Vec<DocId>,
 }
 
 /// Keeps upserts well inside the default frame and item limits.
@@ -115,7 +119,7 @@ pub async fn sync_once(
             deletes: PidListBuilder::new().finish(),
         }))
         .await?;
-        match read_reply(&mut conn, store, id, false, &mut report).await? {
+        match read_reply(&mut conn, store, id, false, false, &mut report).await? {
             Ok(Reply::Deleted) => deleted(store, id, &mut report)?,
             Ok(Reply::Synced(site, sync_time)) => {
                 let mut s = lock(store);
@@ -173,7 +177,9 @@ pub async fn sync_once(
                 inserts,
                 deletes,
                 rename,
-            } => match read_reply(&mut conn, store, doc, rename.is_some(), &mut report).await? {
+            } => match read_reply(&mut conn, store, doc, rename.is_some(), false, &mut report)
+                .await?
+            {
                 // Deleted before these ops reached it: none was applied.
                 Ok(Reply::Deleted) => deleted(store, doc, &mut report)?,
                 Ok(Reply::Synced(site, sync_time)) => {
@@ -190,7 +196,7 @@ pub async fn sync_once(
                 Err((code, msg)) => report.refused.push((doc, code, msg)),
             },
             Request::Pull { doc } => {
-                match read_reply(&mut conn, store, doc, false, &mut report).await? {
+                match read_reply(&mut conn, store, doc, false, false, &mut report).await? {
                     Ok(Reply::Deleted) => deleted(store, doc, &mut report)?,
                     Ok(Reply::Synced(site, sync_time)) => {
                         let mut s = lock(store);
@@ -299,18 +305,25 @@ fn plan(
 
 /// Reads one reply: 33s (applied as they come) then the 34. A refusal (an
 /// error frame that keeps the connection) is returned as `Err`; an error
-/// that ends the connection is a `SyncError`.
+/// that ends the connection is a `SyncError`. `full`: the 33s are the full
+/// state (asked since 0 to resync); a 36 makes them so too (PROTOCOL.md
+/// 3.6).
 async fn read_reply(
     conn: &mut Conn,
     store: &Mutex<Store>,
     doc: DocId,
     carried_rename: bool,
+    mut full: bool,
     report: &mut SyncReport,
 ) -> Result<Result<Reply, (ErrorCode, String)>, SyncError> {
     let mut changes = Vec::new();
     let mut inserted = std::collections::HashSet::new();
     loop {
         match conn.recv_raw().await? {
+            ServerFrame::Resync { doc: d } if d == doc && !full && inserted.is_empty() => {
+                full = true;
+                report.resynced.push(doc);
+            }
             ServerFrame::DocResponse(r) if r.doc == doc => {
                 inserted.extend(r.inserts.iter().map(|a| a.pid.to_pid()));
                 let mut s = lock(store);
@@ -334,7 +347,11 @@ async fn read_reply(
                 {
                     let mut s = lock(store);
                     if s.notes.contains_key(&doc) {
-                        changes.extend(s.reconcile_catch_up(doc, &inserted)?);
+                        if full {
+                            changes.extend(s.reconcile_full(doc, &inserted)?);
+                        } else {
+                            changes.extend(s.reconcile_catch_up(doc, &inserted)?);
+                        }
                     }
                 }
                 if !changes.is_empty() {
@@ -379,4 +396,31 @@ async fn read_delete_reply(
             Err(NetError::Unexpected(format!("expected 35 for {doc:032x}, got {other:?}")).into())
         }
     }
+}
+
+/// A full resync of one note in sync mode (PROTOCOL.md 3.6): a pull since
+/// 0 whose 33s replace the note's copy (its unacknowledged edits kept),
+/// e.g. before a live session the server refused with a 36.
+pub async fn pull_full(
+    store: &Arc<Mutex<Store>>,
+    cfg: &ServerConfig,
+    doc: DocId,
+) -> Result<SyncReport, SyncError> {
+    let replica = lock(store).replica_id();
+    let mut conn = Conn::connect(cfg, replica).await?;
+    let mut report = SyncReport::default();
+    conn.send(ClientFrame::Pull { doc, since: 0 }).await?;
+    match read_reply(&mut conn, store, doc, false, true, &mut report).await? {
+        Ok(Reply::Deleted) => deleted(store, doc, &mut report)?,
+        Ok(Reply::Synced(site, sync_time)) => {
+            let mut s = lock(store);
+            report.pulled += 1;
+            report.resynced.push(doc);
+            s.set_site(doc, site)?;
+            s.set_note_sync(doc, sync_time)?;
+            s.flush()?;
+        }
+        Err((code, msg)) => report.refused.push((doc, code, msg)),
+    }
+    Ok(report)
 }

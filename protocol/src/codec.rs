@@ -211,6 +211,7 @@ impl Frame for ServerFrame {
             header::SYNC_DOC_RESPONSE => &[U128, Name, AtomSeq, PidSeq],
             header::DOC_SYNC => &[U128, U64, U8],
             header::DOC_DELETED => &[U128, U64],
+            header::RESYNC => &[U128],
             header::SESSION_INSERT => &[Site, OneAtom],
             header::SESSION_DELETE => &[U8, OnePid],
             header::NAME_CHANGE => &[Name],
@@ -240,6 +241,7 @@ impl Frame for ServerFrame {
                 doc: f.u128(0),
                 deleted_time: f.u64(1),
             },
+            header::RESYNC => ServerFrame::Resync { doc: f.u128(0) },
             header::SESSION_INSERT => ServerFrame::Insert(SessionInsert {
                 site: f.u8(0),
                 atom: f.atom(1),

@@ -28,6 +28,8 @@ pub mod header {
     pub const DOC_SYNC: u8 = 34;
     /// Version 2.
     pub const DOC_DELETED: u8 = 35;
+    /// Version 2.
+    pub const RESYNC: u8 = 36;
     pub const SESSION_START: u8 = 64;
     pub const SESSION_INSERT: u8 = 65;
     pub const SESSION_DELETE: u8 = 66;
@@ -46,6 +48,8 @@ pub const PROTOCOL_VERSION: u8 = 2;
 pub const MIN_PROTOCOL_VERSION: u8 = 1;
 /// The first version with document deletion (frames 3 and 35).
 pub const VERSION_DELETION: u8 = 2;
+/// The first version with the resync signal (frame 36).
+pub const VERSION_RESYNC: u8 = 2;
 /// Longest document name in bytes, terminator excluded.
 pub const MAX_NAME_BYTES: usize = 255;
 /// Longest atom data in bytes.
@@ -544,6 +548,11 @@ pub enum ServerFrame {
     /// 35 doc_deleted (version 2): the document was deleted at
     /// `deleted_time` and stays deleted.
     DocDeleted { doc: DocId, deleted_time: Time },
+    /// 36 resync (version 2): the client's last sync time is older than
+    /// the tombstones the server still keeps; the 33s that follow hold the
+    /// document's full live state (as since 0), which replaces the
+    /// client's copy.
+    Resync { doc: DocId },
     /// 65 session_insert, relayed from another session.
     Insert(SessionInsert),
     /// 66 session_delete, relayed.
@@ -677,6 +686,7 @@ impl ServerFrame {
             ServerFrame::DocResponse(_) => SYNC_DOC_RESPONSE,
             ServerFrame::DocSync { .. } => DOC_SYNC,
             ServerFrame::DocDeleted { .. } => DOC_DELETED,
+            ServerFrame::Resync { .. } => RESYNC,
             ServerFrame::Insert(_) => SESSION_INSERT,
             ServerFrame::Delete(_) => SESSION_DELETE,
             ServerFrame::Rename(_) => NAME_CHANGE,
@@ -712,6 +722,7 @@ impl ServerFrame {
                 out.put_u128(*doc);
                 out.put_u64(*deleted_time);
             }
+            ServerFrame::Resync { doc } => out.put_u128(*doc),
             ServerFrame::Insert(i) => encode_insert(i, out),
             ServerFrame::Delete(d) => encode_delete(d, out),
             ServerFrame::Rename(n) => n.write(out),

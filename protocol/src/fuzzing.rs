@@ -195,6 +195,7 @@ impl Checked for ServerFrame {
             }
             ServerFrame::DocSync { .. }
             | ServerFrame::DocDeleted { .. }
+            | ServerFrame::Resync { .. }
             | ServerFrame::SessionStarted { .. }
             | ServerFrame::SessionAck { .. }
             | ServerFrame::Welcome { .. } => {}

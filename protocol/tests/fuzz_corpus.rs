@@ -257,6 +257,7 @@ fn server_frames() -> Vec<(&'static str, ServerFrame)> {
                 deleted_time: 46,
             },
         ),
+        ("resync", ServerFrame::Resync { doc: 9 }),
     ]
 }
 

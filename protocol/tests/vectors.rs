@@ -395,6 +395,7 @@ fn expected_server() -> Vec<(&'static str, ServerFrame)> {
                 deleted_time: T,
             },
         ),
+        ("resync.d", Resync { doc: D }),
         (
             "error.unknown_document",
             error(ErrorCode::UNKNOWN_DOCUMENT, "unknown document"),

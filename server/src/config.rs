@@ -48,6 +48,12 @@ pub struct Config {
     /// On shutdown, how long connections get to finish before the server
     /// stops waiting for them.
     pub shutdown_timeout: Duration,
+    /// Atoms deleted longer ago than this are dropped (tombstone
+    /// compaction, PROTOCOL.md 3.6); a client whose last sync is older
+    /// gets a full resync. Zero: never compact.
+    pub tombstone_horizon: Duration,
+    /// How often a compaction pass starts (with a horizon).
+    pub compaction_interval: Duration,
     /// Require a valid token in every connection's hello, even if the data
     /// folder has no tokens yet. Whenever it has tokens, authentication is
     /// required anyway; without tokens and without this, the server serves
@@ -98,6 +104,9 @@ impl Config {
     pub const DEFAULT_MAX_BATCH: usize = 4096;
     pub const DEFAULT_WRITER_QUEUE: usize = 8192;
     pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
+    /// 90 days: a device offline for longer does one full resync.
+    pub const DEFAULT_TOMBSTONE_HORIZON: Duration = Duration::from_secs(90 * 24 * 3600);
+    pub const DEFAULT_COMPACTION_INTERVAL: Duration = Duration::from_secs(3600);
     pub const DEFAULT_AUTH_TIMEOUT: Duration = Duration::from_secs(5);
     pub const DEFAULT_PRE_AUTH_MAX_FRAME_BYTES: usize = 512;
     pub const DEFAULT_MAX_FAILED_AUTH: u32 = 10;
@@ -121,6 +130,8 @@ impl Config {
             max_batch: Self::DEFAULT_MAX_BATCH,
             writer_queue: Self::DEFAULT_WRITER_QUEUE,
             shutdown_timeout: Self::DEFAULT_SHUTDOWN_TIMEOUT,
+            tombstone_horizon: Self::DEFAULT_TOMBSTONE_HORIZON,
+            compaction_interval: Self::DEFAULT_COMPACTION_INTERVAL,
             require_auth: false,
             auth_timeout: Self::DEFAULT_AUTH_TIMEOUT,
             pre_auth_max_frame_bytes: Self::DEFAULT_PRE_AUTH_MAX_FRAME_BYTES,
@@ -157,6 +168,8 @@ impl std::fmt::Debug for Config {
             .field("max_batch", &self.max_batch)
             .field("writer_queue", &self.writer_queue)
             .field("shutdown_timeout", &self.shutdown_timeout)
+            .field("tombstone_horizon", &self.tombstone_horizon)
+            .field("compaction_interval", &self.compaction_interval)
             .field("require_auth", &self.require_auth)
             .field("auth_timeout", &self.auth_timeout)
             .field("pre_auth_max_frame_bytes", &self.pre_auth_max_frame_bytes)

@@ -31,7 +31,7 @@ use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use notesync_protocol::{
     ClientFrame, DecodeError, DocId, ErrorCode, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
-    ServerCodec, ServerFrame, Time, Upsert, VERSION_DELETION,
+    ServerCodec, ServerFrame, Time, Upsert, VERSION_DELETION, VERSION_RESYNC,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
@@ -41,7 +41,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::{Access, FailBudget, Identity, Tokens};
 use crate::config::Config;
-use crate::rooms::{AckCell, Kill, Outbox, OutboxRx, Sub, deleted_bytes, error_bytes, outbox};
+use crate::rooms::{
+    AckCell, Kill, Outbox, OutboxRx, Sub, deleted_bytes, error_bytes, outbox, resync_bytes,
+};
 use crate::store::{DocFrames, Rule, SentIds, Snapshot, StoreError};
 use crate::tenants::{Tenant, Tenants};
 use crate::writer::{Request, SessionOp, WriteError};
@@ -701,7 +703,9 @@ impl Conn {
                 let version = self.version;
                 Ok(Box::pin(async move {
                     match rx.await {
-                        Ok(Ok(site)) => upsert_reply(&shared.config, tenant, upsert, site).await,
+                        Ok(Ok(site)) => {
+                            upsert_reply(&shared.config, tenant, upsert, site, version).await
+                        }
                         Ok(Err(e)) => refusal(version, e),
                         Err(_) => Err(shutting_down()),
                     }
@@ -801,10 +805,11 @@ impl Conn {
         let site = started.site;
         let _open = crate::metrics::session();
         let (chunk, items) = chunk_limits(&shared.config);
+        let version = self.version;
         let built = tokio::task::spawn_blocking(move || -> Result<(Frames, Time), StoreError> {
             let snap = started.snapshot;
-            let name = match snap.doc(doc)? {
-                Some(rec) => rec.doc_name()?,
+            let rec = match snap.doc(doc)? {
+                Some(rec) => rec,
                 None => {
                     return Err(StoreError::Corrupt {
                         table: "documents",
@@ -812,12 +817,18 @@ impl Conn {
                     });
                 }
             };
-            let mut out = DocFrames::new(doc, name, chunk, items);
+            if rec.needs_resync(since) {
+                // Refused with a 36 (PROTOCOL.md 3.6): the client catches
+                // up in sync mode, then starts again.
+                return Ok((vec![resync_bytes(version, doc)], 0));
+            }
+            let mut out = DocFrames::new(doc, rec.doc_name()?, chunk, items);
             snap.delta(doc, since, Rule::Session, None, &mut out)?;
             Ok((out.finish(), snap.clock()?))
         })
         .await;
         let close = match built {
+            Ok(Ok((mut refusal, 0))) => refusal.pop(),
             Ok(Ok((frames, sync_time))) => {
                 let mut ok = true;
                 for f in frames {
@@ -923,12 +934,16 @@ async fn pull(
             // 35, or unknown_document for version 1 (PROTOCOL.md 3.5).
             return Ok(Some((vec![deleted_bytes(version, doc, rec.deleted)], 0, None)));
         }
+        if rec.needs_resync(since) && version < VERSION_RESYNC {
+            return Ok(Some((vec![resync_bytes(version, doc)], 0, None)));
+        }
         let site = match replica {
             Some(r) => snap.site(doc, r)?,
             None => Some(0),
         };
         let mut out = DocFrames::new(doc, rec.doc_name()?, chunk, items);
-        snap.delta(doc, since, Rule::Pull, None, &mut out)?;
+        // A delta, or a 36 and the full state (PROTOCOL.md 3.6).
+        snap.catch_up(doc, &rec, since, Rule::Pull, None, &mut out)?;
         Ok(Some((out.finish(), snap.clock()?, site)))
     })
     .await;
@@ -982,6 +997,7 @@ async fn upsert_reply(
     tenant: Arc<Tenant>,
     upsert: Arc<Upsert>,
     site: u8,
+    version: u8,
 ) -> Result<Frames, Bytes> {
     let db = tenant.db.clone();
     let (chunk, items) = chunk_limits(config);
@@ -998,12 +1014,26 @@ async fn upsert_reply(
         };
         let sent = SentIds::from_upsert(&upsert);
         let mut out = DocFrames::new(doc, rec.doc_name()?, chunk, items);
-        snap.delta(doc, upsert.since, Rule::Pull, Some(&sent), &mut out)?;
-        snap.deleted_sent_inserts(doc, upsert.since, &sent, &mut out)?;
+        if rec.needs_resync(upsert.since) {
+            // Applied, but no delta since its time exists (PROTOCOL.md
+            // 3.6): a 36 and the full state, with the deletes of its own
+            // inserts deleted here; version 1: invalid_request.
+            if version < VERSION_RESYNC {
+                return Ok((vec![resync_bytes(version, doc)], 0));
+            }
+            out.resync();
+            snap.delta(doc, 0, Rule::Pull, None, &mut out)?;
+            snap.deleted_sent_inserts(doc, 0, &sent, &mut out)?;
+        } else {
+            snap.delta(doc, upsert.since, Rule::Pull, Some(&sent), &mut out)?;
+            snap.deleted_sent_inserts(doc, upsert.since, &sent, &mut out)?;
+        }
         Ok((out.finish(), snap.clock()?))
     })
     .await;
     match read {
+        // Version 1 and too old: the refusal alone (no 34).
+        Ok(Ok((frames, 0))) => Ok(frames),
         Ok(Ok((mut frames, sync_time))) => {
             frames.push(
                 ServerFrame::DocSync {

@@ -143,6 +143,11 @@ struct Args {
     /// Seconds connections get to finish on shutdown.
     #[arg(long, value_name = "SECS", default_value_t = Config::DEFAULT_SHUTDOWN_TIMEOUT.as_secs())]
     shutdown_timeout: u64,
+    /// Atoms deleted longer ago than this are dropped; a device whose last
+    /// sync is older gets one full resync (its unsynced edits are kept).
+    /// Seconds, or days with a `d` suffix (`90d`); 0 never compacts
+    #[arg(long, value_name = "SECS|DAYSd", default_value = "90d", value_parser = parse_horizon)]
+    tombstone_horizon: Duration,
     /// Require a token in every hello even if the data folder has none yet
     /// (whenever it has tokens this is on anyway; without tokens the server
     /// listens on loopback only).
@@ -197,6 +202,7 @@ impl Args {
         c.max_batch = self.max_batch;
         c.writer_queue = self.writer_queue;
         c.shutdown_timeout = Duration::from_secs(self.shutdown_timeout);
+        c.tombstone_horizon = self.tombstone_horizon;
         c.require_auth = self.require_auth;
         c.auth_timeout = Duration::from_secs(self.auth_timeout);
         c.pre_auth_max_frame_bytes = self.pre_auth_max_frame_bytes;
@@ -440,4 +446,18 @@ fn parse_cli() -> Result<Cli, ExitCode> {
         ));
         ExitCode::from(2)
     })
+}
+
+/// `--tombstone-horizon`: seconds (`86400`, `86400s`) or days (`90d`).
+fn parse_horizon(v: &str) -> Result<Duration, String> {
+    let v = v.trim();
+    let (num, unit) = match v.strip_suffix('d') {
+        Some(n) => (n, 86_400u64),
+        None => (v.strip_suffix('s').unwrap_or(v), 1),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(unit))
+        .map(Duration::from_secs)
+        .ok_or_else(|| format!("{v:?} is not a number of seconds or days (e.g. 7776000 or 90d)"))
 }

@@ -480,7 +480,9 @@ pub fn check_namespace(namespace: &str, txn: &ReadTransaction) -> Result<CheckRe
     let version = meta.get(raw::SCHEMA_KEY)?.map(|v| v.value());
     if version != Some(SCHEMA_VERSION) {
         r.problem(match version {
-            Some(1) => "schema version 1: start the server once to migrate it to version 2".into(),
+            Some(v @ (1 | 2)) => format!(
+                "schema version {v}: start the server once to migrate it to version {SCHEMA_VERSION}"
+            ),
             Some(v) => format!("schema version {v}; this build reads version {SCHEMA_VERSION}"),
             None => "no schema version in meta".into(),
         });
@@ -837,6 +839,8 @@ mod tests {
                 name_time: 0,
                 next_site: 2,
                 deleted: 0,
+                swept: 0,
+                compacted: 0,
                 name: "greeting".into(),
             };
             t.put_doc(DOC, &rec, None).expect("doc");

@@ -17,7 +17,9 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use bytes::{Bytes, BytesMut};
-use notesync_protocol::{DocId, ErrorCode, ErrorFrame, ServerFrame, Time, VERSION_DELETION};
+use notesync_protocol::{
+    DocId, ErrorCode, ErrorFrame, ServerFrame, Time, VERSION_DELETION, VERSION_RESYNC,
+};
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
@@ -107,6 +109,24 @@ impl Kill {
 pub fn error_bytes(code: ErrorCode, message: impl Into<String>) -> Bytes {
     crate::metrics::error_frame(code);
     ServerFrame::Error(ErrorFrame::new(code, message)).to_bytes()
+}
+
+/// How a connection of protocol `version` is told that its last sync time
+/// for `doc` is older than the server's tombstones (PROTOCOL.md 3.6): a 36
+/// from version 2 on, `invalid_request` before (a version 1 client can only
+/// pull since 0).
+pub fn resync_bytes(version: u8, doc: DocId) -> Bytes {
+    if version >= VERSION_RESYNC {
+        ServerFrame::Resync { doc }.to_bytes()
+    } else {
+        error_bytes(
+            ErrorCode::INVALID_REQUEST,
+            format!(
+                "document {doc:032x}: the last sync time is older than the tombstone horizon, \
+                 so no delta can be sent: pull it since 0 (a full resync)"
+            ),
+        )
+    }
 }
 
 /// How a connection of protocol `version` is told that `doc` was deleted

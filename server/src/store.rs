@@ -38,9 +38,9 @@ use redb::{
     TableDefinition, WriteTransaction,
 };
 
-/// The layout version this build reads and writes. Version 1 (no deletion
-/// time in `documents`) is migrated at start.
-pub const SCHEMA_VERSION: u64 = 2;
+/// The layout version this build reads and writes. Versions 1 (no deletion
+/// time in `documents`) and 2 (no compaction times) are migrated at start.
+pub const SCHEMA_VERSION: u64 = 3;
 /// File name of the database inside the data folder.
 pub const DB_FILE: &str = "notesync.redb";
 
@@ -167,6 +167,11 @@ impl ServerClock {
     pub fn last(&self) -> Time {
         self.last
     }
+
+    /// The wall clock now (for compaction's horizon; not a change time).
+    pub fn wall_now(&self) -> Time {
+        self.wall.now_micros()
+    }
 }
 
 // ---------------------------------------------------------------- records
@@ -185,11 +190,19 @@ pub struct DocRecord {
     /// keeps its record (so its id is never reused and every device learns
     /// of the deletion) and loses its atoms; `modified` equals this time.
     pub deleted: Time,
+    /// Tombstone compaction has looked at the change index up to this time.
+    pub swept: Time,
+    /// The latest delete time of a tombstone compaction dropped (0: none).
+    /// A catch-up since an earlier time cannot be a delta: it is a resync
+    /// (PROTOCOL.md 3.6).
+    pub compacted: Time,
     pub name: String,
 }
 
-/// Bytes before the name in a `documents` record (schema 2).
-const DOC_HEAD: usize = 26;
+/// Bytes before the name in a `documents` record (schema 3).
+const DOC_HEAD: usize = 42;
+/// The same in schema 2.
+const DOC_HEAD_V2: usize = 26;
 
 impl DocRecord {
     fn encode(&self) -> Vec<u8> {
@@ -198,17 +211,38 @@ impl DocRecord {
         v.extend_from_slice(&self.name_time.to_be_bytes());
         v.extend_from_slice(&self.next_site.to_be_bytes());
         v.extend_from_slice(&self.deleted.to_be_bytes());
+        v.extend_from_slice(&self.swept.to_be_bytes());
+        v.extend_from_slice(&self.compacted.to_be_bytes());
         v.extend_from_slice(self.name.as_bytes());
         v
     }
 
     fn decode(b: &[u8]) -> Result<Self, StoreError> {
         if b.len() < DOC_HEAD {
-            return Err(corrupt("documents", "record shorter than 26 bytes"));
+            return Err(corrupt("documents", "record shorter than 42 bytes"));
         }
         let mut rec = Self::decode_v1(&[&b[..18], &b[DOC_HEAD..]].concat())?;
         rec.deleted = be_u64(&b[18..26]);
+        rec.swept = be_u64(&b[26..34]);
+        rec.compacted = be_u64(&b[34..42]);
         Ok(rec)
+    }
+
+    /// A schema 2 record: no compaction times.
+    fn decode_v2(b: &[u8]) -> Result<Self, StoreError> {
+        if b.len() < DOC_HEAD_V2 {
+            return Err(corrupt("documents", "record shorter than 26 bytes"));
+        }
+        let mut rec = Self::decode_v1(&[&b[..18], &b[DOC_HEAD_V2..]].concat())?;
+        rec.deleted = be_u64(&b[18..26]);
+        Ok(rec)
+    }
+
+    /// Whether a catch-up since `since` must be a resync: tombstones
+    /// deleted after `since` were dropped, so a delta would miss their
+    /// deletes (PROTOCOL.md 3.6). Since 0 is always a full state.
+    pub fn needs_resync(&self, since: Time) -> bool {
+        since != 0 && since < self.compacted
     }
 
     /// A schema 1 record: no deletion time.
@@ -236,6 +270,8 @@ impl DocRecord {
             name_time,
             next_site,
             deleted: 0,
+            swept: 0,
+            compacted: 0,
             name,
         })
     }
@@ -425,8 +461,8 @@ fn init_schema(db: &Database, path: &Path) -> Result<u64, OpenError> {
             .map(|v| v.value());
         match version {
             Some(SCHEMA_VERSION) => {}
-            Some(1) => {
-                migrate_v1(&txn).map_err(wrap)?;
+            Some(old @ (1 | 2)) => {
+                migrate(&txn, old).map_err(wrap)?;
                 meta.insert(META_SCHEMA, SCHEMA_VERSION)
                     .map_err(|e| wrap(e.into()))?;
             }
@@ -465,14 +501,19 @@ fn init_schema(db: &Database, path: &Path) -> Result<u64, OpenError> {
     Ok(boot)
 }
 
-/// Schema 1 to 2: every `documents` record gets a deletion time of 0. One
-/// pass over the documents, in the transaction that writes the new version.
-fn migrate_v1(txn: &WriteTransaction) -> Result<(), StoreError> {
+/// Schema 1 or 2 to 3: every `documents` record gets the fields it lacks
+/// (deletion time, compaction times), as 0. One pass over the documents,
+/// in the transaction that writes the new version.
+fn migrate(txn: &WriteTransaction, from: u64) -> Result<(), StoreError> {
     let mut docs = txn.open_table(DOCUMENTS)?;
     let mut all = Vec::new();
     for entry in docs.range::<u128>(..)? {
         let (k, v) = entry?;
-        all.push((k.value(), DocRecord::decode_v1(v.value())?));
+        let rec = match from {
+            1 => DocRecord::decode_v1(v.value())?,
+            _ => DocRecord::decode_v2(v.value())?,
+        };
+        all.push((k.value(), rec));
     }
     for (doc, rec) in all {
         docs.insert(doc, rec.encode().as_slice())?;
@@ -624,6 +665,29 @@ impl Snapshot {
 }
 
 impl Snapshot {
+    /// What a client that synced `doc` up to `since` gets (PROTOCOL.md 3.1,
+    /// 3.2, 3.6): the delta since then, or, when tombstones deleted after
+    /// `since` were compacted away, a resync (a 36, then the full live
+    /// state, as since 0). Returns whether it is a resync.
+    pub fn catch_up(
+        &self,
+        doc: DocId,
+        rec: &DocRecord,
+        since: Time,
+        rule: Rule,
+        exclude: Option<&SentIds>,
+        out: &mut DocFrames,
+    ) -> Result<bool, StoreError> {
+        if rec.needs_resync(since) {
+            out.resync();
+            self.delta(doc, 0, Rule::Pull, None, out)?;
+            Ok(true)
+        } else {
+            self.delta(doc, since, rule, exclude, out)?;
+            Ok(false)
+        }
+    }
+
     /// For an upsert's reply: the deletes of ids the upsert inserted that
     /// are deleted here but that [`delta`](Self::delta) did not send (the
     /// delete came first, or the atom was inserted and deleted after
@@ -754,8 +818,33 @@ impl DocFrames {
         self.frames.push(frame.to_bytes());
     }
 
-    /// The frames; at least one, even when nothing changed.
+    /// Starts a resync (PROTOCOL.md 3.6): a 36 before the 33s, which then
+    /// hold the full live state.
+    pub fn resync(&mut self) {
+        self.flush_if_any();
+        self.frames
+            .push(ServerFrame::Resync { doc: self.doc }.to_bytes());
+    }
+
+    fn flush_if_any(&mut self) {
+        if !self.atoms.is_empty() || !self.deletes.is_empty() {
+            self.flush();
+        }
+    }
+
+    /// Whether a 36 was pushed.
+    fn has_resync(&self) -> bool {
+        self.frames
+            .first()
+            .is_some_and(|f| f.first() == Some(&notesync_protocol::header::RESYNC))
+    }
+
+    /// The frames; at least one 33, even when nothing changed.
     pub fn finish(mut self) -> Vec<Bytes> {
+        if self.has_resync() && self.frames.len() == 1 {
+            self.flush();
+            return self.frames;
+        }
         if self.frames.is_empty() || !self.atoms.is_empty() || !self.deletes.is_empty() {
             self.flush();
         }
@@ -777,6 +866,21 @@ pub enum Inserted {
     /// holds the atom live and must be told of the delete. `stored`: its
     /// data was stored now (it was a bare tombstone).
     Deleted { deleter: u8, stored: bool },
+}
+
+/// What one [`WriteTables::compact_doc`] step did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Compacted {
+    /// Change entries looked at.
+    pub visited: usize,
+    /// Atoms dropped.
+    pub dropped: usize,
+    /// The change index was looked at up to this time.
+    pub swept: Time,
+    /// The latest delete time dropped (0: none).
+    pub compacted: Time,
+    /// Whether the step reached `cutoff`.
+    pub done: bool,
 }
 
 /// What a delete did.
@@ -850,6 +954,17 @@ impl<'t> WriteTables<'t> {
 
     pub fn site(&self, doc: DocId, replica: u128) -> Result<Option<u8>, StoreError> {
         Ok(self.sites.get(&site_key(doc, replica))?.map(|v| v.value()))
+    }
+
+    /// The first document whose id is `from` or after, in id order.
+    pub fn doc_from(&self, from: DocId) -> Result<Option<(DocId, DocRecord)>, StoreError> {
+        match self.docs.range(from..)?.next() {
+            Some(entry) => {
+                let (k, v) = entry?;
+                Ok(Some((k.value(), DocRecord::decode(v.value())?)))
+            }
+            None => Ok(None),
+        }
     }
 
     pub fn put_site(&mut self, doc: DocId, replica: u128, site: u8) -> Result<(), StoreError> {
@@ -1006,6 +1121,90 @@ impl<'t> WriteTables<'t> {
         Ok(Deleted::New(t))
     }
 
+    /// One bounded step of tombstone compaction on `doc` (PROTOCOL.md 3.6):
+    /// looks at up to `budget` entries of its change index after `from` and
+    /// up to `cutoff`, and drops every atom deleted at or before `cutoff`
+    /// (its record and both its change entries), except a bare tombstone
+    /// whose parent id is a live atom (the delete of a char of a live atom,
+    /// 1.2: the full state needs it). Deltas since a time at or after the
+    /// latest dropped delete time stay exact.
+    pub fn compact_doc(
+        &mut self,
+        doc: DocId,
+        from: Time,
+        cutoff: Time,
+        budget: usize,
+    ) -> Result<Compacted, StoreError> {
+        let mut out = Compacted {
+            swept: from,
+            ..Compacted::default()
+        };
+        if cutoff <= from {
+            out.done = true;
+            return Ok(out);
+        }
+        let lo = change_key(doc, from.saturating_add(1));
+        let hi = change_key(doc, cutoff);
+        let mut entries: Vec<(Time, u8, Vec<u8>)> = Vec::new();
+        for entry in self.changes.range::<&[u8; 24]>(&lo..=&hi)? {
+            if entries.len() >= budget.max(1) {
+                break;
+            }
+            let (k, v) = entry?;
+            let t = be_u64(&k.value()[16..24]);
+            let (&kind, pid_key) = v
+                .value()
+                .split_first()
+                .ok_or(corrupt("changes", "empty entry"))?;
+            entries.push((t, kind, pid_key.to_vec()));
+        }
+        out.visited = entries.len();
+        out.done = entries.len() < budget.max(1);
+        for (t, kind, pid_key) in entries {
+            out.swept = t;
+            if kind != CHANGE_DELETE {
+                continue;
+            }
+            let Some(rec) = self.atom(doc, &pid_key)? else {
+                // Its insert entry was visited first and dropped it: never
+                // (an atom is dropped at its delete entry), but harmless.
+                continue;
+            };
+            if rec.delete != t {
+                return Err(corrupt(
+                    "changes",
+                    "delete entry at another time than its atom's",
+                ));
+            }
+            if rec.insert == 0 && self.parent_is_live(doc, &pid_key)? {
+                continue;
+            }
+            self.atoms.remove(atom_key(doc, &pid_key).as_slice())?;
+            self.changes.remove(&change_key(doc, t))?;
+            if rec.insert != 0 {
+                self.changes.remove(&change_key(doc, rec.insert))?;
+            }
+            out.dropped += 1;
+            out.compacted = out.compacted.max(t);
+        }
+        if out.done {
+            out.swept = cutoff;
+        }
+        Ok(out)
+    }
+
+    /// Whether the id one level up from `pid_key` is a live atom.
+    fn parent_is_live(&self, doc: DocId, pid_key: &[u8]) -> Result<bool, StoreError> {
+        const LEVEL_KEY: usize = 5;
+        if pid_key.len() <= LEVEL_KEY {
+            return Ok(false);
+        }
+        let parent = &pid_key[..pid_key.len() - LEVEL_KEY];
+        Ok(self
+            .atom(doc, parent)?
+            .is_some_and(|p| p.delete == 0 && p.insert != 0))
+    }
+
     /// Drops a deleted document's atoms, change index and sites (its record
     /// stays). Cost: O(its atoms), in the deleting transaction.
     pub fn drop_content(&mut self, doc: DocId) -> Result<(), StoreError> {
@@ -1089,6 +1288,8 @@ pub(crate) mod tests {
                 name_time: 0,
                 next_site: 1,
                 deleted: 0,
+                swept: 0,
+                compacted: 0,
                 name: "n".into(),
             };
             t.put_doc(DOC, &rec, None).expect("put");
@@ -1356,7 +1557,7 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn schema_1_is_migrated_to_2() {
+    fn schema_1_is_migrated() {
         let dir = tempfile::tempdir().expect("tempdir");
         {
             let o = open(dir.path()).expect("open");
@@ -1381,6 +1582,8 @@ pub(crate) mod tests {
                 name_time: 5,
                 next_site: 3,
                 deleted: 0,
+                swept: 0,
+                compacted: 0,
                 name: "old é".into(),
             })
         );
@@ -1432,6 +1635,85 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn compaction_drops_old_deleted_atoms_and_keeps_what_the_full_state_needs() {
+        let (_d, o) = open_tmp();
+        let wall = Arc::new(FakeClock(AtomicU64::new(1_000)));
+        let mut clock = ServerClock::new(wall.clone(), o.clock);
+        create_doc(&o.db, &mut clock);
+        let live = pid(1, 1);
+        let old_deleted = pid(2, 1);
+        let char_of_live = Pid::from_levels(&[Level::new(1, 1), Level::new(0, 1)]);
+        let bare = pid(9, 2);
+        let recent = pid(3, 1);
+        write(&o.db, |t| {
+            for (p, d) in [(&live, "ab"), (&old_deleted, "x"), (&recent, "y")] {
+                t.insert_atom(DOC, p.key(), d.as_bytes(), &mut clock)
+                    .expect("ins");
+            }
+            for p in [&old_deleted, &char_of_live, &bare] {
+                t.delete_atom(DOC, p.key(), 1, &mut clock).expect("del");
+            }
+            t.set_clock(clock.last()).expect("clock");
+        });
+        let before_recent = clock.last();
+        wall.0.store(5_000, Ordering::SeqCst);
+        write(&o.db, |t| {
+            t.delete_atom(DOC, recent.key(), 1, &mut clock)
+                .expect("del");
+            t.set_clock(clock.last()).expect("clock");
+        });
+        let delta_before = pull(&o.db, before_recent);
+        // Cutoff between the old deletes and the recent one, in small steps.
+        let mut from = 0;
+        let mut total = Compacted::default();
+        loop {
+            let step = write(&o.db, |t| {
+                t.compact_doc(DOC, from, before_recent, 2).expect("compact")
+            });
+            total.dropped += step.dropped;
+            total.compacted = total.compacted.max(step.compacted);
+            from = step.swept;
+            if step.done {
+                break;
+            }
+        }
+        assert_eq!(from, before_recent);
+        // The old deleted atom and the bare tombstone are gone, with their
+        // change entries; the deleted char of the live atom stays.
+        assert_eq!(total.dropped, 2);
+        let snap = Snapshot::begin(&o.db).expect("snap");
+        assert_eq!(snap.atom(DOC, &old_deleted).expect("atom"), None);
+        assert_eq!(snap.atom(DOC, &bare).expect("atom"), None);
+        assert!(snap.atom(DOC, &char_of_live).expect("atom").is_some());
+        assert!(snap.atom(DOC, &live).expect("atom").is_some());
+        assert!(total.compacted > 0 && total.compacted <= before_recent);
+        let changes = snap.txn.open_table(CHANGES).expect("changes");
+        let n = changes
+            .range::<&[u8; 24]>(&change_key(DOC, 0)..=&change_key(DOC, Time::MAX))
+            .expect("range")
+            .count();
+        // live insert, recent insert and delete, the kept char delete.
+        assert_eq!(n, 4);
+        // A delta since a time at or after the compaction is unchanged; the
+        // full state still has the live text with its deleted char.
+        assert_eq!(pull(&o.db, before_recent), delta_before);
+        assert_eq!(
+            pull(&o.db, 0),
+            (
+                vec![("ab".into(), live.clone())],
+                vec![char_of_live.clone()]
+            )
+        );
+        let rec = DocRecord {
+            compacted: total.compacted,
+            ..DocRecord::decode_v1(&[0u8; 18]).expect("record")
+        };
+        assert!(rec.needs_resync(total.compacted - 1));
+        assert!(!rec.needs_resync(total.compacted));
+        assert!(!rec.needs_resync(0));
+    }
+
+    #[test]
     fn doc_times_rebuild_in_order() {
         let dir = tempfile::tempdir().expect("tempdir");
         {
@@ -1443,6 +1725,8 @@ pub(crate) mod tests {
                         name_time: 0,
                         next_site: 1,
                         deleted: 0,
+                        swept: 0,
+                        compacted: 0,
                         name: String::new(),
                     };
                     t.put_doc(i, &rec, None).expect("put");
@@ -1453,6 +1737,8 @@ pub(crate) mod tests {
                     name_time: 0,
                     next_site: 1,
                     deleted: 0,
+                    swept: 0,
+                    compacted: 0,
                     name: String::new(),
                 };
                 t.put_doc(1, &rec, Some(10)).expect("put");

@@ -118,12 +118,16 @@ impl Tenant {
         let index = Arc::new(Index::rebuild(opened.doc_times, opened.clock));
         let db = Arc::new(opened.db);
         let clock = ServerClock::new(config.wall_clock.clone(), opened.clock);
-        let (writer, thread, stats) = writer::spawn(
+        let (writer, thread, stats) = writer::spawn_with(
             db.clone(),
             clock,
             index.clone(),
             config.writer_queue,
             config.max_batch,
+            writer::Compaction {
+                horizon: config.tombstone_horizon,
+                interval: config.compaction_interval,
+            },
         )
         .map_err(|source| TenantError::Writer {
             namespace: name.to_owned(),

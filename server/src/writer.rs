@@ -22,7 +22,7 @@ use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use notesync_protocol::{
@@ -135,7 +135,37 @@ pub enum Request {
     },
     /// Commits what is queued before it, then stops the thread.
     Stop,
+    /// Starts a tombstone compaction pass (sent by the compaction timer;
+    /// ignored without a horizon, or while a pass runs).
+    Compact,
 }
+
+/// Tombstone compaction (PROTOCOL.md 3.6): atoms deleted longer than
+/// `horizon` ago are dropped, in passes started every `interval`, each
+/// pass in bounded steps (one short write transaction each) that run when
+/// the writer has nothing else queued. A zero horizon never compacts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Compaction {
+    pub horizon: Duration,
+    pub interval: Duration,
+}
+
+impl Compaction {
+    #[cfg(test)]
+    pub const OFF: Compaction = Compaction {
+        horizon: Duration::ZERO,
+        interval: Duration::ZERO,
+    };
+
+    fn is_on(&self) -> bool {
+        !self.horizon.is_zero()
+    }
+}
+
+/// Change entries one compaction step looks at, at most.
+const COMPACT_ENTRIES: usize = 4096;
+/// Documents one compaction step looks at, at most.
+const COMPACT_DOCS: usize = 1024;
 
 /// Counters the load tool and the shutdown log read.
 #[derive(Default)]
@@ -191,20 +221,37 @@ impl WriterStats {
     }
 }
 
-/// Starts the writer thread.
+type Spawned = (
+    mpsc::Sender<Request>,
+    std::thread::JoinHandle<()>,
+    Arc<WriterStats>,
+);
+
+/// Starts the writer thread, without tombstone compaction (tests).
+#[cfg(test)]
 pub fn spawn(
     db: Arc<Database>,
     clock: ServerClock,
     index: Arc<Index>,
     queue: usize,
     max_batch: usize,
-) -> std::io::Result<(
-    mpsc::Sender<Request>,
-    std::thread::JoinHandle<()>,
-    Arc<WriterStats>,
-)> {
+) -> std::io::Result<Spawned> {
+    spawn_with(db, clock, index, queue, max_batch, Compaction::OFF)
+}
+
+/// Starts the writer thread and, with a horizon, its compaction timer.
+pub fn spawn_with(
+    db: Arc<Database>,
+    clock: ServerClock,
+    index: Arc<Index>,
+    queue: usize,
+    max_batch: usize,
+    compaction: Compaction,
+) -> std::io::Result<Spawned> {
     let (tx, rx) = mpsc::channel(queue.max(1));
     let stats = Arc::new(WriterStats::default());
+    // The timer stops when the writer drops `timer_stop` (it has ended).
+    let (timer_stop, timer_rx) = std::sync::mpsc::channel::<()>();
     let writer = Writer {
         db,
         clock,
@@ -213,10 +260,33 @@ pub fn spawn(
         rx,
         max_batch: max_batch.max(1),
         stats: stats.clone(),
+        compaction,
+        sweep: None,
+        _timer_stop: timer_stop,
     };
     let handle = std::thread::Builder::new()
         .name("notesync-writer".into())
         .spawn(move || writer.run())?;
+    if compaction.is_on() {
+        // Weak: the writer stops once every connection's sender is gone,
+        // whatever the timer does.
+        let weak = tx.downgrade();
+        let every = compaction.interval.max(Duration::from_millis(1));
+        std::thread::Builder::new()
+            .name("notesync-compaction-timer".into())
+            .spawn(move || {
+                while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                    timer_rx.recv_timeout(every)
+                {
+                    let Some(tx) = weak.upgrade() else { break };
+                    // A full queue skips a round; a closed one ends the timer.
+                    if let Err(mpsc::error::TrySendError::Closed(_)) = tx.try_send(Request::Compact)
+                    {
+                        break;
+                    }
+                }
+            })?;
+    }
     Ok((tx, handle, stats))
 }
 
@@ -228,6 +298,11 @@ struct Writer {
     rx: mpsc::Receiver<Request>,
     max_batch: usize,
     stats: Arc<WriterStats>,
+    compaction: Compaction,
+    /// The compaction pass in progress: the document it goes on from.
+    sweep: Option<DocId>,
+    /// Dropped with the writer: stops the compaction timer.
+    _timer_stop: std::sync::mpsc::Sender<()>,
 }
 
 /// A request with the outcome the transaction decided for it.
@@ -343,6 +418,7 @@ impl From<Request> for Pending {
                 reply,
             },
             Request::Stop => Pending::Stop,
+            Request::Compact => unreachable!("Writer::run takes Compact out of every batch"),
         }
     }
 }
@@ -472,8 +548,21 @@ impl Writer {
     fn run(mut self) {
         let mut stop = false;
         while !stop {
-            let Some(first) = self.rx.blocking_recv() else {
-                break;
+            // A compaction pass runs its steps only while nothing is queued.
+            let first = if self.sweep.is_some() {
+                match self.rx.try_recv() {
+                    Ok(r) => r,
+                    Err(mpsc::error::TryRecvError::Empty) => {
+                        self.compact_step();
+                        continue;
+                    }
+                    Err(mpsc::error::TryRecvError::Disconnected) => break,
+                }
+            } else {
+                let Some(first) = self.rx.blocking_recv() else {
+                    break;
+                };
+                first
             };
             let mut batch = vec![first];
             while batch.len() < self.max_batch {
@@ -482,13 +571,83 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            stop = self.process(batch);
+            let before = batch.len();
+            batch.retain(|r| !matches!(r, Request::Compact));
+            if batch.len() < before && self.compaction.is_on() && self.sweep.is_none() {
+                self.sweep = Some(0);
+            }
+            if !batch.is_empty() {
+                stop = self.process(batch);
+            }
         }
         self.rooms.end_all(error_bytes(
             ErrorCode::SHUTTING_DOWN,
             "the server is shutting down; reconnect later",
         ));
         tracing::info!(stats = %self.stats.summary(), "writer stopped");
+    }
+
+    /// One bounded step of the compaction pass: its own short write
+    /// transaction. A failure ends the pass (the next one retries).
+    fn compact_step(&mut self) {
+        let Some(from) = self.sweep else { return };
+        let horizon = self.compaction.horizon.as_micros().min(u64::MAX as u128) as u64;
+        let cutoff = self.clock.wall_now().saturating_sub(horizon);
+        match self.compact_docs(from, cutoff) {
+            Ok(next) => self.sweep = next,
+            Err(e) => {
+                tracing::error!(error = %e, "tombstone compaction step failed; retried at the next pass");
+                self.sweep = None;
+            }
+        }
+    }
+
+    /// Compacts documents from `from` on (in id order) until a budget runs
+    /// out; returns where the pass goes on (None: it is done).
+    fn compact_docs(&mut self, from: DocId, cutoff: Time) -> Result<Option<DocId>, StoreError> {
+        let txn = self.db.begin_write()?;
+        let mut entries = COMPACT_ENTRIES;
+        let mut wrote = false;
+        let mut dropped = 0;
+        let next = {
+            let mut t = WriteTables::open(&txn)?;
+            let mut cursor = from;
+            let mut docs = 0;
+            loop {
+                let Some((doc, mut rec)) = t.doc_from(cursor)? else {
+                    break None;
+                };
+                docs += 1;
+                if rec.deleted == 0 && rec.swept < cutoff {
+                    let step = t.compact_doc(doc, rec.swept, cutoff, entries)?;
+                    entries = entries.saturating_sub(step.visited);
+                    dropped += step.dropped;
+                    rec.swept = step.swept;
+                    rec.compacted = rec.compacted.max(step.compacted);
+                    t.put_doc(doc, &rec, Some(rec.modified))?;
+                    wrote = true;
+                    if !step.done {
+                        break Some(doc);
+                    }
+                }
+                let Some(n) = doc.checked_add(1) else {
+                    break None;
+                };
+                cursor = n;
+                if entries == 0 || docs >= COMPACT_DOCS {
+                    break Some(cursor);
+                }
+            }
+        };
+        if wrote {
+            txn.commit()?;
+            if dropped > 0 {
+                tracing::debug!(dropped, cutoff, "tombstone compaction step");
+            }
+        } else {
+            txn.abort()?;
+        }
+        Ok(next)
     }
 
     /// Applies, commits and answers one batch. Returns whether a `Stop` was
@@ -567,6 +726,8 @@ impl Writer {
                                 name_time: 0,
                                 next_site: 1,
                                 deleted: 0,
+                                swept: 0,
+                                compacted: 0,
                                 name: String::new(),
                             };
                             batch.create(*doc, rec);
@@ -717,6 +878,8 @@ impl Writer {
                     name_time: now,
                     next_site: 1,
                     deleted: 0,
+                    swept: 0,
+                    compacted: 0,
                     name: u.name.as_str().to_owned(),
                 },
             );

@@ -428,6 +428,10 @@ fn sync_line(r: &SyncReport) -> String {
     if !r.deleted.is_empty() {
         parts.push(format!("{} deleted elsewhere", r.deleted.len()));
     }
+    if !r.resynced.is_empty() {
+        // PROTOCOL.md 3.6: offline longer than the server keeps tombstones.
+        parts.push(format!("{} resynced in full", r.resynced.len()));
+    }
     if !r.refused.is_empty() {
         parts.push(format!("{} refused", r.refused.len()));
     }
@@ -744,6 +748,7 @@ impl Watcher {
                     + r.refused.len()
                     + r.deleted.len()
                     + r.deletes_sent.len()
+                    + r.resynced.len()
                     > 0
                 {
                     println!("synced: {}", sync_line(r));

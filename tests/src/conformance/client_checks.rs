@@ -203,6 +203,7 @@ pub fn checks() -> Vec<Check<ClientCtx>> {
         Check::new("client-deletes-a-note", "3.5", "a note deleted on the client goes at once there, is deleted on the server by a 3 at the next sync (after a version 2 hello), once", deletes_a_note),
         Check::new("client-removes-a-note-deleted-elsewhere", "3.5", "a document the server answers with 35 is removed from the client and never pulled or upserted again", removes_deleted_elsewhere),
         Check::new("client-keeps-edits-of-a-deleted-note", "3.5", "edits the server never took of a note deleted elsewhere are kept (not silently lost) and do not bring it back", keeps_edits_of_deleted),
+        Check::new("client-resync-replaces-and-keeps-pending", "3.6", "after a 36 the 33s replace the client's copy (atoms deleted meanwhile go, though no delete was sent), and its unacknowledged edits are kept and sent", resync_keeps_pending),
     ]
     .into_iter()
     .map(|c| c.with_timeout(Duration::from_secs(60)))
@@ -1142,5 +1143,42 @@ async fn keeps_edits_of_deleted(ctx: ClientCtx) -> Outcome {
             .collect::<Vec<_>>()
             .join(", ")
     );
+    Ok(())
+}
+
+async fn resync_keeps_pending(ctx: ClientCtx) -> Outcome {
+    let mut s = setup(&ctx).await;
+    let words = [("one ", 1), ("two ", 2), ("three", 3)];
+    let (edited, _) = s.remote_doc("edited offline", 3, &words);
+    let (quiet, _) = s.remote_doc("not edited", 3, &words);
+    s.sync_ok("sync 1").await;
+    assert_eq!(s.text(edited), "one two three");
+    // Offline: an edit of one note; elsewhere "two " is deleted in both,
+    // and the server compacts their tombstones away.
+    s.client.insert(edited, 0, "mine: ");
+    {
+        let mut w = s.world();
+        let two = Pid::from_levels(&[Level::new(2, 3)]);
+        for doc in [edited, quiet] {
+            w.remote_delete(doc, std::slice::from_ref(&two), 3);
+            w.compact(doc);
+        }
+    }
+    s.sync_ok("sync after the compaction").await;
+    // The edited note's upsert and the other's pull were both answered with
+    // a resync: both texts now equal the server's, the edit included.
+    assert!(
+        s.server.traffic().inserts(edited).len() == 1,
+        "the unacknowledged insert is sent (once)"
+    );
+    assert_eq!(s.client.pending(edited), 0, "its 34 acknowledged the edit");
+    for doc in [edited, quiet] {
+        s.assert_converged(doc, "after a resync");
+    }
+    assert_eq!(s.text(edited), "mine: one three");
+    assert_eq!(s.text(quiet), "one three");
+    // The next sync is an ordinary delta again.
+    s.sync_ok("sync 3").await;
+    assert_eq!(s.text(edited), "mine: one three");
     Ok(())
 }

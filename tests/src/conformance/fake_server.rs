@@ -478,6 +478,8 @@ pub struct FakeDoc {
     pub modified: Time,
     /// Deleted at this time (3.5).
     pub deleted: Option<Time>,
+    /// The latest delete time of an atom compaction dropped (3.6).
+    pub compacted: Time,
 }
 
 /// What a session op did.
@@ -553,9 +555,29 @@ impl World {
                 atoms: BTreeMap::new(),
                 modified: t,
                 deleted: None,
+                compacted: 0,
             },
         );
         t
+    }
+
+    /// Tombstone compaction (3.6): drops the deleted atoms (with data) of
+    /// `doc`; a catch-up since an earlier time is then a resync.
+    pub fn compact(&mut self, doc: DocId) {
+        let d = self.doc_mut(doc);
+        let mut latest = d.compacted;
+        d.atoms.retain(|_, a| match (a.data.is_some(), a.deleted) {
+            (true, Some(t)) => {
+                latest = latest.max(t);
+                false
+            }
+            _ => true,
+        });
+        d.compacted = latest;
+    }
+
+    fn needs_resync(&self, doc: DocId, since: Time) -> bool {
+        since != 0 && since < self.docs[&doc].compacted
     }
 
     /// Another replica deletes the document (3.5).
@@ -710,8 +732,12 @@ impl World {
         if let Some(r) = self.deleted_reply(doc) {
             return r;
         }
-        let (ins, del) = self.delta(doc, since, false);
+        let resync = self.needs_resync(doc, since);
+        let (ins, del) = self.delta(doc, if resync { 0 } else { since }, false);
         let mut out = self.responses(doc, &ins, &del);
+        if resync {
+            out.insert(0, ServerFrame::Resync { doc });
+        }
         let site = self.site(doc);
         out.push(ServerFrame::DocSync {
             doc,
@@ -786,13 +812,19 @@ impl World {
         if changed {
             d.modified = t;
         }
-        let (mut ins, mut del) = self.delta(u.doc, since, false);
-        ins.retain(|(p, _)| !sent.contains(p));
-        del.retain(|p| !sent.contains(p));
+        let resync = self.needs_resync(u.doc, since);
+        let (mut ins, mut del) = self.delta(u.doc, if resync { 0 } else { since }, false);
+        if !resync {
+            ins.retain(|(p, _)| !sent.contains(p));
+            del.retain(|p| !sent.contains(p));
+        }
         del.extend(resent_deleted);
         del.sort();
         del.dedup();
         let mut out = self.responses(u.doc, &ins, &del);
+        if resync {
+            out.insert(0, ServerFrame::Resync { doc: u.doc });
+        }
         out.push(ServerFrame::DocSync {
             doc: u.doc,
             sync_time: self.now,
@@ -946,16 +978,25 @@ pub async fn serve_sync(
                 ),
             }
         };
-        // A version 1 connection never gets a 35 (6): unknown_document.
-        let reply: Vec<ServerFrame> = reply
-            .into_iter()
-            .map(|r| match r {
-                ServerFrame::DocDeleted { .. } if conn.version < 2 => {
-                    ServerFrame::Error(ErrorFrame::new(ErrorCode::UNKNOWN_DOCUMENT, "deleted"))
-                }
-                r => r,
-            })
-            .collect();
+        // A version 1 connection never gets a 35 (6): unknown_document;
+        // nor a 36 (3.6): invalid_request, alone.
+        let reply: Vec<ServerFrame> = match reply.first() {
+            Some(ServerFrame::Resync { .. }) if conn.version < 2 => {
+                vec![ServerFrame::Error(ErrorFrame::new(
+                    ErrorCode::INVALID_REQUEST,
+                    "older than the tombstone horizon: pull since 0",
+                ))]
+            }
+            _ => reply
+                .into_iter()
+                .map(|r| match r {
+                    ServerFrame::DocDeleted { .. } if conn.version < 2 => {
+                        ServerFrame::Error(ErrorFrame::new(ErrorCode::UNKNOWN_DOCUMENT, "deleted"))
+                    }
+                    r => r,
+                })
+                .collect(),
+        };
         let lost = lose(&f);
         answered.push(f);
         if lost {

@@ -415,8 +415,14 @@ async fn live(t: &mut SessionTask) -> Result<(), NetError> {
                             // A rename is acknowledged only if it is still the
                             // pending one (not replaced by a newer rename).
                             note.pending.acknowledge_one(&op.0, op.1.as_ref());
-                            if let OpKey::Insert(p) = &op.0 {
-                                // Stored after this note's cursor (3.2.1).
+                            // Stored after this note's cursor (3.2.1) --
+                            // unless this connection's catch-up already
+                            // showed it stored: a re-send after lost acks
+                            // is stored before the cursor, and the next
+                            // catch-up would wrongly delete it here.
+                            if let OpKey::Insert(p) = &op.0
+                                && !inserted.contains(p)
+                            {
                                 note.live_since.insert(p.clone());
                             }
                         }

@@ -154,7 +154,7 @@ impl Server {
                 "authentication required: every connection must send a token"
             );
         } else {
-            tracing::warn!(
+            tracing::info!(
                 "authentication off: no tokens in the data folder, so anyone who can reach {local_addr} \
                  reads and writes namespace default; listening on loopback only"
             );

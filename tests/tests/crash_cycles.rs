@@ -3,7 +3,7 @@
 //! folder, and checked, over and over.
 //!
 //! After every restart:
-//! - the server opens clean (prints `listening on`, logs `database open`,
+//! - the server opens clean (prints `listening on`, logs `namespace open`,
 //!   no WARN or ERROR line) and its boot counter (the top bits of session
 //!   ids, ARCHITECTURE.md "Storage") counts every start: the commit of each
 //!   start survived the kill that followed it;
@@ -305,13 +305,13 @@ fn check_opened_clean(server: &ServerProcess, cycle: u64) {
     // (bounded) for the line rather than racing that thread.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     let mut err = server.stderr();
-    while !err.contains("database open") && std::time::Instant::now() < deadline {
+    while !err.contains("namespace open") && std::time::Instant::now() < deadline {
         std::thread::sleep(std::time::Duration::from_millis(20));
         err = server.stderr();
     }
     assert!(
-        err.contains("database open"),
-        "cycle {cycle}: no `database open` line:\n{err}"
+        err.contains("namespace open"),
+        "cycle {cycle}: no `namespace open` line:\n{err}"
     );
     for bad in [" WARN", " ERROR"] {
         assert!(

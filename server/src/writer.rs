@@ -622,10 +622,16 @@ impl Writer {
                     let step = t.compact_doc(doc, rec.swept, cutoff, entries)?;
                     entries = entries.saturating_sub(step.visited);
                     dropped += step.dropped;
-                    rec.swept = step.swept;
-                    rec.compacted = rec.compacted.max(step.compacted);
-                    t.put_doc(doc, &rec, Some(rec.modified))?;
-                    wrote = true;
+                    // A document with no change since its last sweep is
+                    // not rewritten: an idle pass over many documents
+                    // writes nothing (its next sweep starts where this one
+                    // would have, and finds the same nothing).
+                    if step.visited > 0 {
+                        rec.swept = step.swept;
+                        rec.compacted = rec.compacted.max(step.compacted);
+                        t.put_doc(doc, &rec, Some(rec.modified))?;
+                        wrote = true;
+                    }
                     if !step.done {
                         break Some(doc);
                     }

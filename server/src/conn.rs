@@ -18,11 +18,11 @@
 //! - A closing error is sent after the responses to every request before
 //!   it, then the connection closes.
 
+use std::collections::HashMap;
 use std::collections::VecDeque;
 use std::future::Future;
-use std::pin::Pin;
-use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -80,10 +80,17 @@ impl Shared {
     pub fn revoke(&self, token_id: &str) {
         let conns = self.authed().remove(token_id).unwrap_or_default();
         if !conns.is_empty() {
-            tracing::info!(token = token_id, connections = conns.len(), "token revoked: closing its connections");
+            tracing::info!(
+                token = token_id,
+                connections = conns.len(),
+                "token revoked: closing its connections"
+            );
         }
         for kill in conns.into_values() {
-            kill.end(error_bytes(ErrorCode::UNAUTHORIZED, "this connection's token was revoked"));
+            kill.end(error_bytes(
+                ErrorCode::UNAUTHORIZED,
+                "this connection's token was revoked",
+            ));
         }
     }
 }
@@ -360,12 +367,7 @@ async fn write_loop(
 
 /// Writes `buf`; false (and the connection killed) if it failed, timed out
 /// or the connection was killed meanwhile.
-async fn write_out(
-    wr: &mut Wr,
-    buf: &[u8],
-    kill: &Kill,
-    write_timeout: Duration,
-) -> bool {
+async fn write_out(wr: &mut Wr, buf: &[u8], kill: &Kill, write_timeout: Duration) -> bool {
     let written = tokio::select! {
         biased;
         _ = kill.aborted().cancelled() => return false,
@@ -525,7 +527,10 @@ impl Conn {
                 if let Err(close) = self.authenticate(&h.token, required).await {
                     return Some(close);
                 }
-                self.frames.decoder_mut().decoder_mut().set_limits(full_limits);
+                self.frames
+                    .decoder_mut()
+                    .decoder_mut()
+                    .set_limits(full_limits);
                 self.replica = Some(h.replica);
                 let welcome = ServerFrame::Welcome {
                     // The version this connection uses (PROTOCOL.md 6).
@@ -738,7 +743,9 @@ impl Conn {
             )));
         }
         if self.read_only() {
-            return Ok(Box::pin(async move { Ok(vec![read_only_frame("doc_delete")]) }));
+            return Ok(Box::pin(
+                async move { Ok(vec![read_only_frame("doc_delete")]) },
+            ));
         }
         let tenant = self.tenant.clone();
         let (reply, rx) = oneshot::channel();
@@ -932,7 +939,11 @@ async fn pull(
         };
         if rec.deleted != 0 {
             // 35, or unknown_document for version 1 (PROTOCOL.md 3.5).
-            return Ok(Some((vec![deleted_bytes(version, doc, rec.deleted)], 0, None)));
+            return Ok(Some((
+                vec![deleted_bytes(version, doc, rec.deleted)],
+                0,
+                None,
+            )));
         }
         if rec.needs_resync(since) && version < VERSION_RESYNC {
             return Ok(Some((vec![resync_bytes(version, doc)], 0, None)));

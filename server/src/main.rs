@@ -353,8 +353,11 @@ fn run_command(command: Command) -> ExitCode {
             doc,
             namespace,
             data,
-        } => admin::export(&data, &namespace, &doc, &mut std::io::stdout().lock()).map_err(Into::into),
-        Command::Check { data } => admin::check(&data, &mut std::io::stdout().lock()).map_err(Into::into),
+        } => admin::export(&data, &namespace, &doc, &mut std::io::stdout().lock())
+            .map_err(Into::into),
+        Command::Check { data } => {
+            admin::check(&data, &mut std::io::stdout().lock()).map_err(Into::into)
+        }
         Command::Backup { dest, data } => {
             admin::backup(&data, &dest, &mut std::io::stdout().lock()).map_err(Into::into)
         }
@@ -391,13 +394,21 @@ fn token_command(command: TokenCommand) -> Result<(), Box<dyn std::error::Error>
             ));
         }
         TokenCommand::List { data } => {
-            writeln!(out, "{:<16}  {:<10}  {:<6}  created (unix)", "id", "namespace", "access")?;
+            writeln!(
+                out,
+                "{:<16}  {:<10}  {:<6}  created (unix)",
+                "id", "namespace", "access"
+            )?;
             for t in auth::read_tokens(&data)? {
                 let access = match t.access {
                     Access::ReadWrite => "rw",
                     Access::ReadOnly => "ro",
                 };
-                writeln!(out, "{:<16}  {:<10}  {:<6}  {}", t.id, t.namespace, access, t.created_unix)?;
+                writeln!(
+                    out,
+                    "{:<16}  {:<10}  {:<6}  {}",
+                    t.id, t.namespace, access, t.created_unix
+                )?;
             }
         }
         TokenCommand::Revoke { id, data } => {
@@ -426,9 +437,8 @@ fn parse_cli() -> Result<Cli, ExitCode> {
             takes_value: a.get_action().takes_values(),
         })
         .collect();
-    let given = |key: &str| {
-        matches.value_source(key) == Some(clap::parser::ValueSource::CommandLine)
-    };
+    let given =
+        |key: &str| matches.value_source(key) == Some(clap::parser::ValueSource::CommandLine);
     let from_file = match config_file::file_args(file, &keys, given) {
         Ok(a) => a,
         Err(e) => {

@@ -48,12 +48,12 @@
 //! - no id is ever sent with two different data, nor at a reserved virtual
 //!   id of a multi-char atom; no request or session op is ever refused.
 //!
-//! One deliberate difference from the SDK: a session's ack of an insert
-//! puts it in the 3.2.1 set only if no catch-up showed it already stored
-//! (a re-send after lost acks is stored before the new cursor, and the
-//! next catch-up would delete it locally). `client.rs` puts every
-//! acknowledged insert there; `NOTESYNC_SIM_SDK_ACK_RULE=1` simulates that
-//! rule instead, and seed 2 then diverges.
+//! The ack rule of 3.2.1 as `client.rs` applies it: a session's ack of an
+//! insert puts it in the 3.2.1 set only if no catch-up showed it already
+//! stored (a re-send after lost acks is stored before the new cursor, and
+//! the next catch-up would delete it locally). The SDK put every
+//! acknowledged insert there until this simulation found seeds 2 and 11;
+//! `NOTESYNC_SIM_SDK_ACK_RULE=1` simulates that old rule (they diverge).
 //!
 //! A failing seed is printed; add it to `REGRESSION_SEEDS`.
 //! `NOTESYNC_LONG=1` runs 100,000 seeds instead of 500;

@@ -11,8 +11,6 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use notesync_client::{Client, ServerConfig};
-use notesync_server::{Config, Server};
-use tokio_util::sync::CancellationToken;
 
 const BIN: &str = env!("CARGO_BIN_EXE_notesync");
 /// Longest any one CLI command may take before the test fails.
@@ -20,46 +18,9 @@ const COMMAND_LIMIT: Duration = Duration::from_secs(60);
 /// Longest wait for something `watch` should do.
 const WATCH_LIMIT: Duration = Duration::from_secs(30);
 
-/// A server on its own runtime, so tests can block on child processes.
-struct TestServer {
-    addr: String,
-    rt: Option<tokio::runtime::Runtime>,
-    stop: CancellationToken,
-    _data: tempfile::TempDir,
-}
-
-impl TestServer {
-    fn start() -> TestServer {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        let data = tempfile::tempdir().unwrap();
-        let server = rt
-            .block_on(Server::bind(Config::new(data.path()).listen("127.0.0.1:0")))
-            .unwrap();
-        let addr = server.local_addr().to_string();
-        let stop = CancellationToken::new();
-        let s = stop.clone();
-        rt.spawn(async move { server.run(s).await.unwrap() });
-        TestServer {
-            addr,
-            rt: Some(rt),
-            stop,
-            _data: data,
-        }
-    }
-}
-
-impl Drop for TestServer {
-    fn drop(&mut self) {
-        self.stop.cancel();
-        if let Some(rt) = self.rt.take() {
-            rt.shutdown_timeout(Duration::from_secs(5));
-        }
-    }
-}
+#[path = "support/blocking_server.rs"]
+mod blocking_server;
+use blocking_server::BlockingServer as TestServer;
 
 /// Kills a child process when dropped (a failing test leaves none behind).
 struct Guard(Child);
@@ -170,7 +131,7 @@ fn wait_until(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
 
 #[test]
 fn two_folders_sync_through_one_server() {
-    let server = TestServer::start();
+    let server = TestServer::start_temp();
     let root = tempfile::tempdir().unwrap();
     let (a, b) = (root.path().join("a"), root.path().join("b"));
     fs::create_dir(&a).unwrap();
@@ -215,7 +176,7 @@ fn two_folders_sync_through_one_server() {
 
 #[test]
 fn concurrent_edits_in_both_folders_are_both_kept() {
-    let server = TestServer::start();
+    let server = TestServer::start_temp();
     let root = tempfile::tempdir().unwrap();
     let (a, b) = (root.path().join("a"), root.path().join("b"));
     fs::create_dir(&a).unwrap();
@@ -267,7 +228,7 @@ fn all_files(root: &Path) -> Vec<PathBuf> {
 
 #[test]
 fn a_path_traversal_name_stays_inside_the_folder() {
-    let server = TestServer::start();
+    let server = TestServer::start_temp();
     let root = tempfile::tempdir().unwrap();
     // Deep enough that ../../x would still be inside `root`, where we look.
     let a = root.path().join("one/two/a");
@@ -310,7 +271,7 @@ fn a_path_traversal_name_stays_inside_the_folder() {
 
 #[test]
 fn an_unreachable_server_fails_clearly_and_keeps_the_edit() {
-    let server = TestServer::start();
+    let server = TestServer::start_temp();
     let root = tempfile::tempdir().unwrap();
     let (a, b) = (root.path().join("a"), root.path().join("b"));
     fs::create_dir(&a).unwrap();
@@ -404,7 +365,7 @@ fn has(dir: &Path, file: &str, want: &str) -> bool {
 
 #[test]
 fn watch_brings_changes_in_and_sends_file_edits_out() {
-    let server = TestServer::start();
+    let server = TestServer::start_temp();
     let root = tempfile::tempdir().unwrap();
     let (a, b, c) = (
         root.path().join("a"),

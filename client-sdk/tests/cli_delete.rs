@@ -7,53 +7,12 @@ use std::ffi::OsStr;
 use std::fs;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
-use std::time::Duration;
-
-use notesync_server::{Config, Server};
-use tokio_util::sync::CancellationToken;
 
 const BIN: &str = env!("CARGO_BIN_EXE_notesync");
 
-/// A server on its own runtime, so the test can block on child processes.
-struct TestServer {
-    addr: String,
-    rt: Option<tokio::runtime::Runtime>,
-    stop: CancellationToken,
-    _data: tempfile::TempDir,
-}
-
-impl TestServer {
-    fn start() -> TestServer {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        let data = tempfile::tempdir().unwrap();
-        let server = rt
-            .block_on(Server::bind(Config::new(data.path()).listen("127.0.0.1:0")))
-            .unwrap();
-        let addr = server.local_addr().to_string();
-        let stop = CancellationToken::new();
-        let s = stop.clone();
-        rt.spawn(async move { server.run(s).await.unwrap() });
-        TestServer {
-            addr,
-            rt: Some(rt),
-            stop,
-            _data: data,
-        }
-    }
-}
-
-impl Drop for TestServer {
-    fn drop(&mut self) {
-        self.stop.cancel();
-        if let Some(rt) = self.rt.take() {
-            rt.shutdown_timeout(Duration::from_secs(5));
-        }
-    }
-}
+#[path = "support/blocking_server.rs"]
+mod blocking_server;
+use blocking_server::BlockingServer as TestServer;
 
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
@@ -104,7 +63,7 @@ fn files(entries: &[(&str, &str)]) -> BTreeMap<String, String> {
 
 #[test]
 fn deleting_a_file_deletes_the_note_on_every_device() {
-    let server = TestServer::start();
+    let server = TestServer::start_temp();
     let (a, b, c) = (
         tempfile::tempdir().unwrap(),
         tempfile::tempdir().unwrap(),
@@ -170,7 +129,7 @@ fn a_note_that_never_synced_is_written_again() {
         .unwrap();
     assert!(!out.status.success());
     fs::remove_file(dir.path().join("draft.md")).unwrap();
-    let server = TestServer::start();
+    let server = TestServer::start_temp();
     let (_, err) = sync(dir.path(), &server.addr);
     assert!(err.contains("never synced"), "{err}");
     assert_eq!(md_files(dir.path()), files(&[("draft.md", "draft")]));

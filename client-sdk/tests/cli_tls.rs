@@ -4,28 +4,20 @@
 
 use std::path::Path;
 use std::process::{Command, Output};
-use std::time::Duration;
 
 use notesync_server::auth::{Access, add_token};
-use notesync_server::{Config, Server, TlsFiles};
-use tokio_util::sync::CancellationToken;
+use notesync_server::{Config, TlsFiles};
 
 const BIN: &str = env!("CARGO_BIN_EXE_notesync");
+
+#[path = "support/blocking_server.rs"]
+mod blocking_server;
+use blocking_server::BlockingServer;
 
 struct Setup {
     addr: String,
     dir: tempfile::TempDir,
-    rt: Option<tokio::runtime::Runtime>,
-    stop: CancellationToken,
-}
-
-impl Drop for Setup {
-    fn drop(&mut self) {
-        self.stop.cancel();
-        if let Some(rt) = self.rt.take() {
-            rt.shutdown_timeout(Duration::from_secs(5));
-        }
-    }
+    _server: BlockingServer,
 }
 
 fn start() -> Setup {
@@ -41,21 +33,11 @@ fn start() -> Setup {
         cert: dir.path().join("ca.pem"),
         key: dir.path().join("key.pem"),
     });
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let server = rt.block_on(Server::bind(config)).unwrap();
-    let addr = server.local_addr().to_string();
-    let stop = CancellationToken::new();
-    let s = stop.clone();
-    rt.spawn(async move { server.run(s).await.unwrap() });
+    let server = BlockingServer::start(config);
     Setup {
-        addr,
+        addr: server.addr.clone(),
         dir,
-        rt: Some(rt),
-        stop,
+        _server: server,
     }
 }
 

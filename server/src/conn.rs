@@ -500,7 +500,9 @@ impl Conn {
         let first = match self.next_frame(first_wait, first_limit).await {
             Event::Frame(f) => f,
             Event::End(close) => {
-                if required && close.is_some() {
+                // A timeout or a bad frame before the hello is a failed
+                // attempt; the server shutting down is not.
+                if required && close.is_some() && !self.shared.shutdown.is_cancelled() {
                     self.shared.fails.fail(self.peer.ip());
                 }
                 return close;

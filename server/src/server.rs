@@ -5,7 +5,7 @@
 //! `shutting_down` and closes; the writer commits what is queued and stops;
 //! the database is closed.
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -144,7 +144,7 @@ impl Server {
             addr: config.listen.clone(),
             source,
         })?;
-        let auth = config.require_auth || !tokens.is_empty();
+        let auth = auth_required(&config, &tokens);
         if !auth && !local_addr.ip().is_loopback() {
             return Err(Error::Unprotected { addr: local_addr });
         }
@@ -215,7 +215,7 @@ impl Server {
         let handshake_timeout = config.handshake_timeout;
         let boot = tenants.default_tenant().boot;
         let shared = Arc::new(Shared {
-            auth_required: AtomicBool::new(config.require_auth || !tokens.is_empty()),
+            auth_required: AtomicBool::new(auth_required(&config, &tokens)),
             fails: FailBudget::new(config.max_failed_auth.max(1), config.failed_auth_window),
             tokens,
             tenants: tenants.clone(),
@@ -370,13 +370,19 @@ async fn refuse(
     }
 }
 
+/// Whether hellos must carry a valid token: `--require-auth`, or the data
+/// folder has tokens (re-evaluated whenever the tokens file changes).
+fn auth_required(config: &Config, tokens: &Tokens) -> bool {
+    config.require_auth || !tokens.is_empty()
+}
+
 /// Re-reads the tokens file when it changes; ends the connections of
 /// revoked tokens.
 async fn watch_tokens(shared: Arc<Shared>) {
     let period = shared.config.tokens_poll.max(Duration::from_millis(10));
     let mut ticks = tokio::time::interval(period);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut reported: HashMap<String, ()> = HashMap::new();
+    let mut reported: HashSet<String> = HashSet::new();
     loop {
         tokio::select! {
             _ = shared.shutdown.cancelled() => return,
@@ -387,7 +393,7 @@ async fn watch_tokens(shared: Arc<Shared>) {
         match reloaded {
             Ok(Ok(gone)) => {
                 reported.clear();
-                let required = shared.config.require_auth || !shared.tokens.is_empty();
+                let required = auth_required(&shared.config, &shared.tokens);
                 if required != shared.auth_required.swap(required, Ordering::Relaxed) {
                     tracing::info!(
                         required,
@@ -400,7 +406,7 @@ async fn watch_tokens(shared: Arc<Shared>) {
             }
             Ok(Err(e)) => {
                 // Reported once per distinct problem; the old tokens stay.
-                if reported.insert(e.to_string(), ()).is_none() {
+                if reported.insert(e.to_string()) {
                     tracing::error!(error = %e, "cannot reload the tokens file; keeping the tokens as they were");
                 }
             }

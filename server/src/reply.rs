@@ -119,17 +119,13 @@ impl DeltaSink for DocFrames {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use super::*;
-    use crate::store::tests::{DOC, create_doc, open_tmp, pid, write};
-    use crate::store::{Rule, ServerClock, Snapshot, SystemClock};
+    use crate::store::tests::{DOC, pid, with_doc, write};
+    use crate::store::{Rule, Snapshot};
 
     #[test]
     fn large_delta_is_split_over_frames() {
-        let (_d, o) = open_tmp();
-        let mut clock = ServerClock::new(Arc::new(SystemClock), o.clock);
-        create_doc(&o.db, &mut clock);
+        let (_d, o, mut clock) = with_doc();
         write(&o.db, |t| {
             for i in 0..1000 {
                 t.insert_atom(DOC, pid(i, 1).key(), b"xyz", &mut clock)

@@ -153,8 +153,7 @@ mod tests {
 
     #[test]
     fn a_healthy_database_checks_clean_and_its_backup_too() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let db = healthy(dir.path());
+        let (_dir, db) = healthy();
         let r = check(&db);
         assert!(r.ok(), "{r}");
         assert_eq!((r.documents, r.atoms, r.sites), (1, 6, 1), "{r}");

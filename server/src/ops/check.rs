@@ -111,259 +111,260 @@ pub fn check_namespace(namespace: &str, txn: &ReadTransaction) -> Result<CheckRe
         });
         return Ok(r);
     }
-    let clock = db.clock()?;
-    let docs = check_documents(&mut r, &db, clock)?;
-    check_doc_times(&mut r, &db, &docs)?;
-    check_sites(&mut r, &db, &docs)?;
-    check_atoms(&mut r, &db, &docs, clock)?;
-    check_changes(&mut r, &db, &docs, clock)?;
-    Ok(r)
+    let mut c = Checking {
+        clock: db.clock()?,
+        db,
+        r,
+        docs: HashMap::new(),
+    };
+    c.documents()?;
+    c.doc_times()?;
+    c.sites()?;
+    c.atoms()?;
+    c.changes()?;
+    Ok(c.r)
 }
 
-/// The documents, each checked on its own.
-fn check_documents(
-    r: &mut CheckReport,
-    db: &Inspect<'_>,
+/// A check under way: the report so far, and what the later tables are
+/// checked against.
+struct Checking<'t> {
+    r: CheckReport,
+    db: Inspect<'t>,
+    /// The stored clock: no time may be after it.
     clock: Time,
-) -> Result<HashMap<DocId, DocRecord>, OpsError> {
-    let mut docs: HashMap<DocId, DocRecord> = HashMap::new();
-    for row in db.documents()? {
-        let (doc, rec) = row?;
-        match rec {
-            Ok(rec) => {
-                if rec.modified > clock {
-                    r.problem(format!(
-                        "document {doc:032x}: modified {} is after the clock {clock}",
-                        rec.modified
-                    ));
+    /// The documents that decode.
+    docs: HashMap<DocId, DocRecord>,
+}
+
+impl Checking<'_> {
+    /// The documents, each checked on its own.
+    fn documents(&mut self) -> Result<(), OpsError> {
+        let clock = self.clock;
+        for row in self.db.documents()? {
+            let (doc, rec) = row?;
+            match rec {
+                Ok(rec) => {
+                    if rec.modified > clock {
+                        self.r.problem(format!(
+                            "document {doc:032x}: modified {} is after the clock {clock}",
+                            rec.modified
+                        ));
+                    }
+                    if rec.next_site == 0 || rec.next_site > MAX_SITE + 1 {
+                        self.r.problem(format!(
+                            "document {doc:032x}: next site {} is out of range",
+                            rec.next_site
+                        ));
+                    }
+                    self.docs.insert(doc, rec);
                 }
-                if rec.next_site == 0 || rec.next_site > MAX_SITE + 1 {
-                    r.problem(format!(
-                        "document {doc:032x}: next site {} is out of range",
-                        rec.next_site
-                    ));
+                Err(e) => self.r.problem(format!("document {doc:032x}: {e}")),
+            }
+        }
+        self.r.documents = self.docs.len() as u64;
+        Ok(())
+    }
+
+    /// `doc_times` mirrors (modified, doc), one entry per document.
+    fn doc_times(&mut self) -> Result<(), OpsError> {
+        let mut timed: HashSet<DocId> = HashSet::new();
+        for row in self.db.doc_times()? {
+            let (t, doc) = row?;
+            match self.docs.get(&doc) {
+                None => self.r.problem(format!(
+                    "doc_times has document {doc:032x} (time {t}), which is not in documents"
+                )),
+                Some(rec) if rec.modified != t => self.r.problem(format!(
+                    "doc_times has document {doc:032x} at time {t}, but its modified time is {}",
+                    rec.modified
+                )),
+                Some(_) => {
+                    timed.insert(doc);
                 }
-                docs.insert(doc, rec);
-            }
-            Err(e) => r.problem(format!("document {doc:032x}: {e}")),
-        }
-    }
-    r.documents = docs.len() as u64;
-    Ok(docs)
-}
-
-/// `doc_times` mirrors (modified, doc), one entry per document.
-fn check_doc_times(
-    r: &mut CheckReport,
-    db: &Inspect<'_>,
-    docs: &HashMap<DocId, DocRecord>,
-) -> Result<(), OpsError> {
-    let mut timed: HashSet<DocId> = HashSet::new();
-    for row in db.doc_times()? {
-        let (t, doc) = row?;
-        match docs.get(&doc) {
-            None => r.problem(format!(
-                "doc_times has document {doc:032x} (time {t}), which is not in documents"
-            )),
-            Some(rec) if rec.modified != t => r.problem(format!(
-                "doc_times has document {doc:032x} at time {t}, but its modified time is {}",
-                rec.modified
-            )),
-            Some(_) => {
-                timed.insert(doc);
             }
         }
-    }
-    for (doc, rec) in docs {
-        if !timed.contains(doc) {
-            r.problem(format!(
-                "document {doc:032x} (modified {}) has no doc_times entry",
-                rec.modified
-            ));
-        }
-    }
-    Ok(())
-}
-
-fn check_sites(
-    r: &mut CheckReport,
-    db: &Inspect<'_>,
-    docs: &HashMap<DocId, DocRecord>,
-) -> Result<(), OpsError> {
-    let mut taken: HashMap<(DocId, u8), u128> = HashMap::new();
-    for row in db.sites()? {
-        let (doc, replica, site) = row?;
-        r.sites += 1;
-        let Some(rec) = docs.get(&doc) else {
-            r.problem(format!(
-                "site {site} of replica {replica:032x} belongs to document {doc:032x}, which is not in documents"
-            ));
-            continue;
-        };
-        if rec.deleted != 0 {
-            r.problem(format!(
-                "deleted document {doc:032x} still has a site ({site}, replica {replica:032x})"
-            ));
-        }
-        if site == 0 || u16::from(site) >= rec.next_site {
-            r.problem(format!(
-                "document {doc:032x}: replica {replica:032x} has site {site}, outside 1..{} (next site)",
-                rec.next_site
-            ));
-        }
-        if let Some(other) = taken.insert((doc, site), replica) {
-            r.problem(format!(
-                "document {doc:032x}: site {site} is held by replicas {other:032x} and {replica:032x}"
-            ));
-        }
-    }
-    Ok(())
-}
-
-/// Reports an atom's `what` time `t` that has no matching change entry.
-fn expect_change(
-    r: &mut CheckReport,
-    changes: &ChangeLookup,
-    doc: DocId,
-    t: Time,
-    want: ChangeEntry<'_>,
-    what: &str,
-) -> Result<(), OpsError> {
-    let id = || hex::encode(want.pid_key);
-    match changes.is(doc, t, want)? {
-        None => r.problem(format!(
-            "document {doc:032x}: atom {} has {what} time {t} but no change at that time",
-            id()
-        )),
-        Some(false) => r.problem(format!(
-            "document {doc:032x}: the change at time {t} is not the {what} of atom {}",
-            id()
-        )),
-        Some(true) => {}
-    }
-    Ok(())
-}
-
-/// The atoms, against documents and changes.
-fn check_atoms(
-    r: &mut CheckReport,
-    db: &Inspect<'_>,
-    docs: &HashMap<DocId, DocRecord>,
-    clock: Time,
-) -> Result<(), OpsError> {
-    let changes = db.change_lookup()?;
-    for row in db.atoms()? {
-        let row = row?;
-        r.atoms += 1;
-        let Some((doc, pid_key)) = row.id() else {
-            r.problem(format!("atom key {} is too short", hex::encode(row.key())));
-            continue;
-        };
-        let id = hex::encode(pid_key);
-        match docs.get(&doc) {
-            None => r.problem(format!(
-                "atom {id} belongs to document {doc:032x}, which is not in documents"
-            )),
-            Some(rec) if rec.deleted != 0 => {
-                r.problem(format!("deleted document {doc:032x} still has atom {id}"))
+        for (doc, rec) in &self.docs {
+            if !timed.contains(doc) {
+                self.r.problem(format!(
+                    "document {doc:032x} (modified {}) has no doc_times entry",
+                    rec.modified
+                ));
             }
-            Some(_) => {}
         }
-        if Pid::from_key(pid_key).is_none() {
-            r.problem(format!(
-                "document {doc:032x}: atom key {id} is not a position id"
-            ));
-        }
-        let rec = match &row.record {
-            Ok(rec) => rec,
-            Err(e) => {
-                r.problem(format!("document {doc:032x}: atom {id}: {e}"));
-                continue;
-            }
-        };
-        if std::str::from_utf8(&rec.data).is_err() {
-            r.problem(format!("document {doc:032x}: atom {id}: data is not UTF-8"));
-        }
-        if rec.insert != 0 && rec.data.is_empty() {
-            r.problem(format!(
-                "document {doc:032x}: atom {id} is inserted (time {}) but has no data",
-                rec.insert
-            ));
-        }
-        if rec.insert > clock || rec.delete > clock {
-            r.problem(format!(
-                "document {doc:032x}: atom {id} has a time after the clock {clock}"
-            ));
-        }
-        if rec.insert != 0 {
-            let want = ChangeEntry::new(ChangeKind::Insert, pid_key);
-            expect_change(r, &changes, doc, rec.insert, want, "insert")?;
-        }
-        if rec.delete != 0 {
-            let want = ChangeEntry::new(ChangeKind::Delete, pid_key);
-            expect_change(r, &changes, doc, rec.delete, want, "delete")?;
-        }
+        Ok(())
     }
-    Ok(())
-}
 
-/// The changes, against atoms.
-fn check_changes(
-    r: &mut CheckReport,
-    db: &Inspect<'_>,
-    docs: &HashMap<DocId, DocRecord>,
-    clock: Time,
-) -> Result<(), OpsError> {
-    let atoms = db.atom_lookup()?;
-    for row in db.changes()? {
-        let row = row?;
-        r.changes += 1;
-        let (doc, t) = (row.doc, row.time);
-        let Some(change) = row.entry() else {
-            r.problem(format!(
-                "document {doc:032x}: the change at time {t} is empty"
-            ));
-            continue;
-        };
-        if !docs.contains_key(&doc) {
-            r.problem(format!(
-                "the change at time {t} belongs to document {doc:032x}, which is not in documents"
-            ));
-        }
-        if t > clock {
-            r.problem(format!(
-                "document {doc:032x}: change time {t} is after the clock {clock}"
-            ));
-        }
-        let id = hex::encode(change.pid_key);
-        let rec = match atoms.get(doc, change.pid_key)? {
-            None => {
-                r.problem(format!(
-                    "document {doc:032x}: the change at time {t} names atom {id}, which is not in atoms"
+    fn sites(&mut self) -> Result<(), OpsError> {
+        let mut taken: HashMap<(DocId, u8), u128> = HashMap::new();
+        for row in self.db.sites()? {
+            let (doc, replica, site) = row?;
+            self.r.sites += 1;
+            let Some(rec) = self.docs.get(&doc) else {
+                self.r.problem(format!(
+                    "site {site} of replica {replica:032x} belongs to document {doc:032x}, which is not in documents"
                 ));
                 continue;
+            };
+            if rec.deleted != 0 {
+                self.r.problem(format!(
+                    "deleted document {doc:032x} still has a site ({site}, replica {replica:032x})"
+                ));
             }
-            Some(Ok(rec)) => rec,
-            // Reported with the atoms.
-            Some(Err(_)) => continue,
-        };
-        let (what, stored) = match change.kind() {
-            Ok(ChangeKind::Insert) => ("insert", rec.insert),
-            Ok(ChangeKind::Delete) => ("delete", rec.delete),
-            Err(other) => {
-                r.problem(format!(
-                    "document {doc:032x}: the change at time {t} has unknown kind {other}"
+            if site == 0 || u16::from(site) >= rec.next_site {
+                self.r.problem(format!(
+                    "document {doc:032x}: replica {replica:032x} has site {site}, outside 1..{} (next site)",
+                    rec.next_site
+                ));
+            }
+            if let Some(other) = taken.insert((doc, site), replica) {
+                self.r.problem(format!(
+                    "document {doc:032x}: site {site} is held by replicas {other:032x} and {replica:032x}"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Reports an atom's `what` time `t` that has no matching change entry.
+    fn expect_change(
+        &mut self,
+        changes: &ChangeLookup,
+        doc: DocId,
+        t: Time,
+        want: ChangeEntry<'_>,
+        what: &str,
+    ) -> Result<(), OpsError> {
+        let id = || hex::encode(want.pid_key);
+        match changes.is(doc, t, want)? {
+            None => self.r.problem(format!(
+                "document {doc:032x}: atom {} has {what} time {t} but no change at that time",
+                id()
+            )),
+            Some(false) => self.r.problem(format!(
+                "document {doc:032x}: the change at time {t} is not the {what} of atom {}",
+                id()
+            )),
+            Some(true) => {}
+        }
+        Ok(())
+    }
+
+    /// The atoms, against documents and changes.
+    fn atoms(&mut self) -> Result<(), OpsError> {
+        let clock = self.clock;
+        let changes = self.db.change_lookup()?;
+        for row in self.db.atoms()? {
+            let row = row?;
+            self.r.atoms += 1;
+            let Some((doc, pid_key)) = row.id() else {
+                self.r
+                    .problem(format!("atom key {} is too short", hex::encode(row.key())));
+                continue;
+            };
+            let id = hex::encode(pid_key);
+            match self.docs.get(&doc) {
+                None => self.r.problem(format!(
+                    "atom {id} belongs to document {doc:032x}, which is not in documents"
+                )),
+                Some(rec) if rec.deleted != 0 => self
+                    .r
+                    .problem(format!("deleted document {doc:032x} still has atom {id}")),
+                Some(_) => {}
+            }
+            if Pid::from_key(pid_key).is_none() {
+                self.r.problem(format!(
+                    "document {doc:032x}: atom key {id} is not a position id"
+                ));
+            }
+            let rec = match &row.record {
+                Ok(rec) => rec,
+                Err(e) => {
+                    self.r
+                        .problem(format!("document {doc:032x}: atom {id}: {e}"));
+                    continue;
+                }
+            };
+            if std::str::from_utf8(&rec.data).is_err() {
+                self.r
+                    .problem(format!("document {doc:032x}: atom {id}: data is not UTF-8"));
+            }
+            if rec.insert != 0 && rec.data.is_empty() {
+                self.r.problem(format!(
+                    "document {doc:032x}: atom {id} is inserted (time {}) but has no data",
+                    rec.insert
+                ));
+            }
+            if rec.insert > clock || rec.delete > clock {
+                self.r.problem(format!(
+                    "document {doc:032x}: atom {id} has a time after the clock {clock}"
+                ));
+            }
+            if rec.insert != 0 {
+                let want = ChangeEntry::new(ChangeKind::Insert, pid_key);
+                self.expect_change(&changes, doc, rec.insert, want, "insert")?;
+            }
+            if rec.delete != 0 {
+                let want = ChangeEntry::new(ChangeKind::Delete, pid_key);
+                self.expect_change(&changes, doc, rec.delete, want, "delete")?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The changes, against atoms.
+    fn changes(&mut self) -> Result<(), OpsError> {
+        let clock = self.clock;
+        let atoms = self.db.atom_lookup()?;
+        for row in self.db.changes()? {
+            let row = row?;
+            self.r.changes += 1;
+            let (doc, t) = (row.doc, row.time);
+            let Some(change) = row.entry() else {
+                self.r.problem(format!(
+                    "document {doc:032x}: the change at time {t} is empty"
                 ));
                 continue;
+            };
+            if !self.docs.contains_key(&doc) {
+                self.r.problem(format!(
+                    "the change at time {t} belongs to document {doc:032x}, which is not in documents"
+                ));
             }
-        };
-        if stored != t {
-            r.problem(format!(
-                "document {doc:032x}: the change at time {t} is an {what} of atom {id}, whose {what} time is {stored}"
-            ));
+            if t > clock {
+                self.r.problem(format!(
+                    "document {doc:032x}: change time {t} is after the clock {clock}"
+                ));
+            }
+            let id = hex::encode(change.pid_key);
+            let rec = match atoms.get(doc, change.pid_key)? {
+                None => {
+                    self.r.problem(format!(
+                        "document {doc:032x}: the change at time {t} names atom {id}, which is not in atoms"
+                    ));
+                    continue;
+                }
+                Some(Ok(rec)) => rec,
+                // Reported with the atoms.
+                Some(Err(_)) => continue,
+            };
+            let (what, stored) = match change.kind() {
+                Ok(ChangeKind::Insert) => ("insert", rec.insert),
+                Ok(ChangeKind::Delete) => ("delete", rec.delete),
+                Err(other) => {
+                    self.r.problem(format!(
+                        "document {doc:032x}: the change at time {t} has unknown kind {other}"
+                    ));
+                    continue;
+                }
+            };
+            if stored != t {
+                self.r.problem(format!(
+                    "document {doc:032x}: the change at time {t} is an {what} of atom {id}, whose {what} time is {stored}"
+                ));
+            }
         }
+        Ok(())
     }
-    Ok(())
 }
 
 /// Checks a data folder no server is serving.
@@ -383,8 +384,7 @@ mod tests {
 
     #[test]
     fn check_reports_each_kind_of_damage() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let db = healthy(dir.path());
+        let (_dir, db) = healthy();
         let txn = db.begin_write().expect("write");
         {
             let mut t = WriteTables::open(&txn).expect("tables");

@@ -89,8 +89,7 @@ mod tests {
 
     #[test]
     fn export_renders_live_atoms_and_chars_at_virtual_ids() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let db = healthy(dir.path());
+        let (_dir, db) = healthy();
         let txn = db.begin_read().expect("read");
         assert_eq!(
             export_document("default", &txn, DOC).expect("export"),

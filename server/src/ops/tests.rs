@@ -1,7 +1,6 @@
 //! Test support for the operations commands' tests: a small healthy
 //! namespace database, written through the store's API.
 
-use std::path::Path;
 use std::sync::Arc;
 
 use notesync_protocol::{DocId, Level, Pid};
@@ -17,10 +16,12 @@ pub fn pid(levels: &[(u32, u8)]) -> Pid {
     Pid::from_levels(&l)
 }
 
-/// A namespace database holding DOC: "hello" (deleted 'e' at its
-/// virtual id), " ", "world" (deleted whole), "!" and a bare tombstone.
-pub fn healthy(dir: &Path) -> Database {
-    let opened = store::open(dir).expect("open");
+/// A namespace database (in a scratch folder) holding DOC: "hello"
+/// (deleted 'e' at its virtual id), " ", "world" (deleted whole), "!" and
+/// a bare tombstone.
+pub fn healthy() -> (tempfile::TempDir, Database) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let opened = store::open(dir.path()).expect("open");
     let db = opened.db;
     let mut clock = ServerClock::new(Arc::new(SystemClock), opened.clock);
     let txn = db.begin_write().expect("write");
@@ -58,7 +59,7 @@ pub fn healthy(dir: &Path) -> Database {
         t.set_clock(clock.last()).expect("clock");
     }
     txn.commit().expect("commit");
-    db
+    (dir, db)
 }
 
 pub fn check(db: &Database) -> CheckReport {

@@ -15,9 +15,10 @@ use redb::{
 use super::error::StoreError;
 use super::layout::{
     ATOMS, AtomRecord, CHANGES, ChangeEntry, DOC_TIMES, DOCUMENTS, DocAtoms, DocRecord, META,
-    META_CLOCK, META_SCHEMA, SITES, TableVisitor, atom_key, change_key, each_table, split_atom_key,
+    META_SCHEMA, SITES, TableVisitor, atom_key, change_key, each_table, split_atom_key,
     split_change_key, split_site_key, split_time_key,
 };
+use super::read::{stored_clock, stored_doc};
 
 /// Rows copied per destination commit (the source is one snapshot
 /// whatever this is; it only bounds the memory of a write transaction).
@@ -136,19 +137,11 @@ impl<'t> Inspect<'t> {
 
     /// The stored clock (0 if none was stored yet).
     pub fn clock(&self) -> Result<Time, StoreError> {
-        Ok(self
-            .txn
-            .open_table(META)?
-            .get(META_CLOCK)?
-            .map(|v| v.value())
-            .unwrap_or(0))
+        stored_clock(self.txn)
     }
 
     pub fn doc(&self, doc: DocId) -> Result<Option<DocRecord>, StoreError> {
-        match self.txn.open_table(DOCUMENTS)?.get(doc)? {
-            Some(v) => Ok(Some(DocRecord::decode(v.value())?)),
-            None => Ok(None),
-        }
+        stored_doc(self.txn, doc)
     }
 
     pub fn documents(&self) -> Result<Rows<(DocId, Decoded<DocRecord>)>, StoreError> {

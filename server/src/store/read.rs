@@ -57,6 +57,26 @@ pub trait DeltaSink {
     fn resync(&mut self);
 }
 
+/// The clock value committed in `txn` (0 before the first commit).
+pub(super) fn stored_clock(txn: &ReadTransaction) -> Result<Time, StoreError> {
+    Ok(txn
+        .open_table(META)?
+        .get(META_CLOCK)?
+        .map(|v| v.value())
+        .unwrap_or(0))
+}
+
+/// A document's record as committed in `txn`.
+pub(super) fn stored_doc(
+    txn: &ReadTransaction,
+    doc: DocId,
+) -> Result<Option<DocRecord>, StoreError> {
+    match txn.open_table(DOCUMENTS)?.get(doc)? {
+        Some(v) => Ok(Some(DocRecord::decode(v.value())?)),
+        None => Ok(None),
+    }
+}
+
 /// A consistent read of the database: everything committed up to its
 /// `clock`, nothing after.
 pub struct Snapshot {
@@ -73,19 +93,11 @@ impl Snapshot {
     /// The clock value committed in this snapshot: every change it holds has
     /// a time at or below it, so it is a safe `sync_time` (PROTOCOL.md 3.4).
     pub fn clock(&self) -> Result<Time, StoreError> {
-        Ok(self
-            .txn
-            .open_table(META)?
-            .get(META_CLOCK)?
-            .map(|v| v.value())
-            .unwrap_or(0))
+        stored_clock(&self.txn)
     }
 
     pub fn doc(&self, doc: DocId) -> Result<Option<DocRecord>, StoreError> {
-        match self.txn.open_table(DOCUMENTS)?.get(doc)? {
-            Some(v) => Ok(Some(DocRecord::decode(v.value())?)),
-            None => Ok(None),
-        }
+        stored_doc(&self.txn, doc)
     }
 
     pub fn site(&self, doc: DocId, replica: u128) -> Result<Option<u8>, StoreError> {
@@ -270,17 +282,12 @@ impl SentIds {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use super::*;
-    use crate::store::tests::{DOC, create_doc, delta, open_tmp, pid, pull, write};
-    use crate::store::{ServerClock, SystemClock};
+    use crate::store::tests::{DOC, delta, pid, pull, with_doc, write};
 
     #[test]
     fn pull_delta_classification() {
-        let (_d, o) = open_tmp();
-        let mut clock = ServerClock::new(Arc::new(SystemClock), o.clock);
-        create_doc(&o.db, &mut clock);
+        let (_d, o, mut clock) = with_doc();
         let old_live = pid(1, 1);
         let old_deleted = pid(2, 1);
         write(&o.db, |t| {

@@ -264,30 +264,21 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         {
             let o = open(dir.path()).expect("open");
+            let modified_at = |modified| DocRecord {
+                modified,
+                name_time: 0,
+                next_site: 1,
+                deleted: 0,
+                swept: 0,
+                compacted: 0,
+                name: String::new(),
+            };
             write(&o.db, |t| {
                 for (i, m) in [(3u128, 30u64), (1, 10), (2, 20)] {
-                    let rec = DocRecord {
-                        modified: m,
-                        name_time: 0,
-                        next_site: 1,
-                        deleted: 0,
-                        swept: 0,
-                        compacted: 0,
-                        name: String::new(),
-                    };
-                    t.put_doc(i, &rec, None).expect("put");
+                    t.put_doc(i, &modified_at(m), None).expect("put");
                 }
                 // Doc 1 changes again: its old entry goes.
-                let rec = DocRecord {
-                    modified: 40,
-                    name_time: 0,
-                    next_site: 1,
-                    deleted: 0,
-                    swept: 0,
-                    compacted: 0,
-                    name: String::new(),
-                };
-                t.put_doc(1, &rec, Some(10)).expect("put");
+                t.put_doc(1, &modified_at(40), Some(10)).expect("put");
             });
         }
         let o = open(dir.path()).expect("reopen");

@@ -2,6 +2,7 @@
 //! clock set by hand, a scratch database, one-transaction writes, and a
 //! pull decoded back from its frames.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use notesync_protocol::{ClientCodec, DocId, Level, Pid, ServerFrame, Time};
@@ -9,7 +10,7 @@ use redb::Database;
 use tokio_util::codec::Decoder;
 
 use super::schema::Opened;
-use super::{DocRecord, Rule, ServerClock, Snapshot, WallClock, WriteTables, open};
+use super::{DocRecord, Rule, ServerClock, Snapshot, SystemClock, WallClock, WriteTables, open};
 use crate::reply::DocFrames;
 
 /// A wall clock the test sets by hand.
@@ -42,6 +43,15 @@ pub fn write<R>(db: &Database, f: impl FnOnce(&mut WriteTables<'_>) -> R) -> R {
     };
     txn.commit().expect("commit");
     r
+}
+
+/// A scratch database holding DOC, and a server clock on the system
+/// clock.
+pub fn with_doc() -> (tempfile::TempDir, Opened, ServerClock) {
+    let (dir, o) = open_tmp();
+    let mut clock = ServerClock::new(Arc::new(SystemClock), o.clock);
+    create_doc(&o.db, &mut clock);
+    (dir, o, clock)
 }
 
 pub fn create_doc(db: &Database, clock: &mut ServerClock) {

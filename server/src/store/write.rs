@@ -325,19 +325,15 @@ impl WriteTables<'_> {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use notesync_protocol::Time;
 
     use super::*;
-    use crate::store::tests::{DOC, create_doc, open_tmp, pid, pull, write};
-    use crate::store::{Snapshot, SystemClock};
+    use crate::store::Snapshot;
+    use crate::store::tests::{DOC, pid, pull, with_doc, write};
 
     #[test]
     fn inserts_are_idempotent_and_conflicts_detected() {
-        let (_d, o) = open_tmp();
-        let mut clock = ServerClock::new(Arc::new(SystemClock), o.clock);
-        create_doc(&o.db, &mut clock);
+        let (_d, o, mut clock) = with_doc();
         let p = pid(1, 1);
         let first = write(&o.db, |t| {
             t.insert_atom(DOC, p.key(), b"a", &mut clock).expect("ins")
@@ -381,9 +377,7 @@ mod tests {
 
     #[test]
     fn tombstone_before_insert_stays_deleted() {
-        let (_d, o) = open_tmp();
-        let mut clock = ServerClock::new(Arc::new(SystemClock), o.clock);
-        create_doc(&o.db, &mut clock);
+        let (_d, o, mut clock) = with_doc();
         let p = pid(7, 3);
         let before = clock.last();
         let d = write(&o.db, |t| {
@@ -426,9 +420,7 @@ mod tests {
 
     #[test]
     fn dropping_a_deleted_documents_content_leaves_other_documents() {
-        let (_d, o) = open_tmp();
-        let mut clock = ServerClock::new(Arc::new(SystemClock), o.clock);
-        create_doc(&o.db, &mut clock);
+        let (_d, o, mut clock) = with_doc();
         const OTHER: DocId = DOC + 1;
         const BEFORE: DocId = DOC - 1;
         write(&o.db, |t| {

@@ -264,14 +264,10 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         {
             let o = open(dir.path()).expect("open");
+            // Only `modified` matters here; the rest are zeros.
             let modified_at = |modified| DocRecord {
                 modified,
-                name_time: 0,
-                next_site: 1,
-                deleted: 0,
-                swept: 0,
-                compacted: 0,
-                name: String::new(),
+                ..DocRecord::decode_v1(&[0u8; 18]).expect("record")
             };
             write(&o.db, |t| {
                 for (i, m) in [(3u128, 30u64), (1, 10), (2, 20)] {

@@ -49,6 +49,12 @@ pub enum OpsError {
          backup that would leave it out"
     )]
     UnknownTable { namespace: String, table: String },
+    /// A server took the folder's lock between the check for a running
+    /// server and this command's open.
+    #[error(
+        "cannot open (a server started meanwhile? try again) {0}: already open in another process"
+    )]
+    AlreadyOpen(PathBuf),
     #[error("{0} holds no notesync database (is it the data folder?)")]
     NoData(PathBuf),
     #[error("backup destination {0} exists and is not an empty folder")]
@@ -109,11 +115,7 @@ impl OfflineFolder {
         for name in namespaces_on_disk(data).map_err(io("cannot list the namespaces of", data))? {
             let path = namespace_dir(data, &name).join(DB_FILE);
             let db = Database::open(&path).map_err(|e| match e {
-                redb::DatabaseError::DatabaseAlreadyOpen => OpsError::Io {
-                    what: "cannot open (a server started meanwhile? try again)",
-                    path: path.clone(),
-                    source: std::io::Error::other("already open in another process"),
-                },
+                redb::DatabaseError::DatabaseAlreadyOpen => OpsError::AlreadyOpen(path.clone()),
                 e => StoreError::from(e).into(),
             })?;
             dbs.push((name, db));

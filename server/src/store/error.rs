@@ -65,6 +65,6 @@ from_redb!(
     redb::SetDurabilityError
 );
 
-pub(crate) fn corrupt(table: &'static str, what: &'static str) -> StoreError {
+pub(super) fn corrupt(table: &'static str, what: &'static str) -> StoreError {
     StoreError::Corrupt { table, what }
 }

@@ -119,19 +119,94 @@ impl DeltaSink for DocFrames {
 
 #[cfg(test)]
 mod tests {
+    use notesync_protocol::{ClientCodec, Time};
+    use redb::Database;
+    use tokio_util::codec::Decoder;
+
     use super::*;
-    use crate::store::tests::{DOC, pid, with_doc, write};
-    use crate::store::{Rule, Snapshot};
+    use crate::store::tests::{DOC, pid, pull, with_doc, write};
+    use crate::store::{Rule, ServerClock, Snapshot};
+
+    /// A pull since `since` through the frames: (frames, inserted data,
+    /// deleted pids) decoded back from them.
+    fn pull_frames(
+        db: &Database,
+        since: Time,
+        chunk_bytes: usize,
+    ) -> (usize, Vec<(String, Pid)>, Vec<Pid>) {
+        let snap = Snapshot::begin(db).expect("snapshot");
+        let name = snap
+            .doc(DOC)
+            .expect("doc")
+            .expect("exists")
+            .doc_name()
+            .expect("name");
+        let mut out = DocFrames::new(DOC, name, chunk_bytes, 1 << 20);
+        snap.delta(DOC, since, Rule::Pull, None, &mut out)
+            .expect("delta");
+        let frames = out.finish();
+        let mut ins = Vec::new();
+        let mut del = Vec::new();
+        for f in &frames {
+            let mut b = bytes::BytesMut::from(&f[..]);
+            match ClientCodec::default().decode(&mut b) {
+                Ok(Some(ServerFrame::DocResponse(r))) => {
+                    ins.extend(
+                        r.inserts
+                            .iter()
+                            .map(|a| (a.data.to_owned(), a.pid.to_pid())),
+                    );
+                    del.extend(r.deletes.iter().map(|p| p.to_pid()));
+                }
+                other => panic!("not a 33: {other:?}"),
+            }
+        }
+        (frames.len(), ins, del)
+    }
+
+    /// Inserts atoms `ids` (of site 1), each holding `data`, in one commit.
+    fn insert_atoms(
+        db: &Database,
+        clock: &mut ServerClock,
+        ids: std::ops::Range<u32>,
+        data: &[u8],
+    ) {
+        write(db, |t| {
+            for i in ids {
+                t.insert_atom(DOC, pid(i, 1).key(), data, clock)
+                    .expect("ins");
+            }
+            t.set_clock(clock.last()).expect("clock");
+        });
+    }
+
+    #[test]
+    fn frames_carry_what_the_store_hands_over_in_order() {
+        let (_d, o, mut clock) = with_doc();
+        insert_atoms(&o.db, &mut clock, 0..40, b"ab");
+        let since = clock.last();
+        write(&o.db, |t| {
+            for i in (0..40).step_by(3) {
+                t.delete_atom(DOC, pid(i, 1).key(), 1, &mut clock)
+                    .expect("del");
+            }
+            t.set_clock(clock.last()).expect("clock");
+        });
+        insert_atoms(&o.db, &mut clock, 40..50, b"cd");
+        for since in [0, since] {
+            let (frames, ins, del) = pull_frames(&o.db, since, 64);
+            assert!(frames > 1, "{frames} frames");
+            assert_eq!((ins, del), pull(&o.db, since), "since {since}");
+        }
+        // Nothing new: still one (empty) 33.
+        let (frames, ins, del) = pull_frames(&o.db, clock.last(), 64);
+        assert_eq!((frames, ins.len(), del.len()), (1, 0, 0));
+    }
 
     #[test]
     fn large_delta_is_split_over_frames() {
         let (_d, o, mut clock) = with_doc();
-        write(&o.db, |t| {
-            for i in 0..1000 {
-                t.insert_atom(DOC, pid(i, 1).key(), b"xyz", &mut clock)
-                    .expect("ins");
-            }
-        });
+        insert_atoms(&o.db, &mut clock, 0..1000, b"xyz");
         let snap = Snapshot::begin(&o.db).expect("snap");
         let mut out = DocFrames::new(DOC, DocName::default(), 1000, 1 << 20);
         snap.delta(DOC, 0, Rule::Pull, None, &mut out)

@@ -1,17 +1,18 @@
 //! Test support for the store's tests (and the reply builder's): a wall
-//! clock set by hand, a scratch database, one-transaction writes, and a
-//! pull decoded back from its frames.
+//! clock set by hand, a scratch database, one-transaction writes, and
+//! what a pull hands over, collected.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use notesync_protocol::{ClientCodec, DocId, Level, Pid, ServerFrame, Time};
+use notesync_protocol::{DocId, Level, Pid, Time};
 use redb::Database;
-use tokio_util::codec::Decoder;
 
 use super::schema::Opened;
-use super::{DocRecord, Rule, ServerClock, Snapshot, SystemClock, WallClock, WriteTables, open};
-use crate::reply::DocFrames;
+use super::{
+    DeltaSink, DocRecord, Rule, ServerClock, Snapshot, StoreError, SystemClock, WallClock,
+    WriteTables, open,
+};
 
 /// A wall clock the test sets by hand.
 pub struct FakeClock(pub AtomicU64);
@@ -75,31 +76,34 @@ pub fn pull(db: &Database, since: Time) -> (Vec<(String, Pid)>, Vec<Pid>) {
     delta(db, since, Rule::Pull)
 }
 
+/// What a delta hands over, as the store hands it over.
+#[derive(Default)]
+pub struct Collected {
+    pub inserts: Vec<(String, Pid)>,
+    pub deletes: Vec<Pid>,
+    pub resync: bool,
+}
+
+impl DeltaSink for Collected {
+    fn insert(&mut self, data: &str, pid: &Pid) -> Result<(), StoreError> {
+        self.inserts.push((data.to_owned(), pid.clone()));
+        Ok(())
+    }
+
+    fn delete(&mut self, pid: &Pid) -> Result<(), StoreError> {
+        self.deletes.push(pid.clone());
+        Ok(())
+    }
+
+    fn resync(&mut self) {
+        self.resync = true;
+    }
+}
+
 pub fn delta(db: &Database, since: Time, rule: Rule) -> (Vec<(String, Pid)>, Vec<Pid>) {
     let snap = Snapshot::begin(db).expect("snapshot");
-    let name = snap
-        .doc(DOC)
-        .expect("doc")
-        .expect("exists")
-        .doc_name()
-        .expect("name");
-    let mut out = DocFrames::new(DOC, name, 1 << 20, 1 << 20);
+    let mut out = Collected::default();
     snap.delta(DOC, since, rule, None, &mut out).expect("delta");
-    let mut ins = Vec::new();
-    let mut del = Vec::new();
-    for f in out.finish() {
-        let mut b = bytes::BytesMut::from(&f[..]);
-        match ClientCodec::default().decode(&mut b) {
-            Ok(Some(ServerFrame::DocResponse(r))) => {
-                ins.extend(
-                    r.inserts
-                        .iter()
-                        .map(|a| (a.data.to_owned(), a.pid.to_pid())),
-                );
-                del.extend(r.deletes.iter().map(|p| p.to_pid()));
-            }
-            other => panic!("not a 33: {other:?}"),
-        }
-    }
-    (ins, del)
+    assert!(!out.resync, "a delta is never a resync");
+    (out.inserts, out.deletes)
 }

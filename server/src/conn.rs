@@ -41,10 +41,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::{Access, FailBudget, Identity, Tokens};
 use crate::config::Config;
+use crate::reply::DocFrames;
 use crate::rooms::{
     AckCell, Kill, Outbox, OutboxRx, Sub, deleted_bytes, error_bytes, outbox, resync_bytes,
 };
-use crate::store::{DocFrames, Rule, SentIds, Snapshot, StoreError};
+use crate::store::{Rule, SentIds, Snapshot, StoreError};
 use crate::tenants::{Tenant, Tenants};
 use crate::writer::{Request, SessionOp, WriteError};
 

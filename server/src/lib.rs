@@ -6,6 +6,7 @@
 //!   state;
 //! - `writer`: the one thread that commits, in batches, and owns the rooms;
 //! - `index`: the in-memory synclist index;
+//! - `reply`: a document's catch-up, read by the store, as 33/36 frames;
 //! - `rooms`: session fan-out and bounded per-connection queues;
 //! - `conn`: one connection's state machine (handshake, sync, session);
 //! - `server`: the accept loop (TLS, auth budget) and graceful shutdown;
@@ -40,6 +41,7 @@ mod conn;
 mod index;
 mod metrics;
 pub mod ops;
+mod reply;
 mod rooms;
 mod server;
 #[cfg(test)]

@@ -1,0 +1,283 @@
+//! Opening a namespace database: the schema version check, the migration
+//! of older layouts, the boot count, and the load of what the synclist
+//! index is rebuilt from. Runs once per database, before the writer
+//! starts; touches `meta` (version, boot), every table (created here, so
+//! readers never meet a missing one) and, when migrating, `documents`.
+
+use std::path::{Path, PathBuf};
+
+use notesync_protocol::{DocId, Time};
+use redb::{
+    Database, Key, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition, Value,
+    WriteTransaction,
+};
+
+use super::error::{OpenError, StoreError};
+use super::layout::{
+    DOC_TIMES, DOCUMENTS, DocRecord, META, META_BOOT, META_CLOCK, META_SCHEMA, SCHEMA_VERSION,
+    TableVisitor, each_table, split_time_key,
+};
+
+/// File name of the database inside the data folder.
+pub const DB_FILE: &str = "notesync.redb";
+
+/// What [`open`] found.
+pub struct Opened {
+    pub db: Database,
+    pub path: PathBuf,
+    /// The clock's last persisted value.
+    pub clock: Time,
+    /// How many times this database has been opened, this time included
+    /// (session ids are made unique across restarts with it).
+    pub boot: u64,
+    /// Every document's last-modified time, ascending.
+    pub doc_times: Vec<(Time, DocId)>,
+}
+
+/// Opens (or creates) the database in `dir`, checks its schema version,
+/// and loads what the index needs.
+pub fn open(dir: &Path) -> Result<Opened, OpenError> {
+    std::fs::create_dir_all(dir).map_err(|source| OpenError::CreateDir {
+        path: dir.to_owned(),
+        source,
+    })?;
+    let path = dir.join(DB_FILE);
+    let db = match Database::create(&path) {
+        Ok(db) => db,
+        Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
+            return Err(OpenError::AlreadyOpen { path });
+        }
+        Err(e) => {
+            return Err(OpenError::Redb {
+                path,
+                source: e.into(),
+            });
+        }
+    };
+    open_database(db, path)
+}
+
+/// The part of [`open`] after the file is open: checks the schema, counts
+/// the boot, loads the index. Separate so that tests can open a database
+/// over a fault-injecting redb storage backend (`storage_faults`).
+pub(crate) fn open_database(db: Database, path: PathBuf) -> Result<Opened, OpenError> {
+    let store_err = |source: StoreError| OpenError::Store {
+        path: path.clone(),
+        source,
+    };
+    let boot = init_schema(&db, &path)?;
+    let (clock, doc_times) = load(&db).map_err(store_err)?;
+    Ok(Opened {
+        db,
+        path,
+        clock,
+        boot,
+        doc_times,
+    })
+}
+
+/// Opens each table in a write transaction, which creates it if missing.
+struct Create<'a>(&'a WriteTransaction);
+
+impl TableVisitor for Create<'_> {
+    type Error = redb::TableError;
+
+    fn visit<K: Key + 'static, V: Value + 'static>(
+        &mut self,
+        table: TableDefinition<'static, K, V>,
+    ) -> Result<(), Self::Error> {
+        self.0.open_table(table).map(drop)
+    }
+}
+
+/// Checks or writes the schema version and counts the boot, in one commit.
+fn init_schema(db: &Database, path: &Path) -> Result<u64, OpenError> {
+    let wrap = |e: StoreError| OpenError::Store {
+        path: path.to_owned(),
+        source: e,
+    };
+    let txn = db.begin_write().map_err(|e| wrap(e.into()))?;
+    let had_tables = txn
+        .list_tables()
+        .map_err(|e| wrap(e.into()))?
+        .next()
+        .is_some();
+    let boot = {
+        let mut meta = txn.open_table(META).map_err(|e| wrap(e.into()))?;
+        let version = meta
+            .get(META_SCHEMA)
+            .map_err(|e| wrap(e.into()))?
+            .map(|v| v.value());
+        match version {
+            Some(SCHEMA_VERSION) => {}
+            Some(old @ (1 | 2)) => {
+                migrate(&txn, old).map_err(wrap)?;
+                meta.insert(META_SCHEMA, SCHEMA_VERSION)
+                    .map_err(|e| wrap(e.into()))?;
+            }
+            Some(found) => {
+                return Err(OpenError::UnknownSchema {
+                    path: path.to_owned(),
+                    found,
+                });
+            }
+            None if had_tables => {
+                return Err(OpenError::NotNotesync {
+                    path: path.to_owned(),
+                });
+            }
+            None => {
+                meta.insert(META_SCHEMA, SCHEMA_VERSION)
+                    .map_err(|e| wrap(e.into()))?;
+            }
+        }
+        let boot = meta
+            .get(META_BOOT)
+            .map_err(|e| wrap(e.into()))?
+            .map(|v| v.value())
+            .unwrap_or(0)
+            .saturating_add(1);
+        meta.insert(META_BOOT, boot).map_err(|e| wrap(e.into()))?;
+        boot
+    };
+    // Create every table now, so readers never meet a missing one.
+    each_table(&mut Create(&txn)).map_err(|e| wrap(e.into()))?;
+    txn.commit().map_err(|e| wrap(e.into()))?;
+    Ok(boot)
+}
+
+/// Schema 1 or 2 to 3: every `documents` record gets the fields it lacks
+/// (deletion time, compaction times), as 0. One pass over the documents,
+/// in the transaction that writes the new version.
+fn migrate(txn: &WriteTransaction, from: u64) -> Result<(), StoreError> {
+    let mut docs = txn.open_table(DOCUMENTS)?;
+    let mut all = Vec::new();
+    for entry in docs.range::<u128>(..)? {
+        let (k, v) = entry?;
+        let rec = match from {
+            1 => DocRecord::decode_v1(v.value())?,
+            _ => DocRecord::decode_v2(v.value())?,
+        };
+        all.push((k.value(), rec));
+    }
+    for (doc, rec) in all {
+        docs.insert(doc, rec.encode().as_slice())?;
+    }
+    Ok(())
+}
+
+fn load(db: &Database) -> Result<(Time, Vec<(Time, DocId)>), StoreError> {
+    let txn = db.begin_read()?;
+    let clock = txn
+        .open_table(META)?
+        .get(META_CLOCK)?
+        .map(|v| v.value())
+        .unwrap_or(0);
+    let table = txn.open_table(DOC_TIMES)?;
+    let mut out = Vec::with_capacity(table.len()? as usize);
+    for entry in table.range::<&[u8; 24]>(..)? {
+        let (k, _) = entry?;
+        out.push(split_time_key(k.value()));
+    }
+    Ok((clock, out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Snapshot;
+    use crate::store::tests::{DOC, write};
+
+    #[test]
+    fn reopen_counts_boots_and_rejects_unknown_schema() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        assert_eq!(open(dir.path()).expect("open").boot, 1);
+        let o = open(dir.path()).expect("open");
+        assert_eq!(o.boot, 2);
+        write(&o.db, |t| t.set_schema_version(99).expect("meta"));
+        drop(o);
+        match open(dir.path()) {
+            Err(e @ OpenError::UnknownSchema { found: 99, .. }) => {
+                assert!(e.to_string().contains("schema version 99"), "{e}");
+            }
+            Err(e) => panic!("wrong error: {e}"),
+            Ok(_) => panic!("opened a database with an unknown schema"),
+        }
+    }
+
+    #[test]
+    fn a_second_open_is_a_clear_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let _first = open(dir.path()).expect("open");
+        match open(dir.path()) {
+            Err(e @ OpenError::AlreadyOpen { .. }) => {
+                assert!(e.to_string().contains("already open"), "{e}");
+            }
+            Err(e) => panic!("wrong error: {e}"),
+            Ok(_) => panic!("opened the same database twice"),
+        }
+    }
+
+    #[test]
+    fn schema_1_is_migrated() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let o = open(dir.path()).expect("open");
+            // A schema 1 database: its documents records have no deletion
+            // time (modified, name_time, next_site, name).
+            write(&o.db, |t| {
+                t.set_schema_version(1).expect("meta");
+                let mut v1 = Vec::new();
+                v1.extend_from_slice(&7u64.to_be_bytes());
+                v1.extend_from_slice(&5u64.to_be_bytes());
+                v1.extend_from_slice(&3u16.to_be_bytes());
+                v1.extend_from_slice("old é".as_bytes());
+                t.docs.insert(DOC, v1.as_slice()).expect("doc");
+            });
+        }
+        let o = open(dir.path()).expect("a schema 1 database opens");
+        let snap = Snapshot::begin(&o.db).expect("snap");
+        assert_eq!(
+            snap.doc(DOC).expect("doc"),
+            Some(DocRecord {
+                modified: 7,
+                name_time: 5,
+                next_site: 3,
+                deleted: 0,
+                swept: 0,
+                compacted: 0,
+                name: "old é".into(),
+            })
+        );
+        let version = snap
+            .txn
+            .open_table(META)
+            .expect("meta")
+            .get(META_SCHEMA)
+            .expect("get")
+            .map(|v| v.value());
+        assert_eq!(version, Some(SCHEMA_VERSION));
+    }
+
+    #[test]
+    fn doc_times_rebuild_in_order() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let o = open(dir.path()).expect("open");
+            // Only `modified` matters here; the rest are zeros.
+            let modified_at = |modified| DocRecord {
+                modified,
+                ..DocRecord::decode_v1(&[0u8; 18]).expect("record")
+            };
+            write(&o.db, |t| {
+                for (i, m) in [(3u128, 30u64), (1, 10), (2, 20)] {
+                    t.put_doc(i, &modified_at(m), None).expect("put");
+                }
+                // Doc 1 changes again: its old entry goes.
+                t.put_doc(1, &modified_at(40), Some(10)).expect("put");
+            });
+        }
+        let o = open(dir.path()).expect("reopen");
+        assert_eq!(o.doc_times, vec![(20, 2), (30, 3), (40, 1)]);
+    }
+}

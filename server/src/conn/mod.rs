@@ -34,7 +34,7 @@ use notesync_protocol::{
     ServerCodec, ServerFrame, Time, Upsert, VERSION_DELETION, VERSION_RESYNC,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio::time::timeout;
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
@@ -46,7 +46,7 @@ use crate::rooms::{
 };
 use crate::store::{DocFrames, Rule, SentIds, Snapshot, StoreError};
 use crate::tenants::{Tenant, Tenants};
-use crate::writer::{Request, SessionOp, WriteError};
+use crate::writer::{Request, Session, SessionOp, WriteError};
 
 /// The read half of a connection (TCP or TLS).
 pub(crate) type Rd = Box<dyn AsyncRead + Send + Unpin>;
@@ -698,12 +698,7 @@ impl Conn {
             })),
             ClientFrame::Upsert(u) => {
                 let upsert = Arc::new(u);
-                let (reply, rx) = oneshot::channel();
-                let req = Request::Upsert {
-                    replica,
-                    upsert: upsert.clone(),
-                    reply,
-                };
+                let (req, rx) = Request::upsert(replica, upsert.clone());
                 if tenant.writer.send(req).await.is_err() {
                     return Err(Some(shutting_down()));
                 }
@@ -750,13 +745,8 @@ impl Conn {
             ));
         }
         let tenant = self.tenant.clone();
-        let (reply, rx) = oneshot::channel();
-        if tenant
-            .writer
-            .send(Request::DeleteDoc { doc, reply })
-            .await
-            .is_err()
-        {
+        let (req, rx) = Request::delete_doc(doc);
+        if tenant.writer.send(req).await.is_err() {
             return Err(Some(shutting_down()));
         }
         Ok(Box::pin(async move {
@@ -780,7 +770,6 @@ impl Conn {
         let shared = self.shared.clone();
         let live = self.live.clone()?;
         let session_id = shared.next_session.fetch_add(1, Ordering::Relaxed);
-        let (reply, rx) = oneshot::channel();
         let sub = Sub {
             session_id,
             version: self.version,
@@ -789,13 +778,9 @@ impl Conn {
             kill: self.kill.clone(),
         };
         let tenant = self.tenant.clone();
-        let req = Request::Start {
-            doc,
-            // A read-only session gets no site: it never inserts.
-            replica: if self.read_only() { None } else { self.replica },
-            sub,
-            reply,
-        };
+        // A read-only session gets no site: it never inserts.
+        let replica = if self.read_only() { None } else { self.replica };
+        let (req, rx) = Request::start(doc, replica, sub);
         if tenant.writer.send(req).await.is_err() {
             return Some(shutting_down());
         }
@@ -861,12 +846,7 @@ impl Conn {
             Err(e) => Some(storage(&e)),
         };
         // Wait until the writer has acked every op it took, then leave.
-        let (reply, rx) = oneshot::channel();
-        let leave = Request::Leave {
-            doc,
-            session_id,
-            reply,
-        };
+        let (leave, rx) = Request::leave(doc, session_id);
         if tenant.writer.send(leave).await.is_ok() {
             let _ = rx.await;
         }
@@ -875,8 +855,13 @@ impl Conn {
 
     async fn session_ops(&mut self, doc: DocId, session_id: u64, site: u8) -> Option<Bytes> {
         let idle = self.shared.config.session_idle_timeout;
-        let hello = self.replica.is_some();
-        let read_only = self.read_only();
+        let session = Session {
+            doc,
+            session_id,
+            site,
+            hello: self.replica.is_some(),
+            read_only: self.read_only(),
+        };
         let mut seq = 0u64;
         loop {
             let op = match self.next_frame(idle, "session_idle_timeout").await {
@@ -891,15 +876,7 @@ impl Conn {
                 Event::End(close) => return close,
             };
             seq += 1;
-            let req = Request::Op {
-                doc,
-                session_id,
-                seq,
-                site,
-                hello,
-                read_only,
-                op,
-            };
+            let req = Request::Op { session, seq, op };
             if self.tenant.writer.send(req).await.is_err() {
                 return Some(shutting_down());
             }
@@ -975,12 +952,7 @@ async fn pull(
     let site = match (site, replica) {
         (Some(s), _) => s,
         (None, Some(replica)) => {
-            let (reply, rx) = oneshot::channel();
-            let req = Request::Alloc {
-                doc,
-                replica,
-                reply,
-            };
+            let (req, rx) = Request::alloc(doc, replica);
             if tenant.writer.send(req).await.is_err() {
                 return Err(shutting_down());
             }

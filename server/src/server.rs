@@ -220,7 +220,6 @@ impl Server {
             tokens,
             tenants: tenants.clone(),
             authed: Default::default(),
-            next_conn: AtomicU64::new(0),
             // Unique across restarts: the boot count is persisted.
             next_session: AtomicU64::new(boot << 40),
             shutdown: shutdown.clone(),
@@ -401,7 +400,7 @@ async fn watch_tokens(shared: Arc<Shared>) {
                     );
                 }
                 for id in gone {
-                    shared.revoke(&id);
+                    shared.authed.revoke(&id);
                 }
             }
             Ok(Err(e)) => {

@@ -1,13 +1,21 @@
 //! One connection: handshake, then sync mode or session mode (PROTOCOL.md 3).
 //!
 //! Each connection is two tasks: this one reads and decides, a socket
-//! writer drains two queues into the socket:
+//! writer (`socket`) drains two queues into the socket:
 //! - `direct`: the connection's own responses, in request order (awaited
 //!   sends: a client that does not read only stalls itself);
 //! - `live` (session mode): acks, refusals and broadcasts pushed by the
 //!   writer thread, which never waits (see `rooms`). The socket writer
 //!   drains it only after `direct` closes, so the session's 33 and 68 always
 //!   go out before the first live frame queued behind them.
+//!
+//! This file is the state machine's start: the handshake (hello, tokens,
+//! namespace) and the choice of mode; `sync` and `session` run the two
+//! modes, `read` answers reads from the index or a snapshot, `registry`
+//! keeps authenticated connections by token for revocation. The
+//! connection touches its tenant (index, database, writer queue), the
+//! rooms' queue types and the auth tokens; it writes to the store only
+//! through the writer.
 //!
 //! Invariants:
 //! - Every read races against shutdown, the kill switch and a timeout.
@@ -18,22 +26,26 @@
 //! - A closing error is sent after the responses to every request before
 //!   it, then the connection closes.
 
-use std::collections::HashMap;
-use std::collections::VecDeque;
+mod read;
+mod registry;
+mod session;
+mod socket;
+mod sync;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures::StreamExt;
 use notesync_protocol::{
-    ClientFrame, DecodeError, DocId, ErrorCode, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
-    ServerCodec, ServerFrame, Time, Upsert, VERSION_DELETION, VERSION_RESYNC,
+    ClientFrame, DecodeError, ErrorCode, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, ServerCodec,
+    ServerFrame,
 };
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 use tokio::time::timeout;
 use tokio_util::codec::FramedRead;
@@ -41,12 +53,13 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::{Access, FailBudget, Identity, Tokens};
 use crate::config::Config;
-use crate::rooms::{
-    AckCell, Kill, Outbox, OutboxRx, Sub, deleted_bytes, error_bytes, outbox, resync_bytes,
-};
-use crate::store::{DocFrames, Rule, SentIds, Snapshot, StoreError};
+use crate::rooms::{AckCell, Kill, Outbox, deleted_bytes, error_bytes, outbox};
 use crate::tenants::{Tenant, Tenants};
-use crate::writer::{Request, Session, SessionOp, WriteError};
+use crate::writer::WriteError;
+use registry::Registered;
+pub(crate) use registry::TokenConns;
+pub(crate) use socket::reject;
+use socket::{FINAL_WRITE, WriteSide, linger, with_timeout, write_loop};
 
 /// The read half of a connection (TCP or TLS).
 pub(crate) type Rd = Box<dyn AsyncRead + Send + Unpin>;
@@ -64,65 +77,10 @@ pub(crate) struct Shared {
     pub fails: FailBudget,
     /// Live authenticated connections by token id, to end them when their
     /// token is revoked.
-    pub authed: Mutex<HashMap<String, HashMap<u64, Arc<Kill>>>>,
-    pub next_conn: AtomicU64,
+    pub authed: Arc<TokenConns>,
     pub next_session: AtomicU64,
     pub shutdown: CancellationToken,
 }
-
-impl Shared {
-    fn authed(&self) -> std::sync::MutexGuard<'_, HashMap<String, HashMap<u64, Arc<Kill>>>> {
-        self.authed.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Ends every connection of a revoked token (after what is queued for
-    /// them), telling them why.
-    pub fn revoke(&self, token_id: &str) {
-        let conns = self.authed().remove(token_id).unwrap_or_default();
-        if !conns.is_empty() {
-            tracing::info!(
-                token = token_id,
-                connections = conns.len(),
-                "token revoked: closing its connections"
-            );
-        }
-        for kill in conns.into_values() {
-            kill.end(error_bytes(
-                ErrorCode::UNAUTHORIZED,
-                "this connection's token was revoked",
-            ));
-        }
-    }
-}
-
-/// Keeps a connection in `Shared::authed` while it lives.
-struct Registered {
-    shared: Arc<Shared>,
-    token_id: String,
-    conn_id: u64,
-}
-
-impl Drop for Registered {
-    fn drop(&mut self) {
-        let mut map = self.shared.authed();
-        if let Some(conns) = map.get_mut(&self.token_id) {
-            conns.remove(&self.conn_id);
-            if conns.is_empty() {
-                map.remove(&self.token_id);
-            }
-        }
-    }
-}
-
-/// Bytes of list data per 33 frame.
-const DOC_CHUNK_BYTES: usize = 1 << 20;
-/// Most bytes the socket writer gathers into one write.
-const GATHER_BYTES: usize = 64 * 1024;
-/// Time allowed for the last frame and the close after a kill.
-const FINAL_WRITE: Duration = Duration::from_secs(2);
-/// After sending a closing error, how long unread input is drained so the
-/// peer gets the frame instead of a reset.
-const LINGER: Duration = Duration::from_millis(500);
 
 type Frames = Vec<Bytes>;
 /// A response in progress: its frames, or a closing error frame.
@@ -230,22 +188,6 @@ pub(crate) async fn serve(rd: Rd, wr: Wr, peer: SocketAddr, shared: Arc<Shared>)
     }
 }
 
-/// Reads and discards input for a moment, so closing does not reset the
-/// connection before the peer has read the error frame.
-async fn linger(mut rd: Rd) {
-    let mut buf = vec![0u8; 16 * 1024];
-    let _ = timeout(LINGER, async {
-        let mut total = 0usize;
-        while total < (1 << 20) {
-            match rd.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => total += n,
-            }
-        }
-    })
-    .await;
-}
-
 /// The frame for a client over the connection limit.
 pub(crate) fn busy_frame(max_connections: usize) -> Bytes {
     error_bytes(
@@ -263,146 +205,6 @@ pub(crate) fn blocked_frame(retry_in: Duration, max: u32, window: Duration) -> B
         window.as_secs(),
         retry_in.as_secs().max(1)
     ))
-}
-
-/// Sends one closing frame, then closes.
-pub(crate) async fn reject(rd: Rd, mut wr: Wr, frame: Bytes) {
-    let _ = timeout(FINAL_WRITE, wr.write_all(&frame)).await;
-    let _ = timeout(FINAL_WRITE, wr.shutdown()).await;
-    linger(rd).await;
-}
-
-/// What the socket writer needs besides the queues.
-struct WriteSide {
-    kill: Arc<Kill>,
-    /// Session acks (coalesced, see `rooms::AckCell`).
-    ack: Arc<AckCell>,
-    /// A closing frame to send once both queues are drained.
-    last: Arc<OnceLock<Bytes>>,
-    write_timeout: Duration,
-}
-
-/// Drains `direct`, then (once it closes) `live` and the acks, into the
-/// socket; then the closing frame, if any.
-async fn write_loop(
-    mut wr: Wr,
-    mut direct: mpsc::Receiver<Bytes>,
-    mut live: OutboxRx,
-    side: WriteSide,
-) {
-    let WriteSide {
-        kill,
-        ack,
-        last,
-        write_timeout,
-    } = side;
-    let mut direct_open = true;
-    let mut live_open = true;
-    let mut acked = 0u64;
-    let mut buf = BytesMut::new();
-    while direct_open || live_open {
-        let first = tokio::select! {
-            biased;
-            _ = kill.aborted().cancelled() => break,
-            m = direct.recv(), if direct_open => match m {
-                Some(b) => Some(b),
-                None => {
-                    direct_open = false;
-                    continue;
-                }
-            },
-            m = live.recv(), if !direct_open => match m {
-                Some(b) => Some(b),
-                None => {
-                    live_open = false;
-                    None
-                }
-            },
-            _ = ack.changed(), if !direct_open => None,
-        };
-        // Loaded before draining: every refusal this count covers is
-        // already queued (rooms::AckCell).
-        let ack_now = ack.load();
-        let mut live_bytes = 0;
-        buf.clear();
-        if let Some(b) = first {
-            if !direct_open {
-                live_bytes += b.len();
-            }
-            buf.extend_from_slice(&b);
-        }
-        loop {
-            let more = if direct_open {
-                direct.try_recv().ok()
-            } else {
-                live.try_recv().inspect(|b| live_bytes += b.len())
-            };
-            let Some(b) = more else { break };
-            buf.extend_from_slice(&b);
-            if buf.len() >= GATHER_BYTES {
-                if !write_out(&mut wr, &buf, &kill, write_timeout).await {
-                    return;
-                }
-                live.release(live_bytes);
-                live_bytes = 0;
-                buf.clear();
-            }
-        }
-        if !direct_open && ack_now > acked {
-            ServerFrame::SessionAck { count: ack_now }.encode(&mut buf);
-            acked = ack_now;
-        }
-        if !buf.is_empty() && !write_out(&mut wr, &buf, &kill, write_timeout).await {
-            return;
-        }
-        live.release(live_bytes);
-    }
-    // A kill's frame wins over the connection's own closing frame.
-    let closing = kill.frame().or_else(|| last.get().cloned());
-    if let Some(frame) = closing {
-        let _ = timeout(FINAL_WRITE, wr.write_all(&frame)).await;
-    }
-    let _ = timeout(FINAL_WRITE, wr.shutdown()).await;
-}
-
-/// Writes `buf`; false (and the connection killed) if it failed, timed out
-/// or the connection was killed meanwhile.
-async fn write_out(wr: &mut Wr, buf: &[u8], kill: &Kill, write_timeout: Duration) -> bool {
-    let written = tokio::select! {
-        biased;
-        _ = kill.aborted().cancelled() => return false,
-        r = with_timeout(write_timeout, wr.write_all(buf)) => r,
-    };
-    match written {
-        Some(Ok(())) => true,
-        Some(Err(e)) => {
-            tracing::debug!(error = %e, "write failed");
-            kill.kill(None);
-            false
-        }
-        None => {
-            tracing::debug!("write made no progress within write_timeout");
-            kill.kill(None);
-            false
-        }
-    }
-}
-
-/// `f` with a time limit; a zero limit means none.
-async fn with_timeout<F: Future>(limit: Duration, f: F) -> Option<F::Output> {
-    if limit.is_zero() {
-        Some(f.await)
-    } else {
-        timeout(limit, f).await.ok()
-    }
-}
-
-/// Polls the job if there is one; never completes otherwise.
-async fn poll_job(job: &mut Option<Job>) -> Result<Frames, Bytes> {
-    match job.as_mut() {
-        Some(j) => j.await,
-        None => std::future::pending().await,
-    }
 }
 
 struct Conn {
@@ -452,17 +254,7 @@ impl Conn {
             }));
         };
         if let Some(id) = &identity.token_id {
-            let conn_id = self.shared.next_conn.fetch_add(1, Ordering::Relaxed);
-            self.shared
-                .authed()
-                .entry(id.clone())
-                .or_default()
-                .insert(conn_id, self.kill.clone());
-            self.registered = Some(Registered {
-                shared: self.shared.clone(),
-                token_id: id.clone(),
-                conn_id,
-            });
+            self.registered = Some(self.shared.authed.register(id, self.kill.clone()));
             // Revoked between the check and the registration: the revoker
             // did not see this connection.
             if !self.shared.tokens.contains(id) {
@@ -621,275 +413,6 @@ impl Conn {
         }
         self.live = None;
     }
-
-    // ------------------------------------------------------------ sync mode
-
-    async fn sync_mode(&mut self, first: ClientFrame) -> Option<Bytes> {
-        // Sync mode never uses the live queue.
-        self.live = None;
-        let max_pipeline = self.shared.config.max_pipeline.max(1);
-        let idle = self.shared.config.idle_timeout;
-        let mut queue: VecDeque<Job> = VecDeque::new();
-        let mut head: Option<Job> = None;
-        let mut next = Some(first);
-        let mut end: Option<Option<Bytes>> = None;
-        loop {
-            if let Some(frame) = next.take() {
-                match self.sync_job(frame).await {
-                    Ok(job) => queue.push_back(job),
-                    Err(close) => end = Some(close),
-                }
-            }
-            if head.is_none() {
-                head = queue.pop_front();
-            }
-            if head.is_none()
-                && let Some(close) = end.take()
-            {
-                return close;
-            }
-            let reading = end.is_none() && queue.len() < max_pipeline;
-            tokio::select! {
-                biased;
-                r = poll_job(&mut head) => {
-                    head = None;
-                    match r {
-                        Ok(frames) => {
-                            for f in frames {
-                                if !self.send_direct(f).await {
-                                    return None;
-                                }
-                            }
-                        }
-                        // Requests after a closing error get no answer.
-                        Err(close) => return Some(close),
-                    }
-                }
-                ev = self.next_frame(idle, "idle_timeout"), if reading => match ev {
-                    Event::Frame(f) => next = Some(f),
-                    Event::End(close) => end = Some(close),
-                },
-            }
-        }
-    }
-
-    /// Turns a request into its response job. Upserts go to the writer now.
-    async fn sync_job(&mut self, frame: ClientFrame) -> Result<Job, Option<Bytes>> {
-        let shared = self.shared.clone();
-        let tenant = self.tenant.clone();
-        // A read-only connection gets no site: it never inserts.
-        let replica = if self.read_only() { None } else { self.replica };
-        match frame {
-            ClientFrame::Synclist { since } => Ok(Box::pin(async move {
-                let cap = shared.config.max_synclist_entries;
-                let list = tenant.index.synclist(since, cap);
-                Ok(vec![ServerFrame::SynclistResponse(list).to_bytes()])
-            })),
-            ClientFrame::Pull { doc, since } => {
-                let version = self.version;
-                Ok(Box::pin(async move {
-                    pull(&shared.config, tenant, replica, doc, since, version).await
-                }))
-            }
-            // A write (PROTOCOL.md 3.5): every check goes in `delete_doc`.
-            ClientFrame::DeleteDoc { doc } => self.delete_doc(doc).await,
-            ClientFrame::Upsert(_) if self.read_only() => Ok(Box::pin(async move {
-                Ok(vec![read_only_frame("sync_doc_upsert")])
-            })),
-            ClientFrame::Upsert(u) => {
-                let upsert = Arc::new(u);
-                let (req, rx) = Request::upsert(replica, upsert.clone());
-                if tenant.writer.send(req).await.is_err() {
-                    return Err(Some(shutting_down()));
-                }
-                let version = self.version;
-                Ok(Box::pin(async move {
-                    match rx.await {
-                        Ok(Ok(site)) => {
-                            upsert_reply(&shared.config, tenant, upsert, site, version).await
-                        }
-                        Ok(Err(e)) => refusal(version, e),
-                        Err(_) => Err(shutting_down()),
-                    }
-                }))
-            }
-            ClientFrame::SessionStart { .. }
-            | ClientFrame::Insert(_)
-            | ClientFrame::Delete(_)
-            | ClientFrame::Rename(_) => Err(Some(wrong_mode(
-                "this connection is in sync mode (its first request was below 64): only 0, 1 and 2 are accepted",
-            ))),
-            ClientFrame::Hello(_) => Err(Some(wrong_mode(
-                "hello is accepted only as the first frame of a connection",
-            ))),
-        }
-    }
-
-    /// 3 doc_delete (PROTOCOL.md 3.5): answered with 35. A version 2
-    /// frame: a connection that did not announce version 2 gets
-    /// `unknown_frame`.
-    async fn delete_doc(&mut self, doc: DocId) -> Result<Job, Option<Bytes>> {
-        if self.version < VERSION_DELETION {
-            return Err(Some(error_bytes(
-                ErrorCode::UNKNOWN_FRAME,
-                format!(
-                    "doc_delete (3) is a protocol version {VERSION_DELETION} frame; \
-                     this connection uses version {} (send hello with version {VERSION_DELETION})",
-                    self.version
-                ),
-            )));
-        }
-        if self.read_only() {
-            return Ok(Box::pin(
-                async move { Ok(vec![read_only_frame("doc_delete")]) },
-            ));
-        }
-        let tenant = self.tenant.clone();
-        let (req, rx) = Request::delete_doc(doc);
-        if tenant.writer.send(req).await.is_err() {
-            return Err(Some(shutting_down()));
-        }
-        Ok(Box::pin(async move {
-            match rx.await {
-                Ok(Ok(at)) => Ok(vec![
-                    ServerFrame::DocDeleted {
-                        doc,
-                        deleted_time: at,
-                    }
-                    .to_bytes(),
-                ]),
-                Ok(Err(e)) => write_error(e),
-                Err(_) => Err(shutting_down()),
-            }
-        }))
-    }
-
-    // --------------------------------------------------------- session mode
-
-    async fn session_mode(&mut self, since: Time, doc: DocId) -> Option<Bytes> {
-        let shared = self.shared.clone();
-        let live = self.live.clone()?;
-        let session_id = shared.next_session.fetch_add(1, Ordering::Relaxed);
-        let sub = Sub {
-            session_id,
-            version: self.version,
-            outbox: live,
-            ack: self.ack.clone(),
-            kill: self.kill.clone(),
-        };
-        let tenant = self.tenant.clone();
-        // A read-only session gets no site: it never inserts.
-        let replica = if self.read_only() { None } else { self.replica };
-        let (req, rx) = Request::start(doc, replica, sub);
-        if tenant.writer.send(req).await.is_err() {
-            return Some(shutting_down());
-        }
-        let started = match rx.await {
-            Ok(Ok(s)) => s,
-            // Refused (a deleted document: 35 or unknown_document); the
-            // connection closes.
-            Ok(Err(e)) => {
-                return Some(match e {
-                    WriteError::Deleted { doc, at } => deleted_bytes(self.version, doc, at),
-                    e => error_bytes(e.code(), e.to_string()),
-                });
-            }
-            Err(_) => return Some(shutting_down()),
-        };
-        let site = started.site;
-        let _open = crate::metrics::session();
-        let (chunk, items) = chunk_limits(&shared.config);
-        let version = self.version;
-        let built = tokio::task::spawn_blocking(move || -> Result<(Frames, Time), StoreError> {
-            let snap = started.snapshot;
-            let rec = match snap.doc(doc)? {
-                Some(rec) => rec,
-                None => {
-                    return Err(StoreError::Corrupt {
-                        table: "documents",
-                        what: "a started session's document is missing",
-                    });
-                }
-            };
-            if rec.needs_resync(since) {
-                // Refused with a 36 (PROTOCOL.md 3.6): the client catches
-                // up in sync mode, then starts again.
-                return Ok((vec![resync_bytes(version, doc)], 0));
-            }
-            let mut out = DocFrames::new(doc, rec.doc_name()?, chunk, items);
-            snap.delta(doc, since, Rule::Session, None, &mut out)?;
-            Ok((out.finish(), snap.clock()?))
-        })
-        .await;
-        let close = match built {
-            Ok(Ok((mut refusal, 0))) => refusal.pop(),
-            Ok(Ok((frames, sync_time))) => {
-                let mut ok = true;
-                for f in frames {
-                    ok = ok && self.send_direct(f).await;
-                }
-                let started = ServerFrame::SessionStarted {
-                    session_id,
-                    site,
-                    sync_time,
-                };
-                ok = ok && self.send_direct(started.to_bytes()).await;
-                // From here on the live queue carries everything.
-                self.direct = None;
-                if ok {
-                    self.session_ops(doc, session_id, site).await
-                } else {
-                    None
-                }
-            }
-            Ok(Err(e)) => Some(storage(&e)),
-            Err(e) => Some(storage(&e)),
-        };
-        // Wait until the writer has acked every op it took, then leave.
-        let (leave, rx) = Request::leave(doc, session_id);
-        if tenant.writer.send(leave).await.is_ok() {
-            let _ = rx.await;
-        }
-        close
-    }
-
-    async fn session_ops(&mut self, doc: DocId, session_id: u64, site: u8) -> Option<Bytes> {
-        let idle = self.shared.config.session_idle_timeout;
-        let session = Session {
-            doc,
-            session_id,
-            site,
-            hello: self.replica.is_some(),
-            read_only: self.read_only(),
-        };
-        let mut seq = 0u64;
-        loop {
-            let op = match self.next_frame(idle, "session_idle_timeout").await {
-                Event::Frame(ClientFrame::Insert(i)) => SessionOp::Insert(i),
-                Event::Frame(ClientFrame::Delete(d)) => SessionOp::Delete(d),
-                Event::Frame(ClientFrame::Rename(n)) => SessionOp::Rename(n),
-                Event::Frame(_) => {
-                    return Some(wrong_mode(
-                        "this connection is in session mode: only 65, 66 and 67 are accepted",
-                    ));
-                }
-                Event::End(close) => return close,
-            };
-            seq += 1;
-            let req = Request::Op { session, seq, op };
-            if self.tenant.writer.send(req).await.is_err() {
-                return Some(shutting_down());
-            }
-        }
-    }
-}
-
-fn chunk_limits(config: &Config) -> (usize, usize) {
-    let frame = config.limits.max_frame_bytes;
-    (
-        DOC_CHUNK_BYTES.min(frame.saturating_sub(1024) / 2).max(1),
-        usize::try_from(config.limits.max_items_per_frame).unwrap_or(usize::MAX),
-    )
 }
 
 fn read_only_frame(what: &str) -> Bytes {
@@ -897,140 +420,4 @@ fn read_only_frame(what: &str) -> Bytes {
         ErrorCode::READ_ONLY,
         format!("this token allows reading only: {what} refused"),
     )
-}
-
-/// 33s then 34 for a pull, allocating the site if this replica has none.
-async fn pull(
-    config: &Config,
-    tenant: Arc<Tenant>,
-    replica: Option<u128>,
-    doc: DocId,
-    since: Time,
-    version: u8,
-) -> Result<Frames, Bytes> {
-    let db = tenant.db.clone();
-    let (chunk, items) = chunk_limits(config);
-    type Read = Option<(Frames, Time, Option<u8>)>;
-    let read = tokio::task::spawn_blocking(move || -> Result<Read, StoreError> {
-        let snap = Snapshot::begin(&db)?;
-        let Some(rec) = snap.doc(doc)? else {
-            return Ok(None);
-        };
-        if rec.deleted != 0 {
-            // 35, or unknown_document for version 1 (PROTOCOL.md 3.5).
-            return Ok(Some((
-                vec![deleted_bytes(version, doc, rec.deleted)],
-                0,
-                None,
-            )));
-        }
-        if rec.needs_resync(since) && version < VERSION_RESYNC {
-            return Ok(Some((vec![resync_bytes(version, doc)], 0, None)));
-        }
-        let site = match replica {
-            Some(r) => snap.site(doc, r)?,
-            None => Some(0),
-        };
-        let mut out = DocFrames::new(doc, rec.doc_name()?, chunk, items);
-        // A delta, or a 36 and the full state (PROTOCOL.md 3.6).
-        snap.catch_up(doc, &rec, since, Rule::Pull, None, &mut out)?;
-        Ok(Some((out.finish(), snap.clock()?, site)))
-    })
-    .await;
-    let (mut frames, sync_time, site) = match read {
-        Ok(Ok(Some((frames, 0, None)))) => return Ok(frames),
-        Ok(Ok(Some(r))) => r,
-        Ok(Ok(None)) => {
-            return Ok(vec![error_bytes(
-                ErrorCode::UNKNOWN_DOCUMENT,
-                format!("document {doc:032x} does not exist on this server"),
-            )]);
-        }
-        Ok(Err(e)) => return Err(storage(&e)),
-        Err(e) => return Err(storage(&e)),
-    };
-    let site = match (site, replica) {
-        (Some(s), _) => s,
-        (None, Some(replica)) => {
-            let (req, rx) = Request::alloc(doc, replica);
-            if tenant.writer.send(req).await.is_err() {
-                return Err(shutting_down());
-            }
-            match rx.await {
-                Ok(Ok(site)) => site,
-                Ok(Err(e)) => return write_error(e),
-                Err(_) => return Err(shutting_down()),
-            }
-        }
-        (None, None) => 0,
-    };
-    frames.push(
-        ServerFrame::DocSync {
-            doc,
-            sync_time,
-            site,
-        }
-        .to_bytes(),
-    );
-    Ok(frames)
-}
-
-/// 33s then 34 for a committed upsert: what the client lacks since its `t`,
-/// less what it sent.
-async fn upsert_reply(
-    config: &Config,
-    tenant: Arc<Tenant>,
-    upsert: Arc<Upsert>,
-    site: u8,
-    version: u8,
-) -> Result<Frames, Bytes> {
-    let db = tenant.db.clone();
-    let (chunk, items) = chunk_limits(config);
-    let doc = upsert.doc;
-    let read = tokio::task::spawn_blocking(move || -> Result<(Frames, Time), StoreError> {
-        // Any snapshot after the commit will do: its clock covers the upsert
-        // and is exactly consistent with what it returns.
-        let snap = Snapshot::begin(&db)?;
-        let Some(rec) = snap.doc(doc)? else {
-            return Err(StoreError::Corrupt {
-                table: "documents",
-                what: "an upserted document is missing",
-            });
-        };
-        let sent = SentIds::from_upsert(&upsert);
-        let mut out = DocFrames::new(doc, rec.doc_name()?, chunk, items);
-        if rec.needs_resync(upsert.since) {
-            // Applied, but no delta since its time exists (PROTOCOL.md
-            // 3.6): a 36 and the full state, with the deletes of its own
-            // inserts deleted here; version 1: invalid_request.
-            if version < VERSION_RESYNC {
-                return Ok((vec![resync_bytes(version, doc)], 0));
-            }
-            out.resync();
-            snap.delta(doc, 0, Rule::Pull, None, &mut out)?;
-            snap.deleted_sent_inserts(doc, 0, &sent, &mut out)?;
-        } else {
-            snap.delta(doc, upsert.since, Rule::Pull, Some(&sent), &mut out)?;
-            snap.deleted_sent_inserts(doc, upsert.since, &sent, &mut out)?;
-        }
-        Ok((out.finish(), snap.clock()?))
-    })
-    .await;
-    match read {
-        // Version 1 and too old: the refusal alone (no 34).
-        Ok(Ok((frames, 0))) => Ok(frames),
-        Ok(Ok((mut frames, sync_time))) => {
-            frames.push(
-                ServerFrame::DocSync {
-                    doc,
-                    sync_time,
-                    site,
-                }
-                .to_bytes(),
-            );
-            Ok(frames)
-        }
-        Ok(Err(e)) => Err(storage(&e)),
-        Err(e) => Err(storage(&e)),
-    }
 }

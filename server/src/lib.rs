@@ -4,10 +4,13 @@
 //! - [`config`]: the configuration and its documented defaults;
 //! - `store`: the redb schema, the server clock, reads and writes of stored
 //!   state;
-//! - `writer`: the one thread that commits, in batches, and owns the rooms;
+//! - `writer`: the one thread that commits, in batches, and owns the rooms
+//!   (batching loop; `apply` rules; `compact`ion; `stats`);
 //! - `index`: the in-memory synclist index;
 //! - `rooms`: session fan-out and bounded per-connection queues;
-//! - `conn`: one connection's state machine (handshake, sync, session);
+//! - `conn`: one connection: handshake and modes (`sync`, `session`), its
+//!   socket writer (`socket`), the read path (`read`), and the token
+//!   registry for revocation (`registry`);
 //! - `server`: the accept loop (TLS, auth budget) and graceful shutdown;
 //! - [`auth`]: tokens (hashed in the data folder), the failed-attempt
 //!   budget;
@@ -16,7 +19,8 @@
 //!   namespace database;
 //! - [`admin`]: the Unix socket through which those commands reach a
 //!   running server (which holds the databases' locks), and their CLI side;
-//! - `metrics`: Prometheus counters and the `GET /metrics` listener;
+//! - `metrics`: Prometheus counters (a leaf: every layer may count);
+//! - `metrics_http`: the `GET /metrics` listener, with the tenants' gauges;
 //! - [`config_file`]: `--config FILE` (TOML keys named as the flags).
 //!
 //! Embedding:
@@ -39,6 +43,7 @@ pub mod config_file;
 mod conn;
 mod index;
 mod metrics;
+mod metrics_http;
 pub mod ops;
 mod rooms;
 mod server;

@@ -119,14 +119,16 @@ impl Server {
         let tokens = Tokens::load(&config.data_dir)?;
         let tls = config.tls.as_ref().map(load_tls).transpose()?;
         let metrics = match &config.metrics {
-            Some(addr) => Some(
-                crate::metrics::bind(addr)
-                    .await
-                    .map_err(|source| Error::Bind {
-                        addr: addr.clone(),
-                        source,
-                    })?,
-            ),
+            Some(addr) => {
+                Some(
+                    crate::metrics_http::bind(addr)
+                        .await
+                        .map_err(|source| Error::Bind {
+                            addr: addr.clone(),
+                            source,
+                        })?,
+                )
+            }
             None => None,
         };
         // Without it the operations commands cannot reach this server (they
@@ -228,7 +230,7 @@ impl Server {
         let tracker = TaskTracker::new();
         tracker.spawn(watch_tokens(shared.clone()));
         if let Some((listener, _)) = metrics {
-            tracker.spawn(crate::metrics::serve(
+            tracker.spawn(crate::metrics_http::serve(
                 listener,
                 tenants.clone(),
                 tracker.clone(),

@@ -11,7 +11,8 @@
 //!
 //! This file is the state machine's start: the handshake (hello, tokens,
 //! namespace) and the choice of mode; `sync` and `session` run the two
-//! modes, `read` answers reads from the index or a snapshot, `registry`
+//! modes, `read` answers reads from the index or a snapshot, `frames`
+//! words the refusals and closing errors, `registry`
 //! keeps authenticated connections by token for revocation. The
 //! connection touches its tenant (index, database, writer queue), the
 //! rooms' queue types and the auth tokens; it writes to the store only
@@ -26,6 +27,7 @@
 //! - A closing error is sent after the responses to every request before
 //!   it, then the connection closes.
 
+mod frames;
 mod read;
 mod registry;
 mod session;
@@ -45,7 +47,6 @@ use notesync_protocol::{
     ClientFrame, DecodeError, ErrorCode, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, ServerCodec,
     ServerFrame,
 };
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 use tokio::time::timeout;
 use tokio_util::codec::FramedRead;
@@ -53,18 +54,14 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::{Access, FailBudget, Identity, Tokens};
 use crate::config::Config;
-use crate::rooms::{AckCell, Kill, Outbox, deleted_bytes, error_bytes, outbox};
+use crate::rooms::{AckCell, Kill, Outbox, error_bytes, outbox};
 use crate::tenants::{Tenant, Tenants};
-use crate::writer::WriteError;
+use frames::{Frames, shutting_down, storage, unauthorized, wrong_mode};
+pub(crate) use frames::{blocked_frame, busy_frame};
 use registry::Registered;
 pub(crate) use registry::TokenConns;
-pub(crate) use socket::reject;
 use socket::{FINAL_WRITE, WriteSide, linger, with_timeout, write_loop};
-
-/// The read half of a connection (TCP or TLS).
-pub(crate) type Rd = Box<dyn AsyncRead + Send + Unpin>;
-/// The write half of a connection (TCP or TLS).
-pub(crate) type Wr = Box<dyn AsyncWrite + Send + Unpin>;
+pub(crate) use socket::{Rd, Wr, reject};
 
 /// What every connection shares.
 pub(crate) struct Shared {
@@ -82,7 +79,6 @@ pub(crate) struct Shared {
     pub shutdown: CancellationToken,
 }
 
-type Frames = Vec<Bytes>;
 /// A response in progress: its frames, or a closing error frame.
 type Job = Pin<Box<dyn Future<Output = Result<Frames, Bytes>> + Send>>;
 
@@ -90,51 +86,6 @@ enum Event {
     Frame(ClientFrame),
     /// Stop reading, sending this closing frame (if any) after what is owed.
     End(Option<Bytes>),
-}
-
-fn shutting_down() -> Bytes {
-    error_bytes(
-        ErrorCode::SHUTTING_DOWN,
-        "the server is shutting down; reconnect later",
-    )
-}
-
-fn wrong_mode(what: &str) -> Bytes {
-    error_bytes(ErrorCode::WRONG_MODE, what)
-}
-
-fn storage(e: &dyn std::fmt::Display) -> Bytes {
-    error_bytes(
-        ErrorCode::STORAGE,
-        format!("the server could not read or store the document: {e}"),
-    )
-}
-
-/// A writer failure as the frame the client gets, and whether it closes.
-fn write_error(e: WriteError) -> Result<Frames, Bytes> {
-    if let WriteError::Deleted { doc, at } = e {
-        // Only a version 1 connection gets here (see `refusal`).
-        return Ok(vec![deleted_bytes(1, doc, at)]);
-    }
-    let frame = error_bytes(e.code(), e.to_string());
-    if e.code().closes_connection() {
-        Err(frame)
-    } else {
-        Ok(vec![frame])
-    }
-}
-
-/// A writer refusal for a connection of protocol `version`: a deleted
-/// document is a 35 from version 2 on (PROTOCOL.md 3.5).
-fn refusal(version: u8, e: WriteError) -> Result<Frames, Bytes> {
-    match e {
-        WriteError::Deleted { doc, at } => Ok(vec![deleted_bytes(version, doc, at)]),
-        e => write_error(e),
-    }
-}
-
-fn unauthorized(what: &str) -> Bytes {
-    error_bytes(ErrorCode::UNAUTHORIZED, what)
 }
 
 /// Serves one accepted connection to its end.
@@ -186,25 +137,6 @@ pub(crate) async fn serve(rd: Rd, wr: Wr, peer: SocketAddr, shared: Arc<Shared>)
     if close.is_some() || kill.frame().is_some() {
         linger(frames.into_inner()).await;
     }
-}
-
-/// The frame for a client over the connection limit.
-pub(crate) fn busy_frame(max_connections: usize) -> Bytes {
-    error_bytes(
-        ErrorCode::SERVER_BUSY,
-        format!(
-            "the server is at its connection limit (max_connections {max_connections}); try again later"
-        ),
-    )
-}
-
-/// The frame for an address that used up its failed-authentication budget.
-pub(crate) fn blocked_frame(retry_in: Duration, max: u32, window: Duration) -> Bytes {
-    unauthorized(&format!(
-        "too many failed authentication attempts from this address (max_failed_auth {max} per {}s); retry in {}s",
-        window.as_secs(),
-        retry_in.as_secs().max(1)
-    ))
 }
 
 struct Conn {
@@ -413,11 +345,4 @@ impl Conn {
         }
         self.live = None;
     }
-}
-
-fn read_only_frame(what: &str) -> Bytes {
-    error_bytes(
-        ErrorCode::READ_ONLY,
-        format!("this token allows reading only: {what} refused"),
-    )
 }

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use notesync_protocol::{DocId, ErrorCode, ServerFrame, Time, Upsert, VERSION_RESYNC};
 
-use super::{Frames, shutting_down, storage, write_error};
+use super::frames::{Frames, shutting_down, storage, write_error};
 use crate::config::Config;
 use crate::rooms::{deleted_bytes, error_bytes, resync_bytes};
 use crate::store::{DocFrames, Rule, SentIds, Snapshot, StoreError};

@@ -11,8 +11,9 @@ use std::sync::atomic::Ordering;
 use bytes::Bytes;
 use notesync_protocol::{ClientFrame, DocId, ServerFrame, Time};
 
+use super::frames::{shutting_down, wrong_mode};
 use super::read::{self, Outcome};
-use super::{Conn, Event, shutting_down, wrong_mode};
+use super::{Conn, Event};
 use crate::rooms::{Sub, deleted_bytes, error_bytes};
 use crate::writer::{Request, Session, SessionOp, WriteError};
 

@@ -15,12 +15,16 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use notesync_protocol::ServerFrame;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio::time::timeout;
 
-use super::{Rd, Wr};
 use crate::rooms::{AckCell, Kill, OutboxRx};
+
+/// The read half of a connection (TCP or TLS).
+pub(crate) type Rd = Box<dyn AsyncRead + Send + Unpin>;
+/// The write half of a connection (TCP or TLS).
+pub(crate) type Wr = Box<dyn AsyncWrite + Send + Unpin>;
 
 /// Most bytes the socket writer gathers into one write.
 const GATHER_BYTES: usize = 64 * 1024;

@@ -13,10 +13,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 use notesync_protocol::{ClientFrame, DocId, ErrorCode, ServerFrame, VERSION_DELETION};
 
-use super::{
-    Conn, Event, Frames, Job, read, read_only_frame, refusal, shutting_down, write_error,
-    wrong_mode,
-};
+use super::frames::{Frames, read_only_frame, refusal, shutting_down, write_error, wrong_mode};
+use super::{Conn, Event, Job, read};
 use crate::rooms::error_bytes;
 use crate::writer::Request;
 

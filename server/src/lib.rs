@@ -54,6 +54,6 @@ pub mod tenants;
 mod writer;
 
 pub use config::{Config, TlsFiles};
-pub use server::{Error, Server};
+pub use server::{Error, Server, TlsError};
 pub use store::{OpenError, StoreError, SystemClock, WallClock};
 pub use writer::WriterStats;

@@ -7,6 +7,7 @@
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -51,11 +52,29 @@ pub enum Error {
     )]
     Unprotected { addr: SocketAddr },
     #[error("TLS: {0}")]
-    Tls(String),
+    Tls(#[from] TlsError),
     #[error(transparent)]
     Stop(#[from] StopError),
-    #[error("internal error: {0}")]
-    Internal(String),
+}
+
+/// Why the TLS certificate and key could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("reading {what} from {}: {source}", path.display())]
+    Read {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: rustls_pki_types::pem::Error,
+    },
+    #[error("no certificate in {}", path.display())]
+    NoCertificate { path: PathBuf },
+    #[error("{what}{source}")]
+    Config {
+        what: &'static str,
+        #[source]
+        source: tokio_rustls::rustls::Error,
+    },
 }
 
 /// A bound, not yet running, server.
@@ -72,39 +91,35 @@ pub struct Server {
     admin: Option<crate::admin::AdminSocket>,
 }
 
-fn load_tls(files: &TlsFiles) -> Result<TlsAcceptor, Error> {
+fn load_tls(files: &TlsFiles) -> Result<TlsAcceptor, TlsError> {
     use rustls_pki_types::pem::PemObject;
     use rustls_pki_types::{CertificateDer, PrivateKeyDer};
     let certs = CertificateDer::pem_file_iter(&files.cert)
         .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| {
-            Error::Tls(format!(
-                "reading certificates from {}: {e}",
-                files.cert.display()
-            ))
+        .map_err(|source| TlsError::Read {
+            what: "certificates",
+            path: files.cert.clone(),
+            source,
         })?;
     if certs.is_empty() {
-        return Err(Error::Tls(format!(
-            "no certificate in {}",
-            files.cert.display()
-        )));
+        return Err(TlsError::NoCertificate {
+            path: files.cert.clone(),
+        });
     }
-    let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|e| {
-        Error::Tls(format!(
-            "reading the private key from {}: {e}",
-            files.key.display()
-        ))
+    let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|source| TlsError::Read {
+        what: "the private key",
+        path: files.key.clone(),
+        source,
     })?;
     let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
     let config = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| Error::Tls(e.to_string()))?
+        .map_err(|source| TlsError::Config { what: "", source })?
         .with_no_client_auth()
         .with_single_cert(certs, key)
-        .map_err(|e| {
-            Error::Tls(format!(
-                "certificate and key do not form a usable pair: {e}"
-            ))
+        .map_err(|source| TlsError::Config {
+            what: "certificate and key do not form a usable pair: ",
+            source,
         })?;
     Ok(TlsAcceptor::from(Arc::new(config)))
 }

@@ -92,6 +92,13 @@ impl Batch {
         }
     }
 
+    /// A change an upsert made: counted, and sent to every session on
+    /// the document (an upsert has no session of its own).
+    fn upserted(&mut self, rooms: &Rooms, doc: DocId, frame: ServerFrame) {
+        self.changes += 1;
+        self.broadcast(rooms, doc, None, frame);
+    }
+
     fn ack(&mut self, doc: DocId, session_id: u64, seq: u64, refusal: Option<Bytes>) {
         let i = *self.ack_index.entry(session_id).or_insert_with(|| {
             self.acks.push(Ack {
@@ -131,6 +138,19 @@ fn site_for(
     batch.wrote = true;
     t.put_site(doc, replica, site)?;
     Ok(site)
+}
+
+/// A new document's record: no site allocated, never deleted or swept.
+fn new_record(modified: Time, name_time: Time, name: String) -> DocRecord {
+    DocRecord {
+        modified,
+        name_time,
+        next_site: 1,
+        deleted: 0,
+        swept: 0,
+        compacted: 0,
+        name,
+    }
 }
 
 fn exhausted_message(doc: DocId) -> String {
@@ -244,16 +264,7 @@ impl Writer {
         if Batch::doc(&mut batch.docs, t, doc)?.is_none() {
             // A session creates its document with an empty
             // name that was never set: any upsert's name wins.
-            let rec = DocRecord {
-                modified: self.clock.next(),
-                name_time: 0,
-                next_site: 1,
-                deleted: 0,
-                swept: 0,
-                compacted: 0,
-                name: String::new(),
-            };
-            batch.create(doc, rec);
+            batch.create(doc, new_record(self.clock.next(), 0, String::new()));
         }
         match replica {
             Some(r) => Ok(Ok(site_for(batch, t, doc, r)?)),
@@ -345,18 +356,7 @@ impl Writer {
         // Valid: apply all of it.
         if !exists {
             let now = self.clock.next();
-            batch.create(
-                u.doc,
-                DocRecord {
-                    modified: now,
-                    name_time: now,
-                    next_site: 1,
-                    deleted: 0,
-                    swept: 0,
-                    compacted: 0,
-                    name: u.name.as_str().to_owned(),
-                },
-            );
+            batch.create(u.doc, new_record(now, now, u.name.as_str().to_owned()));
         }
         if let (Some(r), true) = (replica, allocate) {
             // Same computation as above, now written.
@@ -370,13 +370,8 @@ impl Writer {
             match t.insert_atom(u.doc, &key, a.data.as_bytes(), &mut self.clock)? {
                 Inserted::New(at) => {
                     modified = Some(at);
-                    batch.changes += 1;
-                    batch.broadcast(
-                        &self.rooms,
-                        u.doc,
-                        None,
-                        ServerFrame::Insert(SessionInsert::new(a.to_atom())),
-                    );
+                    let frame = ServerFrame::Insert(SessionInsert::new(a.to_atom()));
+                    batch.upserted(&self.rooms, u.doc, frame);
                 }
                 // The reply tells the client (Snapshot::deleted_sent_inserts).
                 Inserted::Deleted { stored, .. } => batch.wrote |= stored,
@@ -388,15 +383,11 @@ impl Writer {
             p.write_key(&mut key);
             if let Deleted::New(at) = t.delete_atom(u.doc, &key, site, &mut self.clock)? {
                 modified = Some(at);
-                batch.changes += 1;
-                batch.broadcast(
+                let pid = p.to_pid();
+                batch.upserted(
                     &self.rooms,
                     u.doc,
-                    None,
-                    ServerFrame::Delete(SessionDelete {
-                        site,
-                        pid: p.to_pid(),
-                    }),
+                    ServerFrame::Delete(SessionDelete { site, pid }),
                 );
             }
         }
@@ -413,13 +404,7 @@ impl Writer {
             entry.rec.name = u.name.as_str().to_owned();
             entry.rec.name_time = now;
             modified = Some(now);
-            batch.changes += 1;
-            batch.broadcast(
-                &self.rooms,
-                u.doc,
-                None,
-                ServerFrame::Rename(u.name.clone()),
-            );
+            batch.upserted(&self.rooms, u.doc, ServerFrame::Rename(u.name.clone()));
         }
         if let Some(m) = modified {
             let Some(entry) = Batch::doc(&mut batch.docs, t, u.doc)? else {

@@ -402,10 +402,7 @@ impl Writer {
                     doc,
                     session_id,
                     reply,
-                } => {
-                    self.rooms.leave(doc, session_id);
-                    let _ = reply.send(());
-                }
+                } => self.leave(doc, session_id, reply),
                 Request::Op { .. } | Request::Compact => {}
                 Request::Stop => stop = true,
             }
@@ -444,6 +441,13 @@ impl Writer {
         }
     }
 
+    /// Removes a session, then tells its connection, which waits for this
+    /// to know every op it sent is acked.
+    fn leave(&mut self, doc: DocId, session_id: u64, reply: oneshot::Sender<()>) {
+        self.rooms.leave(doc, session_id);
+        let _ = reply.send(());
+    }
+
     /// After a failed transaction: nothing was stored, nothing is counted.
     fn fail(&mut self, requests: Vec<Request>, e: Arc<StoreError>) -> bool {
         let storage = || WriteError::Storage(e.clone());
@@ -467,10 +471,7 @@ impl Writer {
                     doc,
                     session_id,
                     reply,
-                } => {
-                    self.rooms.leave(doc, session_id);
-                    let _ = reply.send(());
-                }
+                } => self.leave(doc, session_id, reply),
                 Request::Compact => {}
                 Request::Stop => stop = true,
             }

@@ -4,6 +4,10 @@
 //! stops reading, finishes what it has in flight (commits included), sends
 //! `shutting_down` and closes; the writer commits what is queued and stops;
 //! the database is closed.
+//!
+//! Touches the tenants (opened at bind, stopped last), the tokens file
+//! (reloaded on change; revocations end connections through `conn`), the
+//! connections, the metrics listener and the admin socket.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;

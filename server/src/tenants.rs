@@ -14,6 +14,9 @@
 //!
 //! Namespaces other than `default` are opened on their first authenticated
 //! connection and stay open until shutdown.
+//!
+//! Touches the store (open), the index (rebuilt at open) and the writer
+//! (spawned per namespace, stopped at shutdown).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

@@ -301,6 +301,8 @@ struct Writer {
 }
 
 impl Writer {
+    /// The batching loop: takes what is queued (up to `max_batch`), runs it
+    /// as one batch, until a `Stop` or every sender is gone.
     fn run(mut self) {
         let mut stop = false;
         while !stop {
@@ -342,6 +344,7 @@ impl Writer {
         ));
         tracing::info!(stats = %self.stats.summary(), "writer stopped");
     }
+
     /// Applies, commits and answers one batch. Returns whether a `Stop` was
     /// in it.
     fn process(&mut self, mut requests: Vec<Request>) -> bool {

@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::ops::{self, BackupReport, CheckReport, OpsError};
-use crate::tenants::{Tenants, namespaces_on_disk};
+use crate::tenants::{TenantError, Tenants, namespaces_on_disk};
 
 /// File name of the admin socket in the data folder.
 pub const SOCKET_FILE: &str = "admin.sock";
@@ -52,10 +52,36 @@ pub enum AdminError {
     #[error("the check found {0} problem(s)")]
     Problems(u64),
     #[error("writing the output: {0}")]
-    Output(std::io::Error),
+    Output(#[source] std::io::Error),
+    /// A path given to `backup` could not be made absolute (the wording
+    /// is the one this error always had).
+    #[error("the running server: cannot resolve the path {}: {source}", path.display())]
+    Resolve {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 // ---------------------------------------------------------------- server side
+
+/// Why the running server could not answer a request: the `error` reply's
+/// body is its text.
+#[derive(Debug, thiserror::Error)]
+enum RequestError {
+    #[error(transparent)]
+    Ops(#[from] OpsError),
+    #[error(transparent)]
+    Tenant(#[from] TenantError),
+    /// Listing the namespaces in the data folder.
+    #[error(transparent)]
+    Folder(#[from] std::io::Error),
+    #[error("the task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+    #[error("usage: export NAMESPACE DOC_HEX")]
+    Usage,
+    #[error("unknown request {0:?}")]
+    Unknown(String),
+}
 
 /// The bound admin socket; its file is removed when this is dropped.
 pub(crate) struct AdminSocket {
@@ -160,14 +186,18 @@ async fn handle(stream: UnixStream, tenants: &Tenants, data_dir: &Path) -> std::
 }
 
 /// (passed, body) for a request.
-async fn answer(line: &str, tenants: &Tenants, data_dir: &Path) -> Result<(bool, String), String> {
+async fn answer(
+    line: &str,
+    tenants: &Tenants,
+    data_dir: &Path,
+) -> Result<(bool, String), RequestError> {
     let (cmd, arg) = line.split_once(' ').unwrap_or((line, ""));
     match cmd {
         "check" if arg.is_empty() => {
             let mut passed = true;
             let mut body = String::new();
-            for name in namespaces_on_disk(data_dir).map_err(|e| e.to_string())? {
-                let tenant = tenants.get(&name).await.map_err(|e| e.to_string())?;
+            for name in namespaces_on_disk(data_dir)? {
+                let tenant = tenants.get(&name).await?;
                 let report: CheckReport = blocking(move || {
                     let txn = tenant.db.begin_read().map_err(redb::Error::from)?;
                     ops::check_namespace(&tenant.name, &txn)
@@ -179,12 +209,10 @@ async fn answer(line: &str, tenants: &Tenants, data_dir: &Path) -> Result<(bool,
             Ok((passed, body))
         }
         "export" => {
-            let (namespace, doc) = arg
-                .split_once(' ')
-                .ok_or("usage: export NAMESPACE DOC_HEX")?;
-            let doc = ops::parse_doc_id(doc).map_err(|e| e.to_string())?;
-            ops::existing_namespace(data_dir, namespace).map_err(|e| e.to_string())?;
-            let tenant = tenants.get(namespace).await.map_err(|e| e.to_string())?;
+            let (namespace, doc) = arg.split_once(' ').ok_or(RequestError::Usage)?;
+            let doc = ops::parse_doc_id(doc)?;
+            ops::existing_namespace(data_dir, namespace)?;
+            let tenant = tenants.get(namespace).await?;
             let text = blocking(move || {
                 let txn = tenant.db.begin_read().map_err(redb::Error::from)?;
                 ops::export_document(&tenant.name, &txn, doc)
@@ -194,7 +222,7 @@ async fn answer(line: &str, tenants: &Tenants, data_dir: &Path) -> Result<(bool,
         }
         "backup" if Path::new(arg).is_absolute() => {
             let dest = PathBuf::from(arg);
-            let created = ops::prepare_backup_dest(&dest).map_err(|e| e.to_string())?;
+            let created = ops::prepare_backup_dest(&dest)?;
             let result = backup_running(tenants, data_dir, &dest).await;
             match result {
                 Ok(report) => Ok((true, report.to_string())),
@@ -204,7 +232,7 @@ async fn answer(line: &str, tenants: &Tenants, data_dir: &Path) -> Result<(bool,
                 }
             }
         }
-        _ => Err(format!("unknown request {line:?}")),
+        _ => Err(RequestError::Unknown(line.to_owned())),
     }
 }
 
@@ -212,10 +240,10 @@ async fn backup_running(
     tenants: &Tenants,
     data_dir: &Path,
     dest: &Path,
-) -> Result<BackupReport, String> {
+) -> Result<BackupReport, RequestError> {
     let mut report = BackupReport::default();
-    for name in namespaces_on_disk(data_dir).map_err(|e| e.to_string())? {
-        let tenant = tenants.get(&name).await.map_err(|e| e.to_string())?;
+    for name in namespaces_on_disk(data_dir)? {
+        let tenant = tenants.get(&name).await?;
         let dest = dest.to_owned();
         let rows = blocking(move || {
             let txn = tenant.db.begin_read().map_err(redb::Error::from)?;
@@ -236,11 +264,8 @@ async fn backup_running(
 
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, OpsError> + Send + 'static,
-) -> Result<T, String> {
-    match tokio::task::spawn_blocking(f).await {
-        Ok(r) => r.map_err(|e| e.to_string()),
-        Err(e) => Err(format!("the task failed: {e}")),
-    }
+) -> Result<T, RequestError> {
+    Ok(tokio::task::spawn_blocking(f).await??)
 }
 
 // ---------------------------------------------------------------- client side
@@ -358,8 +383,9 @@ pub fn check(data: &Path, out: &mut dyn Write) -> Result<(), AdminError> {
 /// not exist or be empty) and writes what it copied to `out`.
 pub fn backup(data: &Path, dest: &Path, out: &mut dyn Write) -> Result<(), AdminError> {
     let absolute = |p: &Path| {
-        std::path::absolute(p).map_err(|e| {
-            AdminError::Server(format!("cannot resolve the path {}: {e}", p.display()))
+        std::path::absolute(p).map_err(|source| AdminError::Resolve {
+            path: p.to_owned(),
+            source,
         })
     };
     let dest = absolute(dest)?;

@@ -4,11 +4,14 @@
 //! - [`config`]: the configuration and its documented defaults;
 //! - `store`: the redb schema, the server clock, reads and writes of stored
 //!   state;
-//! - `writer`: the one thread that commits, in batches, and owns the rooms;
+//! - `writer`: the one thread that commits, in batches, and owns the rooms
+//!   (batching loop; `apply` rules; `compact`ion; `stats`);
 //! - `index`: the in-memory synclist index;
 //! - `reply`: a document's catch-up, read by the store, as 33/36 frames;
 //! - `rooms`: session fan-out and bounded per-connection queues;
-//! - `conn`: one connection's state machine (handshake, sync, session);
+//! - `conn`: one connection: handshake and modes (`sync`, `session`), its
+//!   socket writer (`socket`), the read path (`read`), and the token
+//!   registry for revocation (`registry`);
 //! - `server`: the accept loop (TLS, auth budget) and graceful shutdown;
 //! - [`auth`]: tokens (hashed in the data folder), the failed-attempt
 //!   budget;
@@ -17,7 +20,8 @@
 //!   namespace database;
 //! - [`admin`]: the Unix socket through which those commands reach a
 //!   running server (which holds the databases' locks), and their CLI side;
-//! - `metrics`: Prometheus counters and the `GET /metrics` listener;
+//! - `metrics`: Prometheus counters (a leaf: every layer may count);
+//! - `metrics_http`: the `GET /metrics` listener, with the tenants' gauges;
 //! - [`config_file`]: `--config FILE` (TOML keys named as the flags).
 //!
 //! Embedding:
@@ -40,6 +44,7 @@ pub mod config_file;
 mod conn;
 mod index;
 mod metrics;
+mod metrics_http;
 pub mod ops;
 mod reply;
 mod rooms;
@@ -51,6 +56,6 @@ pub mod tenants;
 mod writer;
 
 pub use config::{Config, TlsFiles};
-pub use server::{Error, Server};
+pub use server::{Error, Server, TlsError};
 pub use store::{OpenError, StoreError, SystemClock, WallClock};
 pub use writer::WriterStats;

@@ -1,19 +1,19 @@
-//! Prometheus metrics: counters kept as the server runs, served as text on
-//! `GET /metrics` when `Config::metrics` names an address.
+//! Prometheus metrics: counters kept as the server runs, and their text
+//! encoding. Served on `GET /metrics` by `metrics_http`.
 //!
-//! The counters are process-wide (one server per process in production;
-//! servers embedded in one test process add up). Every update on a hot path
-//! is one relaxed atomic add, nothing allocates or locks per frame: the
-//! histograms (one lock each) are observed once per commit, not per op.
-//! Gauges that describe a server's state (namespaces open, documents in the
-//! synclist indexes) are read from that server when it is scraped.
+//! A leaf: depends on nothing else in the crate, so every layer may count
+//! (rooms, writer, connections) without a cycle. The counters are
+//! process-wide (one server per process in production; servers embedded in
+//! one test process add up). Every update on a hot path is one relaxed
+//! atomic add, nothing allocates or locks per frame: the histograms (one
+//! lock each) are observed once per commit, not per op. Gauges that
+//! describe a server's state (namespaces open, documents in the synclist
+//! indexes) are given by the exposition when it is scraped.
 
 use std::io;
-use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Arc, LazyLock};
+use std::sync::LazyLock;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use notesync_protocol::ErrorCode;
 use prometheus_client::metrics::counter::Counter;
@@ -21,12 +21,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
-
-use crate::tenants::Tenants;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 type CodeLabel = [(&'static str, &'static str); 1];
 
@@ -269,109 +264,14 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
     }
 }
 
-// ---------------------------------------------------------------- exposition
-
-/// Longest HTTP request head read.
-const MAX_REQUEST_HEAD: usize = 8192;
-/// Time a scraper has to send its request and read the answer.
-const SCRAPE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// The metrics, as Prometheus (OpenMetrics) text, with `tenants`' gauges.
-pub(crate) fn render(tenants: &Tenants) -> String {
+/// The metrics, as Prometheus (OpenMetrics) text, with the server-state
+/// gauges set to `namespaces` open and `documents` in their indexes.
+pub(crate) fn render(namespaces: i64, documents: i64) -> String {
     let m = &*METRICS;
-    let open = tenants.open_tenants();
-    m.namespaces_open.set(open.len() as i64);
-    m.documents
-        .set(open.iter().map(|t| t.index.len() as i64).sum::<i64>());
+    m.namespaces_open.set(namespaces);
+    m.documents.set(documents);
     let mut out = String::with_capacity(8192);
     // Writing to a String cannot fail.
     let _ = prometheus_client::encoding::text::encode(&mut out, &m.registry);
     out
-}
-
-/// Binds the metrics listener.
-pub(crate) async fn bind(addr: &str) -> io::Result<(TcpListener, SocketAddr)> {
-    let listener = TcpListener::bind(addr).await?;
-    let local = listener.local_addr()?;
-    Ok((listener, local))
-}
-
-/// Answers `GET /metrics` on `listener` until `shutdown`.
-pub(crate) async fn serve(
-    listener: TcpListener,
-    tenants: Arc<Tenants>,
-    tracker: TaskTracker,
-    shutdown: CancellationToken,
-) {
-    loop {
-        let accepted = tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => return,
-            r = listener.accept() => r,
-        };
-        match accepted {
-            Ok((stream, _)) => {
-                let tenants = tenants.clone();
-                tracker.spawn(async move {
-                    let _ = tokio::time::timeout(SCRAPE_TIMEOUT, scrape(stream, &tenants)).await;
-                });
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "metrics accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    }
-}
-
-async fn scrape(mut stream: TcpStream, tenants: &Tenants) -> io::Result<()> {
-    let mut head = Vec::with_capacity(1024);
-    let mut buf = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-        let n = stream.read(&mut buf).await?;
-        if n == 0 {
-            return Ok(());
-        }
-        head.extend_from_slice(&buf[..n]);
-        if head.len() > MAX_REQUEST_HEAD {
-            return respond(
-                &mut stream,
-                "431 Request Header Fields Too Large",
-                "text/plain",
-                "",
-            )
-            .await;
-        }
-    }
-    let line = head.split(|&b| b == b'\r').next().unwrap_or_default();
-    let mut parts = line.split(|&b| b == b' ');
-    let (method, target) = (
-        parts.next().unwrap_or_default(),
-        parts.next().unwrap_or_default(),
-    );
-    let path = target.split(|&b| b == b'?').next().unwrap_or_default();
-    match (method, path) {
-        (b"GET", b"/metrics") => {
-            let body = render(tenants);
-            respond(
-                &mut stream,
-                "200 OK",
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                &body,
-            )
-            .await
-        }
-        (b"GET", _) => respond(&mut stream, "404 Not Found", "text/plain", "try /metrics\n").await,
-        _ => respond(&mut stream, "405 Method Not Allowed", "text/plain", "").await,
-    }
-}
-
-async fn respond(stream: &mut TcpStream, status: &str, ctype: &str, body: &str) -> io::Result<()> {
-    let head = format!(
-        "HTTP/1.1 {status}\r\ncontent-type: {ctype}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(head.as_bytes()).await?;
-    stream.write_all(body.as_bytes()).await?;
-    stream.shutdown().await
 }

@@ -1,5 +1,8 @@
 //! Session fan-out: per-document rooms, per-connection outbound queues.
 //!
+//! Touches only the metrics counters (error frames, slow readers): the
+//! writer owns the rooms, connections own their queues' receiving ends.
+//!
 //! Invariants:
 //! - Rooms belong to the writer thread alone (no lock): it registers a
 //!   session between two commits and fans out each batch after its commit,

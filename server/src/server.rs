@@ -4,9 +4,14 @@
 //! stops reading, finishes what it has in flight (commits included), sends
 //! `shutting_down` and closes; the writer commits what is queued and stops;
 //! the database is closed.
+//!
+//! Touches the tenants (opened at bind, stopped last), the tokens file
+//! (reloaded on change; revocations end connections through `conn`), the
+//! connections, the metrics listener and the admin socket.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -51,11 +56,29 @@ pub enum Error {
     )]
     Unprotected { addr: SocketAddr },
     #[error("TLS: {0}")]
-    Tls(String),
+    Tls(#[from] TlsError),
     #[error(transparent)]
     Stop(#[from] StopError),
-    #[error("internal error: {0}")]
-    Internal(String),
+}
+
+/// Why the TLS certificate and key could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("reading {what} from {}: {source}", path.display())]
+    Read {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: rustls_pki_types::pem::Error,
+    },
+    #[error("no certificate in {}", path.display())]
+    NoCertificate { path: PathBuf },
+    #[error("{what}{source}")]
+    Config {
+        what: &'static str,
+        #[source]
+        source: tokio_rustls::rustls::Error,
+    },
 }
 
 /// A bound, not yet running, server.
@@ -72,39 +95,35 @@ pub struct Server {
     admin: Option<crate::admin::AdminSocket>,
 }
 
-fn load_tls(files: &TlsFiles) -> Result<TlsAcceptor, Error> {
+fn load_tls(files: &TlsFiles) -> Result<TlsAcceptor, TlsError> {
     use rustls_pki_types::pem::PemObject;
     use rustls_pki_types::{CertificateDer, PrivateKeyDer};
     let certs = CertificateDer::pem_file_iter(&files.cert)
         .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| {
-            Error::Tls(format!(
-                "reading certificates from {}: {e}",
-                files.cert.display()
-            ))
+        .map_err(|source| TlsError::Read {
+            what: "certificates",
+            path: files.cert.clone(),
+            source,
         })?;
     if certs.is_empty() {
-        return Err(Error::Tls(format!(
-            "no certificate in {}",
-            files.cert.display()
-        )));
+        return Err(TlsError::NoCertificate {
+            path: files.cert.clone(),
+        });
     }
-    let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|e| {
-        Error::Tls(format!(
-            "reading the private key from {}: {e}",
-            files.key.display()
-        ))
+    let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|source| TlsError::Read {
+        what: "the private key",
+        path: files.key.clone(),
+        source,
     })?;
     let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
     let config = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| Error::Tls(e.to_string()))?
+        .map_err(|source| TlsError::Config { what: "", source })?
         .with_no_client_auth()
         .with_single_cert(certs, key)
-        .map_err(|e| {
-            Error::Tls(format!(
-                "certificate and key do not form a usable pair: {e}"
-            ))
+        .map_err(|source| TlsError::Config {
+            what: "certificate and key do not form a usable pair: ",
+            source,
         })?;
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
@@ -119,14 +138,16 @@ impl Server {
         let tokens = Tokens::load(&config.data_dir)?;
         let tls = config.tls.as_ref().map(load_tls).transpose()?;
         let metrics = match &config.metrics {
-            Some(addr) => Some(
-                crate::metrics::bind(addr)
-                    .await
-                    .map_err(|source| Error::Bind {
-                        addr: addr.clone(),
-                        source,
-                    })?,
-            ),
+            Some(addr) => {
+                Some(
+                    crate::metrics_http::bind(addr)
+                        .await
+                        .map_err(|source| Error::Bind {
+                            addr: addr.clone(),
+                            source,
+                        })?,
+                )
+            }
             None => None,
         };
         // Without it the operations commands cannot reach this server (they
@@ -220,7 +241,6 @@ impl Server {
             tokens,
             tenants: tenants.clone(),
             authed: Default::default(),
-            next_conn: AtomicU64::new(0),
             // Unique across restarts: the boot count is persisted.
             next_session: AtomicU64::new(boot << 40),
             shutdown: shutdown.clone(),
@@ -229,7 +249,7 @@ impl Server {
         let tracker = TaskTracker::new();
         tracker.spawn(watch_tokens(shared.clone()));
         if let Some((listener, _)) = metrics {
-            tracker.spawn(crate::metrics::serve(
+            tracker.spawn(crate::metrics_http::serve(
                 listener,
                 tenants.clone(),
                 tracker.clone(),
@@ -401,7 +421,7 @@ async fn watch_tokens(shared: Arc<Shared>) {
                     );
                 }
                 for id in gone {
-                    shared.revoke(&id);
+                    shared.authed.revoke(&id);
                 }
             }
             Ok(Err(e)) => {

@@ -21,7 +21,6 @@ use std::sync::{Arc, Mutex};
 
 use notesync_protocol::{Atom, AtomListBuilder, DocName, Level, Pid, PidListBuilder, Upsert};
 use redb::{Database, StorageBackend};
-use tokio::sync::oneshot;
 
 use crate::index::Index;
 use crate::store::{ServerClock, Snapshot, SystemClock, open_database};
@@ -166,13 +165,8 @@ fn drive(backend: Faulty, upserts: std::ops::Range<u32>, arm: bool) -> (Vec<(u32
     let (tx, thread, _) = writer::spawn(db.clone(), clock, index, 16, 8).expect("writer");
     let mut out = Vec::new();
     for u in upserts {
-        let (reply, rx) = oneshot::channel();
-        tx.blocking_send(Request::Upsert {
-            replica: Some(REPLICA),
-            upsert: Arc::new(upsert(u)),
-            reply,
-        })
-        .expect("writer takes requests");
+        let (req, rx) = Request::upsert(Some(REPLICA), Arc::new(upsert(u)));
+        tx.blocking_send(req).expect("writer takes requests");
         match rx.blocking_recv().expect("the writer answers") {
             Ok(site) => {
                 assert_eq!(site, 1, "the only replica has site 1");

@@ -14,6 +14,9 @@
 //!
 //! Namespaces other than `default` are opened on their first authenticated
 //! connection and stay open until shutdown.
+//!
+//! Touches the store (open), the index (rebuilt at open) and the writer
+//! (spawned per namespace, stopped at shutdown).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -93,8 +96,11 @@ pub enum TenantError {
         namespace: String,
         source: std::io::Error,
     },
-    #[error("namespace {namespace}: opening task failed: {what}")]
-    Task { namespace: String, what: String },
+    #[error("namespace {namespace}: opening task failed: {source}")]
+    Task {
+        namespace: String,
+        source: tokio::task::JoinError,
+    },
 }
 
 /// Why a tenant could not stop cleanly.
@@ -105,7 +111,7 @@ pub enum StopError {
     #[error("namespace {0}: the writer thread panicked")]
     WriterPanicked(String),
     #[error("namespace {0}: closing the database: {1}")]
-    Close(String, redb::DatabaseError),
+    Close(String, #[source] redb::DatabaseError),
 }
 
 impl Tenant {
@@ -208,9 +214,9 @@ impl Tenants {
         let c = config.clone();
         let default = tokio::task::spawn_blocking(move || Tenant::open(&c, DEFAULT_NAMESPACE))
             .await
-            .map_err(|e| TenantError::Task {
+            .map_err(|source| TenantError::Task {
                 namespace: DEFAULT_NAMESPACE.to_owned(),
-                what: e.to_string(),
+                source,
             })??;
         Ok(Tenants {
             config,
@@ -241,10 +247,7 @@ impl Tenants {
             let namespace = name.clone();
             tokio::task::spawn_blocking(move || Tenant::open(&config, &name).map(Arc::new))
                 .await
-                .map_err(|e| TenantError::Task {
-                    namespace,
-                    what: e.to_string(),
-                })?
+                .map_err(|source| TenantError::Task { namespace, source })?
         })
         .await
         .cloned()

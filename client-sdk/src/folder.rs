@@ -472,14 +472,22 @@ pub(super) mod tests {
         notes.into_iter().next().unwrap()
     }
 
+    /// An offline folder with one file, `name` holding `text`, picked up:
+    /// a new note.
+    pub(super) fn one_note(name: &str, text: &str) -> (tempfile::TempDir, Folder, DocId) {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join(name), text).unwrap();
+        let mut f = offline(dir.path());
+        let p = f.pick_up(None, &HashMap::new()).unwrap();
+        assert_eq!(p.created.len(), 1, "{p:?}");
+        let id = only_note(&f).id;
+        (dir, f, id)
+    }
+
     #[test]
     fn renamed_and_deleted_files() {
-        let dir = tempfile::tempdir().unwrap();
+        let (dir, mut f, id) = one_note("a.md", "text of a");
         let none = HashMap::new();
-        fs::write(dir.path().join("a.md"), "text of a").unwrap();
-        let mut f = offline(dir.path());
-        f.pick_up(None, &none).unwrap();
-        let id = only_note(&f).id;
         // A person renames the file: the note follows, no new note.
         fs::rename(dir.path().join("a.md"), dir.path().join("b.md")).unwrap();
         let p = f.pick_up(None, &none).unwrap();

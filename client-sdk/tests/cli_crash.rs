@@ -5,10 +5,10 @@
 //! stops at the k-th one for the test to kill it there.
 
 use std::collections::{BTreeMap, HashMap};
+use std::ffi::OsStr;
 use std::fs;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::thread;
 
@@ -21,7 +21,7 @@ mod blocking_server;
 use blocking_server::BlockingServer as TestServer;
 #[path = "support/cli.rs"]
 mod cli_support;
-use cli_support::{BIN, COMMAND_LIMIT, Guard, md_files, sync};
+use cli_support::{COMMAND_LIMIT, md_files, start, sync};
 
 const TRIP: &str = "# Trip\n\nDay one: the coast.\n\nDay two: the hills.\n";
 /// Typed on the other device, after the title.
@@ -57,17 +57,14 @@ enum Run {
 
 /// `notesync sync DIR`, killed with SIGKILL at its `k`-th durable step.
 fn sync_killed_at(dir: &Path, addr: &str, k: usize) -> Run {
-    let child = Command::new(BIN)
-        .arg("sync")
-        .arg(dir)
-        .args(["--server", addr])
-        .env(CRASH_AT_VAR, k.to_string())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut g = Guard(child);
+    let args = [
+        OsStr::new("sync"),
+        dir.as_os_str(),
+        OsStr::new("--server"),
+        OsStr::new(addr),
+    ];
+    // (Its stdout stays piped, unread: a sync prints a few lines.)
+    let mut g = start(&args, &[(CRASH_AT_VAR, &k.to_string())]);
     let err = BufReader::new(g.0.stderr.take().unwrap());
     let (tx, rx) = mpsc::channel();
     thread::spawn(move || {

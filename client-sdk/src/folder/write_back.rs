@@ -185,18 +185,13 @@ impl Folder {
 mod tests {
     use std::fs;
 
-    use super::super::tests::{offline, only_note};
+    use super::super::tests::{offline, one_note, only_note};
     use super::*;
 
     #[test]
     fn a_file_edited_before_the_write_back_is_merged_not_overwritten() {
-        let dir = tempfile::tempdir().unwrap();
+        let (dir, mut f, id) = one_note("a.md", "hello\n");
         let none = HashMap::new();
-        fs::write(dir.path().join("a.md"), "hello\n").unwrap();
-        let mut f = offline(dir.path());
-        let p = f.pick_up(None, &none).unwrap();
-        assert_eq!(p.created.len(), 1);
-        let id = only_note(&f).id;
         assert_eq!(f.client().text(id).unwrap(), "hello\n");
         assert_eq!(file_name(&only_note(&f).file), "a.md");
         // A change from elsewhere reaches the store; meanwhile the person
@@ -219,12 +214,8 @@ mod tests {
 
     #[test]
     fn a_store_rename_moves_the_file_after_picking_up_its_edits() {
-        let dir = tempfile::tempdir().unwrap();
+        let (dir, mut f, id) = one_note("old.md", "one");
         let none = HashMap::new();
-        fs::write(dir.path().join("old.md"), "one").unwrap();
-        let mut f = offline(dir.path());
-        f.pick_up(None, &none).unwrap();
-        let id = only_note(&f).id;
         // A rename arrives (here: through the API); the person edits the
         // old file before the write-back.
         f.client().rename(id, "../../new").unwrap();

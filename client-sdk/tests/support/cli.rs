@@ -26,16 +26,22 @@ impl Drop for Guard {
     }
 }
 
-/// Runs `notesync ARGS` to completion, within [`COMMAND_LIMIT`].
-pub fn notesync<S: AsRef<OsStr>>(args: &[S]) -> Output {
+/// Starts `notesync ARGS` with `env` set, its stdout and stderr piped.
+pub fn start<S: AsRef<OsStr>>(args: &[S], env: &[(&str, &str)]) -> Guard {
     let child = Command::new(BIN)
         .args(args)
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut g = Guard(child);
+    Guard(child)
+}
+
+/// Runs `notesync ARGS` to completion, within [`COMMAND_LIMIT`].
+pub fn notesync<S: AsRef<OsStr>>(args: &[S]) -> Output {
+    let mut g = start(args, &[]);
     let mut out = g.0.stdout.take().unwrap();
     let mut err = g.0.stderr.take().unwrap();
     let t_out = thread::spawn(move || {

@@ -5,9 +5,10 @@
 //! The folder *is* the store ([`crate::Store`]): each note is `<file>.md`
 //! beside its `.md.structure` and `.md.latest_ops`. [`Folder::pick_up`]
 //! finds what people changed in the `.md` files and turns it into edits of
-//! the notes (char diffs, see [`crate::merge`]); [`Folder::write_back`] writes what
-//! the store has into the files. Between the two, [`crate::Client::sync_now`]
-//! or a live [`Session`] exchanges the edits with the server.
+//! the notes (char diffs, see [`crate::merge`]); [`Folder::write_back`]
+//! writes what the store has into the files. Between the two,
+//! [`crate::Client::sync_now`] or a live [`Session`] exchanges the edits
+//! with the server.
 //!
 //! The rule that shapes this module: **a file a person changed is never
 //! overwritten before its change is picked up.** So the folder takes the
@@ -17,8 +18,10 @@
 //! it survives restarts and crashes. A file that differs from its base was
 //! edited. Its edits (base → file) are merged into the store's text, which
 //! may have moved on with remote changes (base → store), by position
-//! ([`crate::merge::merge`]); only then is the file rewritten, after checking once more,
-//! just before the atomic rename, that it has not changed meanwhile.
+//! ([`crate::merge::merge`]), and taken into the note so that a crash
+//! neither loses nor doubles them ([`take`]); only then is the file
+//! rewritten, after checking once more, just before the atomic rename, that
+//! it has not changed meanwhile.
 //!
 //! Which files are notes: regular files named `*.md` directly in the folder,
 //! except dotfiles (our own temp files, editors' swap files, `.notesync/`)
@@ -28,13 +31,14 @@
 //! (the store already makes note names into safe file names).
 //!
 //! The parts: [`bases`] (what the folder remembers of each file), [`take`]
-//! (taking a file's edits into its note, crash-safely), [`write_back`]
-//! (files from notes), [`report`] (what operations return); the file I/O
-//! itself is [`crate::fsutil`]. This file: opening the folder, picking up
-//! files, and the files of notes deleted elsewhere.
+//! (a file's edits into its note), [`write_back`] (notes into files, and
+//! `status`), [`report`] (what the operations return); the file I/O itself
+//! is [`crate::fsutil`]. This file: opening the folder, picking up files,
+//! and the files of notes deleted elsewhere.
 //!
-//! May touch: the folder's `.md` files and `.notesync/cli/`, the trash, and
-//! the store through [`Client`] (or a note's [`Session`]).
+//! May touch: the folder's `.md` files, `.notesync/cli/` (through
+//! [`bases`]) and the trash; the store only through [`Client`], a note's
+//! [`Session`], or the store lock they hand out.
 
 mod bases;
 mod report;

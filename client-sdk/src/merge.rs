@@ -172,8 +172,8 @@ fn map_range(kept: &[(usize, usize, usize)], r: Range<usize>) -> Vec<Range<usize
     out
 }
 
-/// Applies edits from [`merge`] to a string (what the store does to a
-/// note's text); for tests and previews.
+/// Applies edits from [`merge`] to a string: what the store does to a
+/// note's text (the folder records the result before it takes the edits).
 pub fn apply_to(text: &str, edits: &[Edit]) -> String {
     let mut chars: Vec<char> = text.chars().collect();
     for e in edits {

@@ -1,5 +1,7 @@
 //! When `notesync watch` opens and closes live sessions for notes that
 //! keep changing: pure bookkeeping of when each note last changed.
+//!
+//! May touch: nothing but its own maps (the caller opens and closes).
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};

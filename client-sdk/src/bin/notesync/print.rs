@@ -1,5 +1,7 @@
 //! What `notesync` prints: the reports of syncs, pick-ups and write-backs,
 //! tables, times, and the progress display. Output only; no decisions.
+//!
+//! May touch: stdout and stderr; reads note names through the folder.
 
 use std::io::{self, IsTerminal};
 use std::path::Path;

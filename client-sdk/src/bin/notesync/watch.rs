@@ -2,6 +2,9 @@
 //! Ctrl-C. File changes (debounced) are picked up and synced; remote
 //! changes come in by periodic syncs and by the live sessions that
 //! [`Liveness`] opens for busy notes.
+//!
+//! May touch: the folder (through [`Folder`] and its client), stdout and
+//! stderr, the process's signal handlers.
 
 use std::collections::{HashMap, HashSet};
 use std::io;

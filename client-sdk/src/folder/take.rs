@@ -153,3 +153,48 @@ impl Folder {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::fs;
+
+    use super::super::tests::{offline, one_note};
+    use super::*;
+
+    /// A crash mid-take, after `taken` chars of its insert reached the op
+    /// log (any cut: a torn append keeps a prefix), and maybe after the
+    /// new base was saved too: the next open finishes it, once.
+    #[test]
+    fn a_take_cut_short_anywhere_is_finished_once_on_open() {
+        let file = "hello, big world\n";
+        let typed = ", big world";
+        for base_saved in [false, true] {
+            for taken in 0..=typed.len() {
+                let (dir, mut f, id) = one_note("a.md", "hello\n");
+                fs::write(dir.path().join("a.md"), file).unwrap();
+                let take = Take {
+                    id,
+                    file: "a.md".into(),
+                    text: file.into(),
+                    want: file.into(),
+                };
+                f.bases.begin_take(&take).unwrap();
+                f.client().insert(id, 5, &typed[..taken]).unwrap();
+                if base_saved {
+                    f.client().insert(id, 5 + taken, &typed[taken..]).unwrap();
+                    f.bases.set(id, "a.md", file).unwrap();
+                }
+                drop(f);
+                let mut f = offline(dir.path());
+                assert_eq!(f.client().text(id).unwrap(), file, "{taken} taken");
+                let p = f.pick_up(None, &HashMap::new()).unwrap();
+                assert!(p.is_empty(), "{taken} taken: {p:?}");
+                assert_eq!(f.client().text(id).unwrap(), file, "{taken} taken");
+                let left = fs::read_dir(dir.path().join(".notesync/cli")).unwrap();
+                let names: Vec<_> = left.map(|e| e.unwrap().file_name()).collect();
+                assert_eq!(names, [format!("{id:032x}.base").as_str()]);
+            }
+        }
+    }
+}

@@ -90,14 +90,14 @@ fn write_temp(path: &Path, bytes: &[u8]) -> io::Result<PathBuf> {
 
 /// A file's length and modification time: whether it changed since.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Stamp {
+pub(crate) struct Stamp {
     len: u64,
     modified: Option<SystemTime>,
 }
 
 impl Stamp {
     /// The file's stamp; `None` if there is no file.
-    pub fn of(path: &Path) -> Result<Option<Stamp>, FileError> {
+    pub(crate) fn of(path: &Path) -> Result<Option<Stamp>, FileError> {
         match fs::symlink_metadata(path) {
             Ok(m) => Ok(Some(Stamp {
                 len: m.len(),
@@ -111,7 +111,7 @@ impl Stamp {
 
 /// What a file holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Read {
+pub(crate) enum Read {
     Missing,
     /// Not something we may treat as text (not UTF-8, not a regular file).
     Unusable(String),
@@ -120,7 +120,7 @@ pub enum Read {
 
 /// Reads a text file with the stamp it had while read (re-read if it
 /// changed during the read).
-pub fn read_text(path: &Path) -> Result<Read, FileError> {
+pub(crate) fn read_text(path: &Path) -> Result<Read, FileError> {
     for _ in 0..READ_TRIES {
         let before = match fs::symlink_metadata(path) {
             Ok(m) if !m.is_file() => return Ok(Read::Unusable("not a regular file".into())),
@@ -148,7 +148,7 @@ pub fn read_text(path: &Path) -> Result<Read, FileError> {
 
 /// How a guarded write went.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Wrote {
+pub(crate) enum Wrote {
     Done,
     /// The file changed (or appeared) since it was read: not written.
     Changed,
@@ -156,7 +156,11 @@ pub enum Wrote {
 
 /// Replaces `path` with `text` if the file still has the stamp it had when
 /// it was read (checked just before the atomic rename).
-pub fn replace_if_unchanged(path: &Path, text: &str, stamp: &Stamp) -> Result<Wrote, FileError> {
+pub(crate) fn replace_if_unchanged(
+    path: &Path,
+    text: &str,
+    stamp: &Stamp,
+) -> Result<Wrote, FileError> {
     let tmp = write_temp(path, text.as_bytes()).map_err(at(path))?;
     if Stamp::of(path)?.as_ref() != Some(stamp) {
         let _ = fs::remove_file(&tmp);
@@ -168,7 +172,7 @@ pub fn replace_if_unchanged(path: &Path, text: &str, stamp: &Stamp) -> Result<Wr
 }
 
 /// Removes `path` if the file still has the stamp it had when it was read.
-pub fn remove_if_unchanged(path: &Path, stamp: &Stamp) -> Result<Wrote, FileError> {
+pub(crate) fn remove_if_unchanged(path: &Path, stamp: &Stamp) -> Result<Wrote, FileError> {
     if Stamp::of(path)?.as_ref() != Some(stamp) {
         return Ok(Wrote::Changed);
     }
@@ -177,7 +181,7 @@ pub fn remove_if_unchanged(path: &Path, stamp: &Stamp) -> Result<Wrote, FileErro
 }
 
 /// Creates `path` with `text`, atomically, unless something is there.
-pub fn create_new(path: &Path, text: &str) -> Result<Wrote, FileError> {
+pub(crate) fn create_new(path: &Path, text: &str) -> Result<Wrote, FileError> {
     let tmp = write_temp(path, text.as_bytes()).map_err(at(path))?;
     let linked = fs::hard_link(&tmp, path);
     let result = match linked {
@@ -197,7 +201,7 @@ pub fn create_new(path: &Path, text: &str) -> Result<Wrote, FileError> {
 }
 
 /// Moves `from` to `to` unless `to` exists.
-pub fn move_new(from: &Path, to: &Path) -> Result<Wrote, FileError> {
+pub(crate) fn move_new(from: &Path, to: &Path) -> Result<Wrote, FileError> {
     match fs::hard_link(from, to) {
         Ok(()) => fs::remove_file(from).map_err(at(from))?,
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(Wrote::Changed),

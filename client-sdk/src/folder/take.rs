@@ -10,8 +10,10 @@
 //! in five steps, with the store locked throughout (nothing else, not even
 //! a live session's remote edits, changes the note meanwhile):
 //!
-//! 1. the note is saved: its durable text is `before`, the text the edits
-//!    are merged into;
+//! 1. the note is saved, so that its durable text is `before`, the text
+//!    the edits are merged into (a live session's remote edits may be in
+//!    memory only: a crash would drop them, and the log would replay onto
+//!    a text without them);
 //! 2. `.take` records the file's text and `want`, the note's text with
 //!    the edits (written atomically);
 //! 3. the edits are appended to the op log;
@@ -27,7 +29,8 @@
 //! beside such a base (a crash in 5) is only removed. Never the other way
 //! round: the old base differs from the file's text, or nothing would be
 //! taken. Finishing is itself a take from the note's text to `want`, so a
-//! crash while finishing is finished the same way.
+//! crash while finishing is finished the same way. (Edits that merge into
+//! nothing, text the note had deleted already, need no steps but 4.)
 //!
 //! May touch: the note (through the store, or its live session), the
 //! bases.
@@ -111,12 +114,12 @@ impl Folder {
         let id = target.id();
         let bases = &mut self.bases;
         target.locked(|store, sent| {
-            store.save_note(id)?;
             let before = store.text(id)?;
             let edits = merge(base, text, &before);
             if edits.is_empty() {
                 return Ok(bases.set(id, file, text)?);
             }
+            store.save_note(id)?;
             let take = Take {
                 id,
                 file: file.to_owned(),

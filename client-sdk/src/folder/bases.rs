@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 
 use notesync_protocol::DocId;
 
-use super::{FolderError, is_note_file};
+use super::is_note_file;
 use crate::fsutil::{FileError, at, sync_dir, write_atomic};
 
 /// Where the bases live, inside the store's own folder.
@@ -55,7 +55,7 @@ pub(super) struct Bases {
 impl Bases {
     /// Loads the bases of the store in `store_dir`, and the takes that had
     /// begun and not ended.
-    pub fn load(store_dir: &Path) -> Result<(Bases, Vec<Take>), FolderError> {
+    pub fn load(store_dir: &Path) -> Result<(Bases, Vec<Take>), FileError> {
         let dir = store_dir.join(BASE_DIR);
         let mut bases = HashMap::new();
         let mut takes = Vec::new();
@@ -64,7 +64,7 @@ impl Bases {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 return Ok((Bases { dir, bases }, takes));
             }
-            Err(e) => return Err(at(&dir)(e).into()),
+            Err(e) => return Err(at(&dir)(e)),
         };
         for entry in entries {
             let entry = entry.map_err(at(&dir))?;

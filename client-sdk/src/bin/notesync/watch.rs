@@ -23,7 +23,7 @@ use crate::print::{
     count, note_label, print_pick_up, print_refused, print_remote_deletions, print_write_back,
     sync_line,
 };
-use crate::{Fail, ServerArgs, open_folder};
+use crate::setup::{Fail, ServerArgs, open_folder};
 
 /// File changes are picked up once the folder was quiet this long.
 const DEBOUNCE: Duration = Duration::from_millis(200);

@@ -235,6 +235,17 @@ impl Session {
         }
         let _ = lock(&self.store).flush();
     }
+
+    /// Runs `f` on the store, locked: nothing else (not even this
+    /// session's remote edits) changes any note until it returns. `f` gets
+    /// the `sent` to record this note's ops with, as [`Session::insert`]
+    /// does; the session is woken afterwards so that they go out.
+    pub fn with_store<R>(&self, f: impl FnOnce(&mut Store, bool) -> R) -> R {
+        let sent = self.is_connected();
+        let r = f(&mut lock(&self.store), sent);
+        let _ = self.wake.try_send(());
+        r
+    }
 }
 
 impl Drop for Session {

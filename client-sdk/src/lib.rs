@@ -11,6 +11,7 @@ pub mod client;
 pub mod doc;
 pub mod folder;
 pub mod fsutil;
+pub mod merge;
 pub mod net;
 pub mod oplog;
 pub mod store;

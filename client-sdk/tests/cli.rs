@@ -4,107 +4,23 @@
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::fs;
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use notesync_client::{Client, ServerConfig};
 
-const BIN: &str = env!("CARGO_BIN_EXE_notesync");
-/// Longest any one CLI command may take before the test fails.
-const COMMAND_LIMIT: Duration = Duration::from_secs(60);
 /// Longest wait for something `watch` should do.
 const WATCH_LIMIT: Duration = Duration::from_secs(30);
 
 #[path = "support/blocking_server.rs"]
 mod blocking_server;
 use blocking_server::BlockingServer as TestServer;
-
-/// Kills a child process when dropped (a failing test leaves none behind).
-struct Guard(Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Runs `notesync ARGS` to completion, within [`COMMAND_LIMIT`].
-fn notesync<S: AsRef<OsStr>>(args: &[S]) -> Output {
-    let child = Command::new(BIN)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut g = Guard(child);
-    let mut out = g.0.stdout.take().unwrap();
-    let mut err = g.0.stderr.take().unwrap();
-    let t_out = thread::spawn(move || {
-        let mut v = Vec::new();
-        out.read_to_end(&mut v).map(|_| v)
-    });
-    let t_err = thread::spawn(move || {
-        let mut v = Vec::new();
-        err.read_to_end(&mut v).map(|_| v)
-    });
-    let deadline = Instant::now() + COMMAND_LIMIT;
-    let status = loop {
-        if let Some(s) = g.0.try_wait().unwrap() {
-            break s;
-        }
-        let args: Vec<_> = args.iter().map(|a| a.as_ref().to_owned()).collect();
-        assert!(
-            Instant::now() < deadline,
-            "notesync {args:?} did not finish"
-        );
-        thread::sleep(Duration::from_millis(20));
-    };
-    Output {
-        status,
-        stdout: t_out.join().unwrap().unwrap(),
-        stderr: t_err.join().unwrap().unwrap(),
-    }
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-/// `notesync sync DIR --server ADDR`, which must succeed.
-fn sync(dir: &Path, addr: &str) -> String {
-    let out = notesync(&[
-        OsStr::new("sync"),
-        dir.as_os_str(),
-        OsStr::new("--server"),
-        OsStr::new(addr),
-    ]);
-    assert!(
-        out.status.success(),
-        "sync {} failed: {}\n{}",
-        dir.display(),
-        text(&out.stdout),
-        text(&out.stderr)
-    );
-    text(&out.stdout)
-}
-
-/// The note files of a folder: name -> contents.
-fn md_files(dir: &Path) -> BTreeMap<String, String> {
-    fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap())
-        .filter_map(|e| {
-            let name = e.file_name().into_string().unwrap();
-            (name.ends_with(".md") && !name.starts_with('.'))
-                .then(|| (name, fs::read_to_string(e.path()).unwrap()))
-        })
-        .collect()
-}
+#[path = "support/cli.rs"]
+mod cli_support;
+use cli_support::{BIN, COMMAND_LIMIT, Guard, md_files, notesync, sync, text};
 
 /// `ls` rows: name -> pending ops.
 fn pending(dir: &Path) -> BTreeMap<String, usize> {
@@ -143,7 +59,7 @@ fn two_folders_sync_through_one_server() {
     fs::write(a.join("notes.txt"), "not markdown").unwrap();
     fs::write(a.join("groceries.md~"), "editor backup").unwrap();
 
-    let out = sync(&a, &server.addr);
+    let (out, _) = sync(&a, &server.addr);
     assert!(out.contains("3 new notes"), "{out}");
     // B does not exist yet: the sync makes it.
     sync(&b, &server.addr);
@@ -159,9 +75,9 @@ fn two_folders_sync_through_one_server() {
         "# Groceries\n- milk\n- bread\n- eggs\n",
     )
     .unwrap();
-    let out = sync(&b, &server.addr);
+    let (out, _) = sync(&b, &server.addr);
     assert!(out.contains("1 edited note"), "{out}");
-    let out = sync(&a, &server.addr);
+    let (out, _) = sync(&a, &server.addr);
     assert!(out.contains("wrote 1 file"), "{out}");
     assert_eq!(
         fs::read_to_string(a.join("groceries.md")).unwrap(),
@@ -246,7 +162,7 @@ fn a_path_traversal_name_stays_inside_the_folder() {
         client.flush().unwrap();
     }
     sync(&a, &server.addr);
-    let out = sync(&b, &server.addr);
+    let (out, _) = sync(&b, &server.addr);
     assert!(out.contains("wrote 1 file"), "{out}");
 
     let files = md_files(&b);

@@ -5,54 +5,13 @@
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::fs;
-use std::path::Path;
-use std::process::{Command, Output, Stdio};
-
-const BIN: &str = env!("CARGO_BIN_EXE_notesync");
 
 #[path = "support/blocking_server.rs"]
 mod blocking_server;
 use blocking_server::BlockingServer as TestServer;
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-/// `notesync sync DIR --server ADDR`, which must succeed; its stdout and
-/// stderr. (`notesync sync` bounds every wait on the server itself.)
-fn sync(dir: &Path, addr: &str) -> (String, String) {
-    let out: Output = Command::new(BIN)
-        .args([
-            OsStr::new("sync"),
-            dir.as_os_str(),
-            OsStr::new("--server"),
-            OsStr::new(addr),
-        ])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "sync {} failed: {}\n{}",
-        dir.display(),
-        text(&out.stdout),
-        text(&out.stderr)
-    );
-    (text(&out.stdout), text(&out.stderr))
-}
-
-/// The note files of a folder: name -> contents.
-fn md_files(dir: &Path) -> BTreeMap<String, String> {
-    fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap())
-        .filter_map(|e| {
-            let name = e.file_name().into_string().unwrap();
-            (name.ends_with(".md") && !name.starts_with('.'))
-                .then(|| (name, fs::read_to_string(e.path()).unwrap()))
-        })
-        .collect()
-}
+#[path = "support/cli.rs"]
+mod cli_support;
+use cli_support::{md_files, notesync, sync};
 
 fn files(entries: &[(&str, &str)]) -> BTreeMap<String, String> {
     entries
@@ -117,16 +76,12 @@ fn a_note_that_never_synced_is_written_again() {
     let dir = tempfile::tempdir().unwrap();
     fs::write(dir.path().join("draft.md"), "draft").unwrap();
     // No server: the sync fails, the note never synced.
-    let out = Command::new(BIN)
-        .args([
-            OsStr::new("sync"),
-            dir.path().as_os_str(),
-            OsStr::new("--server"),
-            OsStr::new("127.0.0.1:1"),
-        ])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let out = notesync(&[
+        OsStr::new("sync"),
+        dir.path().as_os_str(),
+        OsStr::new("--server"),
+        OsStr::new("127.0.0.1:1"),
+    ]);
     assert!(!out.status.success());
     fs::remove_file(dir.path().join("draft.md")).unwrap();
     let server = TestServer::start_temp();

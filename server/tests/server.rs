@@ -53,6 +53,14 @@ async fn start(config: Config) -> Running {
     }
 }
 
+/// A server with the test config on a fresh folder (dropped with the
+/// folder).
+async fn fresh() -> (tempfile::TempDir, Running) {
+    let dir = tempfile::tempdir().expect("tmp");
+    let srv = start(config(dir.path())).await;
+    (dir, srv)
+}
+
 /// A connection after hello as `replica`.
 async fn hello(addr: SocketAddr, replica: u128) -> Conn {
     let mut c = Conn::connect(addr)
@@ -80,8 +88,7 @@ async fn last_before_close(c: &mut Conn) -> Option<ServerFrame> {
 
 #[tokio::test]
 async fn sites_count_from_1_and_an_upsert_reaches_live_sessions() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let srv = start(config(dir.path())).await;
+    let (_dir, srv) = fresh().await;
     let mut a = hello(srv.addr, 1).await;
     let (_, sa) = a.session_start(0, 42).await;
     assert_eq!(sa.site, 1, "the document's first replica gets site 1");
@@ -118,8 +125,7 @@ async fn sites_count_from_1_and_an_upsert_reaches_live_sessions() {
 /// creations are listed in request order, each with a time of its own.
 #[tokio::test]
 async fn pipelined_creations_are_committed_in_arrival_order() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let srv = start(config(dir.path())).await;
+    let (_dir, srv) = fresh().await;
     let mut c = hello(srv.addr, 1).await;
     let docs: Vec<u128> = (1..=20).collect();
     c.send_many(
@@ -175,8 +181,7 @@ async fn pipelined_creations_are_committed_in_arrival_order() {
 /// upsert sees it, and times never go back.
 #[tokio::test]
 async fn interleaved_upserts_and_listings_are_answered_in_order() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let srv = start(config(dir.path())).await;
+    let (_dir, srv) = fresh().await;
     let mut c = hello(srv.addr, 1).await;
     c.upsert(3, "p", 0, &[], &[]).await;
     let mut frames = Vec::new();
@@ -279,8 +284,7 @@ async fn connection_limit_and_handshake_timeout() {
 
 #[tokio::test]
 async fn shutdown_tells_clients_and_data_survives_restart() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let srv = start(config(dir.path())).await;
+    let (dir, srv) = fresh().await;
     let mut a = hello(srv.addr, 1).await;
     let (_, t) = a.upsert(11, "keep", 0, &[atom("durable", 1, 1)], &[]).await;
     let mut s = hello(srv.addr, 2).await;
@@ -332,8 +336,7 @@ async fn shutdown_tells_clients_and_data_survives_restart() {
 
 #[tokio::test]
 async fn closed_clients_do_not_hold_up_shutdown() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let srv = start(config(dir.path())).await;
+    let (_dir, srv) = fresh().await;
     let mut a = hello(srv.addr, 1).await;
     a.upsert(1, "x", 0, &[], &[]).await;
     drop(a);

@@ -223,50 +223,34 @@ mod tests {
 
     #[test]
     fn each_fault_is_named_with_its_line() {
-        let cases: &[(&str, fn(&VectorsError) -> bool)] = &[
-            ("@ a", |e| {
-                matches!(
-                    e,
-                    VectorsError::Missing {
-                        line: 1,
-                        what: "direction"
-                    }
-                )
-            }),
-            ("@ a up ok x\n00", |e| {
-                matches!(e, VectorsError::Direction { line: 1, .. })
-            }),
-            ("@ a c2s maybe\n00", |e| {
-                matches!(e, VectorsError::Outcome { line: 1, .. })
-            }),
-            ("@ a c2s ok\n00", |e| {
-                matches!(e, VectorsError::NoDescription { line: 1 })
-            }),
-            ("00", |e| {
-                matches!(e, VectorsError::BytesBeforeRecord { line: 1 })
-            }),
-            ("@ a c2s ok x\n0", |e| {
-                matches!(e, VectorsError::OddHex { line: 2, .. })
-            }),
-            ("@ a c2s ok x\nzz", |e| {
-                matches!(e, VectorsError::NotHex { line: 2, .. })
-            }),
-            ("@ a c2s ok x\n00*y", |e| {
-                matches!(e, VectorsError::RepeatCount { line: 2, .. })
-            }),
-            ("@ a c2s ok x\n00*0", |e| {
-                matches!(e, VectorsError::RepeatZero { line: 2 })
-            }),
-            ("@ a c2s ok x\n", |e| {
-                matches!(e, VectorsError::NoBytes { line: 1, .. })
-            }),
-            ("@ a c2s ok x\n00\n@ a c2s ok y\n01", |e| {
-                matches!(e, VectorsError::NameTwice { line: 3, .. })
-            }),
+        let cases = [
+            ("@ a", "line 1: missing direction"),
+            (
+                "@ a up ok x\n00",
+                "line 1: direction `up` is not c2s or s2c",
+            ),
+            ("@ a c2s maybe\n00", "line 1: `maybe` is not ok or err"),
+            ("@ a c2s ok\n00", "line 1: an ok vector needs a description"),
+            ("00", "line 1: bytes before the first record"),
+            (
+                "@ a c2s ok x\n0",
+                "line 2: `0` is not an even number of hex digits",
+            ),
+            ("@ a c2s ok x\nzz", "line 2: `zz` is not hex"),
+            ("@ a c2s ok x\n00*y", "line 2: bad repeat count in `00*y`"),
+            ("@ a c2s ok x\n00*0", "line 2: repeat count 0"),
+            (
+                "@ a c2s ok x\n",
+                "vector a (frames.txt line 1) has no bytes",
+            ),
+            (
+                "@ a c2s ok x\n00\n@ a c2s ok y\n01",
+                "line 3): name used twice",
+            ),
         ];
-        for (text, is) in cases {
+        for (text, says) in cases {
             match parse_vectors(text) {
-                Err(e) => assert!(is(&e), "{text:?}: got {e}"),
+                Err(e) => assert!(e.to_string().ends_with(says), "{text:?}: got {e}"),
                 Ok(v) => panic!("{text:?}: expected an error, got {v:?}"),
             }
         }

@@ -98,6 +98,13 @@ async fn hello_session(ctx: &Ctx, label: &str, doc: DocId, seed: u64) -> Session
     session(c, DocModel::new(doc), 0, seed).await
 }
 
+/// The document as a fresh pull since 0 by a new replica shows it.
+async fn server_model(ctx: &Ctx, doc: DocId) -> DocModel {
+    let (mut r, _) = ctx.client("reader").await;
+    let (rs, _) = r.pull(doc, 0).await;
+    model_of(doc, &rs)
+}
+
 /// Creates `doc` with `n` atoms through an upsert; returns their ids.
 async fn seed_doc(ctx: &Ctx, doc: DocId, n: usize) -> Vec<Pid> {
     let (mut c, site, t) = create_doc(ctx, "seeder", doc, "shared").await;
@@ -284,9 +291,7 @@ async fn fan_out(ctx: Ctx) -> Outcome {
     observer
         .pump_until("every op of the three", |s| s.received_ops >= total)
         .await;
-    let (mut r, _) = ctx.client("reader").await;
-    let (rs, _) = r.pull(doc, 0).await;
-    let truth = model_of(doc, &rs);
+    let truth = server_model(&ctx, doc).await;
     for (k, sc) in &done {
         assert!(
             sc.errors.is_empty(),
@@ -364,10 +369,8 @@ async fn acks_count(ctx: Ctx) -> Outcome {
         );
     }
     assert!(sc.errors.is_empty(), "no op was refused: {:?}", sc.errors);
-    let (mut r, _) = ctx.client("reader").await;
-    let (rs, _) = r.pull(doc, 0).await;
     assert_eq!(
-        model_of(doc, &rs).live(),
+        server_model(&ctx, doc).await.live(),
         sc.model.live(),
         "acknowledged ops are stored"
     );
@@ -424,10 +427,8 @@ async fn session_id_conflict(ctx: Ctx) -> Outcome {
             ),
         }
     }
-    let (mut r, _) = ctx.client("reader").await;
-    let (rs, _) = r.pull(doc, 0).await;
     assert_eq!(
-        model_of(doc, &rs).text(),
+        server_model(&ctx, doc).await.text(),
         "goodnext",
         "the refused op did not change the atom"
     );
@@ -684,10 +685,8 @@ async fn join_while_writing(ctx: Ctx) -> Outcome {
             late.errors
         );
     }
-    let (mut r, _) = ctx.client("reader").await;
-    let (rs, _) = r.pull(doc, 0).await;
     assert_eq!(
-        model_of(doc, &rs).live(),
+        server_model(&ctx, doc).await.live(),
         writers[0].model.live(),
         "the server holds the writers' text"
     );
@@ -804,10 +803,8 @@ async fn resend_after_lost_connection(ctx: Ctx) -> Outcome {
          had received live after its 68 (and so after its cursor); the 33 since that cursor \
          must send those deletes (3.2), or c never learns of them"
     );
-    let (mut r, _) = ctx.client("reader").await;
-    let (rs, _) = r.pull(doc, 0).await;
     assert_eq!(
-        model_of(doc, &rs).live(),
+        server_model(&ctx, doc).await.live(),
         b.model.live(),
         "the server holds the steady session's text"
     );

@@ -13,6 +13,8 @@ pub mod frame;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
 pub mod pid;
+#[cfg(feature = "vectors")]
+pub mod vectors;
 
 pub use alloc::{AllocError, Allocator};
 pub use codec::{ClientCodec, Codec, Field, Frame, FrameDecoder, Limits, ServerCodec};

@@ -10,128 +10,18 @@
 //!   and limits agree with the decoder, `ErrorCode` and `Limits::default()`,
 //!   and every header of each direction has an `ok` vector.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Debug;
 
 use bytes::BytesMut;
+use notesync_protocol::vectors::{Dir, Expect, FRAMES, Vector, parse_vectors};
 use notesync_protocol::*;
 
-const VECTORS: &str = include_str!("vectors/frames.txt");
 const SPEC: &str = include_str!("../../PROTOCOL.md");
 
-// ---------------------------------------------------------------------------
-// The vectors file
-// ---------------------------------------------------------------------------
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-enum Dir {
-    C2s,
-    S2c,
-}
-
-#[derive(Debug)]
-enum Expect {
-    Ok,
-    Err { kind: String, code: String },
-}
-
-#[derive(Debug)]
-struct Vector {
-    name: String,
-    /// Line of the `@` record line, for messages.
-    line: usize,
-    dir: Dir,
-    expect: Expect,
-    bytes: Vec<u8>,
-}
-
-impl Vector {
-    fn at(&self) -> String {
-        format!("vector {} (frames.txt line {})", self.name, self.line)
-    }
-}
-
-fn parse_hex(token: &str, line: usize) -> Vec<u8> {
-    assert!(
-        token.len() % 2 == 0 && !token.is_empty(),
-        "frames.txt line {line}: `{token}` is not an even number of hex digits"
-    );
-    (0..token.len())
-        .step_by(2)
-        .map(|i| {
-            u8::from_str_radix(&token[i..i + 2], 16)
-                .unwrap_or_else(|_| panic!("frames.txt line {line}: `{token}` is not hex"))
-        })
-        .collect()
-}
-
-fn parse_vectors(text: &str) -> Vec<Vector> {
-    let mut out: Vec<Vector> = Vec::new();
-    for (i, raw) in text.lines().enumerate() {
-        let line = i + 1;
-        let content = raw.split('#').next().unwrap_or("").trim();
-        if content.is_empty() {
-            continue;
-        }
-        if let Some(record) = content.strip_prefix('@') {
-            let mut words = record.split_whitespace();
-            let mut word = |what: &str| {
-                words
-                    .next()
-                    .unwrap_or_else(|| panic!("frames.txt line {line}: missing {what}"))
-                    .to_owned()
-            };
-            let name = word("name");
-            let dir = match word("direction").as_str() {
-                "c2s" => Dir::C2s,
-                "s2c" => Dir::S2c,
-                d => panic!("frames.txt line {line}: direction `{d}` is not c2s or s2c"),
-            };
-            let expect = match word("ok or err").as_str() {
-                "ok" => Expect::Ok,
-                "err" => Expect::Err {
-                    kind: word("error kind"),
-                    code: word("error code"),
-                },
-                e => panic!("frames.txt line {line}: `{e}` is not ok or err"),
-            };
-            if matches!(expect, Expect::Ok) {
-                assert!(
-                    words.next().is_some(),
-                    "frames.txt line {line}: an ok vector needs a description"
-                );
-            }
-            out.push(Vector {
-                name,
-                line,
-                dir,
-                expect,
-                bytes: Vec::new(),
-            });
-            continue;
-        }
-        let v = out
-            .last_mut()
-            .unwrap_or_else(|| panic!("frames.txt line {line}: bytes before the first record"));
-        for token in content.split_whitespace() {
-            match token.split_once('*') {
-                Some((hex, n)) => {
-                    let n: usize = n.parse().unwrap_or_else(|_| {
-                        panic!("frames.txt line {line}: bad repeat count in `{token}`")
-                    });
-                    assert!(n > 0, "frames.txt line {line}: repeat count 0");
-                    v.bytes.extend(parse_hex(hex, line).repeat(n));
-                }
-                None => v.bytes.extend(parse_hex(token, line)),
-            }
-        }
-    }
-    let mut names = HashSet::new();
-    for v in &out {
-        assert!(!v.bytes.is_empty(), "{} has no bytes", v.at());
-        assert!(names.insert(v.name.as_str()), "{}: name used twice", v.at());
-    }
-    out
+/// The vectors file, parsed.
+fn vectors() -> Vec<Vector> {
+    parse_vectors(FRAMES).unwrap_or_else(|e| panic!("{e}"))
 }
 
 // ---------------------------------------------------------------------------
@@ -518,7 +408,7 @@ fn check_err<F: Frame + Debug>(v: &Vector, kind: &str, code: &str) {
 }
 
 fn check_vectors<F: Frame + PartialEq + Debug>(dir: Dir, expected: Vec<(&'static str, F)>) {
-    let vectors = parse_vectors(VECTORS);
+    let vectors = vectors();
     let mut expected: HashMap<&str, F> = expected.into_iter().collect();
     let mut checked = 0;
     for v in vectors.iter().filter(|v| v.dir == dir) {
@@ -554,7 +444,7 @@ fn server_to_client_vectors() {
 /// The malformed cases PROTOCOL.md names each have a vector.
 #[test]
 fn every_decode_error_kind_has_a_vector() {
-    let vectors = parse_vectors(VECTORS);
+    let vectors = vectors();
     let kinds: BTreeSet<&str> = vectors
         .iter()
         .filter_map(|v| match &v.expect {
@@ -767,7 +657,7 @@ fn spec_frames_match_the_decoders() {
 /// Every header of each direction has at least one ok vector.
 #[test]
 fn every_header_has_an_ok_vector() {
-    let vectors = parse_vectors(VECTORS);
+    let vectors = vectors();
     let covered: BTreeSet<(Dir, u8)> = vectors
         .iter()
         .filter(|v| matches!(v.expect, Expect::Ok))

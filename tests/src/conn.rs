@@ -103,6 +103,12 @@ impl Conn {
         self.addr
     }
 
+    /// The framed socket, for a test that must read and write at the same
+    /// time (the helpers here take turns).
+    pub fn into_framed(self) -> Framed<TcpStream, ClientCodec> {
+        self.framed
+    }
+
     /// Changes the bound on every wait of this connection.
     pub fn set_wait(&mut self, wait: Duration) {
         self.wait = wait;

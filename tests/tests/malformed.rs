@@ -97,6 +97,36 @@ struct Case {
     limit: Option<(&'static str, &'static str)>,
 }
 
+impl Case {
+    /// Bytes written in one go, closed with `code` after `replies`.
+    fn new(name: &'static str, bytes: Vec<u8>, replies: &'static [u8], code: ErrorCode) -> Case {
+        Case {
+            name,
+            bytes,
+            half_close: false,
+            replies,
+            code,
+            limit: None,
+        }
+    }
+
+    /// The client half-closes after writing.
+    fn half_closed(self) -> Case {
+        Case {
+            half_close: true,
+            ..self
+        }
+    }
+
+    /// The error message names this limit and its value.
+    fn naming(self, limit: &'static str, value: &'static str) -> Case {
+        Case {
+            limit: Some((limit, value)),
+            ..self
+        }
+    }
+}
+
 fn frame(f: ClientFrame) -> Vec<u8> {
     f.to_bytes().to_vec()
 }
@@ -112,6 +142,17 @@ fn session_start() -> Vec<u8> {
         since: 0,
         doc: 0x5E5,
     })
+}
+
+/// A session start, then a 65 of an atom of site 1 whose seed says `site`.
+fn seeded_insert(site: u8) -> Vec<u8> {
+    cat(&[
+        session_start(),
+        RawFrame::new(header::SESSION_INSERT)
+            .u8(site)
+            .atom(b"a", &[(1, 1)])
+            .build(),
+    ])
 }
 
 fn synclist() -> Vec<u8> {
@@ -147,289 +188,218 @@ fn cases() -> Vec<Case> {
     });
     let deep: Vec<(u8, u32)> = (0..65).map(|i| (1, i)).collect();
     vec![
-        Case {
-            name: "unknown header 4 (sync range, not a frame)",
-            bytes: vec![4, 0, 0, 0],
-            half_close: false,
-            replies: &[],
-            code: ErrorCode::UNKNOWN_FRAME,
-            limit: None,
-        },
-        Case {
-            name: "server-only header 33 sent by a client",
-            bytes: vec![header::SYNC_DOC_RESPONSE, 0, 0],
-            half_close: false,
-            replies: &[],
-            code: ErrorCode::UNKNOWN_FRAME,
-            limit: None,
-        },
-        Case {
-            name: "server-only header 97 welcome sent by a client",
-            bytes: vec![header::WELCOME, 1],
-            half_close: false,
-            replies: &[],
-            code: ErrorCode::UNKNOWN_FRAME,
-            limit: None,
-        },
-        Case {
-            name: "error header 127 sent by a client",
-            bytes: vec![header::ERROR, 1, 0, 0],
-            half_close: false,
-            replies: &[],
-            code: ErrorCode::UNKNOWN_FRAME,
-            limit: None,
-        },
-        Case {
-            name: "reserved header 200",
-            bytes: vec![200],
-            half_close: false,
-            replies: &[],
-            code: ErrorCode::UNKNOWN_FRAME,
-            limit: None,
-        },
-        Case {
-            name: "unknown header after a valid synclist",
-            bytes: cat(&[synclist(), vec![0x1F]]),
-            half_close: false,
-            replies: &[header::SYNCLIST_RESPONSE],
-            code: ErrorCode::UNKNOWN_FRAME,
-            limit: None,
-        },
-        Case {
-            name: "invalid UTF-8 in a name",
-            bytes: upsert_raw(&[b'o', 0xFF, 0xFE], list(0), list(0)),
-            half_close: false,
-            replies: &[],
-            code: ErrorCode::MALFORMED,
-            limit: None,
-        },
-        Case {
-            name: "invalid UTF-8 in atom data (a split character)",
-            bytes: upsert_raw(b"n", list(1).atom(&[b'a', 0xC3], &[(1, 1)]), list(0)),
-            half_close: false,
-            replies: &[],
-            code: ErrorCode::MALFORMED,
-            limit: None,
-        },
-        Case {
-            name: "atom length 0",
-            bytes: upsert_raw(b"n", list(1).atom(&[], &[(1, 1)]), list(0)),
-            half_close: false,
-            replies: &[],
-            code: ErrorCode::MALFORMED,
-            limit: None,
-        },
-        Case {
-            name: "position id depth 0 in a delete",
-            bytes: upsert_raw(b"n", list(0), list(1).u8(0)),
-            half_close: false,
-            replies: &[],
-            code: ErrorCode::MALFORMED,
-            limit: None,
-        },
-        Case {
-            name: "position id depth 0 in an atom",
-            bytes: upsert_raw(b"n", list(1).u8(1).bytes(b"a").u8(0), list(0)),
-            half_close: false,
-            replies: &[],
-            code: ErrorCode::MALFORMED,
-            limit: None,
-        },
-        Case {
-            name: "last level with site 0",
-            bytes: upsert_raw(b"n", list(0), list(1).pid(&[(3, 1), (0, 9)])),
-            half_close: false,
-            replies: &[],
-            code: ErrorCode::MALFORMED,
-            limit: None,
-        },
-        Case {
-            name: "a name with no 0x0A within 256 bytes",
-            bytes: RawFrame::new(header::SYNC_DOC_UPSERT)
+        Case::new(
+            "unknown header 4 (sync range, not a frame)",
+            vec![4, 0, 0, 0],
+            &[],
+            ErrorCode::UNKNOWN_FRAME,
+        ),
+        Case::new(
+            "server-only header 33 sent by a client",
+            vec![header::SYNC_DOC_RESPONSE, 0, 0],
+            &[],
+            ErrorCode::UNKNOWN_FRAME,
+        ),
+        Case::new(
+            "server-only header 97 welcome sent by a client",
+            vec![header::WELCOME, 1],
+            &[],
+            ErrorCode::UNKNOWN_FRAME,
+        ),
+        Case::new(
+            "error header 127 sent by a client",
+            vec![header::ERROR, 1, 0, 0],
+            &[],
+            ErrorCode::UNKNOWN_FRAME,
+        ),
+        Case::new(
+            "reserved header 200",
+            vec![200],
+            &[],
+            ErrorCode::UNKNOWN_FRAME,
+        ),
+        Case::new(
+            "unknown header after a valid synclist",
+            cat(&[synclist(), vec![0x1F]]),
+            &[header::SYNCLIST_RESPONSE],
+            ErrorCode::UNKNOWN_FRAME,
+        ),
+        Case::new(
+            "invalid UTF-8 in a name",
+            upsert_raw(&[b'o', 0xFF, 0xFE], list(0), list(0)),
+            &[],
+            ErrorCode::MALFORMED,
+        ),
+        Case::new(
+            "invalid UTF-8 in atom data (a split character)",
+            upsert_raw(b"n", list(1).atom(&[b'a', 0xC3], &[(1, 1)]), list(0)),
+            &[],
+            ErrorCode::MALFORMED,
+        ),
+        Case::new(
+            "atom length 0",
+            upsert_raw(b"n", list(1).atom(&[], &[(1, 1)]), list(0)),
+            &[],
+            ErrorCode::MALFORMED,
+        ),
+        Case::new(
+            "position id depth 0 in a delete",
+            upsert_raw(b"n", list(0), list(1).u8(0)),
+            &[],
+            ErrorCode::MALFORMED,
+        ),
+        Case::new(
+            "position id depth 0 in an atom",
+            upsert_raw(b"n", list(1).u8(1).bytes(b"a").u8(0), list(0)),
+            &[],
+            ErrorCode::MALFORMED,
+        ),
+        Case::new(
+            "last level with site 0",
+            upsert_raw(b"n", list(0), list(1).pid(&[(3, 1), (0, 9)])),
+            &[],
+            ErrorCode::MALFORMED,
+        ),
+        Case::new(
+            "a name with no 0x0A within 256 bytes",
+            RawFrame::new(header::SYNC_DOC_UPSERT)
                 .u128(1)
                 .bytes(&[b'a'; 300])
                 .build(),
-            half_close: false,
-            replies: &[],
-            code: ErrorCode::MALFORMED,
-            limit: None,
-        },
-        Case {
-            name: "session insert with site 0",
-            bytes: cat(&[
-                session_start(),
-                RawFrame::new(header::SESSION_INSERT)
-                    .u8(0)
-                    .atom(b"a", &[(1, 1)])
-                    .build(),
-            ]),
-            half_close: false,
-            replies: &[header::SESSION_STARTED],
-            code: ErrorCode::MALFORMED,
-            limit: None,
-        },
-        Case {
-            name: "session insert whose site differs from its atom's creator",
-            bytes: cat(&[
-                session_start(),
-                RawFrame::new(header::SESSION_INSERT)
-                    .u8(2)
-                    .atom(b"a", &[(1, 1)])
-                    .build(),
-            ]),
-            half_close: false,
-            replies: &[header::SESSION_STARTED],
-            code: ErrorCode::MALFORMED,
-            limit: None,
-        },
-        Case {
-            name: "connection closed in the middle of a frame",
-            bytes: vec![header::SYNC_DOC_PULL, 0, 0, 0, 0],
-            half_close: true,
-            replies: &[],
-            code: ErrorCode::MALFORMED,
-            limit: None,
-        },
-        Case {
-            name: "insert count u64::MAX",
-            bytes: upsert_raw(b"n", list(u64::MAX), list(0)),
-            half_close: false,
-            replies: &[],
-            code: ErrorCode::LIMIT_EXCEEDED,
-            limit: Some(("max_items_per_frame", "1000000")),
-        },
-        Case {
-            name: "delete count 1,000,001 (max_items_per_frame is 1,000,000)",
-            bytes: upsert_raw(b"n", list(0), list(1_000_001)),
-            half_close: false,
-            replies: &[],
-            code: ErrorCode::LIMIT_EXCEEDED,
-            limit: Some(("max_items_per_frame", "1000000")),
-        },
-        Case {
-            name: "position id depth 65 (max_pid_depth is 64)",
-            bytes: upsert_raw(b"n", list(0), list(1).pid(&deep)),
-            half_close: false,
-            replies: &[],
-            code: ErrorCode::LIMIT_EXCEEDED,
-            limit: Some(("max_pid_depth", "64")),
-        },
-        Case {
-            name: "position id depth 255 in a session delete",
-            bytes: cat(&[session_start(), {
+            &[],
+            ErrorCode::MALFORMED,
+        ),
+        Case::new(
+            "session insert with site 0",
+            seeded_insert(0),
+            &[header::SESSION_STARTED],
+            ErrorCode::MALFORMED,
+        ),
+        Case::new(
+            "session insert whose site differs from its atom's creator",
+            seeded_insert(2),
+            &[header::SESSION_STARTED],
+            ErrorCode::MALFORMED,
+        ),
+        Case::new(
+            "connection closed in the middle of a frame",
+            vec![header::SYNC_DOC_PULL, 0, 0, 0, 0],
+            &[],
+            ErrorCode::MALFORMED,
+        )
+        .half_closed(),
+        Case::new(
+            "insert count u64::MAX",
+            upsert_raw(b"n", list(u64::MAX), list(0)),
+            &[],
+            ErrorCode::LIMIT_EXCEEDED,
+        )
+        .naming("max_items_per_frame", "1000000"),
+        Case::new(
+            "delete count 1,000,001 (max_items_per_frame is 1,000,000)",
+            upsert_raw(b"n", list(0), list(1_000_001)),
+            &[],
+            ErrorCode::LIMIT_EXCEEDED,
+        )
+        .naming("max_items_per_frame", "1000000"),
+        Case::new(
+            "position id depth 65 (max_pid_depth is 64)",
+            upsert_raw(b"n", list(0), list(1).pid(&deep)),
+            &[],
+            ErrorCode::LIMIT_EXCEEDED,
+        )
+        .naming("max_pid_depth", "64"),
+        Case::new(
+            "position id depth 255 in a session delete",
+            cat(&[session_start(), {
                 let mut f = RawFrame::new(header::SESSION_DELETE).u8(0).u8(255);
                 for i in 0..255u32 {
                     f = f.u8(1).bytes(&i.to_be_bytes());
                 }
                 f.build()
             }]),
-            half_close: false,
-            replies: &[header::SESSION_STARTED],
-            code: ErrorCode::LIMIT_EXCEEDED,
-            limit: Some(("max_pid_depth", "64")),
-        },
-        Case {
-            name: "a 65 before any 64",
-            bytes: frame(ok_insert.clone()),
-            half_close: false,
-            replies: &[],
-            code: ErrorCode::WRONG_MODE,
-            limit: None,
-        },
-        Case {
-            name: "a 66 after hello, before any 64",
-            bytes: cat(&[hello(1), frame(ok_delete.clone())]),
-            half_close: false,
-            replies: &[header::WELCOME],
-            code: ErrorCode::WRONG_MODE,
-            limit: None,
-        },
-        Case {
-            name: "a 67 in sync mode",
-            bytes: cat(&[synclist(), frame(ClientFrame::Rename(name_of("x")))]),
-            half_close: false,
-            replies: &[header::SYNCLIST_RESPONSE],
-            code: ErrorCode::WRONG_MODE,
-            limit: None,
-        },
-        Case {
-            name: "a 64 in sync mode",
-            bytes: cat(&[synclist(), session_start()]),
-            half_close: false,
-            replies: &[header::SYNCLIST_RESPONSE],
-            code: ErrorCode::WRONG_MODE,
-            limit: None,
-        },
-        Case {
-            name: "a synclist in session mode",
-            bytes: cat(&[session_start(), synclist()]),
-            half_close: false,
-            replies: &[header::SESSION_STARTED],
-            code: ErrorCode::WRONG_MODE,
-            limit: None,
-        },
-        Case {
-            name: "a pull in session mode",
-            bytes: cat(&[
+            &[header::SESSION_STARTED],
+            ErrorCode::LIMIT_EXCEEDED,
+        )
+        .naming("max_pid_depth", "64"),
+        Case::new(
+            "a 65 before any 64",
+            frame(ok_insert.clone()),
+            &[],
+            ErrorCode::WRONG_MODE,
+        ),
+        Case::new(
+            "a 66 after hello, before any 64",
+            cat(&[hello(1), frame(ok_delete.clone())]),
+            &[header::WELCOME],
+            ErrorCode::WRONG_MODE,
+        ),
+        Case::new(
+            "a 67 in sync mode",
+            cat(&[synclist(), frame(ClientFrame::Rename(name_of("x")))]),
+            &[header::SYNCLIST_RESPONSE],
+            ErrorCode::WRONG_MODE,
+        ),
+        Case::new(
+            "a 64 in sync mode",
+            cat(&[synclist(), session_start()]),
+            &[header::SYNCLIST_RESPONSE],
+            ErrorCode::WRONG_MODE,
+        ),
+        Case::new(
+            "a synclist in session mode",
+            cat(&[session_start(), synclist()]),
+            &[header::SESSION_STARTED],
+            ErrorCode::WRONG_MODE,
+        ),
+        Case::new(
+            "a pull in session mode",
+            cat(&[
                 session_start(),
                 frame(ClientFrame::Pull {
                     doc: 0x5E5,
                     since: 0,
                 }),
             ]),
-            half_close: false,
-            replies: &[header::SESSION_STARTED],
-            code: ErrorCode::WRONG_MODE,
-            limit: None,
-        },
-        Case {
-            name: "a second 64",
-            bytes: cat(&[session_start(), session_start()]),
-            half_close: false,
-            replies: &[header::SESSION_STARTED],
-            code: ErrorCode::WRONG_MODE,
-            limit: None,
-        },
-        Case {
-            name: "a second hello",
-            bytes: cat(&[hello(1), hello(1)]),
-            half_close: false,
-            replies: &[header::WELCOME],
-            code: ErrorCode::WRONG_MODE,
-            limit: None,
-        },
-        Case {
-            name: "a hello after a synclist",
-            bytes: cat(&[synclist(), hello(1)]),
-            half_close: false,
-            replies: &[header::SYNCLIST_RESPONSE],
-            code: ErrorCode::WRONG_MODE,
-            limit: None,
-        },
-        Case {
-            name: "a hello in session mode",
-            bytes: cat(&[session_start(), hello(1)]),
-            half_close: false,
-            replies: &[header::SESSION_STARTED],
-            code: ErrorCode::WRONG_MODE,
-            limit: None,
-        },
-        Case {
-            name: "hello with protocol version 3",
-            bytes: hello(3),
-            half_close: false,
-            replies: &[],
-            code: ErrorCode::UNSUPPORTED_VERSION,
-            limit: None,
-        },
-        Case {
-            name: "hello with protocol version 0",
-            bytes: hello(0),
-            half_close: false,
-            replies: &[],
-            code: ErrorCode::UNSUPPORTED_VERSION,
-            limit: None,
-        },
+            &[header::SESSION_STARTED],
+            ErrorCode::WRONG_MODE,
+        ),
+        Case::new(
+            "a second 64",
+            cat(&[session_start(), session_start()]),
+            &[header::SESSION_STARTED],
+            ErrorCode::WRONG_MODE,
+        ),
+        Case::new(
+            "a second hello",
+            cat(&[hello(1), hello(1)]),
+            &[header::WELCOME],
+            ErrorCode::WRONG_MODE,
+        ),
+        Case::new(
+            "a hello after a synclist",
+            cat(&[synclist(), hello(1)]),
+            &[header::SYNCLIST_RESPONSE],
+            ErrorCode::WRONG_MODE,
+        ),
+        Case::new(
+            "a hello in session mode",
+            cat(&[session_start(), hello(1)]),
+            &[header::SESSION_STARTED],
+            ErrorCode::WRONG_MODE,
+        ),
+        Case::new(
+            "hello with protocol version 3",
+            hello(3),
+            &[],
+            ErrorCode::UNSUPPORTED_VERSION,
+        ),
+        Case::new(
+            "hello with protocol version 0",
+            hello(0),
+            &[],
+            ErrorCode::UNSUPPORTED_VERSION,
+        ),
     ]
 }
 

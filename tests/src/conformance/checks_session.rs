@@ -77,6 +77,13 @@ pub fn checks() -> Vec<Check<Ctx>> {
             "a session restarted from its 68's sync_time gets what it missed in its 33, then live ops once",
             reconnect_catches_up,
         ),
+        Check::new(
+            "session-resend-after-lost-connection-broadcast-once",
+            "3.2, 3.2.1",
+            "inserts sent just before a connection is lost, re-sent from the last 68: accepted, \
+             broadcast once; the replica converges although others deleted atoms it got live",
+            resend_after_lost_connection,
+        ),
     ]
 }
 
@@ -89,6 +96,13 @@ async fn session(conn: Conn, m: DocModel, since: Time, seed: u64) -> SessionClie
 async fn hello_session(ctx: &Ctx, label: &str, doc: DocId, seed: u64) -> SessionClient {
     let (c, _) = ctx.client(label).await;
     session(c, DocModel::new(doc), 0, seed).await
+}
+
+/// The document as a fresh pull since 0 by a new replica shows it.
+async fn server_model(ctx: &Ctx, doc: DocId) -> DocModel {
+    let (mut r, _) = ctx.client("reader").await;
+    let (rs, _) = r.pull(doc, 0).await;
+    model_of(doc, &rs)
 }
 
 /// Creates `doc` with `n` atoms through an upsert; returns their ids.
@@ -277,9 +291,7 @@ async fn fan_out(ctx: Ctx) -> Outcome {
     observer
         .pump_until("every op of the three", |s| s.received_ops >= total)
         .await;
-    let (mut r, _) = ctx.client("reader").await;
-    let (rs, _) = r.pull(doc, 0).await;
-    let truth = model_of(doc, &rs);
+    let truth = server_model(&ctx, doc).await;
     for (k, sc) in &done {
         assert!(
             sc.errors.is_empty(),
@@ -357,10 +369,8 @@ async fn acks_count(ctx: Ctx) -> Outcome {
         );
     }
     assert!(sc.errors.is_empty(), "no op was refused: {:?}", sc.errors);
-    let (mut r, _) = ctx.client("reader").await;
-    let (rs, _) = r.pull(doc, 0).await;
     assert_eq!(
-        model_of(doc, &rs).live(),
+        server_model(&ctx, doc).await.live(),
         sc.model.live(),
         "acknowledged ops are stored"
     );
@@ -417,10 +427,8 @@ async fn session_id_conflict(ctx: Ctx) -> Outcome {
             ),
         }
     }
-    let (mut r, _) = ctx.client("reader").await;
-    let (rs, _) = r.pull(doc, 0).await;
     assert_eq!(
-        model_of(doc, &rs).text(),
+        server_model(&ctx, doc).await.text(),
         "goodnext",
         "the refused op did not change the atom"
     );
@@ -647,6 +655,16 @@ async fn join_while_writing(ctx: Ctx) -> Outcome {
                 .1,
         );
     }
+    for w in &writers {
+        assert!(w.errors.is_empty(), "{}: {:?}", w.label(), w.errors);
+        assert_eq!(w.acked, w.sent, "{}: every op acknowledged", w.label());
+        assert_eq!(
+            w.received_ops,
+            (ROUNDS * OPS) as u64,
+            "{}: exactly the other writer's ops, each once",
+            w.label()
+        );
+    }
     assert_eq!(
         writers[0].model.live(),
         writers[1].model.live(),
@@ -660,7 +678,18 @@ async fn join_while_writing(ctx: Ctx) -> Outcome {
              repeat would have failed already)",
             late.label()
         );
+        assert!(
+            late.sent == 0 && late.errors.is_empty(),
+            "{}: sent nothing, got no error: {:?}",
+            late.label(),
+            late.errors
+        );
     }
+    assert_eq!(
+        server_model(&ctx, doc).await.live(),
+        writers[0].model.live(),
+        "the server holds the writers' text"
+    );
     Ok(())
 }
 
@@ -699,6 +728,85 @@ async fn reconnect_catches_up(ctx: Ctx) -> Outcome {
         x2.model.live(),
         w.model.live(),
         "then live ops arrive, each once"
+    );
+    Ok(())
+}
+
+/// PROTOCOL.md 3.2 and 3.2.1: a replica in a session sends inserts and
+/// loses its connection before any ack; meanwhile another deletes atoms the
+/// first received live (after its 68, so after its cursor). Back from its
+/// last 68, it re-sends what was not acked: each insert reaches the others
+/// once, and the replica ends with the server's text (the 33 since its
+/// cursor holds those deletes).
+async fn resend_after_lost_connection(ctx: Ctx) -> Outcome {
+    let doc = ctx.doc();
+    seed_doc(&ctx, doc, 4).await;
+    let mut rng = Rng::new(ctx.seed());
+    let none = BTreeSet::new();
+    let mut b = hello_session(&ctx, "steady", doc, 1).await;
+    let replica = ctx.replica();
+    let (c, _) = ctx.client_as("flaky", replica).await;
+    let mut c1 = session(c, DocModel::new(doc), 0, 2).await;
+
+    let ops = random_ops(&mut b, &mut rng, 10, &none);
+    b.send_ops(ops).await;
+    b.wait_acked().await;
+    c1.pump_until("b's first ops", |s| s.received_ops == 10)
+        .await;
+    let ops = random_ops(&mut c1, &mut rng, 10, &none);
+    c1.send_ops(ops).await;
+    c1.wait_acked().await;
+    b.pump_until("c's first ops", |s| s.received_ops == 10)
+        .await;
+
+    // c sends 20 inserts and loses its connection before any ack.
+    let mut pending = Vec::new();
+    for i in 0..20 {
+        let n = c1.model.live_len();
+        pending.push(c1.insert_at(rng.below(n + 1), &format!("p{i} ")));
+    }
+    c1.conn.send_many(pending.clone()).await;
+    let cursor = c1.started.sync_time;
+    let (held, site, own_ids) = (c1.model.clone(), c1.site(), c1.own_ids.clone());
+    drop(c1);
+
+    // b goes on meanwhile (deleting atoms c received live, too).
+    let ops = random_ops(&mut b, &mut rng, 10, &none);
+    b.send_ops(ops).await;
+    b.wait_acked().await;
+
+    // c comes back from its last 68 and sends again what was not acked.
+    let (c, _) = ctx.client_as("flaky again", replica).await;
+    let mut c2 = session(c, held, cursor, 2).await;
+    assert_eq!(c2.site(), site, "a replica keeps its site (1.3)");
+    c2.own_ids = own_ids;
+    c2.send_ops(pending).await;
+    c2.wait_acked().await;
+    assert!(
+        c2.errors.is_empty(),
+        "re-sent inserts are accepted: got {:?}",
+        c2.errors
+    );
+    b.pump_until("c's 20 inserts, once each", |s| s.received_ops == 30)
+        .await;
+    c2.rename("back").await;
+    c2.wait_acked().await;
+    b.pump_until("c's rename", |s| !s.renames.is_empty()).await;
+    assert_eq!(
+        b.received_ops, 30,
+        "a re-send that changes nothing is not broadcast (3.2)"
+    );
+    assert_eq!(
+        c2.model.live(),
+        b.model.live(),
+        "c, back from its last 68 as 3.2 says, must hold the same text: b deleted atoms that c \
+         had received live after its 68 (and so after its cursor); the 33 since that cursor \
+         must send those deletes (3.2), or c never learns of them"
+    );
+    assert_eq!(
+        server_model(&ctx, doc).await.live(),
+        b.model.live(),
+        "the server holds the steady session's text"
     );
     Ok(())
 }

@@ -138,6 +138,23 @@ async fn site_none_without_hello(ctx: Ctx) -> Outcome {
         ("B", "renamed by anon"),
         "a connection without hello may delete and rename (1.3)"
     );
+    // Its upsert creates an unknown document too; a delete there is kept
+    // as a tombstone and sent by pulls since 0 (3.1).
+    let fresh = ctx.doc();
+    let ghost = super::util::pid1(9, other_site(site));
+    let (_, f) = anon
+        .upsert(fresh, "", 0, &[], std::slice::from_ref(&ghost))
+        .await;
+    assert_eq!(
+        f.site, 0,
+        "an upsert without hello that creates a document: the 34 carries site 0 (1.3)"
+    );
+    let (rs, _) = owner.pull(fresh, 0).await;
+    assert_eq!(
+        deletes_of(&rs),
+        BTreeSet::from([ghost]),
+        "the document created without hello holds the tombstone of its delete"
+    );
     // A session without hello: site 0, receives, deletes with site 0, renames.
     let mut s = ctx.anon("no-hello session").await?;
     let (_, st) = s.session_start(0, doc).await;

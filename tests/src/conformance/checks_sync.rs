@@ -499,6 +499,7 @@ async fn upsert_reply_excludes(ctx: Ctx) -> Outcome {
     c1.upsert(doc, "shared", t1.sync_time, std::slice::from_ref(&b), &[])
         .await;
     let x = m2.local_append("X");
+    m2.apply_delete(a.pid());
     let (reply, _) = c2
         .upsert(
             doc,
@@ -517,6 +518,19 @@ async fn upsert_reply_excludes(ctx: Ctx) -> Outcome {
         deletes_of(&reply).is_empty(),
         "the reply excludes the delete the upsert sent: expected no deletes, got {:?}",
         deletes_of(&reply)
+    );
+    m2.apply_responses(&reply);
+    let (all, _) = c1.pull(doc, 0).await;
+    assert_eq!(
+        model_of(doc, &all).live(),
+        m2.live(),
+        "with the reply applied the client holds the server's text"
+    );
+    assert_eq!(
+        m2.text().len(),
+        2,
+        "B and X are live, A is deleted: got {:?}",
+        m2.text()
     );
     Ok(())
 }
@@ -606,7 +620,12 @@ async fn upsert_resend(ctx: Ctx) -> Outcome {
         &[a.pid().clone()],
     );
     c.send(frame.clone()).await;
-    let (_, first) = c.recv_doc_reply(doc, "upsert").await.expect("first send");
+    let (r1, first) = c.recv_doc_reply(doc, "upsert").await.expect("first send");
+    assert!(
+        inserts_of(&r1).is_empty() && deletes_of(&r1).is_empty(),
+        "the first send's reply excludes its own ids and nothing else changed: got {r1:?}"
+    );
+    let (before, _) = c.pull(doc, 0).await;
     c.send(frame).await;
     let (r2, second) = c
         .recv_doc_reply(doc, "re-sent upsert")
@@ -636,6 +655,11 @@ async fn upsert_resend(ctx: Ctx) -> Outcome {
     );
     let (all, _) = o.pull(doc, 0).await;
     assert_eq!(model_of(doc, &all).text(), "beta gamma");
+    assert_eq!(
+        model_of(doc, &all).live(),
+        model_of(doc, &before).live(),
+        "the re-send changed no atom"
+    );
     Ok(())
 }
 

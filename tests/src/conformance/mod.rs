@@ -47,7 +47,6 @@ use crate::conn::{Conn, WAIT, Welcome};
 use crate::rng::Rng;
 
 pub use util::{RawEnd, RawOutcome, raw_exchange};
-pub use vectors::{Dir, Expect, Vector, parse_vectors};
 
 /// Why a check did not run (it is neither passed nor failed).
 #[derive(Debug, Clone)]

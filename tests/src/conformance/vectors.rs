@@ -7,6 +7,7 @@
 //! One check per vector, named `vector-` and the vector's name with `.` and
 //! `_` as `-`.
 
+use notesync_protocol::vectors::{Dir, Expect, FRAMES, Vector, parse_vectors};
 use notesync_protocol::{ErrorCode, Limits, ServerFrame, header};
 
 use super::util::{
@@ -15,102 +16,6 @@ use super::util::{
 };
 use super::{Check, Ctx, Outcome, Skipped};
 use crate::conn::{Event, describe};
-
-pub const VECTORS: &str = include_str!("../../../protocol/tests/vectors/frames.txt");
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Dir {
-    C2s,
-    S2c,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Expect {
-    Ok,
-    Err { kind: String, code: String },
-}
-
-#[derive(Debug, Clone)]
-pub struct Vector {
-    pub name: String,
-    /// Line of the `@` record, for messages.
-    pub line: usize,
-    pub dir: Dir,
-    pub expect: Expect,
-    pub bytes: Vec<u8>,
-}
-
-fn parse_hex(token: &str, line: usize) -> Vec<u8> {
-    assert!(
-        token.len() % 2 == 0 && !token.is_empty(),
-        "frames.txt line {line}: `{token}` is not an even number of hex digits"
-    );
-    (0..token.len())
-        .step_by(2)
-        .map(|i| {
-            u8::from_str_radix(&token[i..i + 2], 16)
-                .unwrap_or_else(|_| panic!("frames.txt line {line}: `{token}` is not hex"))
-        })
-        .collect()
-}
-
-/// Parses the vectors file (its format is described at its top).
-pub fn parse_vectors(text: &str) -> Vec<Vector> {
-    let mut out: Vec<Vector> = Vec::new();
-    for (i, raw) in text.lines().enumerate() {
-        let line = i + 1;
-        let content = raw.split('#').next().unwrap_or("").trim();
-        if content.is_empty() {
-            continue;
-        }
-        if let Some(record) = content.strip_prefix('@') {
-            let mut words = record.split_whitespace();
-            let mut word = |what: &str| {
-                words
-                    .next()
-                    .unwrap_or_else(|| panic!("frames.txt line {line}: missing {what}"))
-                    .to_owned()
-            };
-            let name = word("name");
-            let dir = match word("direction").as_str() {
-                "c2s" => Dir::C2s,
-                "s2c" => Dir::S2c,
-                d => panic!("frames.txt line {line}: direction `{d}` is not c2s or s2c"),
-            };
-            let expect = match word("ok or err").as_str() {
-                "ok" => Expect::Ok,
-                "err" => Expect::Err {
-                    kind: word("error kind"),
-                    code: word("error code"),
-                },
-                e => panic!("frames.txt line {line}: `{e}` is not ok or err"),
-            };
-            out.push(Vector {
-                name,
-                line,
-                dir,
-                expect,
-                bytes: Vec::new(),
-            });
-            continue;
-        }
-        let v = out
-            .last_mut()
-            .unwrap_or_else(|| panic!("frames.txt line {line}: bytes before the first record"));
-        for token in content.split_whitespace() {
-            match token.split_once('*') {
-                Some((hex, n)) => {
-                    let n: usize = n.parse().unwrap_or_else(|_| {
-                        panic!("frames.txt line {line}: bad repeat count in `{token}`")
-                    });
-                    v.bytes.extend(parse_hex(hex, line).repeat(n));
-                }
-                None => v.bytes.extend(parse_hex(token, line)),
-            }
-        }
-    }
-    out
-}
 
 /// The check name of a vector.
 pub fn check_name(v: &Vector) -> String {
@@ -126,7 +31,8 @@ fn error_code(name: &str) -> ErrorCode {
 
 /// A check per client-to-server vector.
 pub fn checks() -> Vec<Check<Ctx>> {
-    parse_vectors(VECTORS)
+    parse_vectors(FRAMES)
+        .unwrap_or_else(|e| panic!("{e}"))
         .into_iter()
         .filter(|v| v.dir == Dir::C2s)
         .map(|v| {

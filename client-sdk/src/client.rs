@@ -325,7 +325,7 @@ async fn live(t: &mut SessionTask) -> Result<(), SyncError> {
                 site, sync_time, ..
             } => {
                 let mut s = lock(&store);
-                for c in s.reconcile_catch_up(t.doc, &inserted)? {
+                for c in s.reconcile(t.doc, &inserted, false)? {
                     let _ = t.events.send(SessionEvent::Remote(c));
                 }
                 s.set_site(t.doc, site)?;
@@ -378,8 +378,7 @@ async fn live(t: &mut SessionTask) -> Result<(), SyncError> {
                 match f {
                     ServerFrame::Insert(i) => {
                         let (data, pid) = i.atom.into_parts();
-                        s.note_live(t.doc, pid.clone())?;
-                        for c in s.apply_remote_insert(t.doc, &data, &pid)? {
+                        for c in s.apply_live_insert(t.doc, &data, pid)? {
                             let _ = t.events.send(SessionEvent::Remote(c));
                         }
                     }

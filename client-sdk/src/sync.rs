@@ -348,11 +348,7 @@ async fn read_reply(
                 {
                     let mut s = lock(store);
                     if s.contains(doc) {
-                        if full {
-                            changes.extend(s.reconcile_full(doc, &inserted)?);
-                        } else {
-                            changes.extend(s.reconcile_catch_up(doc, &inserted)?);
-                        }
+                        changes.extend(s.reconcile(doc, &inserted, full)?);
                     }
                 }
                 if !changes.is_empty() {

@@ -58,14 +58,25 @@ pub fn encode_records(records: &[Record]) -> BytesMut {
 /// ids and names (a 65/66/67 frame has the same layout after its header).
 fn decode_payload(p: &[u8]) -> Option<Record> {
     let (&kind, rest) = p.split_first()?;
-    let frame = |header: u8, body: &[u8]| -> Option<ServerFrame> {
-        let mut buf = BytesMut::with_capacity(body.len() + 1);
+    // `site`: the byte a 65 or 66 has after its header, which the log
+    // does not store.
+    let frame = |header: u8, site: Option<u8>, body: &[u8]| -> Option<ServerFrame> {
+        let mut buf = BytesMut::with_capacity(body.len() + 2);
         buf.put_u8(header);
+        if let Some(site) = site {
+            buf.put_u8(site);
+        }
         buf.put_slice(body);
         let f = FrameDecoder::<ServerFrame>::default()
             .decode(&mut buf)
             .ok()??;
         buf.is_empty().then_some(f)
+    };
+    // A pid as a 66 lays it out, after the site byte (0: the log keeps no
+    // site for it).
+    let pid = |body: &[u8]| match frame(66, Some(0), body)? {
+        ServerFrame::Delete(d) => Some(d.pid),
+        _ => None,
     };
     let sent = |b: u8| match b {
         0 => Some(false),
@@ -81,9 +92,7 @@ fn decode_payload(p: &[u8]) -> Option<Record> {
                 let depth = *body.get(1 + len)? as usize;
                 *body.get(1 + len + 1 + (depth.checked_sub(1)?) * 5)?
             };
-            let mut b = vec![creator_site];
-            b.extend_from_slice(body);
-            match frame(65, &b)? {
+            match frame(65, Some(creator_site), body)? {
                 ServerFrame::Insert(i) => Some(Record::Insert {
                     atom: i.atom,
                     sent: sent(s)?,
@@ -93,28 +102,16 @@ fn decode_payload(p: &[u8]) -> Option<Record> {
         }
         2 => {
             let (&s, body) = rest.split_first()?;
-            let mut b = vec![0];
-            b.extend_from_slice(body);
-            match frame(66, &b)? {
-                ServerFrame::Delete(d) => Some(Record::Delete {
-                    pid: d.pid,
-                    sent: sent(s)?,
-                }),
-                _ => None,
-            }
+            Some(Record::Delete {
+                pid: pid(body)?,
+                sent: sent(s)?,
+            })
         }
-        3 => {
-            let mut b = vec![0];
-            b.extend_from_slice(rest);
-            match frame(66, &b)? {
-                ServerFrame::Delete(d) => Some(Record::Cancel { pid: d.pid }),
-                _ => None,
-            }
-        }
+        3 => Some(Record::Cancel { pid: pid(rest)? }),
         4 if rest.is_empty() => Some(Record::MarkSent),
         5 => {
             let (&s, body) = rest.split_first()?;
-            match frame(67, body)? {
+            match frame(67, None, body)? {
                 ServerFrame::Rename(name) => Some(Record::Rename {
                     name,
                     sent: sent(s)?,

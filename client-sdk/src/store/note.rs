@@ -303,9 +303,11 @@ impl Note {
         changes
     }
 
-    /// Applies one remote insert (a live session's 65).
-    pub(super) fn apply_remote_insert(&mut self, data: &str, pid: &Pid) -> Vec<TextChange> {
-        let c = self.doc.apply_insert(data, pid);
+    /// Applies one insert received live (a session's 65), remembering its
+    /// id: it entered the note after its cursor.
+    pub(super) fn apply_live_insert(&mut self, data: &str, pid: Pid) -> Vec<TextChange> {
+        let c = self.doc.apply_insert(data, &pid);
+        self.live_since.insert(pid);
         self.dirty = true;
         c
     }
@@ -315,12 +317,6 @@ impl Note {
         let c = self.doc.apply_delete(pid);
         self.dirty = true;
         c
-    }
-
-    /// Remembers an id that entered the note live, after its cursor.
-    pub(super) fn note_live(&mut self, pid: Pid) {
-        self.live_since.insert(pid);
-        self.dirty = true;
     }
 
     /// Deletes the ids `stale` yields that are neither in `inserted` nor

@@ -199,14 +199,15 @@ impl Store {
         Ok(self.note_mut(id)?.apply_response(inserts, deletes))
     }
 
-    /// Applies one remote insert (a live session's 65).
-    pub(crate) fn apply_remote_insert(
+    /// Applies one insert received live (a session's 65), after the note's
+    /// cursor: its id is remembered for the next catch-up to reconcile.
+    pub(crate) fn apply_live_insert(
         &mut self,
         id: DocId,
         data: &str,
-        pid: &Pid,
+        pid: Pid,
     ) -> Result<Vec<TextChange>, StoreError> {
-        Ok(self.note_mut(id)?.apply_remote_insert(data, pid))
+        Ok(self.note_mut(id)?.apply_live_insert(data, pid))
     }
 
     /// Applies one remote delete (a live session's 66).
@@ -218,35 +219,29 @@ impl Store {
         Ok(self.note_mut(id)?.apply_remote_delete(pid))
     }
 
-    /// Remembers an id that entered the note live, after its cursor.
-    pub(crate) fn note_live(&mut self, id: DocId, pid: Pid) -> Result<(), StoreError> {
-        self.note_mut(id)?.note_live(pid);
-        Ok(())
-    }
-
-    /// After a complete catch-up (every 33 up to its 34 or 68): ids that
-    /// entered live after the old cursor and are not among the catch-up's
-    /// inserts were deleted meanwhile (PROTOCOL.md 3.2.1).
-    pub(crate) fn reconcile_catch_up(
+    /// After a complete catch-up (every 33 up to its 34 or 68), whose
+    /// inserts were `inserted`:
+    /// - a delta (`full` false): ids that entered live after the old cursor
+    ///   and are not among the inserts were deleted meanwhile (PROTOCOL.md
+    ///   3.2.1);
+    /// - the full state (`full`: after a resync, PROTOCOL.md 3.6: a 36, then
+    ///   the full live state up to its 34): every live atom of the note that
+    ///   the server did not list live was deleted there (its tombstone may
+    ///   be gone), so it is deleted here, except this replica's own inserts
+    ///   not yet acknowledged, which stay and are sent. Tombstones the note
+    ///   knows stay known (so its ids are never made again).
+    pub(crate) fn reconcile(
         &mut self,
         id: DocId,
         inserted: &HashSet<Pid>,
+        full: bool,
     ) -> Result<Vec<TextChange>, StoreError> {
-        Ok(self.note_mut(id)?.reconcile_catch_up(inserted))
-    }
-
-    /// After a resync (PROTOCOL.md 3.6: a 36, then the full live state up
-    /// to its 34): every live atom of the note that the server did not list
-    /// live was deleted there (its tombstone may be gone), so it is deleted
-    /// here, except this replica's own inserts not yet acknowledged, which
-    /// stay and are sent. Tombstones the note knows stay known (so its ids
-    /// are never made again).
-    pub(crate) fn reconcile_full(
-        &mut self,
-        id: DocId,
-        inserted: &HashSet<Pid>,
-    ) -> Result<Vec<TextChange>, StoreError> {
-        Ok(self.note_mut(id)?.reconcile_full(inserted))
+        let note = self.note_mut(id)?;
+        Ok(if full {
+            note.reconcile_full(inserted)
+        } else {
+            note.reconcile_catch_up(inserted)
+        })
     }
 
     /// Moves a note's cursor forward to `t` (never back).

@@ -189,6 +189,13 @@ impl From<ErrorFrame> for NetError {
     }
 }
 
+/// `f`'s outcome, or a timeout error once `limit` has passed.
+async fn within<T>(limit: Duration, f: impl Future<Output = T>) -> Result<T, NetError> {
+    tokio::time::timeout(limit, f)
+        .await
+        .map_err(|_| NetError::Timeout(limit))
+}
+
 /// An open connection, after hello and welcome.
 pub struct Conn {
     framed: Framed<Box<dyn Stream>, ClientCodec>,
@@ -198,10 +205,8 @@ pub struct Conn {
 
 impl Conn {
     pub async fn connect(cfg: &ServerConfig, replica: u128) -> Result<Conn, NetError> {
-        let connect = TcpStream::connect(&cfg.addr);
-        let stream = tokio::time::timeout(cfg.reply_timeout, connect)
-            .await
-            .map_err(|_| NetError::Timeout(cfg.reply_timeout))?
+        let stream = within(cfg.reply_timeout, TcpStream::connect(&cfg.addr))
+            .await?
             .map_err(|source| NetError::Connect {
                 addr: cfg.addr.clone(),
                 source,
@@ -224,9 +229,8 @@ impl Conn {
                 let handshake = tls_connector(tls)?.connect(name, stream);
                 // An io::Error that wraps a rustls::Error shows it as its
                 // own message (which names the certificate problem).
-                let stream = tokio::time::timeout(cfg.reply_timeout, handshake)
-                    .await
-                    .map_err(|_| NetError::Timeout(cfg.reply_timeout))?
+                let stream = within(cfg.reply_timeout, handshake)
+                    .await?
                     .map_err(|source| TlsError::Handshake {
                         addr: cfg.addr.clone(),
                         source,

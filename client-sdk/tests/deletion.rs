@@ -25,9 +25,7 @@ fn trash_files(dir: &Path) -> Vec<std::path::PathBuf> {
 
 #[tokio::test]
 async fn deletion_reaches_a_device_that_was_offline_at_the_time() {
-    let server = TestServer::start().await;
-    let (da, a) = server.device();
-    let (db, b) = server.device();
+    let (server, [(da, a), (db, b)]) = TestServer::with_devices().await;
     let id = a.create("groceries").unwrap();
     a.insert(id, 0, "milk, eggs").unwrap();
     let keep = a.create("keep me").unwrap();
@@ -77,9 +75,7 @@ async fn deletion_reaches_a_device_that_was_offline_at_the_time() {
 
 #[tokio::test]
 async fn unsynced_edits_to_a_note_deleted_elsewhere_are_kept_in_the_trash() {
-    let server = TestServer::start().await;
-    let (_da, a) = server.device();
-    let (db, b) = server.device();
+    let (server, [(_da, a), (db, b)]) = TestServer::with_devices().await;
     let id = shared_note(&a, &b, "plan", "step one").await;
 
     // B edits offline; meanwhile A deletes the note.
@@ -115,9 +111,7 @@ async fn unsynced_edits_to_a_note_deleted_elsewhere_are_kept_in_the_trash() {
 
 #[tokio::test]
 async fn a_live_session_is_told_and_ended() {
-    let server = TestServer::start().await;
-    let (_da, a) = server.device();
-    let (db, b) = server.device();
+    let (server, [(_da, a), (db, b)]) = TestServer::with_devices().await;
     let id = shared_note(&a, &b, "live", "text").await;
     let [mut sb] = connected_sessions([&b], id).await;
 

@@ -7,15 +7,9 @@ use notesync_client::SessionEvent;
 
 #[tokio::test]
 async fn offline_edits_at_the_same_place_are_all_kept() {
-    let server = TestServer::start().await;
-    let (_da, a) = server.device();
-    let (_db, b) = server.device();
-    let id = a.create("shared").unwrap();
-    a.insert(id, 0, "hello world").unwrap();
-    a.sync_now().await.unwrap();
-    let rb = b.sync_now().await.unwrap();
-    assert_eq!(rb.new_notes, vec![id]);
-    assert_eq!(b.text(id).unwrap(), "hello world");
+    let (_server, [(_da, a), (_db, b)]) = TestServer::with_devices().await;
+    // b gets it as a new note with its text (checked by shared_note).
+    let id = shared_note(&a, &b, "shared", "hello world").await;
     assert_eq!(b.name(id).unwrap(), "shared");
 
     // Both offline, editing at the same places.
@@ -42,8 +36,7 @@ async fn offline_edits_at_the_same_place_are_all_kept() {
 
 #[tokio::test]
 async fn an_offline_insert_then_delete_sends_nothing() {
-    let server = TestServer::start().await;
-    let (_da, a) = server.device();
+    let (server, [(_da, a)]) = TestServer::with_devices().await;
     let id = a.create("scratch").unwrap();
     a.insert(id, 0, "kept ").unwrap();
     a.sync_now().await.unwrap();
@@ -60,9 +53,7 @@ async fn an_offline_insert_then_delete_sends_nothing() {
 
 #[tokio::test]
 async fn a_rename_travels_and_moves_the_files() {
-    let server = TestServer::start().await;
-    let (_da, a) = server.device();
-    let (db, b) = server.device();
+    let (_server, [(_da, a), (db, b)]) = TestServer::with_devices().await;
     let id = shared_note(&a, &b, "draft", "x").await;
     a.rename(id, "final").unwrap();
     a.sync_now().await.unwrap();
@@ -74,9 +65,7 @@ async fn a_rename_travels_and_moves_the_files() {
 
 #[tokio::test]
 async fn live_sessions_converge_and_survive_a_server_restart() {
-    let server = TestServer::start().await;
-    let (_da, a) = server.device();
-    let (_db, b) = server.device();
+    let (server, [(_da, a), (_db, b)]) = TestServer::with_devices().await;
     let id = shared_note(&a, &b, "live", "").await;
     let [sa, sb] = connected_sessions([&a, &b], id).await;
     sa.insert(0, "one ").unwrap();
@@ -116,9 +105,7 @@ async fn live_sessions_converge_and_survive_a_server_restart() {
 /// the catch-up sends it as neither insert nor delete.
 #[tokio::test]
 async fn text_received_live_then_deleted_while_away_disappears_on_catch_up() {
-    let server = TestServer::start().await;
-    let (_da, a) = server.device();
-    let (db, b) = server.device();
+    let (server, [(_da, a), (db, b)]) = TestServer::with_devices().await;
     let id = shared_note(&a, &b, "away", "base ").await;
     let [sa, sb] = connected_sessions([&a, &b], id).await;
     sa.insert(5, "live").unwrap();

@@ -8,7 +8,7 @@ mod common;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use common::server::TestServer;
+use common::server::{TestServer, shared_note};
 use notesync_client::{Client, NetError, ServerConfig, SyncError, TlsError, TlsSettings};
 use notesync_server::auth::{Access, add_token};
 use notesync_server::{Config, TlsFiles};
@@ -63,12 +63,8 @@ async fn the_sdk_syncs_and_edits_live_over_tls() {
     let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let a = Client::open(da.path(), server.config()).unwrap();
     let b = Client::open(db.path(), server.config()).unwrap();
-    let id = a.create("over tls").unwrap();
-    a.insert(id, 0, "encrypted hello").unwrap();
-    a.sync_now().await.unwrap();
-    let r = b.sync_now().await.unwrap();
-    assert_eq!(r.new_notes, vec![id]);
-    assert_eq!(b.text(id).unwrap(), "encrypted hello");
+    // b gets it as a new note with its text (checked by shared_note).
+    let id = shared_note(&a, &b, "over tls", "encrypted hello").await;
 
     // A live session through TLS: b sees a's edit.
     let sa = a.session(id).unwrap();

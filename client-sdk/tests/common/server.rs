@@ -103,6 +103,13 @@ impl TestServer {
         let client = self.client(dir.path());
         (dir, client)
     }
+
+    /// A server as [`TestServer::start`] makes it, with `N` devices on it.
+    pub async fn with_devices<const N: usize>() -> (TestServer, [(TempDir, Client); N]) {
+        let server = Self::start().await;
+        let devices = std::array::from_fn(|_| server.device());
+        (server, devices)
+    }
 }
 
 impl Drop for TestServer {
@@ -112,14 +119,16 @@ impl Drop for TestServer {
 }
 
 /// Creates a note on `a` holding `text` (none if empty) and syncs it to `b`
-/// (`a` first, then `b`).
+/// (`a` first, then `b`), which must get it as a new note with that text.
 pub async fn shared_note(a: &Client, b: &Client, name: &str, text: &str) -> DocId {
     let id = a.create(name).unwrap();
     if !text.is_empty() {
         a.insert(id, 0, text).unwrap();
     }
     a.sync_now().await.unwrap();
-    b.sync_now().await.unwrap();
+    let rb = b.sync_now().await.unwrap();
+    assert_eq!(rb.new_notes, vec![id]);
+    assert_eq!(b.text(id).unwrap(), text);
     id
 }
 

@@ -17,7 +17,7 @@ use crate::doc::TextChange;
 use crate::net::{Conn, NetError, ServerConfig};
 use crate::oplog::{OpKey, PendingOp};
 use crate::store::{NoteInfo, RemoteDeletion, Store, StoreError};
-use crate::sync::{SyncError, SyncReport, sync_once};
+use crate::sync::{SyncError, SyncReport, pull_full, sync_once};
 
 /// An app's handle on its notes.
 #[derive(Clone)]
@@ -217,9 +217,7 @@ impl Session {
 
     /// Ops not yet acknowledged by the server.
     pub fn pending_ops(&self) -> usize {
-        lock(&self.store)
-            .note(self.doc)
-            .map_or(0, |n| n.pending.len())
+        lock(&self.store).pending_ops(self.doc).unwrap_or(0)
     }
 
     /// The next event; `None` once the session is closed.
@@ -278,18 +276,17 @@ async fn run_session(mut t: SessionTask) {
         let _ = lock(&t.store).flush();
         let result = match result {
             Ok(()) if std::mem::take(&mut t.resync) => {
-                match crate::sync::pull_full(&t.store, &t.server, t.doc).await {
+                match pull_full(&t.store, &t.server, t.doc).await {
                     Ok(r) => {
                         for d in r.deleted {
                             let _ = t.events.send(SessionEvent::Deleted(d));
                         }
-                        if lock(&t.store).note(t.doc).is_err() {
+                        if !lock(&t.store).contains(t.doc) {
                             return;
                         }
                         continue;
                     }
-                    Err(crate::sync::SyncError::Net(e)) => Err(e),
-                    Err(e) => Err(NetError::Unexpected(e.to_string())),
+                    Err(e) => Err(e),
                 }
             }
             r => r,
@@ -313,14 +310,11 @@ async fn run_session(mut t: SessionTask) {
 
 /// One connection's life: start, catch up, re-send what is unacknowledged,
 /// then relay edits both ways until the connection fails.
-async fn live(t: &mut SessionTask) -> Result<(), NetError> {
+async fn live(t: &mut SessionTask) -> Result<(), SyncError> {
     let store = t.store.clone();
     let (replica, since) = {
         let s = lock(&store);
-        let n = s
-            .note(t.doc)
-            .map_err(|e| NetError::Unexpected(e.to_string()))?;
-        (s.replica_id(), n.last_sync)
+        (s.replica_id(), s.note_sync_time(t.doc)?)
     };
     let mut conn = Conn::connect(&t.server, replica).await?;
     conn.send(ClientFrame::SessionStart { since, doc: t.doc })
@@ -331,15 +325,10 @@ async fn live(t: &mut SessionTask) -> Result<(), NetError> {
             ServerFrame::DocResponse(r) if r.doc == t.doc => {
                 inserted.extend(r.inserts.iter().map(|a| a.pid.to_pid()));
                 let mut s = lock(&store);
-                let changes = s
-                    .apply_response(t.doc, &r.inserts, &r.deletes)
-                    .map_err(|e| NetError::Unexpected(e.to_string()))?;
-                for c in changes {
+                for c in s.apply_response(t.doc, &r.inserts, &r.deletes)? {
                     let _ = t.events.send(SessionEvent::Remote(c));
                 }
-                if s.note(t.doc)
-                    .is_ok_and(|n| n.pending.pending_rename().is_none())
-                {
+                if s.has_pending_rename(t.doc).is_ok_and(|pending| !pending) {
                     let _ = s.apply_remote_name(t.doc, &r.name);
                 }
             }
@@ -347,12 +336,11 @@ async fn live(t: &mut SessionTask) -> Result<(), NetError> {
                 site, sync_time, ..
             } => {
                 let mut s = lock(&store);
-                let store_err = |e: StoreError| NetError::Unexpected(e.to_string());
-                for c in s.reconcile_catch_up(t.doc, &inserted).map_err(store_err)? {
+                for c in s.reconcile(t.doc, &inserted, false)? {
                     let _ = t.events.send(SessionEvent::Remote(c));
                 }
-                s.set_site(t.doc, site).map_err(store_err)?;
-                s.set_note_sync(t.doc, sync_time).map_err(store_err)?;
+                s.set_site(t.doc, site)?;
+                s.set_note_sync(t.doc, sync_time)?;
                 break site;
             }
             ServerFrame::DocDeleted { doc, .. } if doc == t.doc => {
@@ -366,9 +354,9 @@ async fn live(t: &mut SessionTask) -> Result<(), NetError> {
                 return Ok(());
             }
             other => {
-                return Err(NetError::Unexpected(format!(
-                    "expected 33 or 68, got {other:?}"
-                )));
+                return Err(
+                    NetError::Unexpected(format!("expected 33 or 68, got {other:?}")).into(),
+                );
             }
         }
     };
@@ -398,50 +386,35 @@ async fn live(t: &mut SessionTask) -> Result<(), NetError> {
             f = conn.recv_idle() => {
                 let f = f.ok_or(NetError::Closed)??;
                 let mut s = lock(&store);
-                let store_err = |e: StoreError| NetError::Unexpected(e.to_string());
                 match f {
                     ServerFrame::Insert(i) => {
                         let (data, pid) = i.atom.into_parts();
-                        s.note_live(t.doc, pid.clone()).map_err(store_err)?;
-                        for c in s.apply_remote_insert(t.doc, &data, &pid).map_err(store_err)? {
+                        for c in s.apply_live_insert(t.doc, &data, pid)? {
                             let _ = t.events.send(SessionEvent::Remote(c));
                         }
                     }
                     ServerFrame::Delete(d) => {
-                        for c in s.apply_remote_delete(t.doc, &d.pid).map_err(store_err)? {
+                        for c in s.apply_remote_delete(t.doc, &d.pid)? {
                             let _ = t.events.send(SessionEvent::Remote(c));
                         }
                     }
                     ServerFrame::Rename(name) => {
-                        s.apply_remote_name(t.doc, &name).map_err(store_err)?;
+                        s.apply_remote_name(t.doc, &name)?;
                         let _ = t.events.send(SessionEvent::Renamed(name.as_str().to_owned()));
                     }
                     ServerFrame::SessionAck { count } => {
-                        let note = s.note_mut(t.doc).map_err(store_err)?;
                         while acked < count {
-                            let Some(op) = inflight.pop_front() else {
-                                return Err(NetError::Unexpected(format!("ack {count} covers more ops than were sent")));
+                            let Some((key, rename)) = inflight.pop_front() else {
+                                return Err(NetError::Unexpected(format!("ack {count} covers more ops than were sent")).into());
                             };
                             acked += 1;
-                            // A rename is acknowledged only if it is still the
-                            // pending one (not replaced by a newer rename).
-                            note.pending.acknowledge_one(&op.0, op.1.as_ref());
-                            // Stored after this note's cursor (3.2.1) --
-                            // unless this connection's catch-up already
-                            // showed it stored: a re-send after lost acks
-                            // is stored before the cursor, and the next
-                            // catch-up would wrongly delete it here.
-                            if let OpKey::Insert(p) = &op.0
-                                && !inserted.contains(p)
-                            {
-                                note.live_since.insert(p.clone());
-                            }
+                            s.acknowledge_session_op(t.doc, &key, rename.as_ref(), &inserted)?;
                         }
-                        let pending = note.pending.len();
+                        let pending = s.pending_ops(t.doc)?;
                         let _ = t.events.send(SessionEvent::Acknowledged { pending });
                         // Compact the log now and then, not on every ack.
                         if pending == 0 || last_save.elapsed() > Duration::from_millis(500) {
-                            s.save_note(t.doc).map_err(store_err)?;
+                            s.save_note(t.doc)?;
                             last_save = Instant::now();
                         }
                     }
@@ -450,13 +423,13 @@ async fn live(t: &mut SessionTask) -> Result<(), NetError> {
                         // the ack that follows covers it and drops it.
                         let _ = t.events.send(SessionEvent::Refused { code: e.code, message: e.message });
                     }
-                    ServerFrame::Error(e) => return Err(e.into()),
+                    ServerFrame::Error(e) => return Err(NetError::from(e).into()),
                     ServerFrame::DocDeleted { doc, .. } if doc == t.doc => {
                         drop(s);
                         deleted(t);
                         return Ok(());
                     }
-                    other => return Err(NetError::Unexpected(format!("unexpected frame in a session: {other:?}"))),
+                    other => return Err(NetError::Unexpected(format!("unexpected frame in a session: {other:?}")).into()),
                 }
             }
         }
@@ -484,16 +457,14 @@ async fn send_new(
     conn: &mut Conn,
     inflight: &mut VecDeque<(OpKey, Option<DocName>)>,
     sent_upto: &mut u64,
-) -> Result<(), NetError> {
+) -> Result<(), SyncError> {
     let frames = {
         let mut s = lock(store);
-        let store_err = |e: StoreError| NetError::Unexpected(e.to_string());
-        let note = s.note(doc).map_err(store_err)?;
-        if note.provisional || site == 0 {
+        if s.is_provisional(doc)? || site == 0 {
             // No site: inserts cannot be sent (PROTOCOL.md 1.3); they stay.
             return Ok(());
         }
-        let ops = note.pending.ops_since(*sent_upto);
+        let ops = s.ops_since(doc, *sent_upto)?;
         let mut frames = Vec::with_capacity(ops.len());
         for (seq, op) in ops {
             *sent_upto = seq;
@@ -512,12 +483,12 @@ async fn send_new(
             frames.push(frame);
         }
         if !frames.is_empty() {
-            s.mark_sent(doc).map_err(store_err)?;
+            s.mark_sent(doc)?;
         }
         frames
     };
     for f in frames {
         conn.feed(f).await?;
     }
-    conn.flush().await
+    Ok(conn.flush().await?)
 }

@@ -19,6 +19,6 @@ pub mod sync;
 
 pub use client::{Client, Session, SessionEvent};
 pub use doc::{Doc, EditError, LocalOp, TextChange};
-pub use net::{NetError, ServerConfig, TlsSettings};
+pub use net::{NetError, ServerConfig, TlsError, TlsSettings};
 pub use store::{NoteInfo, Store, StoreError};
 pub use sync::{SyncError, SyncReport};

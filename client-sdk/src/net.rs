@@ -5,7 +5,7 @@ use std::time::Duration;
 use futures::{SinkExt, StreamExt};
 use notesync_protocol::{
     ClientCodec, ClientFrame, DecodeError, ErrorCode, ErrorFrame, Hello, PROTOCOL_VERSION,
-    ServerFrame, Time,
+    ServerFrame, Time, ValueError,
 };
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -80,7 +80,7 @@ fn host_of(addr: &str) -> &str {
     host.trim_start_matches('[').trim_end_matches(']')
 }
 
-fn tls_connector(tls: &TlsSettings) -> Result<TlsConnector, NetError> {
+fn tls_connector(tls: &TlsSettings) -> Result<TlsConnector, TlsError> {
     use rustls_pki_types::CertificateDer;
     use rustls_pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();
@@ -88,13 +88,13 @@ fn tls_connector(tls: &TlsSettings) -> Result<TlsConnector, NetError> {
         Some(path) => {
             let certs = CertificateDer::pem_file_iter(path)
                 .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-                .map_err(|e| NetError::Tls(format!("reading CA file {}: {e}", path.display())))?;
+                .map_err(|source| TlsError::CaFile {
+                    path: path.clone(),
+                    source,
+                })?;
             let (added, _) = roots.add_parsable_certificates(certs);
             if added == 0 {
-                return Err(NetError::Tls(format!(
-                    "no usable CA certificate in {}",
-                    path.display()
-                )));
+                return Err(TlsError::NoCa(path.clone()));
             }
         }
         None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
@@ -102,10 +102,36 @@ fn tls_connector(tls: &TlsSettings) -> Result<TlsConnector, NetError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| NetError::Tls(e.to_string()))?
+        .map_err(TlsError::Config)?
         .with_root_certificates(roots)
         .with_no_client_auth();
     Ok(TlsConnector::from(Arc::new(config)))
+}
+
+/// Why a TLS connection could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("reading CA file {}: {source}", path.display())]
+    CaFile {
+        path: PathBuf,
+        source: rustls_pki_types::pem::Error,
+    },
+    #[error("no usable CA certificate in {}", .0.display())]
+    NoCa(PathBuf),
+    #[error("invalid server name {name:?}: {source}")]
+    ServerName {
+        name: String,
+        source: rustls_pki_types::InvalidDnsNameError,
+    },
+    #[error("{0}")]
+    Config(#[source] rustls::Error),
+    /// The handshake failed: a certificate not trusted or not for this
+    /// name, or a server that does not speak TLS.
+    #[error("handshake with {addr}: {source}")]
+    Handshake {
+        addr: String,
+        source: std::io::Error,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -127,8 +153,10 @@ pub enum NetError {
     Server { code: ErrorCode, message: String },
     #[error("unexpected reply from the server: {0}")]
     Unexpected(String),
+    #[error("cannot send hello: {0}")]
+    Hello(#[source] ValueError),
     #[error("TLS: {0}")]
-    Tls(String),
+    Tls(#[from] TlsError),
 }
 
 impl NetError {
@@ -143,7 +171,10 @@ impl NetError {
                     | ErrorCode::STORAGE
                     | ErrorCode::SHUTTING_DOWN
             ),
-            NetError::Decode(_) | NetError::Unexpected(_) | NetError::Tls(_) => false,
+            NetError::Decode(_)
+            | NetError::Unexpected(_)
+            | NetError::Hello(_)
+            | NetError::Tls(_) => false,
             _ => true,
         }
     }
@@ -158,6 +189,13 @@ impl From<ErrorFrame> for NetError {
     }
 }
 
+/// `f`'s outcome, or a timeout error once `limit` has passed.
+async fn within<T>(limit: Duration, f: impl Future<Output = T>) -> Result<T, NetError> {
+    tokio::time::timeout(limit, f)
+        .await
+        .map_err(|_| NetError::Timeout(limit))
+}
+
 /// An open connection, after hello and welcome.
 pub struct Conn {
     framed: Framed<Box<dyn Stream>, ClientCodec>,
@@ -167,10 +205,8 @@ pub struct Conn {
 
 impl Conn {
     pub async fn connect(cfg: &ServerConfig, replica: u128) -> Result<Conn, NetError> {
-        let connect = TcpStream::connect(&cfg.addr);
-        let stream = tokio::time::timeout(cfg.reply_timeout, connect)
-            .await
-            .map_err(|_| NetError::Timeout(cfg.reply_timeout))?
+        let stream = within(cfg.reply_timeout, TcpStream::connect(&cfg.addr))
+            .await?
             .map_err(|source| NetError::Connect {
                 addr: cfg.addr.clone(),
                 source,
@@ -183,17 +219,21 @@ impl Conn {
                     .server_name
                     .clone()
                     .unwrap_or_else(|| host_of(&cfg.addr).to_owned());
-                let name = rustls_pki_types::ServerName::try_from(host.clone())
-                    .map_err(|e| NetError::Tls(format!("invalid server name {host:?}: {e}")))?;
-                let handshake = tls_connector(tls)?.connect(name, stream);
-                let stream = tokio::time::timeout(cfg.reply_timeout, handshake)
-                    .await
-                    .map_err(|_| NetError::Timeout(cfg.reply_timeout))?
-                    .map_err(|e| {
-                        match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
-                            Some(te) => NetError::Tls(format!("handshake with {}: {te}", cfg.addr)),
-                            None => NetError::Tls(format!("handshake with {}: {e}", cfg.addr)),
+                let name =
+                    rustls_pki_types::ServerName::try_from(host.clone()).map_err(|source| {
+                        TlsError::ServerName {
+                            name: host.clone(),
+                            source,
                         }
+                    })?;
+                let handshake = tls_connector(tls)?.connect(name, stream);
+                // An io::Error that wraps a rustls::Error shows it as its
+                // own message (which names the certificate problem).
+                let stream = within(cfg.reply_timeout, handshake)
+                    .await?
+                    .map_err(|source| TlsError::Handshake {
+                        addr: cfg.addr.clone(),
+                        source,
                     })?;
                 Box::new(stream)
             }
@@ -203,8 +243,7 @@ impl Conn {
             timeout: cfg.reply_timeout,
             server_time: 0,
         };
-        let hello = Hello::new(replica, cfg.token.clone())
-            .map_err(|e| NetError::Unexpected(format!("cannot send hello: {e}")))?;
+        let hello = Hello::new(replica, cfg.token.clone()).map_err(NetError::Hello)?;
         conn.send(ClientFrame::Hello(hello)).await?;
         match conn.recv().await? {
             ServerFrame::Welcome {

@@ -21,14 +21,27 @@ use notesync_protocol::{
 
 use crate::doc::TextChange;
 use crate::net::{Conn, NetError, ServerConfig};
-use crate::store::{RemoteDeletion, Store, StoreError};
+use crate::store::{Outgoing, RemoteDeletion, Store, StoreError};
 
+/// An error of a sync or of a live session's connection: the network's,
+/// or the local store's (each kept whole, as its source).
 #[derive(Debug, thiserror::Error)]
 pub enum SyncError {
     #[error(transparent)]
     Net(#[from] NetError),
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+impl SyncError {
+    /// Whether retrying later on a new connection may succeed (a store
+    /// error is not the network's: retrying will not mend it).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            SyncError::Net(e) => e.is_transient(),
+            SyncError::Store(_) => false,
+        }
+    }
 }
 
 /// What one sync did.
@@ -102,14 +115,7 @@ pub async fn sync_once(
     let mut report = SyncReport::default();
 
     // 1. Provisional notes get their site first (PROTOCOL.md 1.3).
-    let provisional: Vec<(DocId, DocName)> = {
-        let s = lock(store);
-        s.notes
-            .iter()
-            .filter(|(_, n)| n.provisional)
-            .map(|(id, n)| (*id, n.doc.name.clone()))
-            .collect()
-    };
+    let provisional = lock(store).provisional_notes();
     for (id, name) in provisional {
         conn.send(ClientFrame::Upsert(Upsert {
             doc: id,
@@ -187,9 +193,7 @@ pub async fn sync_once(
                     report.upserted += 1;
                     report.acknowledged_ops +=
                         inserts.len() + deletes.len() + rename.is_some() as usize;
-                    let note = s.note_mut(doc)?;
-                    note.pending
-                        .acknowledge(&inserts, &deletes, rename.as_ref());
+                    s.acknowledge(doc, &inserts, &deletes, rename.as_ref())?;
                     s.set_site(doc, site)?;
                     s.set_note_sync(doc, sync_time)?;
                 }
@@ -241,19 +245,15 @@ fn plan(
     for doc in s.pending_deletes() {
         out.push((Request::Delete { doc }, ClientFrame::DeleteDoc { doc }));
     }
-    let with_ops: Vec<DocId> = s
-        .notes
-        .iter()
-        .filter(|(_, n)| !n.provisional && n.site != 0 && !n.pending.is_empty())
-        .map(|(id, _)| *id)
-        .collect();
+    let with_ops = s.notes_to_upsert();
     for &id in &with_ops {
-        s.coalesce(id)?;
-        s.mark_sent(id)?;
-        let note = s.note(id)?;
-        let (inserts, deletes, rename) = note.pending.snapshot();
-        let name = rename.clone().unwrap_or_else(|| note.doc.name.clone());
-        let since = note.last_sync;
+        let Outgoing {
+            inserts,
+            deletes,
+            rename,
+            name,
+            since,
+        } = s.outgoing(id)?;
         // Split so no frame nears the limits (each upsert is idempotent).
         let mut ins = inserts.into_iter().peekable();
         let mut dels = deletes.into_iter().peekable();
@@ -296,7 +296,8 @@ fn plan(
         // A note deleted here or known deleted: nothing to pull (it would
         // come back as a new note).
         if !with_ops.contains(&doc) && !s.is_deleted(doc) {
-            let since = s.notes.get(&doc).map_or(0, |n| n.last_sync);
+            // A note new to this device: everything.
+            let since = s.note_sync_time(doc).unwrap_or(0);
             out.push((Request::Pull { doc }, ClientFrame::Pull { doc, since }));
         }
     }
@@ -327,7 +328,7 @@ async fn read_reply(
             ServerFrame::DocResponse(r) if r.doc == doc => {
                 inserted.extend(r.inserts.iter().map(|a| a.pid.to_pid()));
                 let mut s = lock(store);
-                if !s.notes.contains_key(&doc) {
+                if !s.contains(doc) {
                     s.adopt_remote(doc, &r.name, 0)?;
                     report.new_notes.push(doc);
                 }
@@ -335,7 +336,7 @@ async fn read_reply(
                 // The 33's name is the server's current one. After an upsert
                 // it is the verdict on any rename the upsert carried; after a
                 // pull it must not undo a local rename not yet sent.
-                if carried_rename || s.note(doc)?.pending.pending_rename().is_none() {
+                if carried_rename || !s.has_pending_rename(doc)? {
                     s.apply_remote_name(doc, &r.name)?;
                 }
             }
@@ -346,12 +347,8 @@ async fn read_reply(
             } if d == doc => {
                 {
                     let mut s = lock(store);
-                    if s.notes.contains_key(&doc) {
-                        if full {
-                            changes.extend(s.reconcile_full(doc, &inserted)?);
-                        } else {
-                            changes.extend(s.reconcile_catch_up(doc, &inserted)?);
-                        }
+                    if s.contains(doc) {
+                        changes.extend(s.reconcile(doc, &inserted, full)?);
                     }
                 }
                 if !changes.is_empty() {

@@ -4,18 +4,19 @@
 //! unsynced edits, and every replica converges.
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+mod common;
+
+use common::server::{TestServer, next_event_where, wait_for};
 use futures::{SinkExt, StreamExt};
-use notesync_client::{Client, ServerConfig, SessionEvent};
+use notesync_client::{Client, SessionEvent};
 use notesync_protocol::{ClientCodec, ClientFrame, DocId, ErrorCode, Hello, ServerFrame, Time};
-use notesync_server::{Config, Server, WallClock};
+use notesync_server::{Config, WallClock};
 use tokio::net::TcpStream;
 use tokio_util::codec::Framed;
-use tokio_util::sync::CancellationToken;
 
 /// A wall clock the test sets.
 struct TestClock(AtomicU64);
@@ -28,89 +29,59 @@ impl WallClock for TestClock {
 
 const HORIZON: Duration = Duration::from_secs(1000);
 
-struct TestServer {
-    addr: String,
-    clock: Arc<TestClock>,
-    _data: tempfile::TempDir,
-    stop: CancellationToken,
-}
-
-impl TestServer {
-    async fn start() -> TestServer {
-        let data = tempfile::tempdir().unwrap();
-        let clock = Arc::new(TestClock(AtomicU64::new(1_700_000_000_000_000)));
-        let mut config = Config::new(data.path()).listen("127.0.0.1:0");
+/// A server whose wall clock is `clock`, with a short horizon and frequent
+/// compaction.
+async fn start(clock: &Arc<TestClock>) -> TestServer {
+    TestServer::start_with(|dir| {
+        let mut config = Config::new(dir);
         config.wall_clock = clock.clone();
         config.tombstone_horizon = HORIZON;
         config.compaction_interval = Duration::from_millis(20);
-        let server = Server::bind(config).await.unwrap();
-        let addr = server.local_addr().to_string();
-        let stop = CancellationToken::new();
-        let s = stop.clone();
-        tokio::spawn(async move {
-            server.run(s).await.unwrap();
-        });
-        TestServer {
-            addr,
-            clock,
-            _data: data,
-            stop,
-        }
-    }
+        config
+    })
+    .await
+}
 
-    fn client(&self, dir: &Path) -> Client {
-        let mut cfg = ServerConfig::new(self.addr.clone());
-        cfg.reply_timeout = Duration::from_secs(10);
-        Client::open(dir, cfg).unwrap()
-    }
-
+impl TestClock {
     fn advance(&self, by: Duration) {
-        self.clock
-            .0
-            .fetch_add(by.as_micros() as u64, Ordering::SeqCst);
-    }
-
-    /// The first frame the server answers a pull of `doc` since `since`
-    /// with, on a connection whose hello announced `version`.
-    async fn first_reply(&self, version: u8, doc: DocId, since: Time) -> ServerFrame {
-        let addr: SocketAddr = self.addr.parse().unwrap();
-        let stream = TcpStream::connect(addr).await.unwrap();
-        let mut c = Framed::new(stream, ClientCodec::default());
-        let mut hello = Hello::new(0xabcd, Vec::new()).unwrap();
-        hello.version = version;
-        c.send(ClientFrame::Hello(hello)).await.unwrap();
-        let next = async |c: &mut Framed<TcpStream, ClientCodec>| {
-            tokio::time::timeout(Duration::from_secs(10), c.next())
-                .await
-                .expect("a reply within 10 s")
-                .expect("a frame")
-                .expect("a valid frame")
-        };
-        assert!(matches!(next(&mut c).await, ServerFrame::Welcome { .. }));
-        c.send(ClientFrame::Pull { doc, since }).await.unwrap();
-        next(&mut c).await
-    }
-
-    /// Waits (bounded) until compaction has dropped tombstones deleted
-    /// after `since`: a pull since it is then a resync.
-    async fn compacted_past(&self, doc: DocId, since: Time) {
-        for _ in 0..500 {
-            if matches!(
-                self.first_reply(2, doc, since).await,
-                ServerFrame::Resync { doc: d } if d == doc
-            ) {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        panic!("compaction did not drop the tombstones within 10 s");
+        self.0.fetch_add(by.as_micros() as u64, Ordering::SeqCst);
     }
 }
 
-impl Drop for TestServer {
-    fn drop(&mut self) {
-        self.stop.cancel();
+/// The first frame the server answers a pull of `doc` since `since`
+/// with, on a connection whose hello announced `version`.
+async fn first_reply(server: &TestServer, version: u8, doc: DocId, since: Time) -> ServerFrame {
+    let addr: SocketAddr = server.addr.parse().unwrap();
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let mut c = Framed::new(stream, ClientCodec::default());
+    let mut hello = Hello::new(0xabcd, Vec::new()).unwrap();
+    hello.version = version;
+    c.send(ClientFrame::Hello(hello)).await.unwrap();
+    let next = async |c: &mut Framed<TcpStream, ClientCodec>| {
+        tokio::time::timeout(Duration::from_secs(10), c.next())
+            .await
+            .expect("a reply within 10 s")
+            .expect("a frame")
+            .expect("a valid frame")
+    };
+    assert!(matches!(next(&mut c).await, ServerFrame::Welcome { .. }));
+    c.send(ClientFrame::Pull { doc, since }).await.unwrap();
+    next(&mut c).await
+}
+
+/// Waits (bounded) until compaction has dropped tombstones deleted
+/// after `since`: a pull since it is then a resync.
+async fn compacted_past(server: &TestServer, doc: DocId, since: Time) {
+    for _ in 0..500 {
+        if matches!(
+            first_reply(server, 2, doc, since).await,
+            ServerFrame::Resync { doc: d } if d == doc
+        ) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    panic!("compaction did not drop the tombstones within 10 s");
 }
 
 fn last_sync(c: &Client, doc: DocId) -> Time {
@@ -123,7 +94,8 @@ fn pending(c: &Client, doc: DocId) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn offline_past_the_horizon_resyncs_and_keeps_pending_edits() {
-    let server = TestServer::start().await;
+    let clock = Arc::new(TestClock(AtomicU64::new(1_700_000_000_000_000)));
+    let server = start(&clock).await;
     let dirs: Vec<_> = (0..5).map(|_| tempfile::tempdir().unwrap()).collect();
     let [a, b, c, d, e] = [0, 1, 2, 3, 4].map(|i| server.client(dirs[i].path()));
     let id = a.create("plan").unwrap();
@@ -149,15 +121,15 @@ async fn offline_past_the_horizon_resyncs_and_keeps_pending_edits() {
     assert_eq!(a.text(id).unwrap(), "alpha gamma");
     // Before the horizon: a delta, no resync.
     assert!(matches!(
-        server.first_reply(2, id, b_since).await,
+        first_reply(&server, 2, id, b_since).await,
         ServerFrame::DocResponse(_)
     ));
 
     // Past the horizon the deletes' tombstones are dropped.
-    server.advance(HORIZON * 2);
-    server.compacted_past(id, b_since).await;
+    clock.advance(HORIZON * 2);
+    compacted_past(&server, id, b_since).await;
     // A version 1 client is told in an error it knows.
-    match server.first_reply(1, id, b_since).await {
+    match first_reply(&server, 1, id, b_since).await {
         ServerFrame::Error(e) => assert_eq!(e.code, ErrorCode::INVALID_REQUEST, "{e:?}"),
         other => panic!("expected invalid_request for version 1, got {other:?}"),
     }
@@ -177,24 +149,12 @@ async fn offline_past_the_horizon_resyncs_and_keeps_pending_edits() {
     // E opens a live session: refused with a resync, the SDK resyncs in
     // sync mode and starts again; its offline edit lands.
     let mut se = e.session(id).unwrap();
-    let connected = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            match se.next_event().await {
-                Some(SessionEvent::Connected) => return true,
-                Some(_) => continue,
-                None => return false,
-            }
-        }
+    let connected = next_event_where("E's session to connect", &mut se, |e| {
+        (e == SessionEvent::Connected).then_some(())
     })
-    .await
-    .expect("E's session connects");
-    assert!(connected);
-    for _ in 0..500 {
-        if se.pending_ops() == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    .await;
+    assert!(connected.is_some(), "E's session ended before it connected");
+    wait_for("E's edit acknowledged", || se.pending_ops() == 0).await;
     assert_eq!(se.pending_ops(), 0);
     se.close().await;
     let want = "E: alpha gamma (B offline)";

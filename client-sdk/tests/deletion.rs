@@ -3,51 +3,13 @@
 //! device that was offline when it was made, the note stays deleted, and a
 //! device with edits that never reached the server keeps their text.
 
+mod common;
+
 use std::path::Path;
-use std::time::Duration;
 
+use common::server::{TestServer, connected_sessions, next_event_where, shared_note};
+use notesync_client::SessionEvent;
 use notesync_client::store::TRASH_DIR;
-use notesync_client::{Client, ServerConfig, SessionEvent};
-use notesync_server::{Config, Server};
-use tokio_util::sync::CancellationToken;
-
-struct TestServer {
-    addr: String,
-    _data: tempfile::TempDir,
-    stop: CancellationToken,
-}
-
-impl TestServer {
-    async fn start() -> TestServer {
-        let data = tempfile::tempdir().unwrap();
-        let server = Server::bind(Config::new(data.path()).listen("127.0.0.1:0"))
-            .await
-            .unwrap();
-        let addr = server.local_addr().to_string();
-        let stop = CancellationToken::new();
-        let s = stop.clone();
-        tokio::spawn(async move {
-            server.run(s).await.unwrap();
-        });
-        TestServer {
-            addr,
-            _data: data,
-            stop,
-        }
-    }
-
-    fn client(&self, dir: &Path) -> Client {
-        let mut cfg = ServerConfig::new(self.addr.clone());
-        cfg.reply_timeout = Duration::from_secs(10);
-        Client::open(dir, cfg).unwrap()
-    }
-}
-
-impl Drop for TestServer {
-    fn drop(&mut self) {
-        self.stop.cancel();
-    }
-}
 
 /// The note's three files in `dir`, by which exist.
 fn files(dir: &Path, stem: &str) -> [bool; 3] {
@@ -63,10 +25,7 @@ fn trash_files(dir: &Path) -> Vec<std::path::PathBuf> {
 
 #[tokio::test]
 async fn deletion_reaches_a_device_that_was_offline_at_the_time() {
-    let server = TestServer::start().await;
-    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let a = server.client(da.path());
-    let b = server.client(db.path());
+    let (server, [(da, a), (db, b)]) = TestServer::with_devices().await;
     let id = a.create("groceries").unwrap();
     a.insert(id, 0, "milk, eggs").unwrap();
     let keep = a.create("keep me").unwrap();
@@ -105,8 +64,7 @@ async fn deletion_reaches_a_device_that_was_offline_at_the_time() {
     let rb = b.sync_now().await.unwrap();
     assert!(ra.new_notes.is_empty() && rb.new_notes.is_empty());
     assert!(rb.deleted.is_empty());
-    let dc = tempfile::tempdir().unwrap();
-    let c = server.client(dc.path());
+    let (_dc, c) = server.device();
     let rc = c.sync_now().await.unwrap();
     assert_eq!(rc.new_notes, vec![keep]);
     // B reopened: the deleted note is not adopted back from anything left.
@@ -117,14 +75,8 @@ async fn deletion_reaches_a_device_that_was_offline_at_the_time() {
 
 #[tokio::test]
 async fn unsynced_edits_to_a_note_deleted_elsewhere_are_kept_in_the_trash() {
-    let server = TestServer::start().await;
-    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let a = server.client(da.path());
-    let b = server.client(db.path());
-    let id = a.create("plan").unwrap();
-    a.insert(id, 0, "step one").unwrap();
-    a.sync_now().await.unwrap();
-    b.sync_now().await.unwrap();
+    let (server, [(_da, a), (db, b)]) = TestServer::with_devices().await;
+    let id = shared_note(&a, &b, "plan", "step one").await;
 
     // B edits offline; meanwhile A deletes the note.
     b.insert(id, 8, ", step two (offline)").unwrap();
@@ -153,58 +105,46 @@ async fn unsynced_edits_to_a_note_deleted_elsewhere_are_kept_in_the_trash() {
     assert!(ra.new_notes.is_empty() && a.list().is_empty(), "{ra:?}");
     let rb = b.sync_now().await.unwrap();
     assert!(rb.new_notes.is_empty() && b.list().is_empty(), "{rb:?}");
-    let dc = tempfile::tempdir().unwrap();
-    let c = server.client(dc.path());
+    let (_dc, c) = server.device();
     assert!(c.sync_now().await.unwrap().new_notes.is_empty());
 }
 
 #[tokio::test]
 async fn a_live_session_is_told_and_ended() {
-    let server = TestServer::start().await;
-    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let a = server.client(da.path());
-    let b = server.client(db.path());
-    let id = a.create("live").unwrap();
-    a.insert(id, 0, "text").unwrap();
-    a.sync_now().await.unwrap();
-    b.sync_now().await.unwrap();
-    let mut sb = b.session(id).unwrap();
-    assert_eq!(sb.next_event().await, Some(SessionEvent::Connected));
+    let (server, [(_da, a), (db, b)]) = TestServer::with_devices().await;
+    let id = shared_note(&a, &b, "live", "text").await;
+    let [mut sb] = connected_sessions([&b], id).await;
 
     a.delete_note(id).unwrap();
     a.sync_now().await.unwrap();
-    let ev = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            match sb.next_event().await {
-                Some(SessionEvent::Deleted(d)) => return Some(d),
-                Some(_) => continue,
-                None => return None,
-            }
-        }
-    })
-    .await
-    .expect("B's session hears of the deletion");
+    let ev = next_event_where(
+        "B's session to hear of the deletion",
+        &mut sb,
+        |e| match e {
+            SessionEvent::Deleted(d) => Some(d),
+            _ => None,
+        },
+    )
+    .await;
     let d = ev.expect("a Deleted event before the session ends");
     assert_eq!((d.id, d.kept), (id, None));
     // The session has ended.
-    let end = tokio::time::timeout(Duration::from_secs(10), sb.next_event()).await;
-    assert_eq!(end.expect("the session ends"), None);
+    let end = next_event_where("the session to end", &mut sb, Some).await;
+    assert_eq!(end, None);
     assert!(b.list().is_empty());
     assert_eq!(files(db.path(), "live"), [false; 3]);
 
     // A session started afterwards on a note deleted elsewhere (C still
     // has it) is refused the same way.
-    let dc = tempfile::tempdir().unwrap();
-    let c = server.client(dc.path());
+    let (_dc, c) = server.device();
     let id2 = c.create("second").unwrap();
     c.sync_now().await.unwrap();
     a.sync_now().await.unwrap();
     a.delete_note(id2).unwrap();
     a.sync_now().await.unwrap();
     let mut sc = c.session(id2).unwrap();
-    let ev = tokio::time::timeout(Duration::from_secs(10), sc.next_event())
-        .await
-        .expect("C's session hears of the deletion");
+    // Its first event, whatever it is.
+    let ev = next_event_where("C's session to hear of the deletion", &mut sc, Some).await;
     assert!(
         matches!(ev, Some(SessionEvent::Deleted(ref d)) if d.id == id2),
         "{ev:?}"

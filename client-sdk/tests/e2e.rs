@@ -1,80 +1,15 @@
 //! The SDK against a real notesync-server (embedded, on an ephemeral port).
 
-use std::time::Duration;
+mod common;
 
-use notesync_client::{Client, ServerConfig, SessionEvent};
-use notesync_server::{Config, Server};
-use tokio_util::sync::CancellationToken;
-
-struct TestServer {
-    addr: String,
-    data: tempfile::TempDir,
-    stop: CancellationToken,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl TestServer {
-    async fn start() -> TestServer {
-        let data = tempfile::tempdir().unwrap();
-        Self::start_on(data, "127.0.0.1:0").await
-    }
-
-    async fn start_on(data: tempfile::TempDir, listen: &str) -> TestServer {
-        let server = Server::bind(Config::new(data.path()).listen(listen))
-            .await
-            .unwrap();
-        let addr = server.local_addr().to_string();
-        let stop = CancellationToken::new();
-        let s = stop.clone();
-        let task = tokio::spawn(async move {
-            server.run(s).await.unwrap();
-        });
-        TestServer {
-            addr,
-            data,
-            stop,
-            task,
-        }
-    }
-
-    /// Stops the server (gracefully) and starts it again on the same port
-    /// and data folder.
-    async fn restart(self) -> TestServer {
-        let addr = self.addr.clone();
-        self.stop.cancel();
-        self.task.await.unwrap();
-        Self::start_on(self.data, &addr).await
-    }
-
-    fn client(&self, dir: &std::path::Path) -> Client {
-        let mut cfg = ServerConfig::new(self.addr.clone());
-        cfg.reply_timeout = Duration::from_secs(10);
-        Client::open(dir, cfg).unwrap()
-    }
-}
-
-async fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
-    for _ in 0..500 {
-        if ok() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("timed out waiting for {what}");
-}
+use common::server::{TestServer, connected_sessions, shared_note, wait_for};
+use notesync_client::SessionEvent;
 
 #[tokio::test]
 async fn offline_edits_at_the_same_place_are_all_kept() {
-    let server = TestServer::start().await;
-    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let a = server.client(da.path());
-    let b = server.client(db.path());
-    let id = a.create("shared").unwrap();
-    a.insert(id, 0, "hello world").unwrap();
-    a.sync_now().await.unwrap();
-    let rb = b.sync_now().await.unwrap();
-    assert_eq!(rb.new_notes, vec![id]);
-    assert_eq!(b.text(id).unwrap(), "hello world");
+    let (_server, [(_da, a), (_db, b)]) = TestServer::with_devices().await;
+    // b gets it as a new note with its text (checked by shared_note).
+    let id = shared_note(&a, &b, "shared", "hello world").await;
     assert_eq!(b.name(id).unwrap(), "shared");
 
     // Both offline, editing at the same places.
@@ -101,9 +36,7 @@ async fn offline_edits_at_the_same_place_are_all_kept() {
 
 #[tokio::test]
 async fn an_offline_insert_then_delete_sends_nothing() {
-    let server = TestServer::start().await;
-    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let a = server.client(da.path());
+    let (server, [(_da, a)]) = TestServer::with_devices().await;
     let id = a.create("scratch").unwrap();
     a.insert(id, 0, "kept ").unwrap();
     a.sync_now().await.unwrap();
@@ -113,21 +46,15 @@ async fn an_offline_insert_then_delete_sends_nothing() {
     let r = a.sync_now().await.unwrap();
     assert_eq!(r.upserted, 0);
     assert_eq!(r.acknowledged_ops, 0);
-    let b = server.client(db.path());
+    let (_db, b) = server.device();
     b.sync_now().await.unwrap();
     assert_eq!(b.text(id).unwrap(), "kept ");
 }
 
 #[tokio::test]
 async fn a_rename_travels_and_moves_the_files() {
-    let server = TestServer::start().await;
-    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let a = server.client(da.path());
-    let b = server.client(db.path());
-    let id = a.create("draft").unwrap();
-    a.insert(id, 0, "x").unwrap();
-    a.sync_now().await.unwrap();
-    b.sync_now().await.unwrap();
+    let (_server, [(_da, a), (db, b)]) = TestServer::with_devices().await;
+    let id = shared_note(&a, &b, "draft", "x").await;
     a.rename(id, "final").unwrap();
     a.sync_now().await.unwrap();
     b.sync_now().await.unwrap();
@@ -138,18 +65,9 @@ async fn a_rename_travels_and_moves_the_files() {
 
 #[tokio::test]
 async fn live_sessions_converge_and_survive_a_server_restart() {
-    let server = TestServer::start().await;
-    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let a = server.client(da.path());
-    let b = server.client(db.path());
-    let id = a.create("live").unwrap();
-    a.sync_now().await.unwrap();
-    b.sync_now().await.unwrap();
-    let mut sa = a.session(id).unwrap();
-    let mut sb = b.session(id).unwrap();
-    for s in [&mut sa, &mut sb] {
-        assert_eq!(s.next_event().await, Some(SessionEvent::Connected));
-    }
+    let (server, [(_da, a), (_db, b)]) = TestServer::with_devices().await;
+    let id = shared_note(&a, &b, "live", "").await;
+    let [sa, sb] = connected_sessions([&a, &b], id).await;
     sa.insert(0, "one ").unwrap();
     sa.insert(4, "two ").unwrap();
     wait_for("B to see A's words", || sb.text() == "one two ").await;
@@ -177,8 +95,7 @@ async fn live_sessions_converge_and_survive_a_server_restart() {
     sa.close().await;
     sb.close().await;
     // A fresh device sees the same.
-    let dc = tempfile::tempdir().unwrap();
-    let c = server.client(dc.path());
+    let (_dc, c) = server.device();
     c.sync_now().await.unwrap();
     assert_eq!(c.text(id).unwrap(), "[a] >> one two three [b]");
 }
@@ -188,19 +105,9 @@ async fn live_sessions_converge_and_survive_a_server_restart() {
 /// the catch-up sends it as neither insert nor delete.
 #[tokio::test]
 async fn text_received_live_then_deleted_while_away_disappears_on_catch_up() {
-    let server = TestServer::start().await;
-    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let a = server.client(da.path());
-    let b = server.client(db.path());
-    let id = a.create("away").unwrap();
-    a.insert(id, 0, "base ").unwrap();
-    a.sync_now().await.unwrap();
-    b.sync_now().await.unwrap();
-    let mut sa = a.session(id).unwrap();
-    let mut sb = b.session(id).unwrap();
-    for s in [&mut sa, &mut sb] {
-        assert_eq!(s.next_event().await, Some(SessionEvent::Connected));
-    }
+    let (server, [(_da, a), (db, b)]) = TestServer::with_devices().await;
+    let id = shared_note(&a, &b, "away", "base ").await;
+    let [sa, sb] = connected_sessions([&a, &b], id).await;
     sa.insert(5, "live").unwrap();
     wait_for("B to receive the live text", || sb.text() == "base live").await;
     wait_for("A's op acknowledged", || sa.pending_ops() == 0).await;
@@ -214,14 +121,9 @@ async fn text_received_live_then_deleted_while_away_disappears_on_catch_up() {
     assert_eq!(b.text(id).unwrap(), "base ");
     // ...and the same holds after a restart of B's store (the set of ids
     // to reconcile is durable) and a catch-up by session.
-    let dc = tempfile::tempdir().unwrap();
-    let c = server.client(dc.path());
+    let (_dc, c) = server.device();
     c.sync_now().await.unwrap();
-    let mut sc = c.session(id).unwrap();
-    let mut sb = b.session(id).unwrap();
-    for s in [&mut sc, &mut sb] {
-        assert_eq!(s.next_event().await, Some(SessionEvent::Connected));
-    }
+    let [sc, sb] = connected_sessions([&c, &b], id).await;
     sc.insert(0, "x").unwrap();
     wait_for("B to receive x", || sb.text() == "xbase ").await;
     sb.close().await;

@@ -3,53 +3,51 @@
 //! token; clients that do not trust the certificate, or speak plain TCP to
 //! it, get a clear error and nothing else.
 
+mod common;
+
+use std::path::PathBuf;
 use std::time::Duration;
 
-use notesync_client::{Client, NetError, ServerConfig, SyncError, TlsSettings};
+use common::server::{TestServer, shared_note};
+use notesync_client::{Client, NetError, ServerConfig, SyncError, TlsError, TlsSettings};
 use notesync_server::auth::{Access, add_token};
-use notesync_server::{Config, Server, TlsFiles};
-use tokio_util::sync::CancellationToken;
+use notesync_server::{Config, TlsFiles};
 
+/// A TLS server that requires a token, and what a client needs to trust it.
 struct TlsServer {
-    addr: String,
-    ca: std::path::PathBuf,
+    server: TestServer,
+    ca: PathBuf,
     token: String,
-    _dir: tempfile::TempDir,
-    stop: CancellationToken,
 }
 
 async fn start() -> TlsServer {
-    let dir = tempfile::tempdir().unwrap();
-    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
-    let cert_path = dir.path().join("cert.pem");
-    let key_path = dir.path().join("key.pem");
-    std::fs::write(&cert_path, cert.cert.pem()).unwrap();
-    std::fs::write(&key_path, cert.signing_key.serialize_pem()).unwrap();
-    let data = dir.path().join("data");
-    let (_, token) = add_token(&data, "tls-team", Access::ReadWrite).unwrap();
-    let mut config = Config::new(&data).listen("127.0.0.1:0");
-    config.tls = Some(TlsFiles {
-        cert: cert_path.clone(),
-        key: key_path,
-    });
-    let server = Server::bind(config).await.unwrap();
-    let addr = server.local_addr().to_string();
-    let stop = CancellationToken::new();
-    let s = stop.clone();
-    tokio::spawn(async move { server.run(s).await.unwrap() });
+    let mut token = String::new();
+    let server = TestServer::start_with(|dir| {
+        let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+        let cert_path = dir.join("cert.pem");
+        let key_path = dir.join("key.pem");
+        std::fs::write(&cert_path, cert.cert.pem()).unwrap();
+        std::fs::write(&key_path, cert.signing_key.serialize_pem()).unwrap();
+        let data = dir.join("data");
+        token = add_token(&data, "tls-team", Access::ReadWrite).unwrap().1;
+        let mut config = Config::new(&data);
+        config.tls = Some(TlsFiles {
+            cert: cert_path,
+            key: key_path,
+        });
+        config
+    })
+    .await;
     TlsServer {
-        addr,
-        ca: cert_path,
+        ca: server.dir().join("cert.pem"),
+        server,
         token,
-        _dir: dir,
-        stop,
     }
 }
 
 impl TlsServer {
     fn config(&self) -> ServerConfig {
-        let mut cfg = ServerConfig::new(self.addr.clone());
-        cfg.reply_timeout = Duration::from_secs(10);
+        let mut cfg = self.server.config();
         cfg.token = self.token.clone().into_bytes();
         cfg.tls = Some(TlsSettings {
             ca_file: Some(self.ca.clone()),
@@ -65,12 +63,8 @@ async fn the_sdk_syncs_and_edits_live_over_tls() {
     let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let a = Client::open(da.path(), server.config()).unwrap();
     let b = Client::open(db.path(), server.config()).unwrap();
-    let id = a.create("over tls").unwrap();
-    a.insert(id, 0, "encrypted hello").unwrap();
-    a.sync_now().await.unwrap();
-    let r = b.sync_now().await.unwrap();
-    assert_eq!(r.new_notes, vec![id]);
-    assert_eq!(b.text(id).unwrap(), "encrypted hello");
+    // b gets it as a new note with its text (checked by shared_note).
+    let id = shared_note(&a, &b, "over tls", "encrypted hello").await;
 
     // A live session through TLS: b sees a's edit.
     let sa = a.session(id).unwrap();
@@ -94,7 +88,7 @@ async fn the_sdk_syncs_and_edits_live_over_tls() {
     .expect("b sees a's live edit");
     sa.close().await;
     sb.close().await;
-    server.stop.cancel();
+    server.server.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -109,7 +103,8 @@ async fn untrusted_certificates_and_plain_tcp_are_refused_clearly() {
     let dir = tempfile::tempdir().unwrap();
     let c = Client::open(dir.path(), cfg).unwrap();
     match c.sync_now().await {
-        Err(SyncError::Net(NetError::Tls(msg))) => {
+        Err(SyncError::Net(NetError::Tls(e @ TlsError::Handshake { .. }))) => {
+            let msg = e.to_string();
             assert!(msg.contains("certificate"), "{msg}");
         }
         other => panic!("expected a TLS certificate error, got {other:?}"),
@@ -133,5 +128,5 @@ async fn untrusted_certificates_and_plain_tcp_are_refused_clearly() {
     let dir = tempfile::tempdir().unwrap();
     let c = Client::open(dir.path(), cfg).unwrap();
     assert!(c.sync_now().await.is_err());
-    server.stop.cancel();
+    server.server.stop().await;
 }

@@ -5,7 +5,7 @@
 //! CI a missing trace skips with a message; in CI (CI=true) it fails.
 
 mod common;
-use common::load_trace as load;
+use common::trace::load_trace as load;
 
 use notesync_client::Doc;
 use notesync_client::oplog::Pending;

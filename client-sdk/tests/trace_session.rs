@@ -2,41 +2,27 @@
 //! while a second client observes; both must end with the trace's text.
 
 mod common;
-use common::load_trace as load;
+use common::trace::load_trace as load;
 
 use std::time::Duration;
 
+use common::server::{TestServer, connected_sessions};
 use notesync_client::{Client, ServerConfig};
-use notesync_server::{Config, Server};
-use tokio_util::sync::CancellationToken;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn automerge_paper_replayed_live_reaches_the_observer() {
     let Some(trace) = load("automerge-paper.json.gz") else {
         return;
     };
-    let data = tempfile::tempdir().unwrap();
-    let server = Server::bind(Config::new(data.path()).listen("127.0.0.1:0"))
-        .await
-        .unwrap();
-    let addr = server.local_addr().to_string();
-    let stop = CancellationToken::new();
-    let task = tokio::spawn(server.run(stop.clone()));
-
+    let server = TestServer::start().await;
+    // Clients with the SDK's default configuration (a 30 s reply timeout).
     let (dw, dobs) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let writer = Client::open(dw.path(), ServerConfig::new(addr.clone())).unwrap();
-    let observer = Client::open(dobs.path(), ServerConfig::new(addr)).unwrap();
+    let writer = Client::open(dw.path(), ServerConfig::new(server.addr.clone())).unwrap();
+    let observer = Client::open(dobs.path(), ServerConfig::new(server.addr.clone())).unwrap();
     let id = writer.create("automerge-paper").unwrap();
     writer.sync_now().await.unwrap();
     observer.sync_now().await.unwrap();
-    let mut obs = observer.session(id).unwrap();
-    let mut live = writer.session(id).unwrap();
-    for s in [&mut obs, &mut live] {
-        assert_eq!(
-            s.next_event().await,
-            Some(notesync_client::SessionEvent::Connected)
-        );
-    }
+    let [obs, live] = connected_sessions([&observer, &writer], id).await;
 
     let start = trace["startContent"].as_str().unwrap();
     if !start.is_empty() {
@@ -77,6 +63,5 @@ async fn automerge_paper_replayed_live_reaches_the_observer() {
     );
     live.close().await;
     obs.close().await;
-    stop.cancel();
-    task.await.unwrap().unwrap();
+    server.stop().await;
 }

@@ -1,26 +1,9 @@
-//! Shared by the trace tests: loads a real editing trace.
+//! Shared by the client test files (each includes it with `mod common;`):
+//! an embedded async test server and the devices and sessions on it
+//! (`server.rs`), and the real editing traces (`trace.rs`).
 
-use std::io::Read;
-use std::path::PathBuf;
+// Each test file uses its own part of this.
+#![allow(dead_code)]
 
-/// The trace `name` from ../shared/traces (never copied into the repo).
-/// Outside CI a missing trace skips with a message; under CI=true it fails.
-pub fn load_trace(name: &str) -> Option<serde_json::Value> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../shared/traces")
-        .join(name);
-    let Ok(file) = std::fs::File::open(&path) else {
-        assert!(
-            std::env::var("CI").is_err(),
-            "trace {} missing in CI",
-            path.display()
-        );
-        eprintln!("skipping: trace {} not found", path.display());
-        return None;
-    };
-    let mut json = String::new();
-    flate2::read::GzDecoder::new(file)
-        .read_to_string(&mut json)
-        .expect("gunzip trace");
-    Some(serde_json::from_str(&json).expect("trace json"))
-}
+pub mod server;
+pub mod trace;

@@ -1,55 +1,21 @@
-//! The offline op log: what this replica changed and the server has not yet
-//! acknowledged, for one document.
-//!
-//! Two halves: [`Pending`] is the in-memory state and its rules (sans-IO);
-//! [`LogFile`] is its durable form, `<note>.md.latest_ops`.
-//!
-//! Rules (the seed's: bytes sent are proportional to the new text):
-//! - An insert followed by a delete of that same atom, while the insert has
-//!   never been sent, cancels out: neither is ever sent, and the atom is
-//!   forgotten as if it never existed.
-//! - Once an op may have left the device it is *sent*: it is re-sent exactly
-//!   as it was until the server acknowledges it (the server applies re-sends
-//!   idempotently). Sentness is made durable before the bytes leave, so a
-//!   crash can never make a sent insert look cancellable.
-//! - An op leaves the log only when acknowledged (34 after an upsert, 69 in
-//!   a session).
-//!
-//! File format: a sequence of records `u32 len (BE) | payload | u32 crc32
-//! (BE) of payload`. A record that is cut short or fails its checksum ends
-//! the log: it and everything after it are dropped (a torn last write),
-//! never misread. Payload: `u8 kind` then
-//! 1 insert: `u8 sent, u8 len, data, pid (wire form)`;
-//! 2 delete: `u8 sent, pid`;
-//! 3 cancel: `pid` (forget a never-sent insert);
-//! 4 mark_sent: nothing (every op so far is sent);
-//! 5 rename: `u8 sent, name ..0A`.
+//! [`Pending`]: the op log's in-memory state and its rules (sans-IO), for
+//! one document. The rules are in the module docs of [`crate::oplog`]; what
+//! this returns as [`Record`]s, the caller makes durable with
+//! [`super::LogFile`] before reporting an edit done.
 
-use std::collections::BTreeMap;
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
-use std::path::{Path, PathBuf};
+use std::collections::{BTreeMap, HashMap};
 
-use bytes::{Buf, BufMut, BytesMut};
-use notesync_protocol::{Atom, DocName, FrameDecoder, Pid, ServerFrame};
+use notesync_protocol::{Atom, DocName, Pid};
 
+use super::Record;
 use crate::doc::LocalOp;
-
-/// One durable record.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Record {
-    Insert { atom: Atom, sent: bool },
-    Delete { pid: Pid, sent: bool },
-    Cancel { pid: Pid },
-    MarkSent,
-    Rename { name: DocName, sent: bool },
-}
 
 /// Pending ops of one document, in memory.
 #[derive(Debug, Clone, Default)]
 pub struct Pending {
-    /// Inserts not yet acknowledged: id -> (data, sent).
-    inserts: BTreeMap<Pid, (String, bool)>,
+    /// Inserts not yet acknowledged: id -> (atom, sent). The atom is kept
+    /// whole (validated once, when it was made or read back).
+    inserts: BTreeMap<Pid, (Atom, bool)>,
     /// Deletes not yet acknowledged: id -> sent.
     deletes: BTreeMap<Pid, bool>,
     rename: Option<(DocName, bool)>,
@@ -59,7 +25,7 @@ pub struct Pending {
     /// only what is newer than what it already sent (not a full snapshot
     /// per keystroke).
     order: BTreeMap<u64, OpKey>,
-    seq_of: std::collections::HashMap<OpKey, u64>,
+    seq_of: HashMap<OpKey, u64>,
     next_seq: u64,
 }
 
@@ -111,12 +77,7 @@ impl Pending {
             .range(after + 1..)
             .filter_map(|(&seq, key)| {
                 let op = match key {
-                    OpKey::Insert(p) => {
-                        let (d, _) = self.inserts.get(p)?;
-                        PendingOp::Insert(
-                            Atom::new(d.clone(), p.clone()).expect("pending atoms are valid"),
-                        )
-                    }
+                    OpKey::Insert(p) => PendingOp::Insert(self.inserts.get(p)?.0.clone()),
                     OpKey::Delete(p) => PendingOp::Delete(p.clone()),
                     OpKey::Rename => PendingOp::Rename(self.rename.as_ref()?.0.clone()),
                 };
@@ -163,7 +124,7 @@ impl Pending {
             match op {
                 LocalOp::Insert(atom) => {
                     self.inserts
-                        .insert(atom.pid().clone(), (atom.data().to_owned(), sent));
+                        .insert(atom.pid().clone(), (atom.clone(), sent));
                     self.enqueue(OpKey::Insert(atom.pid().clone()));
                     out.records.push(Record::Insert {
                         atom: atom.clone(),
@@ -173,10 +134,10 @@ impl Pending {
                 }
                 LocalOp::Delete(pid) => {
                     if self.is_unsent_insert(&pid) {
-                        let (data, _) = self.inserts.remove(&pid).expect("checked");
+                        let (atom, _) = self.inserts.remove(&pid).expect("checked");
                         self.dequeue(&OpKey::Insert(pid.clone()));
                         // Deletes of its chars (PROTOCOL.md 1.2) go with it.
-                        if data.chars().nth(1).is_some() {
+                        if atom.data().chars().nth(1).is_some() {
                             self.drop_char_deletes(std::slice::from_ref(&pid));
                         }
                         self.cancels.push(pid.clone());
@@ -211,7 +172,7 @@ impl Pending {
         match r {
             Record::Insert { atom, sent } => {
                 self.inserts
-                    .insert(atom.pid().clone(), (atom.data().to_owned(), *sent));
+                    .insert(atom.pid().clone(), (atom.clone(), *sent));
                 self.enqueue(OpKey::Insert(atom.pid().clone()));
                 None
             }
@@ -252,11 +213,7 @@ impl Pending {
 
     /// The ops to send in an upsert: every pending insert and delete.
     pub fn snapshot(&self) -> (Vec<Atom>, Vec<Pid>, Option<DocName>) {
-        let inserts = self
-            .inserts
-            .iter()
-            .map(|(p, (d, _))| Atom::new(d.clone(), p.clone()).expect("pending atoms are valid"))
-            .collect();
+        let inserts = self.inserts.values().map(|(a, _)| a.clone()).collect();
         let deletes = self.deletes.keys().cloned().collect();
         (inserts, deletes, self.rename.as_ref().map(|r| r.0.clone()))
     }
@@ -312,8 +269,7 @@ impl Pending {
         // Deletes of chars of atoms that never left the device go with them.
         self.drop_char_deletes(removed);
         for a in added {
-            self.inserts
-                .insert(a.pid().clone(), (a.data().to_owned(), false));
+            self.inserts.insert(a.pid().clone(), (a.clone(), false));
             self.enqueue(OpKey::Insert(a.pid().clone()));
             records.push(Record::Insert {
                 atom: a.clone(),
@@ -336,9 +292,9 @@ impl Pending {
             .iter()
             .map(|p| Record::Cancel { pid: p.clone() })
             .collect();
-        for (p, (d, sent)) in &self.inserts {
+        for (atom, sent) in self.inserts.values() {
             out.push(Record::Insert {
-                atom: Atom::new(d.clone(), p.clone()).expect("pending atoms are valid"),
+                atom: atom.clone(),
                 sent: *sent,
             });
         }
@@ -355,216 +311,6 @@ impl Pending {
             });
         }
         out
-    }
-}
-
-/// Encodes a record's payload.
-fn encode_payload(r: &Record, out: &mut BytesMut) {
-    match r {
-        Record::Insert { atom, sent } => {
-            out.put_u8(1);
-            out.put_u8(*sent as u8);
-            out.put_u8(atom.data().len() as u8);
-            out.put_slice(atom.data().as_bytes());
-            atom.pid().write_wire(out);
-        }
-        Record::Delete { pid, sent } => {
-            out.put_u8(2);
-            out.put_u8(*sent as u8);
-            pid.write_wire(out);
-        }
-        Record::Cancel { pid } => {
-            out.put_u8(3);
-            pid.write_wire(out);
-        }
-        Record::MarkSent => out.put_u8(4),
-        Record::Rename { name, sent } => {
-            out.put_u8(5);
-            out.put_u8(*sent as u8);
-            out.put_slice(name.as_str().as_bytes());
-            out.put_u8(b'\n');
-        }
-    }
-}
-
-pub fn encode_records(records: &[Record]) -> BytesMut {
-    let mut out = BytesMut::new();
-    let mut payload = BytesMut::new();
-    for r in records {
-        payload.clear();
-        encode_payload(r, &mut payload);
-        out.put_u32(payload.len() as u32);
-        out.put_slice(&payload);
-        out.put_u32(crc32fast::hash(&payload));
-    }
-    out
-}
-
-/// Decodes a payload, reusing the protocol decoder's validation for atoms,
-/// ids and names (a 65/66/67 frame has the same layout after its header).
-fn decode_payload(p: &[u8]) -> Option<Record> {
-    let (&kind, rest) = p.split_first()?;
-    let frame = |header: u8, body: &[u8]| -> Option<ServerFrame> {
-        let mut buf = BytesMut::with_capacity(body.len() + 1);
-        buf.put_u8(header);
-        buf.put_slice(body);
-        let f = FrameDecoder::<ServerFrame>::default()
-            .decode(&mut buf)
-            .ok()??;
-        buf.is_empty().then_some(f)
-    };
-    let sent = |b: u8| match b {
-        0 => Some(false),
-        1 => Some(true),
-        _ => None,
-    };
-    match kind {
-        1 => {
-            let (&s, body) = rest.split_first()?;
-            let creator_site = {
-                // 65's site byte must equal the atom's creator; rebuild it.
-                let len = *body.first()? as usize;
-                let depth = *body.get(1 + len)? as usize;
-                *body.get(1 + len + 1 + (depth.checked_sub(1)?) * 5)?
-            };
-            let mut b = vec![creator_site];
-            b.extend_from_slice(body);
-            match frame(65, &b)? {
-                ServerFrame::Insert(i) => Some(Record::Insert {
-                    atom: i.atom,
-                    sent: sent(s)?,
-                }),
-                _ => None,
-            }
-        }
-        2 => {
-            let (&s, body) = rest.split_first()?;
-            let mut b = vec![0];
-            b.extend_from_slice(body);
-            match frame(66, &b)? {
-                ServerFrame::Delete(d) => Some(Record::Delete {
-                    pid: d.pid,
-                    sent: sent(s)?,
-                }),
-                _ => None,
-            }
-        }
-        3 => {
-            let mut b = vec![0];
-            b.extend_from_slice(rest);
-            match frame(66, &b)? {
-                ServerFrame::Delete(d) => Some(Record::Cancel { pid: d.pid }),
-                _ => None,
-            }
-        }
-        4 if rest.is_empty() => Some(Record::MarkSent),
-        5 => {
-            let (&s, body) = rest.split_first()?;
-            match frame(67, body)? {
-                ServerFrame::Rename(name) => Some(Record::Rename {
-                    name,
-                    sent: sent(s)?,
-                }),
-                _ => None,
-            }
-        }
-        _ => None,
-    }
-}
-
-/// Decodes a whole log. Returns the records and the length of the valid
-/// prefix; anything after it is a torn or corrupt tail.
-pub fn decode_records(mut bytes: &[u8]) -> (Vec<Record>, usize) {
-    let total = bytes.len();
-    let mut out = Vec::new();
-    loop {
-        let valid = total - bytes.len();
-        if bytes.len() < 4 {
-            return (out, valid);
-        }
-        let len = (&bytes[..4]).get_u32() as usize;
-        if bytes.len() < 4 + len + 4 {
-            return (out, valid);
-        }
-        let payload = &bytes[4..4 + len];
-        let crc = (&bytes[4 + len..8 + len]).get_u32();
-        if crc32fast::hash(payload) != crc {
-            return (out, valid);
-        }
-        match decode_payload(payload) {
-            Some(r) => out.push(r),
-            None => return (out, valid),
-        }
-        bytes = &bytes[8 + len..];
-    }
-}
-
-/// The durable op log file of one document.
-#[derive(Debug)]
-pub struct LogFile {
-    path: PathBuf,
-    file: File,
-}
-
-impl LogFile {
-    /// Opens (or creates) the log, dropping a torn tail. Returns the file
-    /// and the records in it.
-    pub fn open(path: &Path) -> io::Result<(LogFile, Vec<Record>)> {
-        let mut file = OpenOptions::new()
-            .read(true)
-            .append(true)
-            .create(true)
-            .truncate(false)
-            .open(path)?;
-        let mut bytes = Vec::new();
-        file.read_to_end(&mut bytes)?;
-        let (records, valid) = decode_records(&bytes);
-        if valid < bytes.len() {
-            tracing::warn!(
-                path = %path.display(),
-                dropped = bytes.len() - valid,
-                "op log had a torn or corrupt tail; dropped it"
-            );
-            file.set_len(valid as u64)?;
-            file.sync_all()?;
-        }
-        Ok((
-            LogFile {
-                path: path.to_owned(),
-                file,
-            },
-            records,
-        ))
-    }
-
-    /// Appends records and fsyncs: only then is an edit reported done.
-    pub fn append(&mut self, records: &[Record]) -> io::Result<()> {
-        if records.is_empty() {
-            return Ok(());
-        }
-        self.file.write_all(&encode_records(records))?;
-        self.file.sync_data()
-    }
-
-    /// Replaces the whole log atomically (compaction).
-    pub fn rewrite(&mut self, records: &[Record]) -> io::Result<()> {
-        crate::fsutil::write_atomic(&self.path, &encode_records(records))?;
-        self.file = OpenOptions::new()
-            .append(true)
-            .read(true)
-            .open(&self.path)?;
-        Ok(())
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// Moves the log with its note (a rename of the note's files).
-    pub fn rename_to(&mut self, to: &Path) -> io::Result<()> {
-        fs::rename(&self.path, to)?;
-        self.path = to.to_owned();
-        Ok(())
     }
 }
 
@@ -607,59 +353,5 @@ mod tests {
         assert_eq!(r.to_send, vec![LocalOp::Delete(pid(1))]);
         let (inserts, deletes, _) = p.snapshot();
         assert_eq!((inserts.len(), deletes.len()), (1, 1));
-    }
-
-    #[test]
-    fn records_round_trip_and_torn_tails_are_dropped() {
-        let records = vec![
-            Record::Insert {
-                atom: Atom::new("héllo", pid(5)).unwrap(),
-                sent: false,
-            },
-            Record::Delete {
-                pid: pid(9),
-                sent: true,
-            },
-            Record::Cancel { pid: pid(5) },
-            Record::MarkSent,
-            Record::Rename {
-                name: DocName::new("a note").unwrap(),
-                sent: false,
-            },
-        ];
-        let bytes = encode_records(&records);
-        assert_eq!(decode_records(&bytes), (records.clone(), bytes.len()));
-        // Every cut inside the last record drops exactly that record.
-        let last = encode_records(&records[..4]).len();
-        for cut in last..bytes.len() {
-            let (got, valid) = decode_records(&bytes[..cut]);
-            assert_eq!(got, records[..4]);
-            assert_eq!(valid, last);
-        }
-        // A flipped bit in the last record's payload is caught by the crc.
-        let mut bad = bytes.to_vec();
-        bad[last + 6] ^= 0x40;
-        assert_eq!(decode_records(&bad).0, records[..4]);
-    }
-
-    #[test]
-    fn log_file_survives_reopen_and_truncates_torn_tail() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("n.md.latest_ops");
-        let (mut log, recs) = LogFile::open(&path).unwrap();
-        assert!(recs.is_empty());
-        let r = vec![Record::Delete {
-            pid: pid(1),
-            sent: false,
-        }];
-        log.append(&r).unwrap();
-        drop(log);
-        // A torn write: half a record at the end.
-        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
-        f.write_all(&encode_records(&r)[..5]).unwrap();
-        drop(f);
-        let (_, recs) = LogFile::open(&path).unwrap();
-        assert_eq!(recs, r);
-        assert_eq!(fs::read(&path).unwrap(), &encode_records(&r)[..]);
     }
 }

@@ -18,50 +18,19 @@
 //!   dead.
 //! - Each chunk caches its live char count: a char index is found in
 //!   O(chunks + chunk size), an id in O(log n).
+//!
+//! Files: `entries.rs` (the chunked entries and their primitives),
+//! `coalesce.rs` (rewriting never-sent runs), this one (the types, local
+//! edits, remote ops and persisted parts).
+
+mod coalesce;
+mod entries;
 
 use std::ops::Range;
 
 use notesync_protocol::{AllocError, Allocator, Atom, DocId, DocName, Level, MAX_ATOM_BYTES, Pid};
 
-const CHUNK: usize = 256;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Kind {
-    /// A one-char atom: its char is at its id.
-    Atom,
-    /// An atom of two or more chars: holds the data, renders nothing.
-    Header,
-    /// Char `j` of a multi-char atom.
-    Virtual,
-    /// A deleted id whose insert this replica has not seen.
-    Unknown,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Entry {
-    pub pid: Pid,
-    /// The atom's data (Atom, Header), the char (Virtual), or empty.
-    pub data: String,
-    pub kind: Kind,
-    pub live: bool,
-}
-
-impl Entry {
-    /// Chars this entry shows when live.
-    fn chars(&self) -> usize {
-        matches!(self.kind, Kind::Atom | Kind::Virtual) as usize
-    }
-
-    fn live_chars(&self) -> usize {
-        if self.live { self.chars() } else { 0 }
-    }
-}
-
-#[derive(Debug, Clone, Default)]
-struct Chunk {
-    entries: Vec<Entry>,
-    live_chars: usize,
-}
+use entries::{Chunk, Entry, Kind};
 
 /// An op made by a local edit, to be sent to the server.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -94,9 +63,6 @@ pub struct Doc {
     live_chars: usize,
 }
 
-/// Where an entry is: chunk, index within it.
-type Loc = (usize, usize);
-
 /// The virtual id of char `j` of the atom `pid`.
 pub fn virtual_id(pid: &Pid, j: usize) -> Pid {
     let mut levels: Vec<Level> = pid.levels().collect();
@@ -127,10 +93,6 @@ impl Doc {
         s
     }
 
-    pub(crate) fn entries(&self) -> impl Iterator<Item = &Entry> + '_ {
-        self.chunks.iter().flat_map(|c| c.entries.iter())
-    }
-
     /// Atoms (one-char atoms and headers), live or not.
     pub fn atom_count(&self) -> usize {
         self.entries()
@@ -140,124 +102,6 @@ impl Doc {
 
     pub fn contains(&self, pid: &Pid) -> bool {
         self.find(pid).is_ok()
-    }
-
-    /// Binary search: `Ok` where the id is, `Err` where it would go.
-    fn find(&self, pid: &Pid) -> Result<Loc, Loc> {
-        let c = self
-            .chunks
-            .partition_point(|ch| ch.entries.last().is_some_and(|e| e.pid < *pid));
-        if c == self.chunks.len() {
-            let last = self.chunks.len() - 1;
-            return Err((last, self.chunks[last].entries.len()));
-        }
-        match self.chunks[c].entries.binary_search_by(|e| e.pid.cmp(pid)) {
-            Ok(i) => Ok((c, i)),
-            Err(i) => Err((c, i)),
-        }
-    }
-
-    fn entry(&self, (c, i): Loc) -> &Entry {
-        &self.chunks[c].entries[i]
-    }
-
-    fn pid_before(&self, (c, i): Loc) -> Option<&Pid> {
-        if i > 0 {
-            return Some(&self.chunks[c].entries[i - 1].pid);
-        }
-        self.chunks[..c]
-            .iter()
-            .rev()
-            .find_map(|ch| ch.entries.last().map(|e| &e.pid))
-    }
-
-    /// The id of the entry at `loc` (an insertion point) or the next one.
-    fn pid_at(&self, (c, i): Loc) -> Option<&Pid> {
-        if let Some(e) = self.chunks[c].entries.get(i) {
-            return Some(&e.pid);
-        }
-        self.chunks[c + 1..]
-            .iter()
-            .find_map(|ch| ch.entries.first().map(|e| &e.pid))
-    }
-
-    /// The live char entry holding char `index`; `None` for the end.
-    fn locate_char(&self, mut index: usize) -> Option<Loc> {
-        for (c, ch) in self.chunks.iter().enumerate() {
-            if index >= ch.live_chars {
-                index -= ch.live_chars;
-                continue;
-            }
-            for (i, e) in ch.entries.iter().enumerate() {
-                let n = e.live_chars();
-                if index < n {
-                    return Some((c, i));
-                }
-                index -= n;
-            }
-        }
-        None
-    }
-
-    /// Live chars before `loc`.
-    fn char_index(&self, (c, i): Loc) -> usize {
-        let before: usize = self.chunks[..c].iter().map(|ch| ch.live_chars).sum();
-        before
-            + self.chunks[c].entries[..i]
-                .iter()
-                .map(Entry::live_chars)
-                .sum::<usize>()
-    }
-
-    fn end(&self) -> Loc {
-        let c = self.chunks.len() - 1;
-        (c, self.chunks[c].entries.len())
-    }
-
-    fn insert_at(&mut self, (c, i): Loc, entry: Entry) {
-        let live = entry.live_chars();
-        let ch = &mut self.chunks[c];
-        ch.live_chars += live;
-        ch.entries.insert(i, entry);
-        self.live_chars += live;
-        if ch.entries.len() > 2 * CHUNK {
-            let tail = ch.entries.split_off(CHUNK);
-            let tail_live: usize = tail.iter().map(Entry::live_chars).sum();
-            ch.live_chars -= tail_live;
-            self.chunks.insert(
-                c + 1,
-                Chunk {
-                    entries: tail,
-                    live_chars: tail_live,
-                },
-            );
-        }
-    }
-
-    /// Marks an entry dead; returns the char it showed, if any.
-    fn kill(&mut self, (c, i): Loc) -> Option<String> {
-        let ch = &mut self.chunks[c];
-        let e = &mut ch.entries[i];
-        if !e.live {
-            return None;
-        }
-        let n = e.live_chars();
-        e.live = false;
-        ch.live_chars -= n;
-        self.live_chars -= n;
-        (n == 1).then(|| e.data.clone())
-    }
-
-    fn remove(&mut self, (c, i): Loc) -> Entry {
-        let ch = &mut self.chunks[c];
-        let e = ch.entries.remove(i);
-        let n = e.live_chars();
-        ch.live_chars -= n;
-        self.live_chars -= n;
-        if ch.entries.is_empty() && self.chunks.len() > 1 {
-            self.chunks.remove(c);
-        }
-        e
     }
 
     /// Adds an atom (not yet present) and, for two or more chars, its
@@ -336,19 +180,20 @@ impl Doc {
         let at = self.locate_char(index).unwrap_or_else(|| self.end());
         let left = self.pid_before(at).cloned();
         let right = self.pid_at(at).cloned();
-        let mut ops = Vec::new();
-        self.place_text(alloc, left, right.as_ref(), text, &mut ops)?;
-        Ok(ops)
+        let mut atoms = Vec::new();
+        self.place_text(alloc, left, right.as_ref(), text, &mut atoms)?;
+        Ok(atoms.into_iter().map(LocalOp::Insert).collect())
     }
 
-    /// Places `text` as new atoms between two adjacent entries.
+    /// Places `text` as new atoms between two adjacent entries; pushes them
+    /// to `atoms`.
     fn place_text(
         &mut self,
         alloc: &mut Allocator,
         mut prev: Option<Pid>,
         right: Option<&Pid>,
         text: &str,
-        ops: &mut Vec<LocalOp>,
+        atoms: &mut Vec<Atom>,
     ) -> Result<(), EditError> {
         for piece in split_atoms(text) {
             let pid = alloc.between(prev.as_ref(), right)?;
@@ -361,7 +206,7 @@ impl Doc {
             } else {
                 virtual_id(&pid, piece.chars().count() - 1)
             });
-            ops.push(LocalOp::Insert(atom));
+            atoms.push(atom);
         }
         Ok(())
     }
@@ -515,100 +360,6 @@ impl Doc {
             }
         }
         true
-    }
-
-    /// Replaces runs of adjacent atoms whose ids satisfy `unsent` (never
-    /// left the device) by as few atoms as possible (up to 255 bytes each,
-    /// never splitting a char), with fresh ids in the same gap. A run is a
-    /// stretch of entries that are all such atoms or their chars (deleted
-    /// chars included: rewriting drops them, and the deletes the log holds
-    /// for them). Returns (old ids removed, new atoms), for the op log to
-    /// swap. A run is rewritten when that makes fewer atoms or drops
-    /// deleted chars; `force` rewrites every run (to re-make provisional
-    /// ids with a real site).
-    pub fn coalesce(
-        &mut self,
-        alloc: &mut Allocator,
-        unsent: impl Fn(&Pid) -> bool,
-        force: bool,
-    ) -> Result<(Vec<Pid>, Vec<Atom>), EditError> {
-        // A run: a stretch of entries that are all never-sent atoms or
-        // chars of them, collected in position order.
-        #[derive(Default)]
-        struct Run {
-            atoms: Vec<Pid>,
-            text: String,
-            /// Chars per multi-char atom seen in the run (to check that a
-            /// rewritten atom takes all of its chars with it).
-            chars_seen: std::collections::HashMap<Pid, usize>,
-            dead_chars: bool,
-        }
-        let mut runs: Vec<(Vec<Pid>, String)> = Vec::new();
-        let mut cur = Run::default();
-        let close = |cur: &mut Run, runs: &mut Vec<(Vec<Pid>, String)>, doc: &Doc| {
-            let run = std::mem::take(cur);
-            if run.atoms.is_empty() {
-                return;
-            }
-            // Every multi-char atom of the run must have all its chars here:
-            // otherwise rewriting it would move chars across other entries.
-            let whole = run.chars_seen.iter().all(|(p, &seen)| {
-                doc.find(p)
-                    .is_ok_and(|l| doc.entry(l).data.chars().count() == seen)
-            });
-            let fewer = run.atoms.len() > run.text.len().div_ceil(MAX_ATOM_BYTES);
-            if whole && (force || run.dead_chars || fewer) {
-                runs.push((run.atoms, run.text));
-            }
-        };
-        for e in self.entries() {
-            match e.kind {
-                // A deleted never-sent atom (the op log forgets them, so
-                // only a doc used without one has them) is dropped.
-                Kind::Atom if unsent(&e.pid) => {
-                    cur.atoms.push(e.pid.clone());
-                    if e.live {
-                        cur.text.push_str(&e.data);
-                    } else {
-                        cur.dead_chars = true;
-                    }
-                }
-                Kind::Header if unsent(&e.pid) => {
-                    cur.atoms.push(e.pid.clone());
-                    cur.chars_seen.insert(e.pid.clone(), 0);
-                }
-                Kind::Virtual if cur.chars_seen.contains_key(&parent(&e.pid)) => {
-                    *cur.chars_seen.get_mut(&parent(&e.pid)).expect("checked") += 1;
-                    if e.live {
-                        cur.text.push_str(&e.data);
-                    } else {
-                        cur.dead_chars = true;
-                    }
-                }
-                _ => close(&mut cur, &mut runs, self),
-            }
-        }
-        close(&mut cur, &mut runs, self);
-        let mut removed = Vec::new();
-        let mut added = Vec::new();
-        for (run, text) in runs {
-            let first = self.find(&run[0]).expect("run ids exist");
-            let left = self.pid_before(first).cloned();
-            for pid in &run {
-                self.forget(pid);
-            }
-            let right = self
-                .pid_at(self.find(&run[0]).expect_err("removed"))
-                .cloned();
-            let mut ops = Vec::new();
-            self.place_text(alloc, left, right.as_ref(), &text, &mut ops)?;
-            removed.extend(run);
-            added.extend(ops.into_iter().map(|op| match op {
-                LocalOp::Insert(a) => a,
-                LocalOp::Delete(_) => unreachable!("place_text only inserts"),
-            }));
-        }
-        Ok((removed, added))
     }
 
     /// The ids of the live atoms (not their chars).
@@ -807,23 +558,5 @@ mod tests {
         assert!(b.apply_delete(&virtual_id(atom.pid(), 1)).is_empty());
         assert_eq!(b.apply_insert(atom.data(), atom.pid()).len(), 1);
         assert_eq!(b.text(), "x");
-    }
-
-    #[test]
-    fn coalesce_merges_unsent_runs_and_parts_round_trip() {
-        let mut a = Doc::new(1, DocName::default());
-        let mut al = alloc(1);
-        for (i, ch) in "abcdef".chars().enumerate() {
-            a.insert(&mut al, i, &ch.to_string()).unwrap();
-        }
-        assert_eq!(a.atom_count(), 6);
-        let (removed, added) = a.coalesce(&mut al, |_| true, false).unwrap();
-        assert_eq!((removed.len(), added.len()), (6, 1));
-        assert_eq!(added[0].data(), "abcdef");
-        assert_eq!(a.text(), "abcdef");
-        a.delete(&mut al, 2..3).unwrap();
-        let (atoms, deleted) = a.to_parts();
-        let b = Doc::from_parts(1, DocName::default(), atoms, deleted);
-        assert_eq!(b.text(), "abdef");
     }
 }

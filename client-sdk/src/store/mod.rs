@@ -1,0 +1,487 @@
+//! The local store: a folder of notes, each as three files, plus the store's
+//! own state.
+//!
+//! ```text
+//! DIR/
+//!   .notesync/state.json     replica id, global last sync time, and per note:
+//!                            file name, name, site, whether ids are provisional;
+//!                            the ids of notes deleted here that the server
+//!                            was not told of yet, and of notes known deleted
+//!   .notesync/trash/         the text of notes deleted elsewhere while this
+//!                            device had edits of them not yet synced
+//!   <file>.md                the text (what editors and people read)
+//!   <file>.md.structure      u128 document_id, u64 last_modified (the note's
+//!                            last sync time, from the server), u64 count, then
+//!                            every atom, live or deleted, in the seed's layout
+//!                            (u8 len, data, pid in wire form), in position
+//!                            order; then u64 count and the deleted ids (atoms,
+//!                            chars of atoms, ids known only as deleted: see
+//!                            PROTOCOL.md 1.2); then u64 count and the ids
+//!                            received live (or acknowledged in a session)
+//!                            after last_modified, which the next catch-up
+//!                            reconciles (PROTOCOL.md 3.2.1). All integers
+//!                            big-endian.
+//!   <file>.md.latest_ops     the op log (see `oplog`)
+//! ```
+//!
+//! Crash safety: every whole-file write goes to a temp file that is fsynced
+//! and renamed over the old one; the op log is appended and fsynced before
+//! an edit returns. A note is saved in the order structure, text, log
+//! compaction, so that after a crash at any point the log replayed on the
+//! structure gives the latest state (replay is idempotent). A structure file
+//! that state.json does not know (a crash while a note was created) is
+//! adopted on open.
+//!
+//! Files: this one (the store: open, the notes' life here, local edits,
+//! saving), `remote.rs` (what sync and live sessions do to it), `note.rs`
+//! (one note in memory and its rules), `state.rs` (state.json),
+//! `structure.rs` (the structure file format), `names.rs` (file names).
+//! Nothing outside this module sees a note's fields: sync and sessions call
+//! the store's methods, which keep the save order and the op log's
+//! durability.
+
+mod names;
+mod note;
+mod remote;
+mod state;
+mod structure;
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use notesync_protocol::{DocId, DocName, Time};
+
+use crate::doc::{EditError, LocalOp};
+use names::check_stem;
+use state::STATE_DIR;
+
+pub(crate) use names::free_trash_path;
+pub use names::safe_stem;
+pub(crate) use note::{Note, Outgoing};
+pub use structure::{read_structure, write_structure};
+
+/// Where the text of a note deleted elsewhere goes when this device has
+/// edits of it that never reached the server.
+pub const TRASH_DIR: &str = ".notesync/trash";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("i/o error on {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("{path} is not a notesync structure file: {why}")]
+    BadStructure { path: PathBuf, why: &'static str },
+    #[error("{path}: {why}")]
+    BadState { path: PathBuf, why: String },
+    #[error("{path}: {source}")]
+    BadStateJson {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error("no note with id {0:032x}")]
+    UnknownNote(DocId),
+    #[error(transparent)]
+    Edit(#[from] EditError),
+    #[error("invalid note name: {0}")]
+    Name(#[from] notesync_protocol::ValueError),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
+    move |source| StoreError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// A note's three files in `dir`: (text, structure, op log).
+fn note_paths(dir: &Path, stem: &str) -> (PathBuf, PathBuf, PathBuf) {
+    let md = dir.join(format!("{stem}.md"));
+    let st = dir.join(format!("{stem}.md.structure"));
+    let log = dir.join(format!("{stem}.md.latest_ops"));
+    (md, st, log)
+}
+
+/// A summary of one note.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NoteInfo {
+    pub id: DocId,
+    pub name: String,
+    pub file: PathBuf,
+    pub pending_ops: usize,
+    pub last_sync: Time,
+    pub site: u8,
+}
+
+/// A note deleted on another device, removed here (PROTOCOL.md 3.5).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteDeletion {
+    pub id: DocId,
+    pub name: String,
+    /// The note's `.md` file (removed, unless the app keeps the files).
+    pub file: PathBuf,
+    /// Where its text was kept, when this device had edits of it that
+    /// never reached the server (they are not lost: they are here).
+    pub kept: Option<PathBuf>,
+}
+
+/// The store: synchronous, file-backed. The async client wraps it.
+#[derive(Debug)]
+pub struct Store {
+    dir: PathBuf,
+    replica_id: u128,
+    last_sync_time: Time,
+    notes: HashMap<DocId, Note>,
+    /// Deleted here, not yet confirmed by the server.
+    pending_deletes: BTreeSet<DocId>,
+    /// Known deleted on the server.
+    deleted: BTreeSet<DocId>,
+    /// Whether the store writes (and on renames removes) the `.md` files.
+    write_md: bool,
+}
+
+/// A random u128 (replica ids, document ids) from the OS.
+pub fn random_u128() -> u128 {
+    let mut b = [0u8; 16];
+    getrandom::fill(&mut b).expect("the OS random source is available");
+    u128::from_be_bytes(b)
+}
+
+impl Store {
+    /// Opens the store in `dir`, creating it if needed.
+    pub fn open(dir: impl Into<PathBuf>) -> Result<Store, StoreError> {
+        let dir = dir.into();
+        let state_dir = dir.join(STATE_DIR);
+        fs::create_dir_all(&state_dir).map_err(io_err(&state_dir))?;
+        let state = state::read(&dir)?;
+        let mut store = Store {
+            dir,
+            replica_id: state.replica_id,
+            last_sync_time: state.last_sync_time,
+            notes: HashMap::new(),
+            pending_deletes: state.pending_deletes,
+            deleted: state.deleted,
+            write_md: true,
+        };
+        let mut known = HashSet::new();
+        for n in state.notes {
+            known.insert(n.stem.clone());
+            let note = Note::load(&store.dir, n.id, n.name, n.stem, n.site, n.provisional)?;
+            store.notes.insert(n.id, note);
+        }
+        store.adopt_orphans(&known)?;
+        store.save_state()?;
+        Ok(store)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// With `false`, the store never writes or removes a `<file>.md`: the
+    /// app keeps them (from [`Store::list`] and [`Store::text`]), e.g. to
+    /// never overwrite a file a person edited meanwhile (the notesync CLI).
+    /// The structure and op log alone always hold the note.
+    pub fn set_write_md(&mut self, on: bool) {
+        self.write_md = on;
+    }
+
+    pub fn replica_id(&self) -> u128 {
+        self.replica_id
+    }
+
+    /// The global synclist cursor.
+    pub fn last_sync_time(&self) -> Time {
+        self.last_sync_time
+    }
+
+    pub fn set_last_sync_time(&mut self, t: Time) -> Result<(), StoreError> {
+        if t > self.last_sync_time {
+            self.last_sync_time = t;
+            self.save_state()?;
+        }
+        Ok(())
+    }
+
+    fn paths(&self, stem: &str) -> (PathBuf, PathBuf, PathBuf) {
+        note_paths(&self.dir, stem)
+    }
+
+    /// Adopts `.md.structure` files that state.json does not list.
+    fn adopt_orphans(&mut self, known: &HashSet<String>) -> Result<(), StoreError> {
+        let entries = fs::read_dir(&self.dir).map_err(io_err(&self.dir))?;
+        for entry in entries {
+            let entry = entry.map_err(io_err(&self.dir))?;
+            let file = entry.file_name();
+            let Some(stem) = file.to_str().and_then(|f| f.strip_suffix(".md.structure")) else {
+                continue;
+            };
+            if known.contains(stem) || check_stem(stem).is_err() {
+                continue;
+            }
+            let path = entry.path();
+            let bytes = fs::read(&path).map_err(io_err(&path))?;
+            let name = DocName::new(stem).unwrap_or_default();
+            let (doc, _, _) = structure::read_structure(&path, &bytes, name.clone())?;
+            if self.notes.contains_key(&doc.id) {
+                continue;
+            }
+            if self.is_deleted(doc.id) {
+                // A crash while its files were being removed: finish.
+                let (_, st, log) = self.paths(stem);
+                for p in [st, log] {
+                    remove_if_there(&p)?;
+                }
+                continue;
+            }
+            tracing::warn!(file = %path.display(), "adopting a note missing from state.json");
+            // Its site is unknown: provisional until the next sync tells it.
+            let note = Note::load(&self.dir, doc.id, name, stem.to_owned(), 0, false)?;
+            self.notes.insert(doc.id, note);
+        }
+        Ok(())
+    }
+
+    /// Creates a note (works offline). Its ids are provisional until its
+    /// first sync gives it a site.
+    pub fn create(&mut self, name: &str) -> Result<DocId, StoreError> {
+        let id = random_u128();
+        self.add_note(id, DocName::new(name)?, 0, true)?;
+        Ok(id)
+    }
+
+    /// Adds a note new to this device under a free file name, and saves it.
+    fn add_note(
+        &mut self,
+        id: DocId,
+        name: DocName,
+        site: u8,
+        provisional: bool,
+    ) -> Result<(), StoreError> {
+        let stem = self.free_stem(name.as_str(), None);
+        let (_, _, log_path) = self.paths(&stem);
+        let note = Note::new(id, name, stem, site, provisional, &log_path)?;
+        self.notes.insert(id, note);
+        self.save_note(id)?;
+        self.save_state()
+    }
+
+    /// A file stem for `name` that no other note uses.
+    fn free_stem(&self, name: &str, except: Option<DocId>) -> String {
+        let base = safe_stem(name);
+        let taken = |s: &str| {
+            self.notes
+                .iter()
+                .any(|(id, n)| Some(*id) != except && n.stem.eq_ignore_ascii_case(s))
+                || (except.is_none() && self.dir.join(format!("{s}.md")).exists())
+        };
+        if !taken(&base) {
+            return base;
+        }
+        (2..)
+            .map(|k| format!("{base} ({k})"))
+            .find(|s| !taken(s))
+            .expect("some suffix is free")
+    }
+
+    /// Whether a note was deleted (here, or on the server).
+    pub fn is_deleted(&self, id: DocId) -> bool {
+        self.deleted.contains(&id) || self.pending_deletes.contains(&id)
+    }
+
+    /// Notes deleted here that the server has not confirmed yet.
+    pub fn pending_deletes(&self) -> Vec<DocId> {
+        self.pending_deletes.iter().copied().collect()
+    }
+
+    /// Deletes a note: its files go now, and the next sync deletes it on
+    /// the server, which removes it from every device (PROTOCOL.md 3.5).
+    /// Its edits not yet sent are dropped with it (deleting is the user's
+    /// decision). Works offline.
+    pub fn delete_note(&mut self, id: DocId) -> Result<(), StoreError> {
+        self.note(id)?;
+        // Even a note that never synced: its first upsert may have reached
+        // the server with its reply lost. The server answers
+        // unknown_document when it has no such note.
+        self.pending_deletes.insert(id);
+        self.remove_note(id)
+    }
+
+    /// Forgets a note (its id is in `pending_deletes` or `deleted`): the
+    /// state first (an orphan structure file of a deleted id is removed at
+    /// the next open, never adopted), then its files.
+    fn remove_note(&mut self, id: DocId) -> Result<(), StoreError> {
+        let note = self.notes.remove(&id).ok_or(StoreError::UnknownNote(id))?;
+        self.save_state()?;
+        let (md, st, log) = self.paths(&note.stem);
+        drop(note);
+        remove_if_there(&st)?;
+        remove_if_there(&log)?;
+        if self.write_md {
+            remove_if_there(&md)?;
+        }
+        crate::fsutil::sync_dir(&self.dir).map_err(io_err(&self.dir))
+    }
+
+    pub(crate) fn note(&self, id: DocId) -> Result<&Note, StoreError> {
+        self.notes.get(&id).ok_or(StoreError::UnknownNote(id))
+    }
+
+    fn note_mut(&mut self, id: DocId) -> Result<&mut Note, StoreError> {
+        self.notes.get_mut(&id).ok_or(StoreError::UnknownNote(id))
+    }
+
+    pub fn list(&self) -> Vec<NoteInfo> {
+        let mut v: Vec<NoteInfo> = self
+            .notes
+            .iter()
+            .map(|(id, n)| NoteInfo {
+                id: *id,
+                name: n.doc.name.as_str().to_owned(),
+                file: self.dir.join(format!("{}.md", n.stem)),
+                pending_ops: n.pending.len(),
+                last_sync: n.last_sync,
+                site: n.site,
+            })
+            .collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name).then(a.id.cmp(&b.id)));
+        v
+    }
+
+    pub fn text(&self, id: DocId) -> Result<String, StoreError> {
+        Ok(self.note(id)?.doc.text())
+    }
+
+    pub fn name(&self, id: DocId) -> Result<String, StoreError> {
+        Ok(self.note(id)?.doc.name.as_str().to_owned())
+    }
+
+    /// Inserts text at a char index. Durable (logged and fsynced) on return.
+    /// `sent`: the ops go out right away in a live session.
+    pub fn insert(
+        &mut self,
+        id: DocId,
+        index: usize,
+        text: &str,
+        sent: bool,
+    ) -> Result<Vec<LocalOp>, StoreError> {
+        self.note_mut(id)?.insert(index, text, sent)
+    }
+
+    /// Deletes a char range. Durable on return.
+    pub fn delete(
+        &mut self,
+        id: DocId,
+        range: std::ops::Range<usize>,
+        sent: bool,
+    ) -> Result<Vec<LocalOp>, StoreError> {
+        self.note_mut(id)?.delete(range, sent)
+    }
+
+    /// Renames a note; its files move with it.
+    pub fn rename(&mut self, id: DocId, name: &str, sent: bool) -> Result<(), StoreError> {
+        let name = DocName::new(name)?;
+        self.note_mut(id)?.rename(name.clone(), sent)?;
+        self.move_files(id, &name)
+    }
+
+    fn move_files(&mut self, id: DocId, name: &DocName) -> Result<(), StoreError> {
+        let stem = self.free_stem(name.as_str(), Some(id));
+        let old = self.note(id)?.stem.clone();
+        if stem == old {
+            return self.save_state();
+        }
+        let (old_md, old_st, _) = self.paths(&old);
+        let (new_md, new_st, new_log) = self.paths(&stem);
+        // Move the log first: it is what must never be lost; then write the
+        // note under its new name and drop the old files.
+        {
+            let note = self.note_mut(id)?;
+            note.log.rename_to(&new_log).map_err(io_err(&new_log))?;
+            note.stem = stem;
+            note.dirty = true;
+        }
+        self.save_note(id)?;
+        self.save_state()?;
+        let old_md = Some(old_md).filter(|_| self.write_md);
+        for p in old_md.into_iter().chain([old_st]) {
+            if p != new_md && p != new_st {
+                let _ = fs::remove_file(p);
+            }
+        }
+        crate::fsutil::sync_dir(&self.dir).map_err(io_err(&self.dir))
+    }
+
+    /// Writes a note's structure and text, then compacts its log.
+    pub fn save_note(&mut self, id: DocId) -> Result<(), StoreError> {
+        let (md, st, _) = self.paths(&self.note(id)?.stem);
+        let md = Some(md).filter(|_| self.write_md);
+        self.note_mut(id)?.save(&st, md.as_deref())
+    }
+
+    /// Saves every note with unsaved changes.
+    pub fn flush(&mut self) -> Result<(), StoreError> {
+        let dirty: Vec<DocId> = self
+            .notes
+            .iter()
+            .filter(|(_, n)| n.dirty)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in dirty {
+            self.save_note(id)?;
+        }
+        self.save_state()
+    }
+}
+
+fn remove_if_there(path: &Path) -> Result<(), StoreError> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io_err(path)(e)),
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_survives_reopen_with_pending_ops_and_collisions() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b);
+        {
+            let mut s = Store::open(dir.path()).unwrap();
+            a = s.create("note").unwrap();
+            b = s.create("note").unwrap();
+            s.insert(a, 0, "hello", false).unwrap();
+            s.insert(b, 0, "world", false).unwrap();
+            s.delete(a, 1..2, false).unwrap();
+            // No flush: the op log alone must carry the edits.
+        }
+        let s = Store::open(dir.path()).unwrap();
+        assert_eq!(s.text(a).unwrap(), "hllo");
+        assert_eq!(s.text(b).unwrap(), "world");
+        let files: Vec<_> = s.list().into_iter().map(|n| n.file).collect();
+        assert_eq!(files.len(), 2);
+        assert_ne!(files[0], files[1]);
+        assert!(files.iter().all(|f| f.starts_with(dir.path())));
+    }
+
+    #[test]
+    fn rename_moves_files_and_a_traversal_name_stays_inside() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(dir.path()).unwrap();
+        let a = s.create("first").unwrap();
+        s.insert(a, 0, "text", false).unwrap();
+        s.flush().unwrap();
+        s.rename(a, "../../escape", false).unwrap();
+        let info = &s.list()[0];
+        assert_eq!(info.file.parent().unwrap(), dir.path());
+        assert!(!dir.path().join("first.md").exists());
+        assert_eq!(fs::read_to_string(&info.file).unwrap(), "text");
+        drop(s);
+        let s = Store::open(dir.path()).unwrap();
+        assert_eq!(s.name(a).unwrap(), "../../escape");
+        assert_eq!(s.text(a).unwrap(), "text");
+    }
+}

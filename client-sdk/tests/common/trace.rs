@@ -1,0 +1,26 @@
+//! Loads a real editing trace (the trace tests).
+
+use std::io::Read;
+use std::path::PathBuf;
+
+/// The trace `name` from ../shared/traces (never copied into the repo).
+/// Outside CI a missing trace skips with a message; under CI=true it fails.
+pub fn load_trace(name: &str) -> Option<serde_json::Value> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../shared/traces")
+        .join(name);
+    let Ok(file) = std::fs::File::open(&path) else {
+        assert!(
+            std::env::var("CI").is_err(),
+            "trace {} missing in CI",
+            path.display()
+        );
+        eprintln!("skipping: trace {} not found", path.display());
+        return None;
+    };
+    let mut json = String::new();
+    flate2::read::GzDecoder::new(file)
+        .read_to_string(&mut json)
+        .expect("gunzip trace");
+    Some(serde_json::from_str(&json).expect("trace json"))
+}

@@ -6,7 +6,7 @@
 //! and its ids, `notesync_protocol::Allocator`, the op log `oplog::Pending`
 //! with its cancel, coalesce, mark-sent and acknowledge rules, the log
 //! file's record encoding for client restarts, and the catch-up rule of
-//! PROTOCOL.md 3.2.1 as `client.rs`/`store.rs` apply it). Some replicas
+//! PROTOCOL.md 3.2.1 as `client.rs`/`store/remote.rs` apply it). Some replicas
 //! sync offline-style (upserts, PROTOCOL.md 3.1), others edit through live
 //! sessions (64/65/66, 68, 69 acks, broadcasts, 3.2), and replicas switch
 //! between the two.

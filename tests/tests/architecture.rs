@@ -193,7 +193,10 @@ fn no_crate_has_a_module_cycle() {
             graph.len()
         );
         if let Some(cycle) = find_cycle(&graph) {
-            panic!("{dir}: modules use each other in a cycle: {}", cycle.join(" → "));
+            panic!(
+                "{dir}: modules use each other in a cycle: {}",
+                cycle.join(" → ")
+            );
         }
     }
 }

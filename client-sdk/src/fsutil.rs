@@ -215,8 +215,8 @@ pub(crate) fn move_new(from: &Path, to: &Path) -> Result<Wrote, FileError> {
 /// The environment variable that sets a crash point (see [`crash_point`]).
 pub const CRASH_AT_VAR: &str = "NOTESYNC_CRASH_AT";
 
-/// Counts a durable step (a write made durable here, or an edit appended
-/// to an op log by [`crate::folder`]). For crash tests: with
+/// Counts a durable step (a write made durable here, or an append to an
+/// op log). For crash tests: with
 /// `NOTESYNC_CRASH_AT=k` in the environment the process stops dead right
 /// after its k-th durable step, says so on stderr (`crash point k`) and
 /// waits there to be killed (`SIGKILL`, by the test), so that every step of

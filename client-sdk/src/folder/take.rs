@@ -43,7 +43,6 @@ use notesync_protocol::DocId;
 use super::bases::Take;
 use super::{Folder, FolderError};
 use crate::client::{Client, Session};
-use crate::fsutil::crash_point;
 use crate::merge::{Edit, apply_to, merge};
 use crate::store::{Store, StoreError};
 
@@ -96,7 +95,6 @@ fn apply(store: &mut Store, id: DocId, edits: &[Edit], sent: bool) -> Result<(),
             Edit::Insert { at, text } => store.insert(id, *at, text, sent)?,
             Edit::Delete(r) => store.delete(id, r.clone(), sent)?,
         };
-        crash_point();
     }
     Ok(())
 }

@@ -194,7 +194,9 @@ impl LogFile {
             return Ok(());
         }
         self.file.write_all(&encode_records(records))?;
-        self.file.sync_data()
+        self.file.sync_data()?;
+        crate::fsutil::crash_point();
+        Ok(())
     }
 
     /// Replaces the whole log atomically (compaction).

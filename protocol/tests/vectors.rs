@@ -669,7 +669,12 @@ fn tls_record_bytes_are_never_frames() {
         .iter()
         .filter(|v| is_tls_record_start(&v.bytes))
         .collect();
-    assert_eq!(tls.len(), 4, "{:?}", tls.iter().map(|v| v.at()).collect::<Vec<_>>());
+    assert_eq!(
+        tls.len(),
+        4,
+        "{:?}",
+        tls.iter().map(|v| v.at()).collect::<Vec<_>>()
+    );
     for v in tls {
         assert!(v.name.contains("tls"), "{}", v.at());
         assert!(matches!(v.expect, Expect::Err { .. }), "{}", v.at());

@@ -1,6 +1,7 @@
 //! The `notesync` CLI through TLS with a token: two folders sync a note
 //! through a server that requires both; without the token, or without
-//! trusting the certificate, the CLI fails with a message saying why.
+//! trusting the certificate, or with TLS on the wrong port either way, the
+//! CLI fails with a message saying why.
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -110,4 +111,50 @@ fn the_cli_syncs_through_tls_with_a_token_file() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("TLS") && err.contains("certificate"), "{err}");
+}
+
+/// TLS on the wrong port, both ways: the CLI says which flag to change
+/// (PROTOCOL.md 2.1).
+#[test]
+fn the_cli_names_tls_on_the_wrong_port() {
+    let s = start();
+    let ca = s.dir.path().join("ca.pem");
+    let token = s.dir.path().join("token");
+    let (ca, token) = (ca.to_str().unwrap(), token.to_str().unwrap());
+    let folder = tempfile::tempdir().unwrap();
+
+    // Plain TCP to the TLS server.
+    let out = notesync(
+        &["sync"],
+        folder.path(),
+        &["--server", &s.addr, "--token-file", token],
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("this port speaks TLS"), "{err}");
+    assert!(err.contains("--tls"), "{err}");
+
+    // TLS to a server without it.
+    let plain = BlockingServer::start_temp();
+    let out = notesync(
+        &["sync"],
+        folder.path(),
+        &[
+            "--server",
+            &plain.addr,
+            "--tls-ca",
+            ca,
+            "--tls-name",
+            "localhost",
+        ],
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "{}: the server does not speak TLS on this port (connect without --tls)",
+            plain.addr
+        )),
+        "{err}"
+    );
 }

@@ -143,6 +143,22 @@ async fn untrusted_certificates_and_plain_tcp_are_refused_clearly() {
     server.server.stop().await;
 }
 
+/// The network error a sync through `cfg` from a fresh folder fails with.
+async fn net_error(cfg: ServerConfig) -> NetError {
+    let dir = tempfile::tempdir().unwrap();
+    let c = Client::open(dir.path(), cfg).unwrap();
+    match c.sync_now().await {
+        Err(SyncError::Net(e)) => e,
+        other => panic!("expected a network error, got {other:?}"),
+    }
+}
+
+/// `e` says `expected`, and retrying would not help.
+fn assert_says(e: &NetError, expected: &str) {
+    assert_eq!(e.to_string(), expected);
+    assert!(!e.is_transient(), "{e}");
+}
+
 /// A TLS server that is not notesync's (a TLS proxy, an older server):
 /// it answers a plain hello with a TLS alert record.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -167,18 +183,12 @@ async fn a_plain_client_names_a_tls_record_in_reply_to_its_hello() {
     });
     let mut cfg = ServerConfig::new(&addr);
     cfg.reply_timeout = Duration::from_secs(10);
-    let dir = tempfile::tempdir().unwrap();
-    let c = Client::open(dir.path(), cfg).unwrap();
-    match c.sync_now().await {
-        Err(SyncError::Net(e @ NetError::ServerSpeaksTls { .. })) => {
-            assert_eq!(
-                e.to_string(),
-                format!("{addr}: the server speaks TLS: use --tls (or --tls-ca FILE)")
-            );
-            assert!(!e.is_transient());
-        }
-        other => panic!("expected ServerSpeaksTls, got {other:?}"),
-    }
+    let e = net_error(cfg).await;
+    assert!(matches!(e, NetError::ServerSpeaksTls { .. }), "{e:?}");
+    assert_says(
+        &e,
+        &format!("{addr}: the server speaks TLS: use --tls (or --tls-ca FILE)"),
+    );
     assert!(tls_server.await.unwrap(), "the TLS handshake failed");
 }
 
@@ -191,19 +201,11 @@ async fn a_tls_client_names_a_server_without_tls() {
         server_name: Some("localhost".to_owned()),
     });
     let addr = cfg.addr.clone();
-    let dir = tempfile::tempdir().unwrap();
-    let c = Client::open(dir.path(), cfg).unwrap();
-    match c.sync_now().await {
-        Err(SyncError::Net(e @ NetError::NotTls { .. })) => {
-            assert_eq!(
-                e.to_string(),
-                format!(
-                    "{addr}: the server does not speak TLS on this port (connect without --tls)"
-                )
-            );
-            assert!(!e.is_transient());
-        }
-        other => panic!("expected NotTls, got {other:?}"),
-    }
+    let e = net_error(cfg).await;
+    assert!(matches!(e, NetError::NotTls { .. }), "{e:?}");
+    assert_says(
+        &e,
+        &format!("{addr}: the server does not speak TLS on this port (connect without --tls)"),
+    );
     server.stop().await;
 }

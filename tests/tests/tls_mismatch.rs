@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use notesync_protocol::{ClientFrame, ErrorCode, Hello};
-use notesync_tests::ServerProcess;
+use notesync_tests::{Conn, ServerProcess};
 
 /// The start of a TLS ClientHello record: handshake (0x16), record version
 /// 3.1, length, then the ClientHello's type and length and version 3.3.
@@ -58,23 +58,28 @@ fn warning_for(server: &ServerProcess, what: &str, peer: SocketAddr) -> String {
     }
 }
 
+/// `c` gets a closing unknown_frame whose message says `told`, and the
+/// server logs one warning with `warned` naming `c`; that line.
+async fn told_and_warned(server: &ServerProcess, mut c: Conn, told: &str, warned: &str) -> String {
+    let e = c.expect_closing_error(ErrorCode::UNKNOWN_FRAME).await;
+    assert!(e.message.contains(told), "{}", e.message);
+    let line = warning_for(server, warned, c.local_addr());
+    assert!(line.contains("WARN"), "{line}");
+    line
+}
+
 #[tokio::test]
 async fn a_client_hello_on_the_plain_listener_is_told_and_logged() {
     let server = ServerProcess::start();
     let mut c = server.connect().await;
     c.send_raw(&CLIENT_HELLO).await;
-    let e = c.expect_closing_error(ErrorCode::UNKNOWN_FRAME).await;
-    assert!(
-        e.message.contains("this port does not speak TLS"),
-        "{}",
-        e.message
-    );
-    let line = warning_for(
+    let line = told_and_warned(
         &server,
+        c,
+        "this port does not speak TLS",
         "a TLS client on the plain listener",
-        c.local_addr(),
-    );
-    assert!(line.contains("WARN"), "{line}");
+    )
+    .await;
     assert!(line.contains("--tls-cert"), "{line}");
 }
 
@@ -98,13 +103,12 @@ async fn a_plain_hello_on_the_tls_listener_is_told_and_logged() {
     let mut c = server.connect().await;
     let hello = Hello::new(0x7115, Vec::new()).unwrap();
     c.send(ClientFrame::Hello(hello)).await;
-    let e = c.expect_closing_error(ErrorCode::UNKNOWN_FRAME).await;
-    assert!(e.message.contains("this port speaks TLS"), "{}", e.message);
-    let line = warning_for(
+    let line = told_and_warned(
         &server,
+        c,
+        "this port speaks TLS",
         "a plain client on the TLS listener",
-        c.local_addr(),
-    );
-    assert!(line.contains("WARN"), "{line}");
+    )
+    .await;
     assert!(line.contains("first_byte=96"), "{line}");
 }

@@ -1,11 +1,16 @@
 //! A connection to a notesync server: framing, hello, bounded waits.
+//!
+//! TLS on the wrong port is recognised from the first bytes (PROTOCOL.md
+//! 2.1) and named, so the user learns which flag to change: a TLS record in
+//! reply to a plain hello is `ServerSpeaksTls`, a ClientHello answered with
+//! bytes that are no TLS record is `NotTls`.
 
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
 use notesync_protocol::{
     ClientCodec, ClientFrame, DecodeError, ErrorCode, ErrorFrame, Hello, PROTOCOL_VERSION,
-    ServerFrame, Time, ValueError,
+    ServerFrame, Time, ValueError, is_tls_record_start,
 };
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -126,7 +131,7 @@ pub enum TlsError {
     #[error("{0}")]
     Config(#[source] rustls::Error),
     /// The handshake failed: a certificate not trusted or not for this
-    /// name, or a server that does not speak TLS.
+    /// name (a server that does not speak TLS is `NetError::NotTls`).
     #[error("handshake with {addr}: {source}")]
     Handshake {
         addr: String,
@@ -157,6 +162,21 @@ pub enum NetError {
     Hello(#[source] ValueError),
     #[error("TLS: {0}")]
     Tls(#[from] TlsError),
+    /// A plain connection got a TLS record where a frame was expected.
+    #[error("{addr}: the server speaks TLS: use --tls (or --tls-ca FILE)")]
+    ServerSpeaksTls {
+        addr: String,
+        #[source]
+        source: DecodeError,
+    },
+    /// The TLS ClientHello was answered with bytes that are no TLS record
+    /// (a notesync server without TLS answers with an error frame).
+    #[error("{addr}: the server does not speak TLS on this port (connect without --tls)")]
+    NotTls {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl NetError {
@@ -174,7 +194,9 @@ impl NetError {
             NetError::Decode(_)
             | NetError::Unexpected(_)
             | NetError::Hello(_)
-            | NetError::Tls(_) => false,
+            | NetError::Tls(_)
+            | NetError::ServerSpeaksTls { .. }
+            | NetError::NotTls { .. } => false,
             _ => true,
         }
     }
@@ -186,6 +208,28 @@ impl From<ErrorFrame> for NetError {
             code: e.code,
             message: e.message,
         }
+    }
+}
+
+/// A failed TLS handshake as the error that says why. rustls finds no
+/// content type in the first byte of a reply that is no TLS record; every
+/// other failure (an io::Error that wraps a rustls::Error shows it as its
+/// own message, which names the certificate problem) is `Handshake`.
+fn handshake_error(addr: &str, source: std::io::Error) -> NetError {
+    let not_tls = source
+        .get_ref()
+        .and_then(|e| e.downcast_ref::<rustls::Error>())
+        .is_some_and(|e| {
+            matches!(
+                e,
+                rustls::Error::InvalidMessage(rustls::InvalidMessage::InvalidContentType)
+            )
+        });
+    let addr = addr.to_owned();
+    if not_tls {
+        NetError::NotTls { addr, source }
+    } else {
+        TlsError::Handshake { addr, source }.into()
     }
 }
 
@@ -227,14 +271,9 @@ impl Conn {
                         }
                     })?;
                 let handshake = tls_connector(tls)?.connect(name, stream);
-                // An io::Error that wraps a rustls::Error shows it as its
-                // own message (which names the certificate problem).
                 let stream = within(cfg.reply_timeout, handshake)
                     .await?
-                    .map_err(|source| TlsError::Handshake {
-                        addr: cfg.addr.clone(),
-                        source,
-                    })?;
+                    .map_err(|source| handshake_error(&cfg.addr, source))?;
                 Box::new(stream)
             }
         };
@@ -245,7 +284,16 @@ impl Conn {
         };
         let hello = Hello::new(replica, cfg.token.clone()).map_err(NetError::Hello)?;
         conn.send(ClientFrame::Hello(hello)).await?;
-        match conn.recv().await? {
+        let reply = match conn.recv().await {
+            Err(NetError::Decode(source)) if is_tls_record_start(conn.framed.read_buffer()) => {
+                return Err(NetError::ServerSpeaksTls {
+                    addr: cfg.addr.clone(),
+                    source,
+                });
+            }
+            reply => reply?,
+        };
+        match reply {
             ServerFrame::Welcome {
                 version,
                 server_time,

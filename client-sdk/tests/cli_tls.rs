@@ -1,6 +1,7 @@
 //! The `notesync` CLI through TLS with a token: two folders sync a note
 //! through a server that requires both; without the token, or without
-//! trusting the certificate, the CLI fails with a message saying why.
+//! trusting the certificate, or with TLS on the wrong port either way, the
+//! CLI fails with a message saying why.
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -41,6 +42,14 @@ fn start() -> Setup {
     }
 }
 
+impl Setup {
+    /// The CA file to trust and the token file, as arguments.
+    fn files(&self) -> (String, String) {
+        let path = |name| self.dir.path().join(name).to_str().unwrap().to_owned();
+        (path("ca.pem"), path("token"))
+    }
+}
+
 fn notesync(args: &[&str], folder: &Path, extra: &[&str]) -> Output {
     Command::new(BIN)
         .args(args)
@@ -51,12 +60,27 @@ fn notesync(args: &[&str], folder: &Path, extra: &[&str]) -> Output {
         .unwrap()
 }
 
+/// Runs `notesync sync FOLDER EXTRA...`, which must fail; its stderr.
+fn failed_sync(folder: &Path, extra: &[&str]) -> String {
+    let out = notesync(&["sync"], folder, extra);
+    assert!(
+        !out.status.success(),
+        "sync succeeded: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// The flags for TLS to `addr` trusting `ca` for the name `localhost`.
+fn trusting<'a>(addr: &'a str, ca: &'a str) -> [&'a str; 6] {
+    ["--server", addr, "--tls-ca", ca, "--tls-name", "localhost"]
+}
+
 #[test]
 fn the_cli_syncs_through_tls_with_a_token_file() {
     let s = start();
-    let ca = s.dir.path().join("ca.pem");
-    let token = s.dir.path().join("token");
-    let (ca, token) = (ca.to_str().unwrap(), token.to_str().unwrap());
+    let (ca, token) = s.files();
+    let (ca, token) = (ca.as_str(), token.as_str());
     let (fa, fb) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     std::fs::write(fa.path().join("plans.md"), "# Plans\nover TLS\n").unwrap();
     let good = [
@@ -84,20 +108,7 @@ fn the_cli_syncs_through_tls_with_a_token_file() {
 
     // No token: refused, and the user is told why.
     let fc = tempfile::tempdir().unwrap();
-    let out = notesync(
-        &["sync"],
-        fc.path(),
-        &[
-            "--server",
-            &s.addr,
-            "--tls-ca",
-            ca,
-            "--tls-name",
-            "localhost",
-        ],
-    );
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = failed_sync(fc.path(), &trusting(&s.addr, ca));
     assert!(err.contains("unauthorized"), "{err}");
     assert!(!fc.path().join("plans.md").exists());
 
@@ -110,4 +121,30 @@ fn the_cli_syncs_through_tls_with_a_token_file() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("TLS") && err.contains("certificate"), "{err}");
+}
+
+/// TLS on the wrong port, both ways: the CLI says which flag to change
+/// (PROTOCOL.md 2.1).
+#[test]
+fn the_cli_names_tls_on_the_wrong_port() {
+    let s = start();
+    let (ca, token) = s.files();
+    let (ca, token) = (ca.as_str(), token.as_str());
+    let folder = tempfile::tempdir().unwrap();
+
+    // Plain TCP to the TLS server.
+    let err = failed_sync(folder.path(), &["--server", &s.addr, "--token-file", token]);
+    assert!(err.contains("this port speaks TLS"), "{err}");
+    assert!(err.contains("--tls"), "{err}");
+
+    // TLS to a server without it.
+    let plain = BlockingServer::start_temp();
+    let err = failed_sync(folder.path(), &trusting(&plain.addr, ca));
+    assert!(
+        err.contains(&format!(
+            "{}: the server does not speak TLS on this port (connect without --tls)",
+            plain.addr
+        )),
+        "{err}"
+    );
 }

@@ -1,7 +1,8 @@
 //! TLS end to end: the SDK syncs and runs a live session through a server
 //! serving TLS with a generated (self-signed) certificate and requiring a
 //! token; clients that do not trust the certificate, or speak plain TCP to
-//! it, get a clear error and nothing else.
+//! it, get a clear error and nothing else. TLS on the wrong port is named
+//! both ways (PROTOCOL.md 2.1).
 
 mod common;
 
@@ -10,6 +11,7 @@ use std::time::Duration;
 
 use common::server::{TestServer, shared_note};
 use notesync_client::{Client, NetError, ServerConfig, SyncError, TlsError, TlsSettings};
+use notesync_protocol::ErrorCode;
 use notesync_server::auth::{Access, add_token};
 use notesync_server::{Config, TlsFiles};
 
@@ -121,12 +123,89 @@ async fn untrusted_certificates_and_plain_tcp_are_refused_clearly() {
         c.sync_now().await,
         Err(SyncError::Net(NetError::Tls(_)))
     ));
-    // Plain TCP to a TLS server: an error, not a hang or a panic.
+    // Plain TCP to a TLS server: an error, not a hang or a panic; this
+    // server answers the hello in the clear (PROTOCOL.md 2.1).
     let mut cfg = server.config();
     cfg.tls = None;
     cfg.reply_timeout = Duration::from_secs(3);
     let dir = tempfile::tempdir().unwrap();
     let c = Client::open(dir.path(), cfg).unwrap();
-    assert!(c.sync_now().await.is_err());
+    let r = c.sync_now().await;
+    assert!(r.is_err());
+    match r {
+        Err(SyncError::Net(NetError::Server { code, message })) => {
+            assert_eq!(code, ErrorCode::UNKNOWN_FRAME);
+            assert!(message.contains("this port speaks TLS"), "{message}");
+            assert!(message.contains("--tls"), "{message}");
+        }
+        other => panic!("expected the server's unknown_frame, got {other:?}"),
+    }
     server.server.stop().await;
+}
+
+/// The network error a sync through `cfg` from a fresh folder fails with.
+async fn net_error(cfg: ServerConfig) -> NetError {
+    let dir = tempfile::tempdir().unwrap();
+    let c = Client::open(dir.path(), cfg).unwrap();
+    match c.sync_now().await {
+        Err(SyncError::Net(e)) => e,
+        other => panic!("expected a network error, got {other:?}"),
+    }
+}
+
+/// `e` says `expected`, and retrying would not help.
+fn assert_says(e: &NetError, expected: &str) {
+    assert_eq!(e.to_string(), expected);
+    assert!(!e.is_transient(), "{e}");
+}
+
+/// A TLS server that is not notesync's (a TLS proxy, an older server):
+/// it answers a plain hello with a TLS alert record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_client_names_a_tls_record_in_reply_to_its_hello() {
+    use tokio_rustls::rustls;
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let key = rustls_pki_types::PrivateKeyDer::Pkcs8(cert.signing_key.serialize_der().into());
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.cert.der().clone()], key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let tls_server = tokio::spawn(async move {
+        let (socket, _) = listener.accept().await.unwrap();
+        // The hello is no ClientHello: the handshake fails (after the alert).
+        acceptor.accept(socket).await.is_err()
+    });
+    let mut cfg = ServerConfig::new(&addr);
+    cfg.reply_timeout = Duration::from_secs(10);
+    let e = net_error(cfg).await;
+    assert!(matches!(e, NetError::ServerSpeaksTls { .. }), "{e:?}");
+    assert_says(
+        &e,
+        &format!("{addr}: the server speaks TLS: use --tls (or --tls-ca FILE)"),
+    );
+    assert!(tls_server.await.unwrap(), "the TLS handshake failed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_client_names_a_server_without_tls() {
+    let server = TestServer::start().await;
+    let mut cfg = server.config();
+    cfg.tls = Some(TlsSettings {
+        ca_file: None,
+        server_name: Some("localhost".to_owned()),
+    });
+    let addr = cfg.addr.clone();
+    let e = net_error(cfg).await;
+    assert!(matches!(e, NetError::NotTls { .. }), "{e:?}");
+    assert_says(
+        &e,
+        &format!("{addr}: the server does not speak TLS on this port (connect without --tls)"),
+    );
+    server.stop().await;
 }

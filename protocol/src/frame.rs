@@ -39,6 +39,23 @@ pub mod header {
     pub const HELLO: u8 = 96;
     pub const WELCOME: u8 = 97;
     pub const ERROR: u8 = 127;
+    /// Reserved: never a frame header in either direction (PROTOCOL.md
+    /// 2.1), because a TLS alert record starts with it.
+    pub const TLS_ALERT: u8 = 0x15;
+    /// Reserved likewise: a TLS handshake record (a ClientHello) starts with
+    /// it, so a TLS client's first byte is never taken for a frame.
+    pub const TLS_HANDSHAKE: u8 = 0x16;
+}
+
+/// Whether `bytes` begin like a TLS record where a frame was expected: an
+/// alert or handshake record (the reserved headers above), then the
+/// record's version, major 3 and minor 0 to 4 (SSL 3.0 to TLS 1.3's
+/// legacy value). One reserved byte alone is not enough to say so.
+pub fn is_tls_record_start(bytes: &[u8]) -> bool {
+    matches!(
+        bytes,
+        [header::TLS_ALERT | header::TLS_HANDSHAKE, 3, 0..=4, ..]
+    )
 }
 
 /// The newest protocol version this crate speaks (sent in hello; a server

@@ -654,6 +654,39 @@ fn spec_frames_match_the_decoders() {
     }
 }
 
+/// 0x15 and 0x16 are no frame in either direction (PROTOCOL.md 2.1), the
+/// `tls` vectors are exactly the ones that look like TLS records, and no
+/// ok vector does.
+#[test]
+fn tls_record_bytes_are_never_frames() {
+    for dir in [Dir::C2s, Dir::S2c] {
+        for h in [header::TLS_ALERT, header::TLS_HANDSHAKE] {
+            assert!(layout(dir, h).is_none(), "header {h} is reserved ({dir:?})");
+        }
+    }
+    let vectors = vectors();
+    let tls: Vec<&Vector> = vectors
+        .iter()
+        .filter(|v| is_tls_record_start(&v.bytes))
+        .collect();
+    assert_eq!(
+        tls.len(),
+        4,
+        "{:?}",
+        tls.iter().map(|v| v.at()).collect::<Vec<_>>()
+    );
+    for v in tls {
+        assert!(v.name.contains("tls"), "{}", v.at());
+        assert!(matches!(v.expect, Expect::Err { .. }), "{}", v.at());
+    }
+    // The byte alone, or a version that is no TLS version, is not a record.
+    assert!(!is_tls_record_start(&[header::TLS_ALERT]));
+    assert!(!is_tls_record_start(&[header::TLS_HANDSHAKE, 3]));
+    assert!(!is_tls_record_start(&[header::TLS_HANDSHAKE, 2, 0]));
+    assert!(!is_tls_record_start(&[header::TLS_ALERT, 3, 5]));
+    assert!(!is_tls_record_start(&[header::ERROR, 3, 3]));
+}
+
 /// Every header of each direction has at least one ok vector.
 #[test]
 fn every_header_has_an_ok_vector() {

@@ -5,6 +5,10 @@
 //! `shutting_down` and closes; the writer commits what is queued and stops;
 //! the database is closed.
 //!
+//! TLS on the wrong port (PROTOCOL.md 2.1): the TLS listener peeks at a
+//! connection's first byte and answers a plain client (no 0x16) in the
+//! clear; a ClientHello on the plain listener is `conn`'s to answer.
+//!
 //! Touches the tenants (opened at bind, stopped last), the tokens file
 //! (reloaded on change; revocations end connections through `conn`), the
 //! connections, the metrics listener and the admin socket.
@@ -17,9 +21,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use notesync_protocol::header::TLS_HANDSHAKE;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
-use tokio::time::timeout;
+use tokio::time::{timeout, timeout_at};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -308,7 +313,9 @@ impl Server {
                     let tls = tls.clone();
                     tracker.spawn(async move {
                         let _open = crate::metrics::connection();
-                        if let Some((rd, wr)) = open_stream(socket, tls, handshake_timeout).await {
+                        if let Some((rd, wr)) =
+                            open_stream(socket, peer, tls, handshake_timeout).await
+                        {
                             conn::serve(rd, wr, peer, shared).await;
                         }
                         drop(permit);
@@ -323,7 +330,7 @@ impl Server {
                     if let Ok(p) = busy.clone().try_acquire_owned() {
                         let tls = tls.clone();
                         tracker.spawn(async move {
-                            refuse(socket, tls, handshake_timeout, frame).await;
+                            refuse(socket, peer, tls, handshake_timeout, frame).await;
                             drop(p);
                         });
                     }
@@ -352,6 +359,7 @@ impl Server {
 /// must finish within `handshake_timeout`).
 async fn open_stream(
     socket: TcpStream,
+    peer: SocketAddr,
     tls: Option<TlsAcceptor>,
     handshake_timeout: Duration,
 ) -> Option<(Rd, Wr)> {
@@ -361,17 +369,28 @@ async fn open_stream(
             Some((Box::new(Counted(rd)), Box::new(Counted(wr))))
         }
         Some(acceptor) => {
-            match timeout(handshake_timeout, acceptor.accept(Counted(socket))).await {
+            let deadline = tokio::time::Instant::now() + handshake_timeout;
+            if !opens_with_tls(&socket, peer, deadline).await {
+                let (rd, wr) = socket.into_split();
+                conn::reject(
+                    Box::new(Counted(rd)),
+                    Box::new(Counted(wr)),
+                    conn::plain_on_tls_port(),
+                )
+                .await;
+                return None;
+            }
+            match timeout_at(deadline, acceptor.accept(Counted(socket))).await {
                 Ok(Ok(stream)) => {
                     let (rd, wr) = tokio::io::split(stream);
                     Some((Box::new(rd), Box::new(wr)))
                 }
                 Ok(Err(e)) => {
-                    tracing::debug!(error = %e, "TLS handshake failed");
+                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
                     None
                 }
                 Err(_) => {
-                    tracing::debug!("TLS handshake timed out");
+                    tracing::debug!(%peer, "TLS handshake timed out");
                     None
                 }
             }
@@ -379,13 +398,39 @@ async fn open_stream(
     }
 }
 
+/// Whether a connection to the TLS listener may go on to the handshake:
+/// false for a plain notesync client, whose first byte is a frame header,
+/// not 0x16 (PROTOCOL.md 2.1). The byte is peeked, not read: the TLS
+/// acceptor reads the record itself, and fails on its own (logged at
+/// debug) for a peer that closes or says nothing.
+async fn opens_with_tls(
+    socket: &TcpStream,
+    peer: SocketAddr,
+    deadline: tokio::time::Instant,
+) -> bool {
+    let mut first = [0u8; 1];
+    match timeout_at(deadline, socket.peek(&mut first)).await {
+        Ok(Ok(1)) if first[0] != TLS_HANDSHAKE => {
+            tracing::warn!(
+                %peer,
+                first_byte = first[0],
+                "a plain client on the TLS listener (its first byte is not a TLS handshake); \
+                 answered unknown_frame: this port speaks TLS"
+            );
+            false
+        }
+        _ => true,
+    }
+}
+
 async fn refuse(
     socket: TcpStream,
+    peer: SocketAddr,
     tls: Option<TlsAcceptor>,
     handshake_timeout: Duration,
     frame: Bytes,
 ) {
-    if let Some((rd, wr)) = open_stream(socket, tls, handshake_timeout).await {
+    if let Some((rd, wr)) = open_stream(socket, peer, tls, handshake_timeout).await {
         conn::reject(rd, wr, frame).await;
     }
 }

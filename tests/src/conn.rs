@@ -103,6 +103,11 @@ impl Conn {
         self.addr
     }
 
+    /// This end's address: the peer the server's log lines name.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.framed.get_ref().local_addr().expect("local addr")
+    }
+
     /// The framed socket, for a test that must read and write at the same
     /// time (the helpers here take turns).
     pub fn into_framed(self) -> Framed<TcpStream, ClientCodec> {

@@ -85,3 +85,22 @@ pub(crate) fn blocked_frame(retry_in: Duration, max: u32, window: Duration) -> B
         retry_in.as_secs().max(1)
     ))
 }
+
+/// The answer to a TLS ClientHello on the plain listener (PROTOCOL.md
+/// 2.1): a notesync frame, not a TLS alert, so a client can tell "no TLS
+/// here" from a TLS server that refused its handshake.
+pub(super) fn tls_on_plain_port() -> Bytes {
+    error_bytes(
+        ErrorCode::UNKNOWN_FRAME,
+        "this port does not speak TLS: connect without TLS (notesync: leave out --tls and --tls-ca)",
+    )
+}
+
+/// The answer to a plain notesync frame on the TLS listener, sent in the
+/// clear before any handshake (PROTOCOL.md 2.1).
+pub(crate) fn plain_on_tls_port() -> Bytes {
+    error_bytes(
+        ErrorCode::UNKNOWN_FRAME,
+        "this port speaks TLS: connect with TLS (notesync: --tls, or --tls-ca FILE for a private CA)",
+    )
+}

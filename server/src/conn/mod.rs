@@ -43,9 +43,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::StreamExt;
+use notesync_protocol::header::TLS_HANDSHAKE;
 use notesync_protocol::{
     ClientFrame, DecodeError, ErrorCode, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, ServerCodec,
-    ServerFrame,
+    ServerFrame, is_tls_record_start,
 };
 use tokio::sync::mpsc;
 use tokio::time::timeout;
@@ -57,7 +58,7 @@ use crate::config::Config;
 use crate::rooms::{AckCell, Kill, Outbox, error_bytes, outbox};
 use crate::tenants::{Tenant, Tenants};
 use frames::{Frames, shutting_down, storage, unauthorized, wrong_mode};
-pub(crate) use frames::{blocked_frame, busy_frame};
+pub(crate) use frames::{blocked_frame, busy_frame, plain_on_tls_port};
 use registry::Registered;
 pub(crate) use registry::TokenConns;
 use socket::{FINAL_WRITE, WriteSide, linger, with_timeout, write_loop};
@@ -317,9 +318,25 @@ impl Conn {
                     tracing::debug!(error = %e, "read failed");
                     Event::End(None)
                 }
-                Some(Some(Err(e))) => Event::End(Some(error_bytes(e.code(), e.to_string()))),
+                Some(Some(Err(e))) => Event::End(Some(self.undecodable(e))),
             },
         }
+    }
+
+    /// The closing frame for bytes that are not a frame. A TLS handshake
+    /// record (a ClientHello: this listener has no TLS) gets its own words
+    /// and a warning, since the person behind it needs to change a flag.
+    fn undecodable(&self, e: DecodeError) -> Bytes {
+        let header = matches!(e, DecodeError::UnknownHeader { header } if header == TLS_HANDSHAKE);
+        if header && is_tls_record_start(self.frames.read_buffer()) {
+            tracing::warn!(
+                peer = %self.peer,
+                "a TLS client on the plain listener (its first bytes are a TLS ClientHello); \
+                 answered unknown_frame: this server runs without --tls-cert"
+            );
+            return frames::tls_on_plain_port();
+        }
+        error_bytes(e.code(), e.to_string())
     }
 
     async fn send_direct(&mut self, frame: Bytes) -> bool {

@@ -10,6 +10,7 @@ use notesync_protocol::Limits;
 use notesync_server::admin;
 use notesync_server::auth::{self, Access};
 use notesync_server::config_file;
+use notesync_server::notify;
 use notesync_server::{Config, Server, TlsFiles};
 use tokio_util::sync::CancellationToken;
 
@@ -283,10 +284,14 @@ async fn serve(config: Config) -> ExitCode {
         }
         let _ = out.flush();
     }
+    // After the listening line, so a supervisor and a reader of stdout
+    // agree on when the server is up.
+    tell_systemd(notify::State::Ready);
     let shutdown = CancellationToken::new();
     let token = shutdown.clone();
     tokio::spawn(async move {
         let signal = signals.wait().await;
+        tell_systemd(notify::State::Stopping);
         token.cancel();
         tracing::info!(signal, "shutting down");
     });
@@ -336,6 +341,15 @@ impl Signals {
     async fn wait(self) -> &'static str {
         let _ = tokio::signal::ctrl_c().await;
         "SIGINT"
+    }
+}
+
+/// Tells systemd (`Type=notify`) the server's state; a failure is logged,
+/// never fatal: serving does not depend on the supervisor hearing it.
+fn tell_systemd(state: notify::State) {
+    match notify::notify(state) {
+        Ok(sent) => tracing::debug!(?state, sent, "systemd notification"),
+        Err(e) => tracing::warn!(error = %e, "cannot notify systemd"),
     }
 }
 

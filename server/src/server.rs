@@ -7,7 +7,8 @@
 //!
 //! Touches the tenants (opened at bind, stopped last), the tokens file
 //! (reloaded on change; revocations end connections through `conn`), the
-//! connections, the metrics listener and the admin socket.
+//! connections, the metrics listener (kept until the databases are
+//! closed, so its `/healthz` reports the shutdown) and the admin socket.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -248,14 +249,17 @@ impl Server {
         });
         let tracker = TaskTracker::new();
         tracker.spawn(watch_tokens(shared.clone()));
-        if let Some((listener, _)) = metrics {
-            tracker.spawn(crate::metrics_http::serve(
+        // Outside `tracker`: it answers through the whole shutdown (its
+        // `/healthz` says 503 then) and stops once the databases are closed.
+        let metrics_stop = CancellationToken::new();
+        let metrics = metrics.map(|(listener, _)| {
+            tokio::spawn(crate::metrics_http::serve(
                 listener,
                 tenants.clone(),
-                tracker.clone(),
                 shutdown.clone(),
-            ));
-        }
+                metrics_stop.clone(),
+            ))
+        });
         if let Some(admin) = admin {
             tracker.spawn(crate::admin::serve(
                 admin,
@@ -342,7 +346,14 @@ impl Server {
             );
         }
         drop(shared);
-        tenants.stop().await?;
+        let stopped = tenants.stop().await;
+        metrics_stop.cancel();
+        if let Some(metrics) = metrics
+            && let Err(e) = metrics.await
+        {
+            tracing::warn!(error = %e, "the metrics listener task failed");
+        }
+        stopped?;
         tracing::info!("databases closed");
         Ok(())
     }

@@ -126,7 +126,9 @@ fn answer(
 ) -> Response<Full<Bytes>> {
     if req.method() != Method::GET {
         let mut reply = plain(StatusCode::METHOD_NOT_ALLOWED, "only GET\n");
-        reply.headers_mut().insert(ALLOW, HeaderValue::from_static("GET"));
+        reply
+            .headers_mut()
+            .insert(ALLOW, HeaderValue::from_static("GET"));
         return reply;
     }
     match req.uri().path() {
@@ -148,8 +150,9 @@ fn answer(
 fn plain(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
     let mut reply = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
     *reply.status_mut() = status;
-    reply
-        .headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    reply.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     reply
 }

@@ -71,6 +71,22 @@ async fn http(addr: SocketAddr, request: &str) -> (String, String) {
     (head.to_owned(), body.to_owned())
 }
 
+/// Like [`http`], for requests the server may refuse: a failed write or
+/// a reset counts as what was read until then (often nothing).
+async fn attempt(addr: SocketAddr, request: &[u8]) -> String {
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect to the metrics listener");
+    let _ = s.write_all(request).await;
+    let mut reply = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut reply))
+        .await
+        .expect("the server answers or closes the connection");
+    text(&reply)
+}
+
+const HEALTHZ: &[u8] = b"GET /healthz HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n";
+
 /// `GET path`, asking the server to close the connection after it.
 async fn get(addr: SocketAddr, path: &str) -> (String, String) {
     http(
@@ -353,30 +369,28 @@ async fn the_metrics_listener_answers_404_405_and_keeps_connections_alive() {
         "GET /metrics HTTP/1.1\r\nHost: test\r\nX-Pad: {}\r\n\r\n",
         "a".repeat(64 * 1024)
     );
-    let mut s = tokio::net::TcpStream::connect(metrics)
-        .await
-        .expect("connect");
     // The server may close before taking it all; what it answered counts.
-    let _ = s.write_all(big.as_bytes()).await;
-    let mut reply = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut reply)).await;
-    let reply = text(&reply);
+    let reply = attempt(metrics, big.as_bytes()).await;
     assert!(
         reply.starts_with("HTTP/1.1 431"),
         "an oversized head got {reply:?}"
     );
 }
 
+/// A connection that has sent `start` of a request head, and no more.
+async fn half_head(addr: SocketAddr, start: &[u8]) -> tokio::net::TcpStream {
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect to the metrics listener");
+    s.write_all(start).await.expect("send part of a head");
+    s
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_metrics_client_neither_blocks_a_scrape_nor_stays_open() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let (_server, metrics) = start_with_metrics(tmp.path()).await;
-    let mut slow = tokio::net::TcpStream::connect(metrics)
-        .await
-        .expect("connect");
-    slow.write_all(b"GET /metrics HTTP/1.1\r\nHost: te")
-        .await
-        .expect("send half a head");
+    let mut slow = half_head(metrics, b"GET /metrics HTTP/1.1\r\nHost: te").await;
     parse_exposition(&scrape(metrics).await);
     // The server closes it (its head timeout) without answering it.
     let mut rest = Vec::new();
@@ -395,43 +409,22 @@ async fn the_metrics_listener_closes_connections_past_its_bound() {
     let (_server, metrics) = start_with_metrics(tmp.path()).await;
     let mut held = Vec::new();
     for _ in 0..64 {
-        let mut s = tokio::net::TcpStream::connect(metrics)
-            .await
-            .expect("connect");
-        s.write_all(b"GET /metrics HTTP/1.1\r\n")
-            .await
-            .expect("start a head");
-        held.push(s);
+        held.push(half_head(metrics, b"GET /metrics HTTP/1.1\r\n").await);
     }
     // The 65th is accepted after those 64 and closed unanswered.
-    let mut extra = tokio::net::TcpStream::connect(metrics)
-        .await
-        .expect("connect");
-    let _ = extra
-        .write_all(b"GET /healthz HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
-        .await;
-    let mut reply = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(10), extra.read_to_end(&mut reply))
-        .await
-        .expect("the connection past the bound is closed");
+    let reply = attempt(metrics, HEALTHZ).await;
     assert!(
         reply.is_empty(),
-        "the 65th connection was answered: {:?}",
-        text(&reply)
+        "the 65th connection was answered: {reply:?}"
     );
     drop(held);
     // The permits come back: a scrape works again.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let mut s = tokio::net::TcpStream::connect(metrics)
+        if attempt(metrics, HEALTHZ)
             .await
-            .expect("connect");
-        let _ = s
-            .write_all(b"GET /healthz HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
-            .await;
-        let mut reply = Vec::new();
-        let _ = s.read_to_end(&mut reply).await;
-        if text(&reply).starts_with("HTTP/1.1 200 OK") {
+            .starts_with("HTTP/1.1 200 OK")
+        {
             break;
         }
         assert!(

@@ -174,8 +174,9 @@ struct Args {
     /// The PEM private key of --tls-cert.
     #[arg(long, value_name = "FILE", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
-    /// Serve Prometheus metrics on http://ADDR/metrics (port 0 picks a
-    /// free port, printed as "metrics on ADDR").
+    /// Serve Prometheus metrics on http://ADDR/metrics and a health check
+    /// on http://ADDR/healthz (200, or 503 while shutting down); port 0
+    /// picks a free port, printed as "metrics on ADDR".
     #[arg(long, value_name = "ADDR")]
     metrics: Option<String>,
     /// Read serving options from this TOML file: each key is a flag's name

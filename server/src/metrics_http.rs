@@ -36,6 +36,8 @@ const MAX_CONNECTIONS: usize = 64;
 const MAX_REQUEST_HEAD: usize = 8192;
 /// Time a client has to send a request head.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Time a connection has, once `stop` is cancelled, to finish its request.
+const STOP_GRACE: Duration = Duration::from_secs(1);
 
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
@@ -58,7 +60,9 @@ pub(crate) async fn bind(addr: &str) -> io::Result<(TcpListener, SocketAddr)> {
 /// Serves `listener` until `stop`. `draining` is the server's shutdown
 /// token: once it is cancelled `/healthz` answers 503, while `/metrics`
 /// still answers (the last scrapes of a stopping server), so the caller
-/// cancels `stop` only when the server has finished.
+/// cancels `stop` when its connections have drained. Returns when every
+/// metrics connection has ended (within `STOP_GRACE`), so none still holds
+/// `tenants`.
 pub(crate) async fn serve(
     listener: TcpListener,
     tenants: Arc<Tenants>,
@@ -103,7 +107,8 @@ pub(crate) async fn serve(
                 r = conn.as_mut() => r,
                 _ = stop.cancelled() => {
                     conn.as_mut().graceful_shutdown();
-                    conn.await
+                    // Dropped past the grace (a head still arriving).
+                    tokio::time::timeout(STOP_GRACE, conn).await.unwrap_or(Ok(()))
                 }
             };
             if let Err(e) = served {
@@ -114,8 +119,7 @@ pub(crate) async fn serve(
     }
     drop(listener);
     tracker.close();
-    // A connection still sending its head gets at most its header timeout.
-    let _ = tokio::time::timeout(HEADER_TIMEOUT, tracker.wait()).await;
+    tracker.wait().await;
 }
 
 /// The reply to one request; its body, if any, is never read.

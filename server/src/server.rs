@@ -7,8 +7,8 @@
 //!
 //! Touches the tenants (opened at bind, stopped last), the tokens file
 //! (reloaded on change; revocations end connections through `conn`), the
-//! connections, the metrics listener (kept until the databases are
-//! closed, so its `/healthz` reports the shutdown) and the admin socket.
+//! connections, the metrics listener (kept while the connections drain,
+//! so its `/healthz` reports the shutdown) and the admin socket.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -249,8 +249,9 @@ impl Server {
         });
         let tracker = TaskTracker::new();
         tracker.spawn(watch_tokens(shared.clone()));
-        // Outside `tracker`: it answers through the whole shutdown (its
-        // `/healthz` says 503 then) and stops once the databases are closed.
+        // Outside `tracker`: it answers while the connections drain (its
+        // `/healthz` says 503 then) and stops before the databases close,
+        // which need every reference to `tenants` gone.
         let metrics_stop = CancellationToken::new();
         let metrics = metrics.map(|(listener, _)| {
             tokio::spawn(crate::metrics_http::serve(
@@ -346,14 +347,13 @@ impl Server {
             );
         }
         drop(shared);
-        let stopped = tenants.stop().await;
         metrics_stop.cancel();
         if let Some(metrics) = metrics
             && let Err(e) = metrics.await
         {
             tracing::warn!(error = %e, "the metrics listener task failed");
         }
-        stopped?;
+        tenants.stop().await?;
         tracing::info!("databases closed");
         Ok(())
     }

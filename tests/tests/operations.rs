@@ -337,6 +337,10 @@ async fn healthz_is_200_while_serving_and_503_once_shutdown_begins() {
     scrape(metrics).await;
     drop(admin);
     assert!(server.terminate().success());
+    // The listener let go of the namespaces before they were closed.
+    let out = server.output();
+    assert!(out.contains("databases closed"), "{out}");
+    assert!(!out.contains("namespaces still referenced"), "{out}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

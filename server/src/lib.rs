@@ -21,7 +21,9 @@
 //! - [`admin`]: the Unix socket through which those commands reach a
 //!   running server (which holds the databases' locks), and their CLI side;
 //! - `metrics`: Prometheus counters (a leaf: every layer may count);
-//! - `metrics_http`: the `GET /metrics` listener, with the tenants' gauges;
+//! - `metrics_http`: the `--metrics` listener (hyper): `/metrics`, with the
+//!   tenants' gauges, and `/healthz`;
+//! - [`notify`]: systemd's `Type=notify` readiness datagrams;
 //! - [`config_file`]: `--config FILE` (TOML keys named as the flags).
 //!
 //! Embedding:
@@ -45,6 +47,7 @@ mod conn;
 mod index;
 mod metrics;
 mod metrics_http;
+pub mod notify;
 pub mod ops;
 mod reply;
 mod rooms;

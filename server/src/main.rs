@@ -10,6 +10,7 @@ use notesync_protocol::Limits;
 use notesync_server::admin;
 use notesync_server::auth::{self, Access};
 use notesync_server::config_file;
+use notesync_server::notify;
 use notesync_server::{Config, Server, TlsFiles};
 use tokio_util::sync::CancellationToken;
 
@@ -173,8 +174,9 @@ struct Args {
     /// The PEM private key of --tls-cert.
     #[arg(long, value_name = "FILE", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
-    /// Serve Prometheus metrics on http://ADDR/metrics (port 0 picks a
-    /// free port, printed as "metrics on ADDR").
+    /// Serve Prometheus metrics on http://ADDR/metrics and a health check
+    /// on http://ADDR/healthz (200, or 503 while shutting down); port 0
+    /// picks a free port, printed as "metrics on ADDR".
     #[arg(long, value_name = "ADDR")]
     metrics: Option<String>,
     /// Read serving options from this TOML file: each key is a flag's name
@@ -283,10 +285,14 @@ async fn serve(config: Config) -> ExitCode {
         }
         let _ = out.flush();
     }
+    // After the listening line, so a supervisor and a reader of stdout
+    // agree on when the server is up.
+    tell_systemd(notify::State::Ready);
     let shutdown = CancellationToken::new();
     let token = shutdown.clone();
     tokio::spawn(async move {
         let signal = signals.wait().await;
+        tell_systemd(notify::State::Stopping);
         token.cancel();
         tracing::info!(signal, "shutting down");
     });
@@ -336,6 +342,15 @@ impl Signals {
     async fn wait(self) -> &'static str {
         let _ = tokio::signal::ctrl_c().await;
         "SIGINT"
+    }
+}
+
+/// Tells systemd (`Type=notify`) the server's state; a failure is logged,
+/// never fatal: serving does not depend on the supervisor hearing it.
+fn tell_systemd(state: notify::State) {
+    match notify::notify(state) {
+        Ok(sent) => tracing::debug!(?state, sent, "systemd notification"),
+        Err(e) => tracing::warn!(error = %e, "cannot notify systemd"),
     }
 }
 

@@ -11,7 +11,8 @@
 //!
 //! Touches the tenants (opened at bind, stopped last), the tokens file
 //! (reloaded on change; revocations end connections through `conn`), the
-//! connections, the metrics listener and the admin socket.
+//! connections, the metrics listener (kept while the connections drain,
+//! so its `/healthz` reports the shutdown) and the admin socket.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -253,14 +254,18 @@ impl Server {
         });
         let tracker = TaskTracker::new();
         tracker.spawn(watch_tokens(shared.clone()));
-        if let Some((listener, _)) = metrics {
-            tracker.spawn(crate::metrics_http::serve(
+        // Outside `tracker`: it answers while the connections drain (its
+        // `/healthz` says 503 then) and stops before the databases close,
+        // which need every reference to `tenants` gone.
+        let metrics_stop = CancellationToken::new();
+        let metrics = metrics.map(|(listener, _)| {
+            tokio::spawn(crate::metrics_http::serve(
                 listener,
                 tenants.clone(),
-                tracker.clone(),
                 shutdown.clone(),
-            ));
-        }
+                metrics_stop.clone(),
+            ))
+        });
         if let Some(admin) = admin {
             tracker.spawn(crate::admin::serve(
                 admin,
@@ -349,6 +354,12 @@ impl Server {
             );
         }
         drop(shared);
+        metrics_stop.cancel();
+        if let Some(metrics) = metrics
+            && let Err(e) = metrics.await
+        {
+            tracing::warn!(error = %e, "the metrics listener task failed");
+        }
         tenants.stop().await?;
         tracing::info!("databases closed");
         Ok(())

@@ -1,5 +1,6 @@
-//! Operating the server (issue 7): metrics, `export`, `check`, `backup`,
-//! the admin socket and `--config`, against the real binary.
+//! Operating the server (issues 7 and 16): metrics and `/healthz` (on
+//! hyper), systemd's `Type=notify`, `export`, `check`, `backup`, the admin
+//! socket and `--config`, against the real binary.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -51,27 +52,79 @@ fn pid(levels: &[(u32, u8)]) -> Pid {
 
 // ---------------------------------------------------------------- metrics
 
-/// Scrapes `GET /metrics`; returns the body after checking the status.
-async fn scrape(addr: SocketAddr) -> String {
+/// Sends `request` on a fresh connection to the metrics listener and
+/// reads until the server closes it: (head, body).
+async fn http(addr: SocketAddr, request: &str) -> (String, String) {
     let mut s = tokio::net::TcpStream::connect(addr)
         .await
         .expect("connect to the metrics listener");
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n")
+    s.write_all(request.as_bytes())
         .await
         .expect("send the request");
     let mut reply = Vec::new();
     tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut reply))
         .await
-        .expect("the scrape finishes")
+        .expect("the request finishes")
         .expect("read the reply");
     let reply = text(&reply);
     let (head, body) = reply.split_once("\r\n\r\n").expect("an HTTP reply");
+    (head.to_owned(), body.to_owned())
+}
+
+/// Like [`http`], for requests the server may refuse: a failed write or
+/// a reset counts as what was read until then (often nothing).
+async fn attempt(addr: SocketAddr, request: &[u8]) -> String {
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect to the metrics listener");
+    let _ = s.write_all(request).await;
+    let mut reply = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut reply))
+        .await
+        .expect("the server answers or closes the connection");
+    text(&reply)
+}
+
+const HEALTHZ: &[u8] = b"GET /healthz HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n";
+
+/// `GET path`, asking the server to close the connection after it.
+async fn get(addr: SocketAddr, path: &str) -> (String, String) {
+    http(
+        addr,
+        &format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"),
+    )
+    .await
+}
+
+/// Scrapes `GET /metrics`; returns the body after checking the status.
+async fn scrape(addr: SocketAddr) -> String {
+    let (head, body) = get(addr, "/metrics").await;
     assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
     assert!(
         head.contains("content-type: application/openmetrics-text"),
         "{head}"
     );
-    body.to_owned()
+    body
+}
+
+/// The address of the server's `--metrics` listener, from its
+/// `metrics on ADDR` line.
+async fn metrics_addr(server: &ServerProcess) -> SocketAddr {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = server.output();
+        if let Some(addr) = out
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("metrics on "))
+        {
+            return addr.trim().parse().expect("a socket address");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no `metrics on ADDR` line:\n{out}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Parses Prometheus / OpenMetrics text strictly: every line is a
@@ -165,24 +218,7 @@ fn sample(samples: &BTreeMap<String, f64>, series: &str) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_are_served_as_prometheus_text_and_move_with_load() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let data = tmp.path().join("data");
-    let server = ServerProcess::try_start_with(&data, &["--metrics", "127.0.0.1:0"])
-        .unwrap_or_else(|e| panic!("server did not start: {e}"));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let metrics: SocketAddr = loop {
-        let out = server.output();
-        if let Some(addr) = out
-            .lines()
-            .find_map(|l| l.trim().strip_prefix("metrics on "))
-        {
-            break addr.trim().parse().expect("a socket address");
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no `metrics on ADDR` line:\n{out}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let (server, metrics) = start_with_metrics(tmp.path()).await;
 
     let before = parse_exposition(&scrape(metrics).await);
 
@@ -248,6 +284,209 @@ async fn metrics_are_served_as_prometheus_text_and_move_with_load() {
         0.0
     );
     drop((c, s));
+}
+
+/// A server on a fresh data folder under `tmp`, with `--metrics` on port 0,
+/// and that listener's address.
+async fn start_with_metrics(tmp: &Path) -> (ServerProcess, SocketAddr) {
+    let server = ServerProcess::try_start_with(&tmp.join("data"), &["--metrics", "127.0.0.1:0"])
+        .unwrap_or_else(|e| panic!("server did not start: {e}"));
+    let metrics = metrics_addr(&server).await;
+    (server, metrics)
+}
+
+fn sigterm(pid: u32) {
+    // SAFETY: kill(2) on our own child's pid, which we have not reaped.
+    let rc = unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+    assert_eq!(rc, 0, "kill(SIGTERM) failed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthz_is_200_while_serving_and_503_once_shutdown_begins() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (mut server, metrics) = start_with_metrics(tmp.path()).await;
+    let (head, body) = get(metrics, "/healthz").await;
+    assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
+    assert_eq!(body, "ok\n");
+
+    // An admin connection that has not sent its request line holds the
+    // shutdown open (the server waits up to 10 s for the line), so the
+    // draining server can be asked how it is.
+    let admin = tokio::net::UnixStream::connect(tmp.path().join("data/admin.sock"))
+        .await
+        .expect("connect to the admin socket");
+    // Accepted by the admin listener before the signal stops it accepting.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    sigterm(server.pid());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (head, body) = get(metrics, "/healthz").await;
+        if head.starts_with("HTTP/1.1 503 Service Unavailable") {
+            assert_eq!(body, "shutting down\n");
+            break;
+        }
+        assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
+        assert!(
+            Instant::now() < deadline,
+            "/healthz never said 503 after SIGTERM\n{}",
+            server.output()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Scrapes still answer while it drains.
+    scrape(metrics).await;
+    drop(admin);
+    assert!(server.terminate().success());
+    // The listener let go of the namespaces before they were closed.
+    let out = server.output();
+    assert!(out.contains("databases closed"), "{out}");
+    assert!(!out.contains("namespaces still referenced"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_metrics_listener_answers_404_405_and_keeps_connections_alive() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (_server, metrics) = start_with_metrics(tmp.path()).await;
+    let (head, _) = get(metrics, "/nope").await;
+    assert!(head.starts_with("HTTP/1.1 404 Not Found"), "{head}");
+    let (head, _) = http(
+        metrics,
+        "POST /metrics HTTP/1.1\r\nHost: test\r\nContent-Length: 3\r\nConnection: close\r\n\r\nabc",
+    )
+    .await;
+    assert!(
+        head.starts_with("HTTP/1.1 405 Method Not Allowed"),
+        "{head}"
+    );
+    assert!(head.to_ascii_lowercase().contains("allow: get"), "{head}");
+    // Two requests on one connection, the second answered too.
+    let (head, body) = http(
+        metrics,
+        "GET /healthz HTTP/1.1\r\nHost: test\r\n\r\nGET /metrics HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
+    assert!(body.contains("HTTP/1.1 200 OK"), "{body}");
+    assert!(body.contains("# EOF"), "{body}");
+    // A request head past the bound is refused, not read on.
+    let big = format!(
+        "GET /metrics HTTP/1.1\r\nHost: test\r\nX-Pad: {}\r\n\r\n",
+        "a".repeat(64 * 1024)
+    );
+    // The server may close before taking it all; what it answered counts.
+    let reply = attempt(metrics, big.as_bytes()).await;
+    assert!(
+        reply.starts_with("HTTP/1.1 431"),
+        "an oversized head got {reply:?}"
+    );
+}
+
+/// A connection that has sent `start` of a request head, and no more.
+async fn half_head(addr: SocketAddr, start: &[u8]) -> tokio::net::TcpStream {
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect to the metrics listener");
+    s.write_all(start).await.expect("send part of a head");
+    s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_metrics_client_neither_blocks_a_scrape_nor_stays_open() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (_server, metrics) = start_with_metrics(tmp.path()).await;
+    let mut slow = half_head(metrics, b"GET /metrics HTTP/1.1\r\nHost: te").await;
+    parse_exposition(&scrape(metrics).await);
+    // The server closes it (its head timeout) without answering it.
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(30), slow.read_to_end(&mut rest))
+        .await
+        .expect("the slow client is closed by the server");
+    assert!(
+        read.is_err() || !text(&rest).contains("200 OK"),
+        "a half head was answered: {rest:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_metrics_listener_closes_connections_past_its_bound() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (_server, metrics) = start_with_metrics(tmp.path()).await;
+    let mut held = Vec::new();
+    for _ in 0..64 {
+        held.push(half_head(metrics, b"GET /metrics HTTP/1.1\r\n").await);
+    }
+    // The 65th is accepted after those 64 and closed unanswered.
+    let reply = attempt(metrics, HEALTHZ).await;
+    assert!(
+        reply.is_empty(),
+        "the 65th connection was answered: {reply:?}"
+    );
+    drop(held);
+    // The permits come back: a scrape works again.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if attempt(metrics, HEALTHZ)
+            .await
+            .starts_with("HTTP/1.1 200 OK")
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no scrape after the held connections closed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+// ---------------------------------------------------------------- systemd
+
+#[test]
+fn systemd_hears_ready_after_the_listening_line_and_stopping_on_sigterm() {
+    use std::io::Read;
+    use std::os::fd::AsRawFd;
+    use std::os::unix::net::UnixDatagram;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let socket = tmp.path().join("notify.sock");
+    let notify = UnixDatagram::bind(&socket).expect("bind the notify socket");
+    notify
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("read timeout");
+    let mut child = Command::new(server_binary())
+        .arg("--listen")
+        .arg("127.0.0.1:0")
+        .arg("--data")
+        .arg(tmp.path().join("data"))
+        .env("NOTIFY_SOCKET", &socket)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn the server");
+    let mut stdout = child.stdout.take().expect("stdout");
+    let mut buf = [0u8; 256];
+    let n = notify.recv(&mut buf).expect("READY=1 within 20 s");
+    assert_eq!(text(&buf[..n]), "READY=1");
+    // The listening line was written before READY=1, so it is in the pipe
+    // now: read it without waiting.
+    // SAFETY: fcntl(2) on a pipe this test owns.
+    let rc = unsafe { libc::fcntl(stdout.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
+    assert_eq!(rc, 0, "fcntl(O_NONBLOCK) failed");
+    let mut out = [0u8; 1024];
+    let n = stdout
+        .read(&mut out)
+        .expect("the listening line is already written");
+    assert!(
+        text(&out[..n]).starts_with("listening on "),
+        "{:?}",
+        text(&out[..n])
+    );
+    sigterm(child.id());
+    let n = notify.recv(&mut buf).expect("STOPPING=1 within 20 s");
+    assert_eq!(text(&buf[..n]), "STOPPING=1");
+    let status = notesync_tests::server::wait_timeout(&mut child, Duration::from_secs(20))
+        .expect("the server exits after SIGTERM");
+    assert!(status.success(), "{status}");
 }
 
 // ---------------------------------------------------------------- export

@@ -65,6 +65,11 @@ deleted: its file is written again, with a warning.
 If the server cannot be reached, your edits stay in the op logs
 (*.md.latest_ops) and go out with the next sync that reaches it.
 
+The first successful sync (or watch) stores the connection (--server, the
+TLS flags, the token file's path; never the token) in
+.notesync/connection.json, so later commands may omit them; flags given
+override the stored values and are stored once a sync succeeds.
+
 Exit status: 0 done; 1 error (nothing was lost); 3 the server could not be
 reached or the sync failed; 4 the server refused some notes (listed).";
 

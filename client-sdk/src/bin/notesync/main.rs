@@ -283,7 +283,7 @@ fn status(dir: &Path) -> Result<u8, Fail> {
     println!("folder:     {}", folder.dir().display());
     println!("replica:    {replica:032x}");
     println!("last sync:  {}", server_time(last_sync));
-    match Connection::load(dir).map_err(|e| Fail::new(e.to_string()))? {
+    match Connection::load(dir)? {
         Some(c) => {
             println!("server:     {}", c.describe());
             let token = match &c.token_file {

@@ -16,7 +16,7 @@ use clap::Args;
 use notesync_client::folder::{Folder, FolderError};
 use notesync_client::{ServerConfig, StoreError, TlsSettings};
 
-use crate::connection::Connection;
+use crate::connection::{Connection, ConnectionError};
 
 pub(crate) const EXIT_ERROR: u8 = 1;
 pub(crate) const EXIT_SYNC_FAILED: u8 = 3;
@@ -64,9 +64,7 @@ pub(crate) struct Resolved {
 impl Resolved {
     /// After a successful sync: the folder remembers this connection.
     pub(crate) fn remember(&self, dir: &Path) -> Result<(), Fail> {
-        self.conn
-            .store(dir, self.stored.as_ref())
-            .map_err(|e| Fail::new(e.to_string()))
+        Ok(self.conn.store(dir, self.stored.as_ref())?)
     }
 }
 
@@ -75,7 +73,7 @@ impl ServerArgs {
     /// TLS ones. Paths are made absolute, so the stored ones still hold
     /// when a later command runs elsewhere.
     pub(crate) fn resolve(&self, dir: &Path) -> Result<Resolved, Fail> {
-        let stored = Connection::load(dir).map_err(|e| Fail::new(e.to_string()))?;
+        let stored = Connection::load(dir)?;
         let server = match (&self.server, &stored) {
             (Some(s), _) => s.clone(),
             (None, Some(c)) => c.server.clone(),
@@ -168,6 +166,12 @@ impl Fail {
 
 impl From<FolderError> for Fail {
     fn from(e: FolderError) -> Fail {
+        Fail::new(e.to_string())
+    }
+}
+
+impl From<ConnectionError> for Fail {
+    fn from(e: ConnectionError) -> Fail {
         Fail::new(e.to_string())
     }
 }

@@ -340,6 +340,16 @@ fn watch_brings_changes_in_and_sends_file_edits_out() {
     interrupt(watch_b, &log_b);
     assert_eq!(md_files(&a), md_files(&b));
     assert!(pending(&a).values().all(|&n| n == 0), "{:?}", pending(&a));
+
+    // B's first sync was watch's: it stored the connection, so a later
+    // command needs no --server.
+    let again = notesync(&[OsStr::new("sync"), b.as_os_str()]);
+    assert!(again.status.success(), "{}", text(&again.stderr));
+    assert!(
+        text(&again.stdout).contains(&format!("synced with {}", server.addr)),
+        "{}",
+        text(&again.stdout)
+    );
 }
 
 /// Run by `the_store_survives_sigkill_mid_insert` in a child process.

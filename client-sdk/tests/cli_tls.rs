@@ -1,7 +1,8 @@
 //! The `notesync` CLI through TLS with a token: two folders sync a note
 //! through a server that requires both; without the token, or without
 //! trusting the certificate, or with TLS on the wrong port either way, the
-//! CLI fails with a message saying why.
+//! CLI fails with a message saying why. A folder remembers its connection
+//! (never the token) after its first successful sync.
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -62,13 +63,7 @@ fn notesync(args: &[&str], folder: &Path, extra: &[&str]) -> Output {
 
 /// Runs `notesync sync FOLDER EXTRA...`, which must fail; its stderr.
 fn failed_sync(folder: &Path, extra: &[&str]) -> String {
-    let out = notesync(&["sync"], folder, extra);
-    assert!(
-        !out.status.success(),
-        "sync succeeded: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    String::from_utf8_lossy(&out.stderr).into_owned()
+    failed(&notesync(&["sync"], folder, extra))
 }
 
 /// The flags for TLS to `addr` trusting `ca` for the name `localhost`.
@@ -147,4 +142,148 @@ fn the_cli_names_tls_on_the_wrong_port() {
         )),
         "{err}"
     );
+}
+
+fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "notesync failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The stderr of a run that must have failed.
+fn failed(out: &Output) -> String {
+    assert!(
+        !out.status.success(),
+        "notesync succeeded: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Every file under `dir`, recursively.
+fn all_files(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(all_files(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+#[test]
+fn the_folder_remembers_its_connection() {
+    let s = start();
+    let ca = s.dir.path().join("ca.pem");
+    let token = s.dir.path().join("token");
+    let fa = tempfile::tempdir().unwrap();
+
+    // Nothing stored, no --server: the error names the flag.
+    let err = failed(&notesync(&["sync"], fa.path(), &[]));
+    assert!(err.contains("--server HOST:PORT"), "{err}");
+
+    // The first sync stores the connection; paths are made absolute (the
+    // CA is given relative to the folder's parent).
+    std::fs::write(fa.path().join("plans.md"), "# Plans\n").unwrap();
+    let out = Command::new(BIN)
+        .current_dir(s.dir.path())
+        .args(["sync"])
+        .arg(fa.path())
+        .args(["--server", &s.addr, "--tls-ca", "ca.pem", "--tls-name"])
+        .arg("localhost")
+        .arg("--token-file")
+        .arg(&token)
+        .env_remove("NOTESYNC_TOKEN")
+        .output()
+        .unwrap();
+    ok(&out);
+    let status = ok(&notesync(&["status"], fa.path(), &[]));
+    assert!(
+        status.contains(&format!(
+            "server:     {} (TLS, CA {}, name localhost)",
+            s.addr,
+            ca.display()
+        )),
+        "{status}"
+    );
+    assert!(
+        status.contains(&format!("token file: {}", token.display())),
+        "{status}"
+    );
+
+    // A second sync needs no flags.
+    std::fs::write(fa.path().join("plans.md"), "# Plans\nsecond\n").unwrap();
+    let out = ok(&notesync(&["sync"], fa.path(), &[]));
+    assert!(out.contains(&format!("synced with {}", s.addr)), "{out}");
+
+    // A flag that fails is not stored: --no-tls against the TLS server.
+    failed(&notesync(&["sync"], fa.path(), &["--no-tls"]));
+    let status = ok(&notesync(&["status"], fa.path(), &[]));
+    assert!(status.contains("(TLS, CA"), "{status}");
+
+    // Flags given override, and a successful sync stores them: another
+    // address of the same server, another token file.
+    let port = s.addr.rsplit(':').next().unwrap();
+    let other_addr = format!("localhost:{port}");
+    let other_token = s.dir.path().join("token-copy");
+    std::fs::copy(&token, &other_token).unwrap();
+    let out = ok(&notesync(
+        &["sync"],
+        fa.path(),
+        &[
+            "--server",
+            &other_addr,
+            "--token-file",
+            other_token.to_str().unwrap(),
+        ],
+    ));
+    assert!(out.contains(&format!("synced with {other_addr}")), "{out}");
+    let status = ok(&notesync(&["status"], fa.path(), &[]));
+    assert!(
+        status.contains(&format!("server:     {other_addr} (TLS, CA")),
+        "{status}"
+    );
+    assert!(
+        status.contains(&format!("token file: {}", other_token.display())),
+        "{status}"
+    );
+    ok(&notesync(&["sync"], fa.path(), &[]));
+
+    // The token itself is on no file of the folder, nor is a token taken
+    // from NOTESYNC_TOKEN.
+    let secret = std::fs::read_to_string(&token).unwrap();
+    let fb = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .args(["sync"])
+        .arg(fb.path())
+        .args(["--server", &s.addr, "--tls-ca"])
+        .arg(&ca)
+        .args(["--tls-name", "localhost"])
+        .env("NOTESYNC_TOKEN", secret.trim())
+        .output()
+        .unwrap();
+    ok(&out);
+    let status = ok(&notesync(&["status"], fb.path(), &[]));
+    assert!(status.contains("token file: none"), "{status}");
+    assert_eq!(
+        std::fs::read_to_string(fb.path().join("plans.md")).unwrap(),
+        "# Plans\nsecond\n"
+    );
+    for f in all_files(fa.path()).into_iter().chain(all_files(fb.path())) {
+        let bytes = std::fs::read(&f).unwrap();
+        assert!(
+            !bytes
+                .windows(secret.trim().len())
+                .any(|w| w == secret.trim().as_bytes()),
+            "{} holds the token",
+            f.display()
+        );
+    }
 }

@@ -28,6 +28,7 @@ pub const START_TIMEOUT: Duration = Duration::from_secs(20);
 pub const STOP_TIMEOUT: Duration = Duration::from_secs(20);
 
 static BINARY: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+static CLI_BINARY: OnceLock<Result<PathBuf, String>> = OnceLock::new();
 
 /// The server binary, built on first use. Panics with cargo's output if it
 /// cannot be built.
@@ -35,6 +36,15 @@ pub fn server_binary() -> PathBuf {
     match BINARY.get_or_init(find_or_build_binary) {
         Ok(p) => p.clone(),
         Err(e) => panic!("cannot get the notesync-server binary: {e}"),
+    }
+}
+
+/// This workspace's `notesync` CLI (client-sdk, default feature `cli`),
+/// built on first use the same way as the server.
+pub fn cli_binary() -> PathBuf {
+    match CLI_BINARY.get_or_init(|| build_binary("notesync-client", "notesync")) {
+        Ok(p) => p.clone(),
+        Err(e) => panic!("cannot get the notesync binary: {e}"),
     }
 }
 
@@ -47,6 +57,11 @@ fn find_or_build_binary() -> Result<PathBuf, String> {
             Err(format!("NOTESYNC_SERVER_BIN={} is not a file", p.display()))
         };
     }
+    build_binary("notesync-server", "notesync-server")
+}
+
+/// `cargo build -p PACKAGE --bin BIN`; the executable cargo reports.
+fn build_binary(package: &str, bin: &str) -> Result<PathBuf, String> {
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("tests/ has a parent")
@@ -57,9 +72,9 @@ fn find_or_build_binary() -> Result<PathBuf, String> {
         .args([
             "build",
             "-p",
-            "notesync-server",
+            package,
             "--bin",
-            "notesync-server",
+            bin,
             "--message-format=json-render-diagnostics",
         ])
         .stdin(Stdio::null())
@@ -69,7 +84,7 @@ fn find_or_build_binary() -> Result<PathBuf, String> {
         .map_err(|e| format!("cannot run cargo: {e}"))?;
     if !out.status.success() {
         return Err(format!(
-            "`cargo build -p notesync-server --bin notesync-server` failed ({}):\n{}",
+            "`cargo build -p {package} --bin {bin}` failed ({}):\n{}",
             out.status,
             String::from_utf8_lossy(&out.stderr)
         ));
@@ -80,7 +95,7 @@ fn find_or_build_binary() -> Result<PathBuf, String> {
             continue;
         };
         if msg["reason"] == "compiler-artifact"
-            && msg["target"]["name"] == "notesync-server"
+            && msg["target"]["name"] == bin
             && msg["target"]["kind"]
                 .as_array()
                 .is_some_and(|k| k.iter().any(|k| k == "bin"))
@@ -91,7 +106,7 @@ fn find_or_build_binary() -> Result<PathBuf, String> {
         }
     }
     Err(format!(
-        "cargo built notesync-server but reported no executable:\n{}",
+        "cargo built {bin} but reported no executable:\n{}",
         String::from_utf8_lossy(&out.stderr)
     ))
 }

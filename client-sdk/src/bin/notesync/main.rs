@@ -1,10 +1,12 @@
 //! `notesync`: keeps a folder of markdown notes in sync through a
 //! notesync server. The logic lives in `notesync_client::folder`; this is
 //! the command line: the arguments, and the `sync`, `ls` and `status`
-//! commands. Opening the folder is in [`setup`], `watch` in [`watch`] (with
-//! the live-session policy in [`live`]), what is printed in [`print`].
-//! Modules depend one way: main → watch → live; main, watch → setup, print.
+//! commands. Opening the folder is in [`setup`] (with the stored connection
+//! in [`connection`]), `watch` in [`watch`] (with the live-session policy in
+//! [`live`]), what is printed in [`print`]. Modules depend one way:
+//! main → watch → live; main, watch → setup, print; main, setup → connection.
 
+mod connection;
 mod live;
 mod print;
 mod setup;
@@ -20,6 +22,7 @@ use notesync_client::ServerConfig;
 use notesync_client::SyncError;
 use notesync_client::folder::{FileState, Folder};
 
+use crate::connection::Connection;
 use crate::print::{
     count, file_of, print_pick_up, print_refused, print_remote_deletions, print_table,
     print_write_back, progress, server_time, sync_line,
@@ -61,6 +64,11 @@ deleted: its file is written again, with a warning.
 
 If the server cannot be reached, your edits stay in the op logs
 (*.md.latest_ops) and go out with the next sync that reaches it.
+
+The first successful sync (or watch) stores the connection (--server, the
+TLS flags, the token file's path; never the token) in
+.notesync/connection.json, so later commands may omit them; flags given
+override the stored values and are stored once a sync succeeds.
 
 Exit status: 0 done; 1 error (nothing was lost); 3 the server could not be
 reached or the sync failed; 4 the server refused some notes (listed).";
@@ -174,7 +182,9 @@ fn main() -> ExitCode {
 // sync
 
 async fn sync(dir: &Path, server: &ServerArgs) -> Result<u8, Fail> {
-    let (mut folder, _lock) = open_folder(dir, true, server.config()?)?;
+    let conn = server.resolve(dir)?;
+    let addr = &conn.conn.server;
+    let (mut folder, _lock) = open_folder(dir, true, conn.config.clone())?;
     let bar = progress();
     bar.set_message("reading files");
     let b = bar.clone();
@@ -183,7 +193,7 @@ async fn sync(dir: &Path, server: &ServerArgs) -> Result<u8, Fail> {
     })));
     let none = HashMap::new();
     let picked = folder.pick_up(None, &none)?;
-    bar.set_message(format!("syncing with {}", server.server));
+    bar.set_message(format!("syncing with {addr}"));
     let synced = folder.client().sync_now().await;
     // What came back is saved before the files show it.
     let flushed = folder.client().flush();
@@ -198,9 +208,10 @@ async fn sync(dir: &Path, server: &ServerArgs) -> Result<u8, Fail> {
     print_write_back(&wrote, false);
     match synced {
         Ok(report) => {
+            conn.remember(dir)?;
             let gone = folder.apply_remote_deletions(&report.deleted)?;
             print_remote_deletions(&gone);
-            println!("synced with {}: {}", server.server, sync_line(&report));
+            println!("synced with {addr}: {}", sync_line(&report));
             if !wrote.written.is_empty() {
                 println!("wrote {}", count(wrote.written.len(), "file", "files"));
             }
@@ -211,7 +222,7 @@ async fn sync(dir: &Path, server: &ServerArgs) -> Result<u8, Fail> {
                 EXIT_REFUSED
             })
         }
-        Err(e) => Err(sync_failed(&folder, &server.server, &e)),
+        Err(e) => Err(sync_failed(&folder, addr, &e)),
     }
 }
 
@@ -272,6 +283,17 @@ fn status(dir: &Path) -> Result<u8, Fail> {
     println!("folder:     {}", folder.dir().display());
     println!("replica:    {replica:032x}");
     println!("last sync:  {}", server_time(last_sync));
+    match Connection::load(dir)? {
+        Some(c) => {
+            println!("server:     {}", c.describe());
+            let token = match &c.token_file {
+                Some(f) => f.display().to_string(),
+                None => "none (NOTESYNC_TOKEN, if set)".to_owned(),
+            };
+            println!("token file: {token}");
+        }
+        None => println!("server:     none stored (give --server at the next sync)"),
+    }
     println!(
         "notes:      {} ({} pending)",
         notes.len(),

@@ -23,7 +23,7 @@ use crate::print::{
     count, note_label, print_pick_up, print_refused, print_remote_deletions, print_write_back,
     sync_line,
 };
-use crate::setup::{Fail, ServerArgs, open_folder};
+use crate::setup::{Fail, Resolved, ServerArgs, open_folder};
 
 /// File changes are picked up once the folder was quiet this long.
 const DEBOUNCE: Duration = Duration::from_millis(200);
@@ -49,6 +49,8 @@ enum Wake {
 struct Watcher {
     folder: Folder,
     addr: String,
+    /// The connection, until a sync succeeds and the folder stores it.
+    unremembered: Option<Resolved>,
     sessions: HashMap<DocId, Session>,
     live: Liveness,
     /// Whether the last sync failed (to report a failure streak once).
@@ -63,7 +65,8 @@ pub(crate) async fn watch(
 ) -> Result<u8, Fail> {
     let quit = shutdown_signal()?;
     tokio::pin!(quit);
-    let (folder, _lock) = open_folder(dir, true, server.config()?)?;
+    let conn = server.resolve(dir)?;
+    let (folder, _lock) = open_folder(dir, true, conn.config.clone())?;
     let dir = folder.dir().to_owned();
     // Watch before the first sync, so that no change slips between.
     let (tx, mut fs_rx) = tokio::sync::mpsc::unbounded_channel();
@@ -75,7 +78,8 @@ pub(crate) async fn watch(
         .map_err(|e| Fail::new(format!("cannot watch {}: {e}", dir.display())))?;
     let mut w = Watcher {
         folder,
-        addr: server.server.clone(),
+        addr: conn.conn.server.clone(),
+        unremembered: Some(conn),
         sessions: HashMap::new(),
         live: Liveness::new(live_window, LIVE_QUIET),
         failing: false,
@@ -84,7 +88,7 @@ pub(crate) async fn watch(
     println!(
         "watching {} (syncing with {} every {}s; Ctrl-C stops)",
         dir.display(),
-        server.server,
+        w.addr,
         every.as_secs()
     );
 
@@ -236,6 +240,9 @@ impl Watcher {
         self.folder.client().flush()?;
         match &synced {
             Ok(r) => {
+                if let Some(conn) = self.unremembered.take() {
+                    conn.remember(self.folder.dir())?;
+                }
                 if self.failing {
                     println!("reached {} again", self.addr);
                     self.failing = false;

@@ -76,8 +76,8 @@ pub struct Config {
     /// Serve TLS with this certificate chain and key (PEM files); None:
     /// plain TCP.
     pub tls: Option<TlsFiles>,
-    /// Serve Prometheus metrics over HTTP (`GET /metrics`) on this
-    /// address; None: no metrics listener.
+    /// Serve Prometheus metrics and health over HTTP (`GET /metrics`,
+    /// `GET /healthz`) on this address; None: no metrics listener.
     pub metrics: Option<String>,
     /// The wall clock the server clock is built on (injectable for tests).
     pub wall_clock: Arc<dyn WallClock>,

@@ -45,7 +45,7 @@ pub use compact::Compaction;
 pub use stats::WriterStats;
 
 /// Why the writer did not do what was asked.
-#[derive(Debug, Clone, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 pub enum WriteError {
     /// Refused by a protocol rule; the connection stays open.
     #[error("{message}")]

@@ -103,6 +103,35 @@ impl Pid {
         self.key[self.key.len() - 1]
     }
 
+    /// The last level: its site is the creator, its ident what a run steps.
+    pub fn last(&self) -> Level {
+        self.level(self.depth() - 1)
+    }
+
+    /// The key form of every level but the last (empty for a one-level id):
+    /// the prefix a run's ids share.
+    pub fn prefix_key(&self) -> &[u8] {
+        &self.key[..self.key.len() - LEVEL_BYTES]
+    }
+
+    /// This id with its last ident replaced by `ident` (same prefix, same
+    /// site): the ids of a run (PROTOCOL.md 1.4) and of a range.
+    pub fn with_last_ident(&self, ident: u32) -> Pid {
+        let mut key = self.key.clone();
+        let at = key.len() - LEVEL_BYTES;
+        key[at..at + 4].copy_from_slice(&ident.to_be_bytes());
+        Pid { key }
+    }
+
+    /// The id `j` steps after this one in a run: last ident + `j`; `None`
+    /// if that overflows `u32`.
+    pub fn offset(&self, j: u32) -> Option<Pid> {
+        self.last()
+            .ident
+            .checked_add(j)
+            .map(|i| self.with_last_ident(i))
+    }
+
     /// Bytes this id takes on the wire: one depth byte and five per level.
     pub fn wire_len(&self) -> usize {
         1 + self.key.len()
@@ -179,5 +208,17 @@ mod tests {
         assert_eq!(Pid::from_key(p.key()), Some(p.clone()));
         assert_eq!(p.creator(), 255);
         assert_eq!(Pid::from_key(&[1, 2, 3]), None);
+    }
+
+    #[test]
+    fn run_steps_change_only_the_last_ident() {
+        let p = Pid::from_levels(&[Level::new(7, 3), Level::new(u32::MAX - 1, 9)]);
+        assert_eq!(p.last(), Level::new(u32::MAX - 1, 9));
+        assert_eq!(p.prefix_key(), &[0, 0, 0, 7, 3]);
+        let q = p.offset(1).expect("fits");
+        assert!(p < q);
+        assert_eq!(q.last(), Level::new(u32::MAX, 9));
+        assert_eq!(p.offset(2), None);
+        assert_eq!(p.with_last_ident(5).prefix_key(), p.prefix_key());
     }
 }

@@ -55,6 +55,35 @@ pub trait DeltaSink {
     fn delete(&mut self, pid: &Pid) -> Result<(), StoreError>;
     /// What follows is the full live state (PROTOCOL.md 3.6).
     fn resync(&mut self);
+    /// Live one-char atoms at consecutive ids from `first` (a run,
+    /// PROTOCOL.md 1.4), one per char of `text`. By default one
+    /// [`insert`](Self::insert) per char; a sink that frames runs
+    /// overrides it.
+    // Nothing reads runs until the store keeps them (issue 12, in progress).
+    #[allow(dead_code)]
+    fn run(&mut self, first: &Pid, text: &str) -> Result<(), StoreError> {
+        for (j, c) in (0u32..).zip(text.chars()) {
+            let pid = first.offset(j).ok_or(StoreError::Corrupt {
+                table: "runs",
+                what: "a run's ids overflow u32",
+            })?;
+            self.insert(c.encode_utf8(&mut [0; 4]), &pid)?;
+        }
+        Ok(())
+    }
+    /// Deletes of `count` consecutive ids from `first` (a range). By
+    /// default one [`delete`](Self::delete) per id.
+    #[allow(dead_code)]
+    fn delete_range(&mut self, first: &Pid, count: u32) -> Result<(), StoreError> {
+        for j in 0..count {
+            let pid = first.offset(j).ok_or(StoreError::Corrupt {
+                table: "runs",
+                what: "a range's ids overflow u32",
+            })?;
+            self.delete(&pid)?;
+        }
+        Ok(())
+    }
 }
 
 /// The clock value committed in `txn` (0 before the first commit).

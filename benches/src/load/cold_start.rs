@@ -13,17 +13,6 @@ use super::synclist::server_on;
 use super::{Opts, Report, Result, median, proc, run_id};
 use crate::bail;
 
-fn dir_bytes(dir: &std::path::Path) -> u64 {
-    std::fs::read_dir(dir)
-        .map(|rd| {
-            rd.filter_map(|e| e.ok()?.metadata().ok())
-                .filter(|m| m.is_file())
-                .map(|m| m.len())
-                .sum()
-        })
-        .unwrap_or(0)
-}
-
 pub async fn run(opts: &Opts) -> Result<Report> {
     if opts.server.is_some() {
         bail!("cold-start restarts the server, so it needs one it starts itself (no --server)");
@@ -85,7 +74,7 @@ pub async fn run(opts: &Opts) -> Result<Report> {
         last = s.stop()?;
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let size = dir_bytes(&dir);
+    let size = proc::dir_bytes(&dir);
     drop(keep);
 
     let mut r = Report::new(

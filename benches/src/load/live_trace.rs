@@ -356,7 +356,11 @@ pub async fn run(opts: &Opts) -> Result<Report> {
     let server = ServerUnderTest::start(opts, &[])?;
     let probe_dir = server.data_dir.clone().unwrap_or_else(std::env::temp_dir);
     let fsync = proc::fsync_probe(&probe_dir, if opts.smoke { 10 } else { 200 })?;
+    // The data folder's bytes, when this run started the server: empty,
+    // then holding the flood's document (issue 12's storage figure).
+    let stored_before = server.data_dir.as_deref().map(proc::dir_bytes);
     let flood = phase(&server, &trace, OBSERVERS, None, opts.window).await?;
+    let stored_after = server.data_dir.as_deref().map(proc::dir_bytes);
     let rate = if opts.smoke {
         opts.paced_rate.min(2_000)
     } else {
@@ -407,6 +411,26 @@ pub async fn run(opts: &Opts) -> Result<Report> {
         .latency("ack_", "ack latency", &flood.ack);
     if let Some(c) = flood.server_cpu_s {
         r.num("flood_server_cpu_s", "server CPU during the replay", c, "s");
+    }
+    if let (Some(before), Some(after)) = (stored_before, stored_after) {
+        r.num(
+            "data_bytes_empty",
+            "data folder before the flood",
+            before as f64,
+            "B",
+        )
+        .num(
+            "data_bytes_after_flood",
+            "data folder after the flood",
+            after as f64,
+            "B",
+        )
+        .num(
+            "data_bytes_flood",
+            "data folder growth by the flood",
+            after.saturating_sub(before) as f64,
+            "B",
+        );
     }
     if let Some(paced) = &paced {
         r.num("paced_rate", "paced rate", rate as f64, "ops/s")

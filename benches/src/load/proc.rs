@@ -105,3 +105,18 @@ pub fn fsync_probe(dir: &std::path::Path, n: usize) -> std::io::Result<(f64, f64
     let at = |q: f64| us[((us.len() as f64 * q) as usize).min(us.len() - 1)];
     Ok((at(0.5), at(0.99)))
 }
+
+/// Apparent bytes of every file under `dir` (what `du -sb` counts, less
+/// the folders themselves): a data folder's stored bytes.
+pub fn dir_bytes(dir: &std::path::Path) -> u64 {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    rd.filter_map(|e| e.ok())
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_bytes(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}

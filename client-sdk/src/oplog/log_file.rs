@@ -227,6 +227,31 @@ pub fn encode_records(records: &[Record]) -> BytesMut {
     encode_after(records, &mut None)
 }
 
+/// The log as the code before runs wrote it: a record per op (kinds 1-5).
+#[cfg(test)]
+pub(crate) fn encode_records_v1(records: &[Record]) -> BytesMut {
+    let mut out = BytesMut::new();
+    for r in records {
+        let mut payload = BytesMut::new();
+        encode_payload(r, &mut payload);
+        out.put_u32(payload.len() as u32);
+        out.put_slice(&payload);
+        out.put_u32(crc32fast::hash(&payload));
+    }
+    out
+}
+
+/// The bytes a log holds after these appends (one per edit) to an empty
+/// file: what [`LogFile::append`] writes, without the fsyncs.
+#[cfg(test)]
+pub(crate) fn appended_len(batches: &[Vec<Record>]) -> usize {
+    let mut tail = None;
+    batches
+        .iter()
+        .map(|b| encode_after(b, &mut tail).len())
+        .sum()
+}
+
 /// Reads a position id in wire form (depth 1..=255, then `site, ident`
 /// per level, the last site a replica's), as the protocol's decoder checks
 /// it.
@@ -546,19 +571,6 @@ mod tests {
         Record::Delete { pid: p, sent }
     }
 
-    /// The log as the code before runs wrote it: a record per op.
-    fn encode_v1(records: &[Record]) -> BytesMut {
-        let mut out = BytesMut::new();
-        for r in records {
-            let mut payload = BytesMut::new();
-            encode_payload(r, &mut payload);
-            out.put_u32(payload.len() as u32);
-            out.put_slice(&payload);
-            out.put_u32(crc32fast::hash(&payload));
-        }
-        out
-    }
-
     /// Where each record frame of a log ends.
     fn frame_ends(mut b: &[u8]) -> Vec<usize> {
         let total = b.len();
@@ -606,7 +618,7 @@ mod tests {
         // forwards run, sent run, backward run, mark, delete range,
         // backward delete range, cancel, cancel range, multi, rename, delete.
         assert_eq!(frame_ends(&bytes).len(), 11);
-        assert!(bytes.len() * 2 < encode_v1(&records).len());
+        assert!(bytes.len() * 2 < encode_records_v1(&records).len());
         // A cut anywhere drops exactly the records of the frame it cuts.
         let ends = frame_ends(&bytes);
         for cut in 0..bytes.len() {
@@ -621,7 +633,7 @@ mod tests {
     #[test]
     fn a_log_written_before_runs_still_reads() {
         let records = mixed();
-        let old = encode_v1(&records);
+        let old = encode_records_v1(&records);
         assert_eq!(decode_records(&old), (records.clone(), old.len()));
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("n.md.latest_ops");

@@ -54,6 +54,8 @@ mod pending;
 use notesync_protocol::{Atom, DocName, Pid};
 
 pub use log_file::{LogFile, decode_records, encode_records};
+#[cfg(test)]
+pub(crate) use log_file::{appended_len, encode_records_v1};
 pub use pending::{OpKey, Pending, PendingOp, Recorded};
 
 /// One durable record.

@@ -13,13 +13,15 @@
 //!   <file>.md.structure      version 2: 8 bytes 89 "NSSTRC" 0A, u8 version
 //!                            (2), u128 document_id, u64 last_modified (the
 //!                            note's last sync time, from the server); then
-//!                            the atoms, live or not, in position order, as
-//!                            items until a 0 tag: 1 run: pid first (wire
-//!                            form), u16 len, len bytes of text (live
-//!                            one-char atoms at first, first+1, ...: last
-//!                            ident +1 each); 2 atom: u8 len, data, pid (any
-//!                            other atom but a dead one-char one, whose text
-//!                            is dropped, as the server drops it); then the
+//!                            the atoms, live or not, in the order of their
+//!                            (first) ids, as items until a 0 tag: 1 run: pid
+//!                            first (wire form), u16 len, len bytes of text
+//!                            (live one-char atoms at first, first+1, ...:
+//!                            last ident +1 each); 2 atom: u8 len, data, pid
+//!                            (a one-char atom in no run, and every atom of
+//!                            two or more chars, live or not; a dead one-char
+//!                            atom's text is dropped, as the server drops
+//!                            it, its tombstone stays); then the
 //!                            deleted ids (atoms, chars of atoms, ids known
 //!                            only as deleted: see PROTOCOL.md 1.2) as items
 //!                            until a 0 tag: 3 range: pid first, u16 count;
@@ -57,6 +59,8 @@ mod note;
 mod remote;
 mod state;
 mod structure;
+#[cfg(test)]
+mod trace_sizes;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fs;

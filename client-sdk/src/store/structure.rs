@@ -46,7 +46,7 @@ pub const MAX_STRUCTURE_IDS: usize = 1 << 26;
 enum AtomItem {
     /// Live one-char atoms at `first`, `first`+1, ...
     Run { first: Pid, text: String },
-    /// Any other atom (two or more chars, or a dead one's header), whole.
+    /// Any other atom (two or more chars: a live or dead header), whole.
     Atom { pid: Pid, data: String },
 }
 
@@ -124,6 +124,13 @@ pub fn write_structure(doc: &Doc, last_sync: Time, live_since: &BTreeSet<Pid>) -
     out.put_u64(last_sync);
     for item in &items {
         match item {
+            // A lone char is a byte shorter as an atom.
+            AtomItem::Run { first, text } if text.chars().nth(1).is_none() => {
+                out.put_u8(ATOM);
+                out.put_u8(text.len() as u8);
+                out.put_slice(text.as_bytes());
+                first.write_wire(&mut out);
+            }
             AtomItem::Run { first, text } => {
                 out.put_u8(RUN);
                 first.write_wire(&mut out);

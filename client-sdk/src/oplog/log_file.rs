@@ -81,12 +81,18 @@ fn continues(prev: (Op, &Pid, bool), backwards: bool, r: &Record) -> bool {
     })
 }
 
-/// How many of `records` (from the first) one run or range record holds
-/// when each steps from the one before it (the first from `from`).
-fn group_len(records: &[Record], from: (Op, &Pid, bool), backwards: bool) -> usize {
+/// How many of `records` (from the first) join a run or range record
+/// when each steps from the one before it (the first from `from`), the
+/// record already holding `held` records of `held_bytes` bytes of text.
+fn group_len(
+    records: &[Record],
+    from: (Op, &Pid, bool),
+    backwards: bool,
+    held: usize,
+    held_bytes: usize,
+) -> usize {
     let mut prev = from;
-    let mut n = 0;
-    let mut bytes = 0;
+    let (mut n, mut bytes) = (held, held_bytes);
     for r in records {
         if n == MAX_RANGE || !continues(prev, backwards, r) {
             break;
@@ -100,7 +106,15 @@ fn group_len(records: &[Record], from: (Op, &Pid, bool), backwards: bool) -> usi
         prev = single(r).expect("continues");
         n += 1;
     }
-    n
+    n - held
+}
+
+/// Bytes of text a record adds to a run.
+fn text_len(r: &Record) -> usize {
+    match r {
+        Record::Insert { atom, .. } => atom.data().len(),
+        _ => 0,
+    }
 }
 
 /// Encodes a payload for a group of records: one record, or a run or range
@@ -192,7 +206,7 @@ fn encode_after(records: &[Record], tail: &mut Option<Tail>) -> BytesMut {
         if let Some(t) = tail.as_ref() {
             let from = (t.op, &t.last, t.sent);
             for backwards in [false, true] {
-                let n = group_len(rest, from, backwards);
+                let n = group_len(rest, from, backwards, 0, 0);
                 if n > 0 {
                     pick = Some((n, backwards, true));
                     break;
@@ -201,7 +215,7 @@ fn encode_after(records: &[Record], tail: &mut Option<Tail>) -> BytesMut {
         }
         if pick.is_none() {
             let n = |backwards| match single(&rest[0]) {
-                Some(first) => 1 + group_len(&rest[1..], first, backwards),
+                Some(first) => 1 + group_len(&rest[1..], first, backwards, 1, text_len(&rest[0])),
                 None => 1,
             };
             let (fwd, back) = (n(false), n(true));
@@ -628,6 +642,21 @@ mod tests {
             assert!(records.starts_with(&got));
             assert_eq!(encode_records(&got), bytes[..valid]);
         }
+    }
+
+    #[test]
+    fn runs_and_ranges_split_at_their_limits() {
+        // 70,000 chars of 2 bytes and 70,000 deletes: 3 runs, 2 ranges.
+        let mut records: Vec<Record> = (0..70_000).map(|j| ins(pid(10 + j), "é", false)).collect();
+        records.extend((0..70_000).map(|j| del(deep(10 + j), true)));
+        let bytes = encode_records(&records);
+        assert_eq!(frame_ends(&bytes).len(), 5);
+        assert_eq!(decode_records(&bytes), (records, bytes.len()));
+        // 65,536 one-byte chars: the first run holds 65,535 bytes.
+        let records: Vec<Record> = (0..65_536).map(|j| ins(pid(10 + j), "a", false)).collect();
+        let bytes = encode_records(&records);
+        assert_eq!(frame_ends(&bytes).len(), 2);
+        assert_eq!(decode_records(&bytes), (records, bytes.len()));
     }
 
     #[test]

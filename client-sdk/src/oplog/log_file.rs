@@ -850,4 +850,68 @@ mod tests {
         assert_eq!(recs, r);
         assert_eq!(fs::read(&path).unwrap(), &encode_records(&r)[..]);
     }
+
+    /// One op of a generated log: the step from the previous id (0: a
+    /// fresh id), what it is, and whether it ends its append.
+    fn gen_records(ops: &[(i8, u8, bool)]) -> Vec<Vec<Record>> {
+        let mut batches = vec![Vec::new()];
+        let mut ident: u32 = 1000;
+        let mut fresh = 0u32;
+        for &(step, what, end) in ops {
+            let p = if step == 0 {
+                fresh += 1;
+                ident = 1000;
+                Pid::from_levels(&[Level::new(fresh, 2), Level::new(ident, 3)])
+            } else {
+                ident = ident.saturating_add_signed(i32::from(step.signum()));
+                Pid::from_levels(&[Level::new(fresh, 2), Level::new(ident, 3)])
+            };
+            let r = match what % 8 {
+                0 | 1 => ins(p, "a", false),
+                2 => ins(p, "✓", true),
+                3 => del(p, what & 8 != 0),
+                4 => Record::Cancel { pid: p },
+                5 => Record::MarkSent,
+                6 => ins(p, "ab", false),
+                _ => del(p, true),
+            };
+            batches.last_mut().expect("one").push(r);
+            if end {
+                batches.push(Vec::new());
+            }
+        }
+        batches
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_records_in_any_appends_read_back_whole(
+            ops in proptest::collection::vec((-1i8..=1, 0u8..16, proptest::bool::ANY), 0..80),
+            cut in 0usize..4000,
+        ) {
+            let batches = gen_records(&ops);
+            let all: Vec<Record> = batches.concat();
+            // In one go (compaction) and append by append (edits).
+            let whole = encode_records(&all);
+            proptest::prop_assert_eq!(decode_records(&whole), (all.clone(), whole.len()));
+            let mut tail = None;
+            let mut appended = BytesMut::new();
+            let mut ends = Vec::new();
+            for b in &batches {
+                appended.extend_from_slice(&encode_after(b, &mut tail));
+                ends.push((appended.len(), b.len()));
+            }
+            proptest::prop_assert_eq!(appended.len(), appended_len(&batches));
+            let (got, valid, t) = decode_with_tail(&appended);
+            proptest::prop_assert_eq!(&got, &all);
+            proptest::prop_assert_eq!(valid, appended.len());
+            proptest::prop_assert_eq!(t, tail);
+            // A torn append loses at most that append's records.
+            let cut = cut % (appended.len() + 1);
+            let (part, _) = decode_records(&appended[..cut]);
+            let before: usize = ends.iter().filter(|e| e.0 <= cut).map(|e| e.1).sum();
+            proptest::prop_assert!(all.starts_with(&part));
+            proptest::prop_assert!(part.len() >= before);
+        }
+    }
 }

@@ -24,7 +24,8 @@
 //!                            it, its tombstone stays); then the
 //!                            deleted ids (atoms, chars of atoms, ids known
 //!                            only as deleted: see PROTOCOL.md 1.2) as items
-//!                            until a 0 tag: 3 range: pid first, u16 count;
+//!                            until a 0 tag: 3 range: pid first, u16 count
+//!                            (first, first+1, ...); 4 id: pid (one id);
 //!                            then, the same way, the ids received live (or
 //!                            acknowledged in a session) after last_modified,
 //!                            which the next catch-up reconciles (PROTOCOL.md

@@ -191,6 +191,8 @@ impl Sim {
 
 /// The figures for one way of making ids.
 struct Sizes {
+    /// Mean depth of the final text's ids.
+    mean_depth: f64,
     structure_v1: usize,
     structure_v2: usize,
     appended_v1: usize,
@@ -263,7 +265,16 @@ fn replay(trace: &serde_json::Value, sent: bool, v3: bool) -> Sizes {
     pending.structure_saved();
     let compacted = pending.to_records();
     let appended_v1 = batches.iter().map(|b| encode_records_v1(b).len()).sum();
+    let (atoms, deleted) = doc.to_parts();
+    let dead: BTreeSet<&Pid> = deleted.iter().collect();
+    let live: Vec<&Pid> = atoms
+        .iter()
+        .map(|a| &a.0)
+        .filter(|p| !dead.contains(p))
+        .collect();
+    let depth = live.iter().map(|p| p.depth()).sum::<usize>() as f64 / live.len() as f64;
     Sizes {
+        mean_depth: depth,
         structure_v1: write_structure_v1(&doc, 0, &none).len(),
         structure_v2: v2.len(),
         appended_v1,
@@ -275,42 +286,46 @@ fn replay(trace: &serde_json::Value, sent: bool, v3: bool) -> Sizes {
 
 #[test]
 #[ignore = "a measurement: run it with --ignored --nocapture"]
-fn automerge_paper_store_sizes() {
-    let Some(trace) = load("automerge-paper.json.gz") else {
-        panic!("automerge-paper.json.gz not found (set NOTESYNC_TRACES)");
-    };
-    let text = trace["endContent"].as_str().unwrap().len();
-    println!("automerge-paper: {text} bytes of final text");
-    println!(
-        "{:<28} {:>12} {:>12} {:>14} {:>14} {:>14} {:>14}",
-        "ids, how typed",
-        "structure v1",
-        "structure v2",
-        "log appended1",
-        "log appended2",
-        "log compact1",
-        "log compact2"
-    );
-    for (v3, sent, label) in [
-        (false, false, "today's, offline"),
-        (false, true, "today's, live (all sent)"),
-        (true, false, "v3 rule, offline"),
-        (true, true, "v3 rule, live (all sent)"),
-    ] {
-        let s = replay(&trace, sent, v3);
+fn trace_store_sizes() {
+    for name in ["automerge-paper.json.gz", "seph-blog1.json.gz"] {
+        let Some(trace) = load(name) else {
+            panic!("{name} not found (set NOTESYNC_TRACES)");
+        };
+        let text = trace["endContent"].as_str().unwrap().len();
+        println!("{name}: {text} bytes of final text");
         println!(
-            "{label:<28} {:>12} {:>12} {:>14} {:>14} {:>14} {:>14}",
-            s.structure_v1,
-            s.structure_v2,
-            s.appended_v1,
-            s.appended_v2,
-            s.compacted_v1,
-            s.compacted_v2
+            "{:<26} {:>6} {:>10} {:>10} {:>11} {:>11} {:>10} {:>10}",
+            "ids, how typed",
+            "depth",
+            "struct v1",
+            "struct v2",
+            "appended v1",
+            "appended v2",
+            "compact v1",
+            "compact v2"
         );
-        if v3 {
-            // Runs make the new formats several times smaller.
-            assert!(s.structure_v2 * 3 < s.structure_v1);
-            assert!(s.appended_v2 * 2 < s.appended_v1);
+        for (v3, sent, label) in [
+            (false, false, "today's, offline"),
+            (false, true, "today's, live (all sent)"),
+            (true, false, "v3 rule, offline"),
+            (true, true, "v3 rule, live (all sent)"),
+        ] {
+            let s = replay(&trace, sent, v3);
+            println!(
+                "{label:<26} {:>6.2} {:>10} {:>10} {:>11} {:>11} {:>10} {:>10}",
+                s.mean_depth,
+                s.structure_v1,
+                s.structure_v2,
+                s.appended_v1,
+                s.appended_v2,
+                s.compacted_v1,
+                s.compacted_v2
+            );
+            if v3 {
+                // Runs make the new formats several times smaller.
+                assert!(s.structure_v2 * 3 < s.structure_v1);
+                assert!(s.appended_v2 * 2 < s.appended_v1);
+            }
         }
     }
 }

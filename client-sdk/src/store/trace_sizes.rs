@@ -10,8 +10,8 @@
 //!
 //! Run: `NOTESYNC_TRACES=/work/shared/traces cargo test -p
 //! notesync-client --lib trace_sizes -- --ignored --nocapture` (without
-//! the variable, the trace is ../shared/traces/automerge-paper.json.gz
-//! beside the repository).
+//! the variable, the traces, automerge-paper and seph-blog1, are read from
+//! ../shared/traces beside the repository).
 
 use std::collections::BTreeSet;
 use std::io::Read;

@@ -10,17 +10,32 @@
 //!   .notesync/trash/         the text of notes deleted elsewhere while this
 //!                            device had edits of them not yet synced
 //!   <file>.md                the text (what editors and people read)
-//!   <file>.md.structure      u128 document_id, u64 last_modified (the note's
-//!                            last sync time, from the server), u64 count, then
-//!                            every atom, live or deleted, in the seed's layout
-//!                            (u8 len, data, pid in wire form), in position
-//!                            order; then u64 count and the deleted ids (atoms,
-//!                            chars of atoms, ids known only as deleted: see
-//!                            PROTOCOL.md 1.2); then u64 count and the ids
-//!                            received live (or acknowledged in a session)
-//!                            after last_modified, which the next catch-up
-//!                            reconciles (PROTOCOL.md 3.2.1). All integers
-//!                            big-endian.
+//!   <file>.md.structure      version 2: 8 bytes 89 "NSSTRC" 0A, u8 version
+//!                            (2), u128 document_id, u64 last_modified (the
+//!                            note's last sync time, from the server); then
+//!                            the atoms, live or not, in the order of their
+//!                            (first) ids, as items until a 0 tag: 1 run: pid
+//!                            first (wire form), u16 len, len bytes of text
+//!                            (live one-char atoms at first, first+1, ...:
+//!                            last ident +1 each); 2 atom: u8 len, data, pid
+//!                            (a one-char atom in no run, and every atom of
+//!                            two or more chars, live or not; a dead one-char
+//!                            atom's text is dropped, as the server drops
+//!                            it, its tombstone stays); then the
+//!                            deleted ids (atoms, chars of atoms, ids known
+//!                            only as deleted: see PROTOCOL.md 1.2) as items
+//!                            until a 0 tag: 3 range: pid first, u16 count
+//!                            (first, first+1, ...); 4 id: pid (one id);
+//!                            then, the same way, the ids received live (or
+//!                            acknowledged in a session) after last_modified,
+//!                            which the next catch-up reconciles (PROTOCOL.md
+//!                            3.2.1); then u32 crc32 of everything before.
+//!                            At most 2^26 ids in all. Version 1 (read, never
+//!                            written; rewritten as version 2 at the next
+//!                            save): u128 document_id, u64 last_modified, u64
+//!                            count and every atom (u8 len, data, pid), u64
+//!                            count and the deleted ids, u64 count and the
+//!                            ids to reconcile. All integers big-endian.
 //!   <file>.md.latest_ops     the op log (see `oplog`)
 //! ```
 //!
@@ -45,6 +60,8 @@ mod note;
 mod remote;
 mod state;
 mod structure;
+#[cfg(test)]
+mod trace_sizes;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fs;
@@ -465,6 +482,33 @@ mod tests {
         assert_eq!(files.len(), 2);
         assert_ne!(files[0], files[1]);
         assert!(files.iter().all(|f| f.starts_with(dir.path())));
+    }
+
+    #[test]
+    fn a_version_1_structure_opens_and_is_rewritten_at_the_next_save() {
+        let dir = tempfile::tempdir().unwrap();
+        let a;
+        let st = dir.path().join("old.md.structure");
+        {
+            let mut s = Store::open(dir.path()).unwrap();
+            a = s.create("old").unwrap();
+            s.insert(a, 0, "hello world", false).unwrap();
+            s.delete(a, 2..4, false).unwrap();
+            s.flush().unwrap();
+            let note = s.note(a).unwrap();
+            let v1 = structure::tests::write_structure_v1(&note.doc, 12, &note.live_since);
+            std::fs::write(&st, &v1).unwrap();
+        }
+        let mut s = Store::open(dir.path()).unwrap();
+        assert_eq!(s.text(a).unwrap(), "heo world");
+        assert_eq!(s.note(a).unwrap().last_sync, 12);
+        assert!(!fs::read(&st).unwrap().starts_with(b"\x89NSSTRC\n"));
+        s.insert(a, 0, "> ", false).unwrap();
+        s.flush().unwrap();
+        assert!(fs::read(&st).unwrap().starts_with(b"\x89NSSTRC\n"));
+        drop(s);
+        let s = Store::open(dir.path()).unwrap();
+        assert_eq!(s.text(a).unwrap(), "> heo world");
     }
 
     #[test]

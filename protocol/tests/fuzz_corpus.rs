@@ -107,6 +107,23 @@ fn deletes() -> PidList {
     b.finish()
 }
 
+fn items() -> ItemList {
+    let mut b = ItemListBuilder::new();
+    b.push_run(&pid(&[(10, 3)]), "hello").unwrap();
+    b.push_atom("日本", &pid(&[(11, 0), (u32::MAX, 255)]))
+        .unwrap();
+    b.push_run(&pid(&[(12, 9), (u32::MAX - 2, 4)]), "ü€x")
+        .unwrap();
+    b.finish()
+}
+
+fn ranges() -> RangeList {
+    let mut b = RangeListBuilder::new();
+    b.push(&pid(&[(1, 1)]), 3).unwrap();
+    b.push(&pid(&[(1, 1), (u32::MAX, 2)]), 1).unwrap();
+    b.finish()
+}
+
 fn client_frames() -> Vec<(&'static str, ClientFrame)> {
     vec![
         ("synclist", ClientFrame::Synclist { since: 0 }),
@@ -171,6 +188,29 @@ fn client_frames() -> Vec<(&'static str, ClientFrame)> {
             ClientFrame::Hello(Hello::new(1, bytes::Bytes::new()).unwrap()),
         ),
         ("doc-delete", ClientFrame::DeleteDoc { doc: 9 }),
+        (
+            "upsert-runs",
+            ClientFrame::UpsertRuns(UpsertRuns {
+                doc: 7,
+                name: DocName::new("runs").unwrap(),
+                since: 42,
+                inserts: items(),
+                deletes: ranges(),
+            }),
+        ),
+        (
+            "insert-run",
+            ClientFrame::InsertRun(SessionInsertRun::new(
+                Run::new(pid(&[(3, 0), (4, 2)]), "typed forward").unwrap(),
+            )),
+        ),
+        (
+            "delete-range",
+            ClientFrame::DeleteRange(SessionDeleteRange {
+                site: 2,
+                range: IdRange::new(pid(&[(3, 7)]), 40).unwrap(),
+            }),
+        ),
     ]
 }
 
@@ -258,6 +298,28 @@ fn server_frames() -> Vec<(&'static str, ServerFrame)> {
             },
         ),
         ("resync", ServerFrame::Resync { doc: 9 }),
+        (
+            "doc-response-runs",
+            ServerFrame::DocResponseRuns(DocResponseRuns {
+                doc: 7,
+                name: DocName::new("runs").unwrap(),
+                inserts: items(),
+                deletes: ranges(),
+            }),
+        ),
+        (
+            "insert-run",
+            ServerFrame::InsertRun(SessionInsertRun::new(
+                Run::new(pid(&[(1, 200)]), "ab").unwrap(),
+            )),
+        ),
+        (
+            "delete-range",
+            ServerFrame::DeleteRange(SessionDeleteRange {
+                site: 0,
+                range: IdRange::new(pid(&[(1, 200), (9, 4)]), 2).unwrap(),
+            }),
+        ),
     ]
 }
 
@@ -546,6 +608,36 @@ fn seeds() -> Vec<Seed> {
         cat(&[&insert, &delete, &pull, &insert, &upsert]),
         4,
         Some("frame_too_large"),
+    ));
+    // Run chars and range ids count toward max_items_per_frame (7 here):
+    // one run of 8 chars, one range of 8 ids.
+    let long_run = ClientFrame::InsertRun(SessionInsertRun::new(
+        Run::new(pid(&[(1, 1)]), "12345678").unwrap(),
+    ))
+    .to_bytes();
+    out.push(seed(
+        "client-run-over-items",
+        limited(false, 4000, 7, 15, &[2]),
+        long_run.to_vec(),
+        0,
+        Some("too_many_items"),
+    ));
+    let mut wide = RangeListBuilder::new();
+    wide.push(&pid(&[(1, 1)]), 4).unwrap();
+    wide.push(&pid(&[(9, 1)]), 4).unwrap();
+    let wide = ServerFrame::DocResponseRuns(DocResponseRuns {
+        doc: 1,
+        name: DocName::default(),
+        inserts: ItemList::default(),
+        deletes: wide.finish(),
+    })
+    .to_bytes();
+    out.push(seed(
+        "server-ranges-over-items",
+        limited(true, 4000, 7, 15, &[5]),
+        wide.to_vec(),
+        0,
+        Some("too_many_items"),
     ));
     // A name whose terminator lies past the frame limit: frame_too_large,
     // however the bytes arrive (and whatever the name holds).

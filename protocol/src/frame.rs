@@ -987,6 +987,27 @@ impl UpsertRuns {
     }
 }
 
+impl DocResponseRuns {
+    /// The same response as a 33: runs as one-char atoms, ranges as single
+    /// deletes (what a client that stores atoms applies).
+    pub fn expand(&self) -> DocResponse {
+        let mut inserts = AtomListBuilder::new();
+        for (data, pid) in self.inserts.atoms() {
+            inserts.push_unchecked(data, &pid);
+        }
+        let mut deletes = PidListBuilder::new();
+        for pid in self.deletes.ids() {
+            deletes.push_unchecked(&pid);
+        }
+        DocResponse {
+            doc: self.doc,
+            name: self.name.clone(),
+            inserts: inserts.finish(),
+            deletes: deletes.finish(),
+        }
+    }
+}
+
 impl SessionInsertRun {
     pub fn new(run: Run) -> Self {
         SessionInsertRun {

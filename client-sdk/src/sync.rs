@@ -118,14 +118,24 @@ pub async fn sync_once(
     // 1. Provisional notes get their site first (PROTOCOL.md 1.3).
     let provisional = lock(store).provisional_notes();
     for (id, name) in provisional {
-        conn.send(ClientFrame::Upsert(Upsert {
-            doc: id,
-            name,
-            since: 0,
-            inserts: AtomListBuilder::new().finish(),
-            deletes: PidListBuilder::new().finish(),
-        }))
-        .await?;
+        let empty = if conn.speaks_runs() {
+            ClientFrame::UpsertRuns(UpsertRuns {
+                doc: id,
+                name,
+                since: 0,
+                inserts: ItemListBuilder::new().finish(),
+                deletes: RangeListBuilder::new().finish(),
+            })
+        } else {
+            ClientFrame::Upsert(Upsert {
+                doc: id,
+                name,
+                since: 0,
+                inserts: AtomListBuilder::new().finish(),
+                deletes: PidListBuilder::new().finish(),
+            })
+        };
+        conn.send(empty).await?;
         match read_reply(&mut conn, store, id, false, false, &mut report).await? {
             Ok(Reply::Deleted) => deleted(store, id, &mut report)?,
             Ok(Reply::Synced(site, sync_time)) => {

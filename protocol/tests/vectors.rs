@@ -227,8 +227,8 @@ fn expected_client() -> Vec<(&'static str, ClientFrame)> {
                 since: T,
                 inserts: items(&[
                     It::R(&[(1, 100)], "hello"),
-                    It::A("é!", &[(2, 5)]),
-                    It::R(&[(0, 0), (3, 7)], "ab"),
+                    It::A("é!", &[(1, 5)]),
+                    It::R(&[(0, 0), (1, 7)], "ab"),
                 ]),
                 deletes: ranges(&[(&[(1, 200)], 3)]),
             }),

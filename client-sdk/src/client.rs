@@ -533,7 +533,12 @@ impl SessionFrames<'_> {
                 if let Some(c) = self.coalescer.take_range() {
                     self.put(c);
                 }
-                for c in self.coalescer.insert(a.data(), a.pid()).into_iter().flatten() {
+                for c in self
+                    .coalescer
+                    .insert(a.data(), a.pid())
+                    .into_iter()
+                    .flatten()
+                {
                     self.put(c);
                 }
             }
@@ -548,11 +553,11 @@ impl SessionFrames<'_> {
             PendingOp::Insert(a) => {
                 self.inflight
                     .push_back(vec![(OpKey::Insert(a.pid().clone()), None)]);
-                self.frames
-                    .push(ClientFrame::Insert(SessionInsert::new(a)));
+                self.frames.push(ClientFrame::Insert(SessionInsert::new(a)));
             }
             PendingOp::Delete(p) => {
-                self.inflight.push_back(vec![(OpKey::Delete(p.clone()), None)]);
+                self.inflight
+                    .push_back(vec![(OpKey::Delete(p.clone()), None)]);
                 self.frames.push(ClientFrame::Delete(SessionDelete {
                     site: self.site,
                     pid: p,
@@ -560,7 +565,8 @@ impl SessionFrames<'_> {
             }
             PendingOp::Rename(n) => {
                 self.settle();
-                self.inflight.push_back(vec![(OpKey::Rename, Some(n.clone()))]);
+                self.inflight
+                    .push_back(vec![(OpKey::Rename, Some(n.clone()))]);
                 self.frames.push(ClientFrame::Rename(n));
             }
         }

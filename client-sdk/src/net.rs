@@ -10,8 +10,7 @@ use std::time::Duration;
 use futures::{SinkExt, StreamExt};
 use notesync_protocol::{
     ClientCodec, ClientFrame, DecodeError, ErrorCode, ErrorFrame, Hello, PROTOCOL_VERSION,
-    VERSION_RUNS,
-    ServerFrame, Time, ValueError, is_tls_record_start,
+    ServerFrame, Time, VERSION_RUNS, ValueError, is_tls_record_start,
 };
 use std::path::PathBuf;
 use std::sync::Arc;

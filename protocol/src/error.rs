@@ -117,7 +117,9 @@ pub enum DecodeError {
     InvalidUtf8 { field: &'static str },
     #[error("document name has no 0x0A terminator within 256 bytes (names are at most 255 bytes)")]
     NameTooLong,
-    #[error("session_insert site {site} differs from the creator (last-level site) {creator} of its atom or run")]
+    #[error(
+        "session_insert site {site} differs from the creator (last-level site) {creator} of its atom or run"
+    )]
     InsertSiteMismatch { site: u8, creator: u8 },
     #[error("run text length is 0; a run holds 1 to 65,535 bytes")]
     EmptyRun,

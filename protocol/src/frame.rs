@@ -743,12 +743,13 @@ impl ItemList {
     /// Every one-char atom of the runs and every atom, in list order, as
     /// (data, id): what a version 1/2 list of the same content holds.
     pub fn atoms(&self) -> impl Iterator<Item = (&str, Pid)> + '_ {
-        self.iter().flat_map(|item| -> Box<dyn Iterator<Item = (&str, Pid)> + '_> {
-            match item {
-                ItemRef::Atom(a) => Box::new(std::iter::once((a.data, a.pid.to_pid()))),
-                ItemRef::Run(r) => Box::new(r.atoms()),
-            }
-        })
+        self.iter()
+            .flat_map(|item| -> Box<dyn Iterator<Item = (&str, Pid)> + '_> {
+                match item {
+                    ItemRef::Atom(a) => Box::new(std::iter::once((a.data, a.pid.to_pid()))),
+                    ItemRef::Run(r) => Box::new(r.atoms()),
+                }
+            })
     }
 
     /// Atoms plus run chars: what the list counts toward
@@ -1031,9 +1032,10 @@ impl SessionInsertRun {
 impl SessionDeleteRange {
     /// The range as 66s, one per id.
     pub fn expand(&self) -> impl Iterator<Item = SessionDelete> + '_ {
-        self.range
-            .ids()
-            .map(|pid| SessionDelete { site: self.site, pid })
+        self.range.ids().map(|pid| SessionDelete {
+            site: self.site,
+            pid,
+        })
     }
 }
 

@@ -284,7 +284,10 @@ fn check_run(r: &Run, limits: &Limits) {
     let again = Run::new(r.first().clone(), r.text()).expect("decoded run is valid");
     assert_eq!(&again, r);
     let n = r.char_count() as u64;
-    assert!(n <= limits.max_items_per_frame, "run over max_items_per_frame");
+    assert!(
+        n <= limits.max_items_per_frame,
+        "run over max_items_per_frame"
+    );
     // Every char is a one-char atom at the next id, none overflowing.
     let mut count = 0u64;
     let mut prev: Option<Pid> = None;
@@ -309,13 +312,20 @@ fn check_range(r: &IdRange, limits: &Limits) {
 }
 
 fn check_insert_run(i: &SessionInsertRun, limits: &Limits) {
-    assert_eq!(i.site, i.run.first().creator(), "run site is not the creator");
+    assert_eq!(
+        i.site,
+        i.run.first().creator(),
+        "run site is not the creator"
+    );
     check_run(&i.run, limits);
     assert_eq!(i.expand().count(), i.run.char_count());
 }
 
 fn check_items(list: &ItemList, limits: &Limits) {
-    assert!(list.units() <= limits.max_items_per_frame, "items over the limit");
+    assert!(
+        list.units() <= limits.max_items_per_frame,
+        "items over the limit"
+    );
     let mut b = ItemListBuilder::new();
     for item in list {
         match item {
@@ -329,7 +339,8 @@ fn check_items(list: &ItemList, limits: &Limits) {
                 let run = r.to_run();
                 check_pid_wire(r.first.wire(), run.first());
                 check_run(&run, limits);
-                b.push_run(run.first(), run.text()).expect("decoded run is valid");
+                b.push_run(run.first(), run.text())
+                    .expect("decoded run is valid");
             }
         }
     }
@@ -337,13 +348,17 @@ fn check_items(list: &ItemList, limits: &Limits) {
 }
 
 fn check_ranges(list: &RangeList, limits: &Limits) {
-    assert!(list.units() <= limits.max_items_per_frame, "ranges over the limit");
+    assert!(
+        list.units() <= limits.max_items_per_frame,
+        "ranges over the limit"
+    );
     let mut b = RangeListBuilder::new();
     for r in list {
         let range = r.to_range();
         check_pid_wire(r.first.wire(), range.first());
         check_range(&range, limits);
-        b.push(range.first(), range.count()).expect("decoded range is valid");
+        b.push(range.first(), range.count())
+            .expect("decoded range is valid");
     }
     assert_eq!(&b.finish(), list, "range list rebuilt differs");
 }

@@ -6,8 +6,8 @@
 
 use bytes::Bytes;
 use notesync_protocol::{
-    AtomListBuilder, Coalesced, DocId, DocName, DocResponse, DocResponseRuns, ItemListBuilder,
-    Pid, PidListBuilder, RangeListBuilder, RunCoalescer, ServerFrame, VERSION_RUNS,
+    AtomListBuilder, Coalesced, DocId, DocName, DocResponse, DocResponseRuns, ItemListBuilder, Pid,
+    PidListBuilder, RangeListBuilder, RunCoalescer, ServerFrame, VERSION_RUNS,
 };
 
 use crate::store::{DeltaSink, StoreError};
@@ -453,7 +453,10 @@ mod tests {
             let (frames3, ins3, del3, bytes3) = pull_frames_v(&o.db, since, 1 << 20, 1 << 20, 3);
             assert_eq!((&ins3, &del3), (&ins2, &del2), "since {since}");
             assert_eq!(frames3, 1);
-            assert!(bytes3 * 3 < bytes2, "{bytes3} bytes as runs vs {bytes2} as atoms");
+            assert!(
+                bytes3 * 3 < bytes2,
+                "{bytes3} bytes as runs vs {bytes2} as atoms"
+            );
             // Small frames: split anywhere, same content, bounds kept.
             let (frames, ins, del, _) = pull_frames_v(&o.db, since, 64, 50, 3);
             // 2900 chars or 100 ids, 50 per frame at most.
@@ -467,7 +470,8 @@ mod tests {
             .expect("delta");
         let frames = out.finish();
         let mut b = bytes::BytesMut::from(&frames[0][..]);
-        let Ok(Some(ServerFrame::DocResponseRuns(r))) = ClientCodec::default().decode(&mut b) else {
+        let Ok(Some(ServerFrame::DocResponseRuns(r))) = ClientCodec::default().decode(&mut b)
+        else {
             panic!("not a 37");
         };
         assert_eq!(r.inserts.len(), 12);

@@ -344,7 +344,9 @@ impl Chunk {
     fn put(&mut self, c: Coalesced) {
         let frame = match c {
             Coalesced::Run(first, text) => match Run::new(first, text) {
-                Ok(run) if run.char_count() > 1 => ServerFrame::InsertRun(SessionInsertRun::new(run)),
+                Ok(run) if run.char_count() > 1 => {
+                    ServerFrame::InsertRun(SessionInsertRun::new(run))
+                }
                 Ok(run) => {
                     let (pid, text) = run.into_parts();
                     match Atom::new(text, pid) {
@@ -362,7 +364,9 @@ impl Chunk {
             Coalesced::Range(first, n) => {
                 let site = self.range_site;
                 match IdRange::new(first, n) {
-                    Ok(range) if n > 1 => ServerFrame::DeleteRange(SessionDeleteRange { site, range }),
+                    Ok(range) if n > 1 => {
+                        ServerFrame::DeleteRange(SessionDeleteRange { site, range })
+                    }
                     Ok(range) => ServerFrame::Delete(SessionDelete {
                         site,
                         pid: range.first().clone(),
@@ -391,7 +395,12 @@ impl Chunk {
                 if let Some(c) = self.coalescer.take_range() {
                     self.put(c);
                 }
-                for c in self.coalescer.insert(i.atom.data(), i.atom.pid()).into_iter().flatten() {
+                for c in self
+                    .coalescer
+                    .insert(i.atom.data(), i.atom.pid())
+                    .into_iter()
+                    .flatten()
+                {
                     self.put(c);
                 }
             }
@@ -664,12 +673,7 @@ mod tests {
         let ins = |i: u32, c: &str| {
             ServerFrame::Insert(SessionInsert::new(Atom::new(c, p(i)).expect("atom")))
         };
-        let del = |i: u32| {
-            ServerFrame::Delete(SessionDelete {
-                site: 2,
-                pid: p(i),
-            })
-        };
+        let del = |i: u32| ServerFrame::Delete(SessionDelete { site: 2, pid: p(i) });
         let mut rooms = Rooms::default();
         let (old, mut r_old) = sub_v(1, 1 << 20, 2);
         let (new, mut r_new) = sub_v(2, 1 << 20, 3);
@@ -682,7 +686,10 @@ mod tests {
         f.push(Some(9), &ins(13, "multi"));
         let run = Run::new(p(20), "ab").expect("run");
         f.push(Some(9), &ServerFrame::InsertRun(SessionInsertRun::new(run)));
-        f.push(Some(9), &ServerFrame::Rename(notesync_protocol::DocName::default()));
+        f.push(
+            Some(9),
+            &ServerFrame::Rename(notesync_protocol::DocName::default()),
+        );
         for i in 30..34 {
             f.push(None, &del(i));
         }

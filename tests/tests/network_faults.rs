@@ -458,9 +458,7 @@ fn runs_upsert() -> ClientFrame {
 
 /// A session's 70 and 71 (site 1).
 fn session_runs() -> Vec<ClientFrame> {
-    use notesync_protocol::{
-        IdRange, Level, Pid, Run, SessionDeleteRange, SessionInsertRun,
-    };
+    use notesync_protocol::{IdRange, Level, Pid, Run, SessionDeleteRange, SessionInsertRun};
     let first = Pid::from_levels(&[Level::new(1000, 1)]);
     vec![
         ClientFrame::InsertRun(SessionInsertRun::new(

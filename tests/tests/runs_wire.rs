@@ -29,7 +29,11 @@ async fn full_pull(addr: std::net::SocketAddr, doc: u128, version: u8) -> (usize
         match &f {
             ServerFrame::DocResponse(r) => {
                 assert!(version < 3, "a version-3 connection gets 37s");
-                atoms.extend(r.inserts.iter().map(|a| (a.pid.to_pid(), a.data.to_owned())));
+                atoms.extend(
+                    r.inserts
+                        .iter()
+                        .map(|a| (a.pid.to_pid(), a.data.to_owned())),
+                );
             }
             ServerFrame::DocResponseRuns(r) => {
                 assert!(version >= 3, "a version {version} connection gets 33s");

@@ -136,9 +136,7 @@ impl Conn {
 /// 71 is then handed over as its first char or id alone, so the client
 /// gets one error frame for it, not one per char.
 fn refuses_all(session: &Session, site: u8, insert: bool) -> bool {
-    session.read_only
-        || site != session.site
-        || (insert && (!session.hello || session.site == 0))
+    session.read_only || site != session.site || (insert && (!session.hello || session.site == 0))
 }
 
 /// A 70 as the writer's per-char inserts (the store keeps atoms).

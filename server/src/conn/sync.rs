@@ -137,7 +137,9 @@ impl Conn {
         let version = self.version;
         Ok(Box::pin(async move {
             match rx.await {
-                Ok(Ok(site)) => read::upsert_reply(&shared.config, tenant, upsert, site, version).await,
+                Ok(Ok(site)) => {
+                    read::upsert_reply(&shared.config, tenant, upsert, site, version).await
+                }
                 Ok(Err(e)) => refusal(version, e),
                 Err(_) => Err(shutting_down()),
             }

@@ -197,8 +197,14 @@ async fn runs_are_atoms(ctx: Ctx) -> Outcome {
     let (mut w, site, t0) = v3_doc(&ctx, doc).await;
     let first = pid(1000, site);
     let multi = Atom::new("xyz", pid(2000, site)).expect("atom");
-    w.send(upsert_runs(doc, t0, &[(first.clone(), "héllo")], &[multi.clone()], &[]))
-        .await;
+    w.send(upsert_runs(
+        doc,
+        t0,
+        &[(first.clone(), "héllo")],
+        &[multi.clone()],
+        &[],
+    ))
+    .await;
     let r = read_reply(&mut w, doc, "the 4").await;
     expect_kind(&r, 3, "the 4's reply");
     let mut want = chars_of(&first, "héllo");
@@ -222,10 +228,22 @@ async fn version_3_gets_37(ctx: Ctx) -> Outcome {
     let (mut w, site, t0) = v3_doc(&ctx, doc).await;
     // A 2 on a version-3 connection is answered with 37s too.
     let atoms: Vec<Atom> = (0..4)
-        .map(|i| Atom::new("ab".get(i % 2..i % 2 + 1).expect("a char"), pid(10 + i as u32, site)).expect("atom"))
+        .map(|i| {
+            Atom::new(
+                "ab".get(i % 2..i % 2 + 1).expect("a char"),
+                pid(10 + i as u32, site),
+            )
+            .expect("atom")
+        })
         .collect();
-    w.send(crate::conn::upsert_frame(doc, "runs", t0, &atoms, &[pid(11, site)]))
-        .await;
+    w.send(crate::conn::upsert_frame(
+        doc,
+        "runs",
+        t0,
+        &atoms,
+        &[pid(11, site)],
+    ))
+    .await;
     let r = read_reply(&mut w, doc, "a 2 on a version-3 connection").await;
     expect_kind(&r, 3, "the reply to a 2 on a version-3 connection");
     let (_, s) = w.upsert(doc, "runs", 0, &[], &[]).await;
@@ -257,7 +275,10 @@ async fn version_3_gets_37(ctx: Ctx) -> Outcome {
             ),
         }
     }
-    assert!(n37 >= 1, "a version-3 session_start: expected 37s before the 68");
+    assert!(
+        n37 >= 1,
+        "a version-3 session_start: expected 37s before the 68"
+    );
     Ok(())
 }
 
@@ -307,7 +328,11 @@ async fn range_deletes_each_id(ctx: Ctx) -> Outcome {
 }
 
 /// Reads `n` session frames, as the (inserts, deletes) they stand for.
-async fn relayed(c: &mut Conn, n_units: usize, what: &str) -> (Vec<(Pid, String, u8)>, Vec<(Pid, u8)>, Vec<u8>) {
+async fn relayed(
+    c: &mut Conn,
+    n_units: usize,
+    what: &str,
+) -> (Vec<(Pid, String, u8)>, Vec<(Pid, u8)>, Vec<u8>) {
     let mut ins = Vec::new();
     let mut del = Vec::new();
     let mut headers = Vec::new();
@@ -358,8 +383,15 @@ async fn session_fan_out(ctx: Ctx) -> Outcome {
         .map(|(p, d)| (p, d, sa.site))
         .collect();
     let (ins, _, headers) = relayed(&mut b, 3, "the 70 at a version 1 session").await;
-    assert_eq!(ins, want, "a version 1 session gets a 70's chars as 65s, in order (1.5)");
-    assert_eq!(headers, vec![header::SESSION_INSERT; 3], "a version 1 session gets 65s only");
+    assert_eq!(
+        ins, want,
+        "a version 1 session gets a 70's chars as 65s, in order (1.5)"
+    );
+    assert_eq!(
+        headers,
+        vec![header::SESSION_INSERT; 3],
+        "a version 1 session gets 65s only"
+    );
     let (ins, _, _) = relayed(&mut c, 3, "the 70 at a version-3 session").await;
     assert_eq!(ins, want, "a version-3 session gets the 70's chars");
     a.send(ClientFrame::DeleteRange(SessionDeleteRange {
@@ -370,8 +402,15 @@ async fn session_fan_out(ctx: Ctx) -> Outcome {
     recv_ack(&mut a, 2, "a 71 is one op (3.2)").await;
     let want: Vec<(Pid, u8)> = vec![(first.clone(), sa.site), (pid(3001, sa.site), sa.site)];
     let (_, del, headers) = relayed(&mut b, 2, "the 71 at a version 1 session").await;
-    assert_eq!(del, want, "a version 1 session gets a 71's ids as 66s (1.5)");
-    assert_eq!(headers, vec![header::SESSION_DELETE; 2], "a version 1 session gets 66s only");
+    assert_eq!(
+        del, want,
+        "a version 1 session gets a 71's ids as 66s (1.5)"
+    );
+    assert_eq!(
+        headers,
+        vec![header::SESSION_DELETE; 2],
+        "a version 1 session gets 66s only"
+    );
     let (_, del, _) = relayed(&mut c, 2, "the 71 at a version-3 session").await;
     assert_eq!(del, want, "a version-3 session gets the 71's ids");
     Ok(())
@@ -412,7 +451,10 @@ async fn ack_counts_one(ctx: Ctx) -> Outcome {
     // Nothing more: no ack counts the chars or ids.
     match a.next_event_within(Duration::from_millis(300)).await {
         Event::Timeout => {}
-        other => panic!("after the ack of 4 ops, expected nothing, got {}", show(&other)),
+        other => panic!(
+            "after the ack of 4 ops, expected nothing, got {}",
+            show(&other)
+        ),
     }
     Ok(())
 }

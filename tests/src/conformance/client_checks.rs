@@ -1267,8 +1267,10 @@ async fn v3_session_runs(ctx: ClientCtx) -> Outcome {
         .map(|(d, p)| Atom::new(d, p).expect("atom"))
         .collect();
     s.world().remote_insert(doc, &atoms);
-    c.send(ServerFrame::InsertRun(notesync_protocol::SessionInsertRun::new(run)))
-        .await;
+    c.send(ServerFrame::InsertRun(
+        notesync_protocol::SessionInsertRun::new(run),
+    ))
+    .await;
     let want = s.world().text(doc);
     s.eventually_text(doc, &want, "a relayed 70").await;
     // "xyz" is after "ad": the client deletes "xy", two consecutive ids,
@@ -1286,11 +1288,13 @@ async fn v3_session_runs(ctx: ClientCtx) -> Outcome {
     // A relayed 71 applies.
     s.world()
         .remote_delete(doc, &[first.offset(2).expect("fits")], site);
-    c.send(ServerFrame::DeleteRange(notesync_protocol::SessionDeleteRange {
-        site,
-        range: notesync_protocol::IdRange::new(first.offset(2).expect("fits"), 1)
-            .expect("range"),
-    }))
+    c.send(ServerFrame::DeleteRange(
+        notesync_protocol::SessionDeleteRange {
+            site,
+            range: notesync_protocol::IdRange::new(first.offset(2).expect("fits"), 1)
+                .expect("range"),
+        },
+    ))
     .await;
     let want = s.world().text(doc);
     s.eventually_text(doc, &want, "a relayed 71").await;
@@ -1306,7 +1310,10 @@ async fn sync_v2_only(s: &mut Setup, what: &str) {
     let (r, ()) = tokio::join!(s.client.sync(), async {
         let mut first = server.accept("a version-3 hello").await;
         let h = first.handshake(1).await;
-        assert_eq!(h.version, 3, "{what}: the reference client says version 3 first");
+        assert_eq!(
+            h.version, 3,
+            "{what}: the reference client says version 3 first"
+        );
         first.expect_closed("after unsupported_version").await;
         let mut second = server.accept("the retry").await;
         let now = world.lock().expect("world lock").now;
@@ -1336,7 +1343,10 @@ async fn falls_back_to_v2(ctx: ClientCtx) -> Outcome {
         notesync_protocol::header::SESSION_INSERT_RUN,
         notesync_protocol::header::SESSION_DELETE_RANGE,
     ] {
-        assert!(!raw.contains(&h), "a version 2 connection gets no {h}: got {raw:?}");
+        assert!(
+            !raw.contains(&h),
+            "a version 2 connection gets no {h}: got {raw:?}"
+        );
     }
     s.assert_converged(doc, "after syncing with a version 2 server");
     assert_eq!(s.text(doc), "c");

@@ -228,9 +228,7 @@ fn to_runs(r: &DocResponse) -> DocResponseRuns {
     let mut items = ItemListBuilder::new();
     let mut ranges = RangeListBuilder::new();
     let mut co = RunCoalescer::new();
-    let put = |c: Coalesced,
-                   items: &mut ItemListBuilder,
-                   ranges: &mut RangeListBuilder| {
+    let put = |c: Coalesced, items: &mut ItemListBuilder, ranges: &mut RangeListBuilder| {
         // Coalesced from a valid 33's atoms and ids.
         match c {
             Coalesced::Run(first, text) => items.push_run(&first, &text).expect("a valid run"),
@@ -273,9 +271,8 @@ fn live_runs(frames: Vec<ServerFrame>) -> Vec<ServerFrame> {
                 if prev.atom.data().chars().nth(1).is_none() =>
             {
                 let run = Run::new(prev.atom.pid().clone(), prev.atom.data()).ok();
-                run.and_then(|r| extend_run(&r, i)).map(|r| {
-                    ServerFrame::InsertRun(SessionInsertRun::new(r))
-                })
+                run.and_then(|r| extend_run(&r, i))
+                    .map(|r| ServerFrame::InsertRun(SessionInsertRun::new(r)))
             }
             (Some(ServerFrame::InsertRun(prev)), ServerFrame::Insert(i)) => {
                 extend_run(&prev.run, i).map(|r| ServerFrame::InsertRun(SessionInsertRun::new(r)))
@@ -313,7 +310,13 @@ fn live_runs(frames: Vec<ServerFrame>) -> Vec<ServerFrame> {
 fn extend_run(run: &Run, i: &SessionInsert) -> Option<Run> {
     let one_char = i.atom.data().chars().nth(1).is_none();
     (one_char && extends(run.first(), run.char_count() as u32, i.atom.pid()))
-        .then(|| Run::new(run.first().clone(), format!("{}{}", run.text(), i.atom.data())).ok())
+        .then(|| {
+            Run::new(
+                run.first().clone(),
+                format!("{}{}", run.text(), i.atom.data()),
+            )
+            .ok()
+        })
         .flatten()
 }
 

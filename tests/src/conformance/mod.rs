@@ -193,9 +193,7 @@ impl Ctx {
     pub async fn client_v3(&self, label: &str) -> (Conn, u128) {
         let replica = self.replica();
         let mut c = self.raw_conn(label).await;
-        let w = c
-            .hello_version(replica, self.target.token_bytes(), 3)
-            .await;
+        let w = c.hello_version(replica, self.target.token_bytes(), 3).await;
         assert_eq!(
             w.version, 3,
             "{label}: a hello with version 3: expected welcome with version 3 (6), got {}",

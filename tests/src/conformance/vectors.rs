@@ -243,7 +243,10 @@ async fn ok_vector(ctx: Ctx, v: Vector) -> Outcome {
                 recv_error(
                     &mut c,
                     ErrorCode::SITE_MISMATCH,
-                    &format!("{what} (our site is {}, its inserts are of site 1)", s0.site),
+                    &format!(
+                        "{what} (our site is {}, its inserts are of site 1)",
+                        s0.site
+                    ),
                 )
                 .await;
                 expect_still_open_sync(&mut c, "site_mismatch").await;
@@ -254,7 +257,10 @@ async fn ok_vector(ctx: Ctx, v: Vector) -> Outcome {
                 match c.next_event().await {
                     Event::Frame(ServerFrame::DocResponseRuns(r)) if r.doc == doc => n37 += 1,
                     Event::Frame(ServerFrame::DocSync { doc: d, site, .. }) if d == doc => {
-                        assert!(n37 >= 1, "{what}: a version-3 connection's upsert reply is 37s then the 34 (3.1), got no 37");
+                        assert!(
+                            n37 >= 1,
+                            "{what}: a version-3 connection's upsert reply is 37s then the 34 (3.1), got no 37"
+                        );
                         assert_eq!(site, s0.site, "{what}: a replica keeps its site");
                         break;
                     }

@@ -201,7 +201,7 @@ async fn runs_are_atoms(ctx: Ctx) -> Outcome {
         doc,
         t0,
         &[(first.clone(), "héllo")],
-        &[multi.clone()],
+        std::slice::from_ref(&multi),
         &[],
     ))
     .await;

@@ -7,7 +7,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use notesync_protocol::{
-    ClientFrame, DocId, DocName, ErrorCode, ServerFrame, SessionDelete, SessionInsert,
+    Atom, ClientFrame, Coalesced, DocId, DocName, ErrorCode, IdRange, Run, RunCoalescer,
+    ServerFrame, SessionDelete, SessionDeleteRange, SessionInsert, SessionInsertRun,
 };
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -321,7 +322,12 @@ async fn live(t: &mut SessionTask) -> Result<(), SyncError> {
         .await?;
     let mut inserted = std::collections::HashSet::new();
     let site = loop {
-        match conn.recv().await? {
+        let frame = match conn.recv().await? {
+            // A 37 is the 33 it stands for (PROTOCOL.md 3.2).
+            ServerFrame::DocResponseRuns(r) => ServerFrame::DocResponse(r.expand()),
+            f => f,
+        };
+        match frame {
             ServerFrame::DocResponse(r) if r.doc == t.doc => {
                 inserted.extend(r.inserts.iter().map(|a| a.pid.to_pid()));
                 let mut s = lock(&store);
@@ -362,7 +368,8 @@ async fn live(t: &mut SessionTask) -> Result<(), SyncError> {
     };
     t.connected.store(true, Ordering::Release);
     let _ = t.events.send(SessionEvent::Connected);
-    let mut inflight: VecDeque<(OpKey, Option<DocName>)> = VecDeque::new();
+    // One entry per wire op (a 70 or 71 is one op with several keys).
+    let mut inflight: VecDeque<Vec<(OpKey, Option<DocName>)>> = VecDeque::new();
     let mut sent_upto = 0u64;
     let mut acked = 0u64;
     let mut last_save = Instant::now();
@@ -398,17 +405,35 @@ async fn live(t: &mut SessionTask) -> Result<(), SyncError> {
                             let _ = t.events.send(SessionEvent::Remote(c));
                         }
                     }
+                    // A run is its one-char atoms, a range its ids
+                    // (PROTOCOL.md 1.5).
+                    ServerFrame::InsertRun(r) => {
+                        for (data, pid) in r.run.atoms() {
+                            for c in s.apply_live_insert(t.doc, data, pid)? {
+                                let _ = t.events.send(SessionEvent::Remote(c));
+                            }
+                        }
+                    }
+                    ServerFrame::DeleteRange(d) => {
+                        for pid in d.range.ids() {
+                            for c in s.apply_remote_delete(t.doc, &pid)? {
+                                let _ = t.events.send(SessionEvent::Remote(c));
+                            }
+                        }
+                    }
                     ServerFrame::Rename(name) => {
                         s.apply_remote_name(t.doc, &name)?;
                         let _ = t.events.send(SessionEvent::Renamed(name.as_str().to_owned()));
                     }
                     ServerFrame::SessionAck { count } => {
                         while acked < count {
-                            let Some((key, rename)) = inflight.pop_front() else {
+                            let Some(keys) = inflight.pop_front() else {
                                 return Err(NetError::Unexpected(format!("ack {count} covers more ops than were sent")).into());
                             };
                             acked += 1;
-                            s.acknowledge_session_op(t.doc, &key, rename.as_ref(), &inserted)?;
+                            for (key, rename) in keys {
+                                s.acknowledge_session_op(t.doc, &key, rename.as_ref(), &inserted)?;
+                            }
                         }
                         let pending = s.pending_ops(t.doc)?;
                         let _ = t.events.send(SessionEvent::Acknowledged { pending });
@@ -449,15 +474,17 @@ fn deleted(t: &SessionTask) {
 }
 
 /// Sends every pending op made after `sent_upto` (marking them sent
-/// durably first).
+/// durably first). On a version-3 connection consecutive one-char inserts
+/// at consecutive ids go as one 70 and consecutive deletes as one 71.
 async fn send_new(
     store: &Mutex<Store>,
     doc: DocId,
     site: u8,
     conn: &mut Conn,
-    inflight: &mut VecDeque<(OpKey, Option<DocName>)>,
+    inflight: &mut VecDeque<Vec<(OpKey, Option<DocName>)>>,
     sent_upto: &mut u64,
 ) -> Result<(), SyncError> {
+    let runs = conn.speaks_runs();
     let frames = {
         let mut s = lock(store);
         if s.is_provisional(doc)? || site == 0 {
@@ -465,23 +492,19 @@ async fn send_new(
             return Ok(());
         }
         let ops = s.ops_since(doc, *sent_upto)?;
-        let mut frames = Vec::with_capacity(ops.len());
+        let mut out = SessionFrames {
+            site,
+            runs,
+            coalescer: RunCoalescer::new(),
+            frames: Vec::with_capacity(ops.len()),
+            inflight,
+        };
         for (seq, op) in ops {
             *sent_upto = seq;
-            let (key, frame) = match op {
-                PendingOp::Insert(a) => (
-                    (OpKey::Insert(a.pid().clone()), None),
-                    ClientFrame::Insert(SessionInsert::new(a)),
-                ),
-                PendingOp::Delete(p) => (
-                    (OpKey::Delete(p.clone()), None),
-                    ClientFrame::Delete(SessionDelete { site, pid: p }),
-                ),
-                PendingOp::Rename(n) => ((OpKey::Rename, Some(n.clone())), ClientFrame::Rename(n)),
-            };
-            inflight.push_back(key);
-            frames.push(frame);
+            out.push(op);
         }
+        out.settle();
+        let frames = out.frames;
         if !frames.is_empty() {
             s.mark_sent(doc)?;
         }
@@ -491,4 +514,113 @@ async fn send_new(
         conn.feed(f).await?;
     }
     Ok(conn.flush().await?)
+}
+
+/// A session's outgoing frames, with the wire op each stands for.
+struct SessionFrames<'a> {
+    site: u8,
+    /// Version 3: coalesce into 70s and 71s.
+    runs: bool,
+    coalescer: RunCoalescer,
+    frames: Vec<ClientFrame>,
+    inflight: &'a mut VecDeque<Vec<(OpKey, Option<DocName>)>>,
+}
+
+impl SessionFrames<'_> {
+    fn push(&mut self, op: PendingOp) {
+        match op {
+            PendingOp::Insert(a) if self.runs => {
+                if let Some(c) = self.coalescer.take_range() {
+                    self.put(c);
+                }
+                for c in self
+                    .coalescer
+                    .insert(a.data(), a.pid())
+                    .into_iter()
+                    .flatten()
+                {
+                    self.put(c);
+                }
+            }
+            PendingOp::Delete(p) if self.runs => {
+                if let Some(c) = self.coalescer.take_run() {
+                    self.put(c);
+                }
+                if let Some(c) = self.coalescer.delete(&p) {
+                    self.put(c);
+                }
+            }
+            PendingOp::Insert(a) => {
+                self.inflight
+                    .push_back(vec![(OpKey::Insert(a.pid().clone()), None)]);
+                self.frames.push(ClientFrame::Insert(SessionInsert::new(a)));
+            }
+            PendingOp::Delete(p) => {
+                self.inflight
+                    .push_back(vec![(OpKey::Delete(p.clone()), None)]);
+                self.frames.push(ClientFrame::Delete(SessionDelete {
+                    site: self.site,
+                    pid: p,
+                }));
+            }
+            PendingOp::Rename(n) => {
+                self.settle();
+                self.inflight
+                    .push_back(vec![(OpKey::Rename, Some(n.clone()))]);
+                self.frames.push(ClientFrame::Rename(n));
+            }
+        }
+    }
+
+    /// Sends the run or range in progress.
+    fn settle(&mut self) {
+        let held = [self.coalescer.take_run(), self.coalescer.take_range()];
+        for c in held.into_iter().flatten() {
+            self.put(c);
+        }
+    }
+
+    /// One complete run, atom or range as its frame: a one-char run is a
+    /// 65, a one-id range a 66 (what a version 2 peer would send too).
+    fn put(&mut self, c: Coalesced) {
+        // Made of the log's valid atoms and ids.
+        let (keys, frame) = match c {
+            Coalesced::Run(first, text) => {
+                let run = Run::new(first, text).expect("coalesced from valid atoms");
+                let keys = run.atoms().map(|(_, p)| (OpKey::Insert(p), None)).collect();
+                if run.char_count() == 1 {
+                    let (pid, text) = run.into_parts();
+                    let atom = Atom::new(text, pid).expect("a one-char atom");
+                    (keys, ClientFrame::Insert(SessionInsert::new(atom)))
+                } else {
+                    (keys, ClientFrame::InsertRun(SessionInsertRun::new(run)))
+                }
+            }
+            Coalesced::Atom(data, pid) => {
+                let atom = Atom::new(data, pid).expect("a valid atom");
+                (
+                    vec![(OpKey::Insert(atom.pid().clone()), None)],
+                    ClientFrame::Insert(SessionInsert::new(atom)),
+                )
+            }
+            Coalesced::Range(first, n) => {
+                let range = IdRange::new(first, n).expect("coalesced from valid ids");
+                let keys = range.ids().map(|p| (OpKey::Delete(p), None)).collect();
+                let frame = if n == 1 {
+                    ClientFrame::Delete(SessionDelete {
+                        site: self.site,
+                        pid: range.first().clone(),
+                    })
+                } else {
+                    ClientFrame::DeleteRange(SessionDeleteRange {
+                        site: self.site,
+                        range,
+                    })
+                };
+                (keys, frame)
+            }
+        };
+        self.inflight.push_back(keys);
+        self.frames.push(frame);
+    }
 }

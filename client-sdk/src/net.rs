@@ -10,7 +10,7 @@ use std::time::Duration;
 use futures::{SinkExt, StreamExt};
 use notesync_protocol::{
     ClientCodec, ClientFrame, DecodeError, ErrorCode, ErrorFrame, Hello, PROTOCOL_VERSION,
-    ServerFrame, Time, ValueError, is_tls_record_start,
+    ServerFrame, Time, VERSION_RUNS, ValueError, is_tls_record_start,
 };
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -245,10 +245,40 @@ pub struct Conn {
     framed: Framed<Box<dyn Stream>, ClientCodec>,
     timeout: Duration,
     pub server_time: Time,
+    /// The protocol version the server answered in welcome.
+    version: u8,
 }
 
 impl Conn {
+    /// Connects with this crate's version (3); a server that answers
+    /// `unsupported_version` is tried once more with version 2, and the
+    /// connection then sends only version-2 frames (PROTOCOL.md 6).
     pub async fn connect(cfg: &ServerConfig, replica: u128) -> Result<Conn, NetError> {
+        match Self::connect_version(cfg, replica, PROTOCOL_VERSION).await {
+            Err(NetError::Server { code, message }) if code == ErrorCode::UNSUPPORTED_VERSION => {
+                tracing::info!(%message, "the server does not speak version 3; using version 2");
+                Self::connect_version(cfg, replica, VERSION_RUNS - 1).await
+            }
+            r => r,
+        }
+    }
+
+    /// The version this connection speaks (what the server answered).
+    pub fn version(&self) -> u8 {
+        self.version
+    }
+
+    /// Whether runs and ranges (frames 4, 37, 70, 71) may be sent.
+    pub fn speaks_runs(&self) -> bool {
+        self.version >= VERSION_RUNS
+    }
+
+    /// Connects announcing `version` in hello.
+    pub async fn connect_version(
+        cfg: &ServerConfig,
+        replica: u128,
+        version: u8,
+    ) -> Result<Conn, NetError> {
         let stream = within(cfg.reply_timeout, TcpStream::connect(&cfg.addr))
             .await?
             .map_err(|source| NetError::Connect {
@@ -281,8 +311,10 @@ impl Conn {
             framed: Framed::new(stream, ClientCodec::default()),
             timeout: cfg.reply_timeout,
             server_time: 0,
+            version,
         };
-        let hello = Hello::new(replica, cfg.token.clone()).map_err(NetError::Hello)?;
+        let mut hello = Hello::new(replica, cfg.token.clone()).map_err(NetError::Hello)?;
+        hello.version = version;
         conn.send(ClientFrame::Hello(hello)).await?;
         let reply = match conn.recv().await {
             Err(NetError::Decode(source)) if is_tls_record_start(conn.framed.read_buffer()) => {
@@ -297,7 +329,7 @@ impl Conn {
             ServerFrame::Welcome {
                 version,
                 server_time,
-            } if version == PROTOCOL_VERSION => {
+            } if version == conn.version => {
                 conn.server_time = server_time;
                 Ok(conn)
             }

@@ -15,8 +15,9 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use notesync_protocol::{
-    AtomListBuilder, ClientFrame, DocId, DocName, ErrorCode, Limits, Pid, PidListBuilder,
-    ServerFrame, Time, Upsert,
+    AtomListBuilder, ClientFrame, Coalesced, DocId, DocName, ErrorCode, IdRange, ItemListBuilder,
+    Limits, Pid, PidListBuilder, RangeListBuilder, Run, RunCoalescer, ServerFrame, Time, Upsert,
+    UpsertRuns,
 };
 
 use crate::doc::TextChange;
@@ -117,14 +118,24 @@ pub async fn sync_once(
     // 1. Provisional notes get their site first (PROTOCOL.md 1.3).
     let provisional = lock(store).provisional_notes();
     for (id, name) in provisional {
-        conn.send(ClientFrame::Upsert(Upsert {
-            doc: id,
-            name,
-            since: 0,
-            inserts: AtomListBuilder::new().finish(),
-            deletes: PidListBuilder::new().finish(),
-        }))
-        .await?;
+        let empty = if conn.speaks_runs() {
+            ClientFrame::UpsertRuns(UpsertRuns {
+                doc: id,
+                name,
+                since: 0,
+                inserts: ItemListBuilder::new().finish(),
+                deletes: RangeListBuilder::new().finish(),
+            })
+        } else {
+            ClientFrame::Upsert(Upsert {
+                doc: id,
+                name,
+                since: 0,
+                inserts: AtomListBuilder::new().finish(),
+                deletes: PidListBuilder::new().finish(),
+            })
+        };
+        conn.send(empty).await?;
         match read_reply(&mut conn, store, id, false, false, &mut report).await? {
             Ok(Reply::Deleted) => deleted(store, id, &mut report)?,
             Ok(Reply::Synced(site, sync_time)) => {
@@ -168,7 +179,7 @@ pub async fn sync_once(
     }
 
     // 3. Pipelined upserts and pulls.
-    let requests = plan(store, &listed)?;
+    let requests = plan(store, &listed, conn.speaks_runs())?;
     for (_, frame) in &requests {
         conn.feed(frame.clone()).await?;
     }
@@ -235,10 +246,13 @@ pub async fn sync_once(
 }
 
 /// Builds the upserts (for notes with pending ops, marked sent first) and
-/// the pulls (for listed notes without).
+/// the pulls (for listed notes without). `runs`: upserts go as 4s, with
+/// consecutive one-char atoms at consecutive ids as runs and consecutive
+/// deleted ids as ranges (version 3); else as 2s.
 fn plan(
     store: &Mutex<Store>,
     listed: &BTreeMap<DocId, Time>,
+    runs: bool,
 ) -> Result<Vec<(Request, ClientFrame)>, SyncError> {
     let mut s = lock(store);
     let mut out = Vec::new();
@@ -254,6 +268,12 @@ fn plan(
             name,
             since,
         } = s.outgoing(id)?;
+        if runs {
+            for (req, frame) in upserts_with_runs(id, &name, since, inserts, deletes, &rename) {
+                out.push((req, frame));
+            }
+            continue;
+        }
         // Split so no frame nears the limits (each upsert is idempotent).
         let mut ins = inserts.into_iter().peekable();
         let mut dels = deletes.into_iter().peekable();
@@ -304,6 +324,104 @@ fn plan(
     Ok(out)
 }
 
+/// A note's outgoing ops as 4s: runs and ranges, split so no frame nears
+/// the limits (atoms plus run chars, range ids, and bytes per frame).
+fn upserts_with_runs(
+    doc: DocId,
+    name: &DocName,
+    since: Time,
+    inserts: Vec<notesync_protocol::Atom>,
+    deletes: Vec<Pid>,
+    rename: &Option<DocName>,
+) -> Vec<(Request, ClientFrame)> {
+    /// One frame's lists in progress.
+    #[derive(Default)]
+    struct Part {
+        items: ItemListBuilder,
+        ranges: RangeListBuilder,
+        units_i: usize,
+        units_d: usize,
+        ids_i: Vec<Pid>,
+        ids_d: Vec<Pid>,
+    }
+    impl Part {
+        fn full(&self) -> bool {
+            self.units_i >= MAX_ATOMS_PER_UPSERT
+                || self.units_d >= MAX_ATOMS_PER_UPSERT
+                || self.items.byte_len() + self.ranges.byte_len() >= MAX_UPSERT_BYTES
+        }
+        fn put(&mut self, c: Coalesced) {
+            // Every part was a valid atom or id of the log.
+            match c {
+                Coalesced::Run(first, text) => {
+                    let run = Run::new(first, text).expect("coalesced from valid atoms");
+                    self.units_i += run.char_count();
+                    self.ids_i.extend(run.atoms().map(|(_, p)| p));
+                    self.items
+                        .push_run(run.first(), run.text())
+                        .expect("a valid run");
+                }
+                Coalesced::Atom(data, pid) => {
+                    self.units_i += 1;
+                    self.items.push_atom(&data, &pid).expect("a valid atom");
+                    self.ids_i.push(pid);
+                }
+                Coalesced::Range(first, n) => {
+                    let range = IdRange::new(first, n).expect("coalesced from valid ids");
+                    self.units_d += usize::from(n);
+                    self.ids_d.extend(range.ids());
+                    self.ranges.push(range.first(), n).expect("a valid range");
+                }
+            }
+        }
+    }
+    let mut parts = vec![Part::default()];
+    let mut co = RunCoalescer::new();
+    let put = |parts: &mut Vec<Part>, c: Coalesced| {
+        if parts.last().is_some_and(Part::full) {
+            parts.push(Part::default());
+        }
+        parts.last_mut().expect("one part at least").put(c);
+    };
+    for a in &inserts {
+        for c in co.insert(a.data(), a.pid()).into_iter().flatten() {
+            put(&mut parts, c);
+        }
+    }
+    if let Some(c) = co.take_run() {
+        put(&mut parts, c);
+    }
+    for p in &deletes {
+        if let Some(c) = co.delete(p) {
+            put(&mut parts, c);
+        }
+    }
+    if let Some(c) = co.take_range() {
+        put(&mut parts, c);
+    }
+    let last = parts.len() - 1;
+    parts
+        .into_iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let frame = ClientFrame::UpsertRuns(UpsertRuns {
+                doc,
+                name: name.clone(),
+                since,
+                inserts: p.items.finish(),
+                deletes: p.ranges.finish(),
+            });
+            let req = Request::Upsert {
+                doc,
+                inserts: p.ids_i,
+                deletes: p.ids_d,
+                rename: if i == last { rename.clone() } else { None },
+            };
+            (req, frame)
+        })
+        .collect()
+}
+
 /// Reads one reply: 33s (applied as they come) then the 34. A refusal (an
 /// error frame that keeps the connection) is returned as `Err`; an error
 /// that ends the connection is a `SyncError`. `full`: the 33s are the full
@@ -324,6 +442,20 @@ async fn read_reply(
             ServerFrame::Resync { doc: d } if d == doc && !full && inserted.is_empty() => {
                 full = true;
                 report.resynced.push(doc);
+            }
+            // A 37 is the 33 it stands for (PROTOCOL.md 3.1).
+            ServerFrame::DocResponseRuns(r) if r.doc == doc => {
+                let r = r.expand();
+                inserted.extend(r.inserts.iter().map(|a| a.pid.to_pid()));
+                let mut s = lock(store);
+                if !s.contains(doc) {
+                    s.adopt_remote(doc, &r.name, 0)?;
+                    report.new_notes.push(doc);
+                }
+                changes.extend(s.apply_response(doc, &r.inserts, &r.deletes)?);
+                if carried_rename || !s.has_pending_rename(doc)? {
+                    s.apply_remote_name(doc, &r.name)?;
+                }
             }
             ServerFrame::DocResponse(r) if r.doc == doc => {
                 inserted.extend(r.inserts.iter().map(|a| a.pid.to_pid()));

@@ -69,6 +69,14 @@ pub enum Field {
     PidSeq,
     /// u64 count, then (u64 time, u128 document) pairs.
     EntrySeq,
+    /// A run (version 3): pid, u16 length, UTF-8.
+    OneRun,
+    /// A range (version 3): pid, u16 count.
+    OneRange,
+    /// u64 count, then items (version 3): u8 kind, then an atom or a run.
+    ItemSeq,
+    /// u64 count, then ranges (version 3).
+    RangeSeq,
 }
 
 const MAX_FIELDS: usize = 5;
@@ -138,6 +146,28 @@ impl Fields<'_> {
         let (c, b) = self.list(i);
         PidList::from_validated(c, b)
     }
+    fn items(&self, i: usize) -> ItemList {
+        let (c, b) = self.list(i);
+        ItemList::from_validated(c, b)
+    }
+    fn ranges(&self, i: usize) -> RangeList {
+        let (c, b) = self.list(i);
+        RangeList::from_validated(c, b)
+    }
+    fn run(&self, i: usize) -> Run {
+        let mut one = bytes::BytesMut::with_capacity(self.bytes(i).len() + 1);
+        one.extend_from_slice(&[item_kind::RUN]);
+        one.extend_from_slice(self.bytes(i));
+        let list = ItemList::from_validated(1, one.freeze());
+        match list.iter().next().expect("one item") {
+            ItemRef::Run(r) => r.to_run(),
+            ItemRef::Atom(_) => unreachable!("written as a run"),
+        }
+    }
+    fn range(&self, i: usize) -> IdRange {
+        let list = RangeList::from_validated(1, self.token(i));
+        list.iter().next().expect("one range").to_range()
+    }
     fn entries(&self, i: usize) -> SyncEntries {
         let (c, b) = self.list(i);
         SyncEntries::from_validated(c, b)
@@ -153,10 +183,13 @@ impl Frame for ClientFrame {
             header::SYNC_DOC_PULL => &[U128, U64],
             header::SYNC_DOC_UPSERT => &[U128, Name, U64, AtomSeq, PidSeq],
             header::DOC_DELETE => &[U128],
+            header::SYNC_DOC_UPSERT_RUNS => &[U128, Name, U64, ItemSeq, RangeSeq],
             header::SESSION_START => &[U64, U128],
             header::SESSION_INSERT => &[Site, OneAtom],
             header::SESSION_DELETE => &[U8, OnePid],
             header::NAME_CHANGE => &[Name],
+            header::SESSION_INSERT_RUN => &[Site, OneRun],
+            header::SESSION_DELETE_RANGE => &[U8, OneRange],
             header::HELLO => &[U8, U128, Token],
             _ => return None,
         })
@@ -177,6 +210,21 @@ impl Frame for ClientFrame {
                 deletes: f.pids(4),
             }),
             header::DOC_DELETE => ClientFrame::DeleteDoc { doc: f.u128(0) },
+            header::SYNC_DOC_UPSERT_RUNS => ClientFrame::UpsertRuns(UpsertRuns {
+                doc: f.u128(0),
+                name: f.name(1),
+                since: f.u64(2),
+                inserts: f.items(3),
+                deletes: f.ranges(4),
+            }),
+            header::SESSION_INSERT_RUN => ClientFrame::InsertRun(SessionInsertRun {
+                site: f.u8(0),
+                run: f.run(1),
+            }),
+            header::SESSION_DELETE_RANGE => ClientFrame::DeleteRange(SessionDeleteRange {
+                site: f.u8(0),
+                range: f.range(1),
+            }),
             header::SESSION_START => ClientFrame::SessionStart {
                 since: f.u64(0),
                 doc: f.u128(1),
@@ -212,11 +260,14 @@ impl Frame for ServerFrame {
             header::DOC_SYNC => &[U128, U64, U8],
             header::DOC_DELETED => &[U128, U64],
             header::RESYNC => &[U128],
+            header::SYNC_DOC_RESPONSE_RUNS => &[U128, Name, ItemSeq, RangeSeq],
             header::SESSION_INSERT => &[Site, OneAtom],
             header::SESSION_DELETE => &[U8, OnePid],
             header::NAME_CHANGE => &[Name],
             header::SESSION_STARTED => &[U64, U8, U64],
             header::SESSION_ACK => &[U64],
+            header::SESSION_INSERT_RUN => &[Site, OneRun],
+            header::SESSION_DELETE_RANGE => &[U8, OneRange],
             header::WELCOME => &[U8, U64],
             header::ERROR => &[U8, Message],
             _ => return None,
@@ -242,6 +293,20 @@ impl Frame for ServerFrame {
                 deleted_time: f.u64(1),
             },
             header::RESYNC => ServerFrame::Resync { doc: f.u128(0) },
+            header::SYNC_DOC_RESPONSE_RUNS => ServerFrame::DocResponseRuns(DocResponseRuns {
+                doc: f.u128(0),
+                name: f.name(1),
+                inserts: f.items(2),
+                deletes: f.ranges(3),
+            }),
+            header::SESSION_INSERT_RUN => ServerFrame::InsertRun(SessionInsertRun {
+                site: f.u8(0),
+                run: f.run(1),
+            }),
+            header::SESSION_DELETE_RANGE => ServerFrame::DeleteRange(SessionDeleteRange {
+                site: f.u8(0),
+                range: f.range(1),
+            }),
             header::SESSION_INSERT => ServerFrame::Insert(SessionInsert {
                 site: f.u8(0),
                 atom: f.atom(1),
@@ -287,6 +352,9 @@ struct Scan {
     list_left: Option<u64>,
     /// Bytes of a name already searched for its terminator.
     name_scanned: usize,
+    /// Atoms, run chars or range ids counted so far in the list being
+    /// scanned (they count toward `max_items_per_frame`).
+    units: u64,
     spans: [(usize, usize); MAX_FIELDS],
 }
 
@@ -378,6 +446,7 @@ impl<F: Frame> FrameDecoder<F> {
                 pos: 1,
                 list_left: None,
                 name_scanned: 0,
+                units: 0,
                 spans: [(0, 0); MAX_FIELDS],
             });
         }
@@ -399,14 +468,21 @@ impl<F: Frame> FrameDecoder<F> {
                     scan.field += 1;
                     scan.list_left = None;
                     scan.name_scanned = 0;
+                    scan.units = 0;
                 }
             }
         }
         let scan = self.scan.take().expect("set above");
-        if scan.header == header::SESSION_INSERT {
+        if scan.header == header::SESSION_INSERT || scan.header == header::SESSION_INSERT_RUN {
             let site = buf[scan.spans[0].0];
             let (s, e) = scan.spans[1];
-            let creator = PidRef::new_unchecked(&buf[s + 1 + buf[s] as usize..e]).creator();
+            let pid = if scan.header == header::SESSION_INSERT {
+                &buf[s + 1 + buf[s] as usize..e]
+            } else {
+                // A run starts with its first id.
+                &buf[s..s + 1 + buf[s] as usize * LEVEL_BYTES]
+            };
+            let creator = PidRef::new_unchecked(pid).creator();
             if site != creator {
                 return Err(DecodeError::InsertSiteMismatch { site, creator });
             }
@@ -443,7 +519,7 @@ fn shift_spans(
 
 impl Field {
     fn is_list(self) -> bool {
-        matches!(self, AtomSeq | PidSeq | EntrySeq)
+        matches!(self, AtomSeq | PidSeq | EntrySeq | ItemSeq | RangeSeq)
     }
 }
 
@@ -529,10 +605,25 @@ fn scan_field(scan: &mut Scan, buf: &[u8], limits: &Limits) -> Result<Step, Deco
         }
         OneAtom => atom(buf, pos, limits),
         OnePid => pid(buf, pos, "position id", limits),
-        list @ (AtomSeq | PidSeq | EntrySeq) => {
+        OneRun => {
+            let (step, chars) = run(buf, pos, limits)?;
+            if chars > limits.max_items_per_frame {
+                return Err(DecodeError::TooManyItems {
+                    field: "run chars",
+                    count: chars,
+                    max: limits.max_items_per_frame,
+                });
+            }
+            Ok(step)
+        }
+        OneRange => Ok(range(buf, pos, limits)?.0),
+        list @ (AtomSeq | PidSeq | EntrySeq | ItemSeq | RangeSeq) => {
             let (min_item, what) = match list {
                 AtomSeq => (1 + 1 + 1 + LEVEL_BYTES, "inserted atoms"),
                 PidSeq => (1 + LEVEL_BYTES, "deleted ids"),
+                // kind, then the smallest atom (a run is one byte longer).
+                ItemSeq => (1 + 1 + 1 + 1 + LEVEL_BYTES, "inserted atoms and run chars"),
+                RangeSeq => (1 + LEVEL_BYTES + 2, "deleted range ids"),
                 _ => (SYNC_ENTRY_BYTES, "synclist entries"),
             };
             let mut at = pos;
@@ -558,20 +649,34 @@ fn scan_field(scan: &mut Scan, buf: &[u8], limits: &Limits) -> Result<Step, Deco
                         });
                     }
                     scan.spans[scan.field].0 = pos;
+                    scan.units = 0;
                     at = pos + 8;
                     count
                 }
             };
             while left > 0 {
-                let step = match list {
-                    AtomSeq => atom(buf, at, limits)?,
-                    PidSeq => pid(buf, at, "deleted id", limits)?,
-                    _ => fixed(buf, at, SYNC_ENTRY_BYTES, limits)?,
+                let (step, units) = match list {
+                    AtomSeq => (atom(buf, at, limits)?, 1),
+                    PidSeq => (pid(buf, at, "deleted id", limits)?, 1),
+                    ItemSeq => item(buf, at, limits)?,
+                    RangeSeq => range(buf, at, limits)?,
+                    _ => (fixed(buf, at, SYNC_ENTRY_BYTES, limits)?, 1),
                 };
                 match step {
                     Step::Done(end) => {
                         at = end;
                         left -= 1;
+                        // Every atom, run char and range id counts, so a
+                        // version-3 list never expands past what a version-1
+                        // list may carry.
+                        scan.units += units;
+                        if scan.units > limits.max_items_per_frame {
+                            return Err(DecodeError::TooManyItems {
+                                field: what,
+                                count: scan.units,
+                                max: limits.max_items_per_frame,
+                            });
+                        }
                     }
                     Step::Partial => {
                         scan.pos = at;
@@ -583,6 +688,76 @@ fn scan_field(scan: &mut Scan, buf: &[u8], limits: &Limits) -> Result<Step, Deco
             Ok(Step::Done(at))
         }
     }
+}
+
+/// An item at `pos`: its kind byte, then an atom or a run. Returns the step
+/// and the ids it holds.
+fn item(buf: &[u8], pos: usize, limits: &Limits) -> Result<(Step, u64), DecodeError> {
+    if !have(buf, pos + 1, limits)? {
+        return Ok((Step::Partial, 0));
+    }
+    match buf[pos] {
+        item_kind::ATOM => Ok((atom(buf, pos + 1, limits)?, 1)),
+        item_kind::RUN => run(buf, pos + 1, limits),
+        kind => Err(DecodeError::BadItemKind { kind }),
+    }
+}
+
+/// The last ident of the pid whose wire form ends at `end`.
+fn last_ident(buf: &[u8], end: usize) -> u32 {
+    u32::from_be_bytes(buf[end - 4..end].try_into().expect("4 bytes"))
+}
+
+/// A run at `pos`: pid, u16 length, UTF-8. Returns the step and its chars.
+fn run(buf: &[u8], pos: usize, limits: &Limits) -> Result<(Step, u64), DecodeError> {
+    let Some(pid_end) = pid_header(buf, pos, limits)? else {
+        return Ok((Step::Partial, 0));
+    };
+    if !have(buf, pid_end + 2, limits)? {
+        return Ok((Step::Partial, 0));
+    }
+    let len = u16::from_be_bytes([buf[pid_end], buf[pid_end + 1]]) as usize;
+    if len == 0 {
+        return Err(DecodeError::EmptyRun);
+    }
+    let end = pid_end + 2 + len;
+    // Validated only once whole, so a long run is examined once however
+    // its bytes arrive.
+    if !have(buf, end, limits)? {
+        return Ok((Step::Partial, 0));
+    }
+    check_levels(&buf[pos..pid_end], "a run's first id")?;
+    let text = &buf[pid_end + 2..end];
+    simdutf8::basic::from_utf8(text).map_err(|_| DecodeError::InvalidUtf8 { field: "run text" })?;
+    // Chars = bytes that do not continue a char.
+    let chars = text.iter().filter(|&&b| (b as i8) >= -0x40).count() as u64;
+    check_span(last_ident(buf, pid_end), chars)?;
+    Ok((Step::Done(end), chars))
+}
+
+/// A range at `pos`: pid, u16 count. Returns the step and its ids.
+fn range(buf: &[u8], pos: usize, limits: &Limits) -> Result<(Step, u64), DecodeError> {
+    let Some(pid_end) = pid_header(buf, pos, limits)? else {
+        return Ok((Step::Partial, 0));
+    };
+    if !have(buf, pid_end + 2, limits)? {
+        return Ok((Step::Partial, 0));
+    }
+    check_levels(&buf[pos..pid_end], "a range's first id")?;
+    let count = u64::from(u16::from_be_bytes([buf[pid_end], buf[pid_end + 1]]));
+    if count == 0 {
+        return Err(DecodeError::EmptyRange);
+    }
+    check_span(last_ident(buf, pid_end), count)?;
+    Ok((Step::Done(pid_end + 2), count))
+}
+
+/// `n` ids from last ident `first` must all fit in `u32`.
+fn check_span(first: u32, n: u64) -> Result<(), DecodeError> {
+    if u64::from(first) + n - 1 > u64::from(u32::MAX) {
+        return Err(DecodeError::IdentOverflow { first, count: n });
+    }
+    Ok(())
 }
 
 fn fixed(buf: &[u8], pos: usize, n: usize, limits: &Limits) -> Result<Step, DecodeError> {
@@ -654,6 +829,8 @@ fn check_levels(wire: &[u8], what: &'static str) -> Result<(), DecodeError> {
             field: match what {
                 "deleted id" => "a deleted id's last level",
                 "position id" => "a position id's last level",
+                "a run's first id" => "a run's first id's last level",
+                "a range's first id" => "a range's first id's last level",
                 _ => "an atom's position id's last level",
             },
         });

@@ -36,8 +36,10 @@ macro_rules! codes {
 }
 
 codes! {
-    /// The bytes do not form a valid frame (bad UTF-8, zero length, depth 0,
-    /// reserved site, unterminated name, or a connection closed mid-frame).
+    /// The bytes do not form a valid frame (bad UTF-8, zero length or count,
+    /// depth 0, reserved site, unterminated name, an unknown item kind, a
+    /// run or range whose last ident overflows, or a connection closed
+    /// mid-frame).
     MALFORMED = 1, "malformed", true;
     /// The header byte is not a frame this peer accepts.
     UNKNOWN_FRAME = 2, "unknown_frame", true;
@@ -115,8 +117,18 @@ pub enum DecodeError {
     InvalidUtf8 { field: &'static str },
     #[error("document name has no 0x0A terminator within 256 bytes (names are at most 255 bytes)")]
     NameTooLong,
-    #[error("session_insert site {site} differs from the atom's last-level site {creator}")]
+    #[error(
+        "session_insert site {site} differs from the creator (last-level site) {creator} of its atom or run"
+    )]
     InsertSiteMismatch { site: u8, creator: u8 },
+    #[error("run text length is 0; a run holds 1 to 65,535 bytes")]
+    EmptyRun,
+    #[error("range count is 0; a range holds 1 to 65,535 ids")]
+    EmptyRange,
+    #[error("a run or range of {count} ids from last ident {first} overflows u32")]
+    IdentOverflow { first: u32, count: u64 },
+    #[error("item kind {kind} is neither 0 (atom) nor 1 (run)")]
+    BadItemKind { kind: u8 },
     #[error("connection closed in the middle of a frame ({pending} bytes pending)")]
     Truncated { pending: usize },
     #[error("i/o error: {0}")]
@@ -150,6 +162,10 @@ impl DecodeError {
             DecodeError::InvalidUtf8 { .. } => "invalid_utf8",
             DecodeError::NameTooLong => "name_too_long",
             DecodeError::InsertSiteMismatch { .. } => "insert_site_mismatch",
+            DecodeError::EmptyRun => "empty_run",
+            DecodeError::EmptyRange => "empty_range",
+            DecodeError::IdentOverflow { .. } => "ident_overflow",
+            DecodeError::BadItemKind { .. } => "bad_item_kind",
             DecodeError::Truncated { .. } => "truncated",
             DecodeError::Io(_) => "io",
         }

@@ -23,6 +23,8 @@ pub mod header {
     pub const SYNC_DOC_UPSERT: u8 = 2;
     /// Version 2.
     pub const DOC_DELETE: u8 = 3;
+    /// Version 3.
+    pub const SYNC_DOC_UPSERT_RUNS: u8 = 4;
     pub const SYNCLIST_RESPONSE: u8 = 32;
     pub const SYNC_DOC_RESPONSE: u8 = 33;
     pub const DOC_SYNC: u8 = 34;
@@ -30,12 +32,18 @@ pub mod header {
     pub const DOC_DELETED: u8 = 35;
     /// Version 2.
     pub const RESYNC: u8 = 36;
+    /// Version 3.
+    pub const SYNC_DOC_RESPONSE_RUNS: u8 = 37;
     pub const SESSION_START: u8 = 64;
     pub const SESSION_INSERT: u8 = 65;
     pub const SESSION_DELETE: u8 = 66;
     pub const NAME_CHANGE: u8 = 67;
     pub const SESSION_STARTED: u8 = 68;
     pub const SESSION_ACK: u8 = 69;
+    /// Version 3.
+    pub const SESSION_INSERT_RUN: u8 = 70;
+    /// Version 3.
+    pub const SESSION_DELETE_RANGE: u8 = 71;
     pub const HELLO: u8 = 96;
     pub const WELCOME: u8 = 97;
     pub const ERROR: u8 = 127;
@@ -60,13 +68,17 @@ pub fn is_tls_record_start(bytes: &[u8]) -> bool {
 
 /// The newest protocol version this crate speaks (sent in hello; a server
 /// answers the version the connection uses in welcome).
-pub const PROTOCOL_VERSION: u8 = 2;
+pub const PROTOCOL_VERSION: u8 = 3;
 /// The oldest protocol version a server still speaks (PROTOCOL.md 6).
 pub const MIN_PROTOCOL_VERSION: u8 = 1;
 /// The first version with document deletion (frames 3 and 35).
 pub const VERSION_DELETION: u8 = 2;
 /// The first version with the resync signal (frame 36).
 pub const VERSION_RESYNC: u8 = 2;
+/// The first version with runs and ranges (frames 4, 37, 70, 71).
+pub const VERSION_RUNS: u8 = 3;
+/// Longest run text in bytes (its length is a u16).
+pub const MAX_RUN_BYTES: usize = u16::MAX as usize;
 /// Longest document name in bytes, terminator excluded.
 pub const MAX_NAME_BYTES: usize = 255;
 /// Longest atom data in bytes.
@@ -88,6 +100,14 @@ pub enum ValueError {
     BadDepth(usize),
     #[error("position id ends in site 0, which is reserved")]
     ReservedSite,
+    #[error("run text is empty; a run holds 1 to 65,535 bytes")]
+    EmptyRun,
+    #[error("run text is {0} bytes; the limit is 65,535")]
+    RunTooLong(usize),
+    #[error("a range holds 1 to 65,535 ids, not 0")]
+    EmptyRange,
+    #[error("the last ident of a run or range of {0} ids from this id overflows u32")]
+    IdentOverflow(u64),
     #[error("token is {0} bytes; the limit is 255")]
     TokenTooLong(usize),
     #[error("error message is {0} bytes; the limit is 65535")]
@@ -425,6 +445,12 @@ impl AtomListBuilder {
         Ok(())
     }
 
+    /// Adds an atom from validated parts (a run's char).
+    fn push_unchecked(&mut self, data: &str, pid: &Pid) {
+        self.count += 1;
+        write_atom(&mut self.bytes, data, pid);
+    }
+
     /// Adds an atom taken from another (validated) list.
     pub fn push_ref(&mut self, atom: AtomRef<'_>) {
         self.count += 1;
@@ -445,6 +471,12 @@ impl PidListBuilder {
     pub fn push_ref(&mut self, pid: PidRef<'_>) {
         self.count += 1;
         self.bytes.put_slice(pid.wire());
+    }
+
+    /// Adds a validated id (a range's).
+    fn push_unchecked(&mut self, pid: &Pid) {
+        self.count += 1;
+        pid.write_wire(&mut self.bytes);
     }
 }
 
@@ -474,6 +506,393 @@ impl FromIterator<SyncEntry> for SyncEntries {
         }
         b.finish()
     }
+}
+
+// ---------------------------------------------------------------------------
+// Version 3: runs, ranges and items (PROTOCOL.md 1.5, 2.2)
+// ---------------------------------------------------------------------------
+
+/// Whether `n` ids from `first` (last ident stepping) fit in `u32`.
+fn check_span(first: &Pid, n: u64) -> Result<(), ValueError> {
+    if n == 0 || u64::from(first.last().ident) + (n - 1) > u64::from(u32::MAX) {
+        return Err(ValueError::IdentOverflow(n));
+    }
+    Ok(())
+}
+
+/// An owned run: one-char atoms at consecutive ids from `first`, one per
+/// char of `text`. Only an encoding: a run of n chars *is* n one-char
+/// atoms.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Run {
+    first: Pid,
+    text: String,
+}
+
+impl Run {
+    pub fn new(first: Pid, text: impl Into<String>) -> Result<Self, ValueError> {
+        let text = text.into();
+        check_run(&first, &text)?;
+        Ok(Run { first, text })
+    }
+
+    pub fn first(&self) -> &Pid {
+        &self.first
+    }
+
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+
+    /// Chars (Unicode scalar values) in the run: its number of ids.
+    pub fn char_count(&self) -> usize {
+        self.text.chars().count()
+    }
+
+    /// The run's one-char atoms, in order: (char, id).
+    pub fn atoms(&self) -> RunAtoms<'_> {
+        RunAtoms::new(&self.first, &self.text)
+    }
+
+    pub fn into_parts(self) -> (Pid, String) {
+        (self.first, self.text)
+    }
+
+    fn write(&self, out: &mut BytesMut) {
+        write_run(out, &self.first, &self.text);
+    }
+}
+
+fn check_run(first: &Pid, text: &str) -> Result<(), ValueError> {
+    if text.is_empty() {
+        return Err(ValueError::EmptyRun);
+    }
+    if text.len() > MAX_RUN_BYTES {
+        return Err(ValueError::RunTooLong(text.len()));
+    }
+    check_pid(first)?;
+    check_span(first, text.chars().count() as u64)
+}
+
+fn write_run(out: &mut BytesMut, first: &Pid, text: &str) {
+    first.write_wire(out);
+    out.put_u16(text.len() as u16);
+    out.put_slice(text.as_bytes());
+}
+
+/// The one-char atoms of a run: (the char as a `&str`, its id).
+pub struct RunAtoms<'a> {
+    prefix: Pid,
+    next_ident: u32,
+    chars: std::str::CharIndices<'a>,
+    text: &'a str,
+}
+
+impl<'a> RunAtoms<'a> {
+    fn new(first: &Pid, text: &'a str) -> Self {
+        RunAtoms {
+            prefix: first.clone(),
+            next_ident: first.last().ident,
+            chars: text.char_indices(),
+            text,
+        }
+    }
+}
+
+impl<'a> Iterator for RunAtoms<'a> {
+    type Item = (&'a str, Pid);
+    fn next(&mut self) -> Option<Self::Item> {
+        let (at, c) = self.chars.next()?;
+        let pid = self.prefix.with_last_ident(self.next_ident);
+        // Validated: the last ident of the run fits, so this only wraps
+        // after the last char.
+        self.next_ident = self.next_ident.wrapping_add(1);
+        Some((&self.text[at..at + c.len_utf8()], pid))
+    }
+}
+
+/// An owned range: `count` consecutive ids from `first` (last ident
+/// stepping), as deletes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdRange {
+    first: Pid,
+    count: u16,
+}
+
+impl IdRange {
+    pub fn new(first: Pid, count: u16) -> Result<Self, ValueError> {
+        check_range(&first, count)?;
+        Ok(IdRange { first, count })
+    }
+
+    pub fn first(&self) -> &Pid {
+        &self.first
+    }
+
+    pub fn count(&self) -> u16 {
+        self.count
+    }
+
+    /// The range's ids, in order.
+    pub fn ids(&self) -> impl ExactSizeIterator<Item = Pid> + '_ {
+        let base = self.first.last().ident;
+        (0..u32::from(self.count)).map(move |j| self.first.with_last_ident(base + j))
+    }
+
+    fn write(&self, out: &mut BytesMut) {
+        self.first.write_wire(out);
+        out.put_u16(self.count);
+    }
+}
+
+fn check_range(first: &Pid, count: u16) -> Result<(), ValueError> {
+    if count == 0 {
+        return Err(ValueError::EmptyRange);
+    }
+    check_pid(first)?;
+    check_span(first, u64::from(count))
+}
+
+/// A run borrowed from a decoded frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunRef<'a> {
+    pub first: PidRef<'a>,
+    pub text: &'a str,
+}
+
+impl<'a> RunRef<'a> {
+    pub fn to_run(&self) -> Run {
+        Run {
+            first: self.first.to_pid(),
+            text: self.text.to_owned(),
+        }
+    }
+
+    /// The run's one-char atoms, in order: (char, id).
+    pub fn atoms(&self) -> RunAtoms<'a> {
+        RunAtoms::new(&self.first.to_pid(), self.text)
+    }
+}
+
+/// A range borrowed from a decoded frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RangeRef<'a> {
+    pub first: PidRef<'a>,
+    pub count: u16,
+}
+
+impl RangeRef<'_> {
+    pub fn to_range(&self) -> IdRange {
+        IdRange {
+            first: self.first.to_pid(),
+            count: self.count,
+        }
+    }
+}
+
+/// An inserted item of a version-3 list: an atom (kind 0, so a multi-char
+/// atom still travels) or a run (kind 1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ItemRef<'a> {
+    Atom(AtomRef<'a>),
+    Run(RunRef<'a>),
+}
+
+/// Item kinds on the wire.
+pub mod item_kind {
+    pub const ATOM: u8 = 0;
+    pub const RUN: u8 = 1;
+}
+
+fn read_run(b: &[u8]) -> (RunRef<'_>, usize) {
+    let (first, at) = read_pid(b);
+    let len = u16::from_be_bytes([b[at], b[at + 1]]) as usize;
+    let end = at + 2 + len;
+    // Validated by the decoder (or written from a `&str` by a builder).
+    let text = std::str::from_utf8(&b[at + 2..end]).expect("validated by the decoder");
+    (RunRef { first, text }, end)
+}
+
+fn read_item(b: &[u8]) -> (ItemRef<'_>, usize) {
+    if b[0] == item_kind::ATOM {
+        let (a, used) = read_atom(&b[1..]);
+        (ItemRef::Atom(a), 1 + used)
+    } else {
+        let (r, used) = read_run(&b[1..]);
+        (ItemRef::Run(r), 1 + used)
+    }
+}
+
+fn read_range(b: &[u8]) -> (RangeRef<'_>, usize) {
+    let (first, at) = read_pid(b);
+    let count = u16::from_be_bytes([b[at], b[at + 1]]);
+    (RangeRef { first, count }, at + 2)
+}
+
+wire_list!(
+    /// The inserted items (atoms and runs) of a version-3 upsert or doc
+    /// response.
+    ItemList, ItemListBuilder, ItemIter, ItemRef<'a>, read_item
+);
+wire_list!(
+    /// The deleted ranges of a version-3 upsert or doc response.
+    RangeList, RangeListBuilder, RangeIter, RangeRef<'a>, read_range
+);
+
+impl ItemList {
+    /// Every one-char atom of the runs and every atom, in list order, as
+    /// (data, id): what a version 1/2 list of the same content holds.
+    pub fn atoms(&self) -> impl Iterator<Item = (&str, Pid)> + '_ {
+        self.iter()
+            .flat_map(|item| -> Box<dyn Iterator<Item = (&str, Pid)> + '_> {
+                match item {
+                    ItemRef::Atom(a) => Box::new(std::iter::once((a.data, a.pid.to_pid()))),
+                    ItemRef::Run(r) => Box::new(r.atoms()),
+                }
+            })
+    }
+
+    /// Atoms plus run chars: what the list counts toward
+    /// `max_items_per_frame`.
+    pub fn units(&self) -> u64 {
+        self.iter()
+            .map(|i| match i {
+                ItemRef::Atom(_) => 1,
+                ItemRef::Run(r) => r.text.chars().count() as u64,
+            })
+            .sum()
+    }
+}
+
+impl RangeList {
+    /// Every id of every range, in order.
+    pub fn ids(&self) -> impl Iterator<Item = Pid> + '_ {
+        self.iter().flat_map(|r| {
+            let first = r.first.to_pid();
+            let base = first.last().ident;
+            (0..u32::from(r.count)).map(move |j| first.with_last_ident(base + j))
+        })
+    }
+
+    /// Ids in all ranges: what the list counts toward
+    /// `max_items_per_frame`.
+    pub fn units(&self) -> u64 {
+        self.iter().map(|r| u64::from(r.count)).sum()
+    }
+}
+
+impl ItemListBuilder {
+    /// Adds an atom (kind 0), checked as [`Atom::new`] does.
+    pub fn push_atom(&mut self, data: &str, pid: &Pid) -> Result<(), ValueError> {
+        check_atom(data, pid)?;
+        self.count += 1;
+        self.bytes.put_u8(item_kind::ATOM);
+        write_atom(&mut self.bytes, data, pid);
+        Ok(())
+    }
+
+    /// Adds a run (kind 1), checked as [`Run::new`] does.
+    pub fn push_run(&mut self, first: &Pid, text: &str) -> Result<(), ValueError> {
+        check_run(first, text)?;
+        self.count += 1;
+        self.bytes.put_u8(item_kind::RUN);
+        write_run(&mut self.bytes, first, text);
+        Ok(())
+    }
+}
+
+impl RangeListBuilder {
+    /// Adds a range, checked as [`Range::new`] does.
+    pub fn push(&mut self, first: &Pid, count: u16) -> Result<(), ValueError> {
+        check_range(first, count)?;
+        self.count += 1;
+        first.write_wire(&mut self.bytes);
+        self.bytes.put_u16(count);
+        Ok(())
+    }
+}
+
+/// Coalesces a sequence of one-char atoms and deletes into runs and ranges
+/// (consecutive chars at consecutive ids, consecutive deleted ids): the one
+/// place that decides what a run or range holds, for every encoder.
+#[derive(Default)]
+pub struct RunCoalescer {
+    /// The run being built: first id, text, chars so far.
+    run: Option<(Pid, String, u32)>,
+    /// The range being built: first id, ids so far.
+    range: Option<(Pid, u16)>,
+}
+
+/// What a [`RunCoalescer`] hands out when a run or range is complete.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Coalesced {
+    /// A run of one or more chars.
+    Run(Pid, String),
+    /// A multi-char atom, which no run can hold.
+    Atom(String, Pid),
+    Range(Pid, u16),
+}
+
+impl RunCoalescer {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds an inserted atom; returns the items this one completes (the
+    /// run in progress if it does not extend it, then a multi-char atom,
+    /// which no run holds), in order.
+    pub fn insert(&mut self, data: &str, pid: &Pid) -> [Option<Coalesced>; 2] {
+        let one_char = data.chars().nth(1).is_none();
+        if one_char
+            && let Some((first, text, n)) = &mut self.run
+            && extends(first, *n, pid)
+            && text.len() + data.len() <= MAX_RUN_BYTES
+        {
+            text.push_str(data);
+            *n += 1;
+            return [None, None];
+        }
+        let done = self.take_run();
+        if one_char {
+            self.run = Some((pid.clone(), data.to_owned(), 1));
+            [done, None]
+        } else {
+            [done, Some(Coalesced::Atom(data.to_owned(), pid.clone()))]
+        }
+    }
+
+    /// Adds a deleted id; returns a complete range if this one does not
+    /// extend the range in progress.
+    pub fn delete(&mut self, pid: &Pid) -> Option<Coalesced> {
+        if let Some((first, n)) = &mut self.range
+            && *n < u16::MAX
+            && extends(first, u32::from(*n), pid)
+        {
+            *n += 1;
+            return None;
+        }
+        let done = self.take_range();
+        self.range = Some((pid.clone(), 1));
+        done
+    }
+
+    /// The run in progress, ended.
+    pub fn take_run(&mut self) -> Option<Coalesced> {
+        self.run.take().map(|(p, t, _)| Coalesced::Run(p, t))
+    }
+
+    /// The range in progress, ended.
+    pub fn take_range(&mut self) -> Option<Coalesced> {
+        self.range.take().map(|(p, n)| Coalesced::Range(p, n))
+    }
+}
+
+/// Whether `pid` is the id `n` steps after `first` (same prefix, same
+/// site, last ident + n).
+pub fn extends(first: &Pid, n: u32, pid: &Pid) -> bool {
+    pid.prefix_key() == first.prefix_key()
+        && pid.creator() == first.creator()
+        && first.last().ident.checked_add(n) == Some(pid.last().ident)
 }
 
 /// 2 sync_doc_upsert.
@@ -511,6 +930,115 @@ pub struct SessionDelete {
     pub pid: Pid,
 }
 
+/// 4 sync_doc_upsert_runs (version 3): an upsert whose inserts are items
+/// and whose deletes are ranges. Same rules as 2.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpsertRuns {
+    pub doc: DocId,
+    pub name: DocName,
+    pub since: Time,
+    pub inserts: ItemList,
+    pub deletes: RangeList,
+}
+
+/// 37 sync_doc_response_runs (version 3): a 33 with items and ranges.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DocResponseRuns {
+    pub doc: DocId,
+    pub name: DocName,
+    pub inserts: ItemList,
+    pub deletes: RangeList,
+}
+
+/// 70 session_insert_run (version 3), either direction. `site` is the
+/// run's creator (the decoder enforces it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionInsertRun {
+    pub site: u8,
+    pub run: Run,
+}
+
+/// 71 session_delete_range (version 3), either direction. `site` is the
+/// deleter's site (0: it has none), as in a 66.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionDeleteRange {
+    pub site: u8,
+    pub range: IdRange,
+}
+
+impl UpsertRuns {
+    /// The same upsert as a 2: runs as one-char atoms, ranges as single
+    /// deletes (what a server that stores atoms applies).
+    pub fn expand(&self) -> Upsert {
+        let mut inserts = AtomListBuilder::new();
+        for (data, pid) in self.inserts.atoms() {
+            inserts.push_unchecked(data, &pid);
+        }
+        let mut deletes = PidListBuilder::new();
+        for pid in self.deletes.ids() {
+            deletes.push_unchecked(&pid);
+        }
+        Upsert {
+            doc: self.doc,
+            name: self.name.clone(),
+            since: self.since,
+            inserts: inserts.finish(),
+            deletes: deletes.finish(),
+        }
+    }
+}
+
+impl DocResponseRuns {
+    /// The same response as a 33: runs as one-char atoms, ranges as single
+    /// deletes (what a client that stores atoms applies).
+    pub fn expand(&self) -> DocResponse {
+        let mut inserts = AtomListBuilder::new();
+        for (data, pid) in self.inserts.atoms() {
+            inserts.push_unchecked(data, &pid);
+        }
+        let mut deletes = PidListBuilder::new();
+        for pid in self.deletes.ids() {
+            deletes.push_unchecked(&pid);
+        }
+        DocResponse {
+            doc: self.doc,
+            name: self.name.clone(),
+            inserts: inserts.finish(),
+            deletes: deletes.finish(),
+        }
+    }
+}
+
+impl SessionInsertRun {
+    pub fn new(run: Run) -> Self {
+        SessionInsertRun {
+            site: run.first().creator(),
+            run,
+        }
+    }
+
+    /// The run as 65s, one per char.
+    pub fn expand(&self) -> impl Iterator<Item = SessionInsert> + '_ {
+        self.run.atoms().map(|(data, pid)| SessionInsert {
+            site: self.site,
+            atom: Atom {
+                data: data.to_owned(),
+                pid,
+            },
+        })
+    }
+}
+
+impl SessionDeleteRange {
+    /// The range as 66s, one per id.
+    pub fn expand(&self) -> impl Iterator<Item = SessionDelete> + '_ {
+        self.range.ids().map(|pid| SessionDelete {
+            site: self.site,
+            pid,
+        })
+    }
+}
+
 /// 96 hello.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Hello {
@@ -537,6 +1065,8 @@ pub enum ClientFrame {
     Upsert(Upsert),
     /// 3 doc_delete (version 2).
     DeleteDoc { doc: DocId },
+    /// 4 sync_doc_upsert_runs (version 3).
+    UpsertRuns(UpsertRuns),
     /// 64 session_start.
     SessionStart { since: Time, doc: DocId },
     /// 65 session_insert.
@@ -545,6 +1075,10 @@ pub enum ClientFrame {
     Delete(SessionDelete),
     /// 67 name_change.
     Rename(DocName),
+    /// 70 session_insert_run (version 3).
+    InsertRun(SessionInsertRun),
+    /// 71 session_delete_range (version 3).
+    DeleteRange(SessionDeleteRange),
     /// 96 hello.
     Hello(Hello),
 }
@@ -570,6 +1104,8 @@ pub enum ServerFrame {
     /// document's full live state (as since 0), which replaces the
     /// client's copy.
     Resync { doc: DocId },
+    /// 37 sync_doc_response_runs (version 3).
+    DocResponseRuns(DocResponseRuns),
     /// 65 session_insert, relayed from another session.
     Insert(SessionInsert),
     /// 66 session_delete, relayed.
@@ -584,6 +1120,10 @@ pub enum ServerFrame {
     },
     /// 69 session_ack.
     SessionAck { count: u64 },
+    /// 70 session_insert_run (version 3), relayed.
+    InsertRun(SessionInsertRun),
+    /// 71 session_delete_range (version 3), relayed.
+    DeleteRange(SessionDeleteRange),
     /// 97 welcome.
     Welcome { version: u8, server_time: Time },
     /// 127 error.
@@ -636,10 +1176,13 @@ impl ClientFrame {
             ClientFrame::Pull { .. } => SYNC_DOC_PULL,
             ClientFrame::Upsert(_) => SYNC_DOC_UPSERT,
             ClientFrame::DeleteDoc { .. } => DOC_DELETE,
+            ClientFrame::UpsertRuns(_) => SYNC_DOC_UPSERT_RUNS,
             ClientFrame::SessionStart { .. } => SESSION_START,
             ClientFrame::Insert(_) => SESSION_INSERT,
             ClientFrame::Delete(_) => SESSION_DELETE,
             ClientFrame::Rename(_) => NAME_CHANGE,
+            ClientFrame::InsertRun(_) => SESSION_INSERT_RUN,
+            ClientFrame::DeleteRange(_) => SESSION_DELETE_RANGE,
             ClientFrame::Hello(_) => HELLO,
         }
     }
@@ -662,6 +1205,14 @@ impl ClientFrame {
                 u.deletes.write(out);
             }
             ClientFrame::DeleteDoc { doc } => out.put_u128(*doc),
+            ClientFrame::UpsertRuns(u) => {
+                out.reserve(16 + 256 + 24 + u.inserts.byte_len() + u.deletes.byte_len());
+                out.put_u128(u.doc);
+                u.name.write(out);
+                out.put_u64(u.since);
+                u.inserts.write(out);
+                u.deletes.write(out);
+            }
             ClientFrame::SessionStart { since, doc } => {
                 out.put_u64(*since);
                 out.put_u128(*doc);
@@ -669,6 +1220,8 @@ impl ClientFrame {
             ClientFrame::Insert(i) => encode_insert(i, out),
             ClientFrame::Delete(d) => encode_delete(d, out),
             ClientFrame::Rename(n) => n.write(out),
+            ClientFrame::InsertRun(i) => encode_insert_run(i, out),
+            ClientFrame::DeleteRange(d) => encode_delete_range(d, out),
             ClientFrame::Hello(h) => {
                 out.put_u8(h.version);
                 out.put_u128(h.replica);
@@ -695,6 +1248,16 @@ fn encode_delete(d: &SessionDelete, out: &mut BytesMut) {
     d.pid.write_wire(out);
 }
 
+fn encode_insert_run(i: &SessionInsertRun, out: &mut BytesMut) {
+    out.put_u8(i.site);
+    i.run.write(out);
+}
+
+fn encode_delete_range(d: &SessionDeleteRange, out: &mut BytesMut) {
+    out.put_u8(d.site);
+    d.range.write(out);
+}
+
 impl ServerFrame {
     pub fn header(&self) -> u8 {
         use header::*;
@@ -704,11 +1267,14 @@ impl ServerFrame {
             ServerFrame::DocSync { .. } => DOC_SYNC,
             ServerFrame::DocDeleted { .. } => DOC_DELETED,
             ServerFrame::Resync { .. } => RESYNC,
+            ServerFrame::DocResponseRuns(_) => SYNC_DOC_RESPONSE_RUNS,
             ServerFrame::Insert(_) => SESSION_INSERT,
             ServerFrame::Delete(_) => SESSION_DELETE,
             ServerFrame::Rename(_) => NAME_CHANGE,
             ServerFrame::SessionStarted { .. } => SESSION_STARTED,
             ServerFrame::SessionAck { .. } => SESSION_ACK,
+            ServerFrame::InsertRun(_) => SESSION_INSERT_RUN,
+            ServerFrame::DeleteRange(_) => SESSION_DELETE_RANGE,
             ServerFrame::Welcome { .. } => WELCOME,
             ServerFrame::Error(_) => ERROR,
         }
@@ -740,6 +1306,13 @@ impl ServerFrame {
                 out.put_u64(*deleted_time);
             }
             ServerFrame::Resync { doc } => out.put_u128(*doc),
+            ServerFrame::DocResponseRuns(r) => {
+                out.reserve(16 + 256 + 16 + r.inserts.byte_len() + r.deletes.byte_len());
+                out.put_u128(r.doc);
+                r.name.write(out);
+                r.inserts.write(out);
+                r.deletes.write(out);
+            }
             ServerFrame::Insert(i) => encode_insert(i, out),
             ServerFrame::Delete(d) => encode_delete(d, out),
             ServerFrame::Rename(n) => n.write(out),
@@ -753,6 +1326,8 @@ impl ServerFrame {
                 out.put_u64(*sync_time);
             }
             ServerFrame::SessionAck { count } => out.put_u64(*count),
+            ServerFrame::InsertRun(i) => encode_insert_run(i, out),
+            ServerFrame::DeleteRange(d) => encode_delete_range(d, out),
             ServerFrame::Welcome {
                 version,
                 server_time,

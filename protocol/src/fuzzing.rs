@@ -155,8 +155,16 @@ impl Checked for ClientFrame {
                 check_atoms(&u.inserts, limits);
                 check_pids(&u.deletes, limits);
             }
+            ClientFrame::UpsertRuns(u) => {
+                check_name(&u.name);
+                check_items(&u.inserts, limits);
+                check_ranges(&u.deletes, limits);
+                check_expansion(&u.inserts, &u.deletes, &u.expand());
+            }
             ClientFrame::Insert(i) => check_insert(i, limits),
             ClientFrame::Delete(d) => check_pid(&d.pid, limits),
+            ClientFrame::InsertRun(i) => check_insert_run(i, limits),
+            ClientFrame::DeleteRange(d) => check_range(&d.range, limits),
             ClientFrame::Rename(n) => check_name(n),
             ClientFrame::Hello(h) => {
                 let again = Hello::new(h.replica, h.token.clone()).expect("token within 255 bytes");
@@ -186,8 +194,15 @@ impl Checked for ServerFrame {
                 check_atoms(&r.inserts, limits);
                 check_pids(&r.deletes, limits);
             }
+            ServerFrame::DocResponseRuns(r) => {
+                check_name(&r.name);
+                check_items(&r.inserts, limits);
+                check_ranges(&r.deletes, limits);
+            }
             ServerFrame::Insert(i) => check_insert(i, limits),
             ServerFrame::Delete(d) => check_pid(&d.pid, limits),
+            ServerFrame::InsertRun(i) => check_insert_run(i, limits),
+            ServerFrame::DeleteRange(d) => check_range(&d.range, limits),
             ServerFrame::Rename(n) => check_name(n),
             ServerFrame::Error(e) => {
                 let again = ErrorFrame::new(e.code, e.message.clone());
@@ -262,6 +277,102 @@ fn check_pids(list: &PidList, limits: &Limits) {
     }
     assert_eq!(n, list.len());
     assert_eq!(&b.finish(), list, "pid list rebuilt differs");
+}
+
+fn check_run(r: &Run, limits: &Limits) {
+    check_pid(r.first(), limits);
+    let again = Run::new(r.first().clone(), r.text()).expect("decoded run is valid");
+    assert_eq!(&again, r);
+    let n = r.char_count() as u64;
+    assert!(
+        n <= limits.max_items_per_frame,
+        "run over max_items_per_frame"
+    );
+    // Every char is a one-char atom at the next id, none overflowing.
+    let mut count = 0u64;
+    let mut prev: Option<Pid> = None;
+    for (c, pid) in r.atoms() {
+        assert_eq!(c.chars().count(), 1);
+        Atom::new(c, pid.clone()).expect("a run's char is a valid atom");
+        if let Some(p) = &prev {
+            assert!(extends(p, 1, &pid) && *p < pid, "run ids do not step");
+        }
+        prev = Some(pid);
+        count += 1;
+    }
+    assert_eq!(count, n);
+}
+
+fn check_range(r: &IdRange, limits: &Limits) {
+    check_pid(r.first(), limits);
+    assert_ne!(r.count(), 0);
+    let again = IdRange::new(r.first().clone(), r.count()).expect("decoded range is valid");
+    assert_eq!(&again, r);
+    assert_eq!(r.ids().count(), r.count() as usize);
+}
+
+fn check_insert_run(i: &SessionInsertRun, limits: &Limits) {
+    assert_eq!(
+        i.site,
+        i.run.first().creator(),
+        "run site is not the creator"
+    );
+    check_run(&i.run, limits);
+    assert_eq!(i.expand().count(), i.run.char_count());
+}
+
+fn check_items(list: &ItemList, limits: &Limits) {
+    assert!(
+        list.units() <= limits.max_items_per_frame,
+        "items over the limit"
+    );
+    let mut b = ItemListBuilder::new();
+    for item in list {
+        match item {
+            ItemRef::Atom(a) => {
+                let pid = a.pid.to_pid();
+                check_pid(&pid, limits);
+                check_pid_wire(a.pid.wire(), &pid);
+                b.push_atom(a.data, &pid).expect("decoded atom is valid");
+            }
+            ItemRef::Run(r) => {
+                let run = r.to_run();
+                check_pid_wire(r.first.wire(), run.first());
+                check_run(&run, limits);
+                b.push_run(run.first(), run.text())
+                    .expect("decoded run is valid");
+            }
+        }
+    }
+    assert_eq!(&b.finish(), list, "item list rebuilt differs");
+}
+
+fn check_ranges(list: &RangeList, limits: &Limits) {
+    assert!(
+        list.units() <= limits.max_items_per_frame,
+        "ranges over the limit"
+    );
+    let mut b = RangeListBuilder::new();
+    for r in list {
+        let range = r.to_range();
+        check_pid_wire(r.first.wire(), range.first());
+        check_range(&range, limits);
+        b.push(range.first(), range.count())
+            .expect("decoded range is valid");
+    }
+    assert_eq!(&b.finish(), list, "range list rebuilt differs");
+}
+
+/// The expanded upsert holds exactly the items' atoms and the ranges' ids.
+fn check_expansion(items: &ItemList, ranges: &RangeList, up: &Upsert) {
+    assert_eq!(up.inserts.len() as u64, items.units());
+    assert_eq!(up.deletes.len() as u64, ranges.units());
+    for ((d, p), a) in items.atoms().zip(up.inserts.iter()) {
+        assert_eq!((d, p), (a.data, a.pid.to_pid()));
+    }
+    for (p, q) in ranges.ids().zip(up.deletes.iter()) {
+        assert_eq!(p, q.to_pid());
+    }
 }
 
 /// What decoding a stream produced.

@@ -107,6 +107,23 @@ fn deletes() -> PidList {
     b.finish()
 }
 
+fn items() -> ItemList {
+    let mut b = ItemListBuilder::new();
+    b.push_run(&pid(&[(10, 3)]), "hello").unwrap();
+    b.push_atom("日本", &pid(&[(11, 0), (u32::MAX, 255)]))
+        .unwrap();
+    b.push_run(&pid(&[(12, 9), (u32::MAX - 2, 4)]), "ü€x")
+        .unwrap();
+    b.finish()
+}
+
+fn ranges() -> RangeList {
+    let mut b = RangeListBuilder::new();
+    b.push(&pid(&[(1, 1)]), 3).unwrap();
+    b.push(&pid(&[(1, 1), (u32::MAX, 2)]), 1).unwrap();
+    b.finish()
+}
+
 fn client_frames() -> Vec<(&'static str, ClientFrame)> {
     vec![
         ("synclist", ClientFrame::Synclist { since: 0 }),
@@ -171,6 +188,29 @@ fn client_frames() -> Vec<(&'static str, ClientFrame)> {
             ClientFrame::Hello(Hello::new(1, bytes::Bytes::new()).unwrap()),
         ),
         ("doc-delete", ClientFrame::DeleteDoc { doc: 9 }),
+        (
+            "upsert-runs",
+            ClientFrame::UpsertRuns(UpsertRuns {
+                doc: 7,
+                name: DocName::new("runs").unwrap(),
+                since: 42,
+                inserts: items(),
+                deletes: ranges(),
+            }),
+        ),
+        (
+            "insert-run",
+            ClientFrame::InsertRun(SessionInsertRun::new(
+                Run::new(pid(&[(3, 0), (4, 2)]), "typed forward").unwrap(),
+            )),
+        ),
+        (
+            "delete-range",
+            ClientFrame::DeleteRange(SessionDeleteRange {
+                site: 2,
+                range: IdRange::new(pid(&[(3, 7)]), 40).unwrap(),
+            }),
+        ),
     ]
 }
 
@@ -258,6 +298,28 @@ fn server_frames() -> Vec<(&'static str, ServerFrame)> {
             },
         ),
         ("resync", ServerFrame::Resync { doc: 9 }),
+        (
+            "doc-response-runs",
+            ServerFrame::DocResponseRuns(DocResponseRuns {
+                doc: 7,
+                name: DocName::new("runs").unwrap(),
+                inserts: items(),
+                deletes: ranges(),
+            }),
+        ),
+        (
+            "insert-run",
+            ServerFrame::InsertRun(SessionInsertRun::new(
+                Run::new(pid(&[(1, 200)]), "ab").unwrap(),
+            )),
+        ),
+        (
+            "delete-range",
+            ServerFrame::DeleteRange(SessionDeleteRange {
+                site: 0,
+                range: IdRange::new(pid(&[(1, 200), (9, 4)]), 2).unwrap(),
+            }),
+        ),
     ]
 }
 
@@ -547,6 +609,36 @@ fn seeds() -> Vec<Seed> {
         4,
         Some("frame_too_large"),
     ));
+    // Run chars and range ids count toward max_items_per_frame (7 here):
+    // one run of 8 chars, one range of 8 ids.
+    let long_run = ClientFrame::InsertRun(SessionInsertRun::new(
+        Run::new(pid(&[(1, 1)]), "12345678").unwrap(),
+    ))
+    .to_bytes();
+    out.push(seed(
+        "client-run-over-items",
+        limited(false, 4000, 7, 15, &[2]),
+        long_run.to_vec(),
+        0,
+        Some("too_many_items"),
+    ));
+    let mut wide = RangeListBuilder::new();
+    wide.push(&pid(&[(1, 1)]), 4).unwrap();
+    wide.push(&pid(&[(9, 1)]), 4).unwrap();
+    let wide = ServerFrame::DocResponseRuns(DocResponseRuns {
+        doc: 1,
+        name: DocName::default(),
+        inserts: ItemList::default(),
+        deletes: wide.finish(),
+    })
+    .to_bytes();
+    out.push(seed(
+        "server-ranges-over-items",
+        limited(true, 4000, 7, 15, &[5]),
+        wide.to_vec(),
+        0,
+        Some("too_many_items"),
+    ));
     // A name whose terminator lies past the frame limit: frame_too_large,
     // however the bytes arrive (and whatever the name holds).
     out.push(seed(
@@ -604,4 +696,49 @@ fn write_seeds() {
     for s in seeds() {
         std::fs::write(dir.join(format!("seed-{}", s.name)), s.bytes()).unwrap();
     }
+}
+
+/// A stable stand-in for a fuzz run over the version-3 frames: every
+/// version-3 seed with bytes flipped, inserted and dropped at
+/// pseudo-random places (a fixed xorshift, so it is reproducible), through
+/// the same `decode_target` the fuzzer calls.
+#[test]
+fn mutated_version_3_seeds_hold() {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let v3 = [
+        header::SYNC_DOC_UPSERT_RUNS,
+        header::SYNC_DOC_RESPONSE_RUNS,
+        header::SESSION_INSERT_RUN,
+        header::SESSION_DELETE_RANGE,
+    ];
+    let mut runs = 0;
+    for s in seeds() {
+        if !s.stream.first().is_some_and(|h| v3.contains(h)) {
+            continue;
+        }
+        let base = s.bytes();
+        for _ in 0..2000 {
+            let mut data = base.clone();
+            for _ in 0..1 + next() % 4 {
+                let at = (next() as usize) % data.len();
+                match next() % 3 {
+                    0 => data[at] ^= 1 << (next() % 8),
+                    1 => data.insert(at, next() as u8),
+                    _ if data.len() > 2 => {
+                        data.remove(at);
+                    }
+                    _ => {}
+                }
+            }
+            decode_target(&data);
+            runs += 1;
+        }
+    }
+    assert!(runs >= 6 * 2000, "only {runs} mutated inputs");
 }

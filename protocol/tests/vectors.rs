@@ -78,6 +78,45 @@ fn delete(site: u8, levels: &[(u8, u32)]) -> SessionDelete {
     }
 }
 
+/// A version-3 item: an atom or a run.
+enum It<'a> {
+    A(&'a str, &'a [(u8, u32)]),
+    R(&'a [(u8, u32)], &'a str),
+}
+
+fn items(list: &[It<'_>]) -> ItemList {
+    let mut b = ItemListBuilder::new();
+    for i in list {
+        match i {
+            It::A(data, levels) => b.push_atom(data, &pid(levels)).unwrap(),
+            It::R(levels, text) => b.push_run(&pid(levels), text).unwrap(),
+        }
+    }
+    b.finish()
+}
+
+fn ranges(list: &[(&[(u8, u32)], u16)]) -> RangeList {
+    let mut b = RangeListBuilder::new();
+    for (levels, count) in list {
+        b.push(&pid(levels), *count).unwrap();
+    }
+    b.finish()
+}
+
+fn insert_run(site: u8, levels: &[(u8, u32)], text: &str) -> SessionInsertRun {
+    SessionInsertRun {
+        site,
+        run: Run::new(pid(levels), text).unwrap(),
+    }
+}
+
+fn delete_range(site: u8, levels: &[(u8, u32)], count: u16) -> SessionDeleteRange {
+    SessionDeleteRange {
+        site,
+        range: IdRange::new(pid(levels), count).unwrap(),
+    }
+}
+
 fn hello(version: u8, token: &[u8]) -> ClientFrame {
     ClientFrame::Hello(Hello {
         version,
@@ -169,6 +208,47 @@ fn expected_client() -> Vec<(&'static str, ClientFrame)> {
         ("hello.version_9", hello(9, b"")),
         ("doc_delete.d", DeleteDoc { doc: D }),
         ("doc_delete.max", DeleteDoc { doc: u128::MAX }),
+        ("hello.version_3", hello(3, b"")),
+        (
+            "upsert_runs.empty",
+            UpsertRuns(notesync_protocol::UpsertRuns {
+                doc: D,
+                name: name(""),
+                since: 0,
+                inserts: items(&[]),
+                deletes: ranges(&[]),
+            }),
+        ),
+        (
+            "upsert_runs.full",
+            UpsertRuns(notesync_protocol::UpsertRuns {
+                doc: D,
+                name: name("Notes"),
+                since: T,
+                inserts: items(&[
+                    It::R(&[(1, 100)], "hello"),
+                    It::A("é!", &[(1, 5)]),
+                    It::R(&[(0, 0), (1, 7)], "ab"),
+                ]),
+                deletes: ranges(&[(&[(1, 200)], 3)]),
+            }),
+        ),
+        (
+            "session_insert_run.hello",
+            InsertRun(insert_run(1, &[(1, 100)], "hello")),
+        ),
+        (
+            "session_insert_run.multibyte_to_max",
+            InsertRun(insert_run(2, &[(0, 1), (2, u32::MAX - 1)], "é€")),
+        ),
+        (
+            "session_delete_range.one",
+            DeleteRange(delete_range(2, &[(1, 7)], 1)),
+        ),
+        (
+            "session_delete_range.no_site_to_max",
+            DeleteRange(delete_range(0, &[(5, u32::MAX - 15)], 16)),
+        ),
     ]
 }
 
@@ -286,6 +366,39 @@ fn expected_server() -> Vec<(&'static str, ServerFrame)> {
             },
         ),
         ("resync.d", Resync { doc: D }),
+        (
+            "welcome.version_3",
+            Welcome {
+                version: 3,
+                server_time: T + 2,
+            },
+        ),
+        (
+            "doc_response_runs.empty",
+            DocResponseRuns(notesync_protocol::DocResponseRuns {
+                doc: D,
+                name: name(""),
+                inserts: items(&[]),
+                deletes: ranges(&[]),
+            }),
+        ),
+        (
+            "doc_response_runs.full",
+            DocResponseRuns(notesync_protocol::DocResponseRuns {
+                doc: D,
+                name: name("Notes"),
+                inserts: items(&[It::R(&[(1, 1)], "hi"), It::A("xyz", &[(1, 9)])]),
+                deletes: ranges(&[(&[(2, 3)], 5), (&[(1, 1), (2, 0)], 1)]),
+            }),
+        ),
+        (
+            "session_insert_run.relayed",
+            InsertRun(insert_run(3, &[(3, 10)], "A")),
+        ),
+        (
+            "session_delete_range.relayed",
+            DeleteRange(delete_range(0, &[(3, 10)], u16::MAX)),
+        ),
         (
             "error.unknown_document",
             error(ErrorCode::UNKNOWN_DOCUMENT, "unknown document"),
@@ -463,6 +576,10 @@ fn every_decode_error_kind_has_a_vector() {
         "invalid_utf8",
         "name_too_long",
         "insert_site_mismatch",
+        "empty_run",
+        "empty_range",
+        "ident_overflow",
+        "bad_item_kind",
         "truncated",
     ];
     assert_eq!(kinds, all.into_iter().collect::<BTreeSet<_>>());
@@ -540,6 +657,10 @@ fn spec_fields(line: usize, cells: &[&str]) -> Vec<Field> {
                 "name ..0A" => Field::Name,
                 "list<atom>" => Field::AtomSeq,
                 "list<pid>" => Field::PidSeq,
+                "list<item>" => Field::ItemSeq,
+                "list<range>" => Field::RangeSeq,
+                "run" => Field::OneRun,
+                "range" => Field::OneRange,
                 "atom" => Field::OneAtom,
                 "pid" => Field::OnePid,
                 c if c.starts_with("u8 ") => Field::U8,

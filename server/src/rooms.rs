@@ -21,7 +21,9 @@ use std::sync::{Arc, OnceLock};
 
 use bytes::{Bytes, BytesMut};
 use notesync_protocol::{
-    DocId, ErrorCode, ErrorFrame, ServerFrame, Time, VERSION_DELETION, VERSION_RESYNC,
+    Atom, Coalesced, DocId, ErrorCode, ErrorFrame, IdRange, Run, RunCoalescer, ServerFrame,
+    SessionDelete, SessionDeleteRange, SessionInsert, SessionInsertRun, Time, VERSION_DELETION,
+    VERSION_RESYNC, VERSION_RUNS,
 };
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -43,10 +45,27 @@ pub struct Kill {
 /// the writer thread raises the count after pushing any refusal frames the
 /// ack covers, and the socket writer loads the count *before* draining the
 /// queue, so a refusal always goes out before the ack that counts it.
+///
+/// The writer counts the ops it was handed; a 70 or 71 is handed over as
+/// one op per char or id but is one op on the wire (PROTOCOL.md 3.2), so
+/// the connection records the span of writer ops each such frame became
+/// ([`expanded`](Self::expanded)) and [`load`](Self::load) answers in wire
+/// ops, counting a 70 or 71 only once all of it is done.
 #[derive(Default)]
 pub struct AckCell {
     count: AtomicU64,
     notify: Notify,
+    spans: std::sync::Mutex<Spans>,
+}
+
+/// The writer-op spans of expanded wire ops not yet wholly acked.
+#[derive(Default)]
+struct Spans {
+    /// `(first, last)` writer op numbers of each expanded wire op, in
+    /// order, `last > first`.
+    open: std::collections::VecDeque<(u64, u64)>,
+    /// Writer ops beyond one per wire op, in the spans already acked.
+    folded: u64,
 }
 
 impl AckCell {
@@ -59,8 +78,34 @@ impl AckCell {
         self.notify.notify_one();
     }
 
+    /// Records that writer ops `first..=last` are one wire op. Called
+    /// before the ops are handed to the writer, in order.
+    pub fn expanded(&self, first: u64, last: u64) {
+        if last > first {
+            self.spans
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .open
+                .push_back((first, last));
+        }
+    }
+
+    /// The count in wire ops.
     pub fn load(&self) -> u64 {
-        self.count.load(Ordering::Acquire)
+        let done = self.count.load(Ordering::Acquire);
+        let mut spans = self.spans.lock().unwrap_or_else(|e| e.into_inner());
+        while let Some(&(first, last)) = spans.open.front() {
+            if last <= done {
+                spans.folded += last - first;
+                spans.open.pop_front();
+            } else if first <= done {
+                // Partly done: counts as not done, nor anything after it.
+                return first - 1 - spans.folded;
+            } else {
+                break;
+            }
+        }
+        done - spans.folded
     }
 
     pub async fn changed(&self) {
@@ -262,23 +307,171 @@ impl Sub {
 
 /// Frames for one document's sessions from one batch, grouped in chunks of
 /// consecutive frames from the same origin, so each frame is encoded once
-/// and the whole batch costs a few queue pushes per session.
+/// per version class and the whole batch costs a few queue pushes per
+/// session. Version 1/2 sessions get every insert as a 65 and every delete
+/// as a 66; version-3 sessions get consecutive one-char inserts at
+/// consecutive ids (a 70 that came in, expanded by the writer, or 65s)
+/// as 70s and consecutive deletes by one site as 71s (PROTOCOL.md 3.2).
 #[derive(Default)]
 pub struct Fanout {
-    chunks: Vec<(Option<u64>, BytesMut)>,
+    chunks: Vec<Chunk>,
+}
+
+struct Chunk {
+    origin: Option<u64>,
+    /// Version 1/2 frames.
+    atoms: BytesMut,
+    /// Version-3 frames, the run or range in progress excluded.
+    runs: BytesMut,
+    coalescer: RunCoalescer,
+    /// The site of the range in progress (a 71 carries one deleter).
+    range_site: u8,
 }
 
 const CHUNK_BYTES: usize = 64 * 1024;
 
+impl Chunk {
+    fn new(origin: Option<u64>) -> Self {
+        Chunk {
+            origin,
+            atoms: BytesMut::new(),
+            runs: BytesMut::new(),
+            coalescer: RunCoalescer::new(),
+            range_site: 0,
+        }
+    }
+
+    fn put(&mut self, c: Coalesced) {
+        let frame = match c {
+            Coalesced::Run(first, text) => match Run::new(first, text) {
+                Ok(run) if run.char_count() > 1 => {
+                    ServerFrame::InsertRun(SessionInsertRun::new(run))
+                }
+                Ok(run) => {
+                    let (pid, text) = run.into_parts();
+                    match Atom::new(text, pid) {
+                        Ok(atom) => ServerFrame::Insert(SessionInsert::new(atom)),
+                        Err(_) => return,
+                    }
+                }
+                // Made of valid one-char atoms: cannot fail.
+                Err(_) => return,
+            },
+            Coalesced::Atom(data, pid) => match Atom::new(data, pid) {
+                Ok(atom) => ServerFrame::Insert(SessionInsert::new(atom)),
+                Err(_) => return,
+            },
+            Coalesced::Range(first, n) => {
+                let site = self.range_site;
+                match IdRange::new(first, n) {
+                    Ok(range) if n > 1 => {
+                        ServerFrame::DeleteRange(SessionDeleteRange { site, range })
+                    }
+                    Ok(range) => ServerFrame::Delete(SessionDelete {
+                        site,
+                        pid: range.first().clone(),
+                    }),
+                    Err(_) => return,
+                }
+            }
+        };
+        frame.encode(&mut self.runs);
+    }
+
+    /// Ends the run and range in progress (before a frame that is neither,
+    /// or at the end of the batch), keeping frame order.
+    fn settle(&mut self) {
+        let held = [self.coalescer.take_run(), self.coalescer.take_range()];
+        for c in held.into_iter().flatten() {
+            self.put(c);
+        }
+    }
+
+    /// Adds a frame to the version-3 bytes.
+    fn push_v3(&mut self, frame: &ServerFrame) {
+        match frame {
+            ServerFrame::Insert(i) => {
+                // A delete in progress goes first: order is kept.
+                if let Some(c) = self.coalescer.take_range() {
+                    self.put(c);
+                }
+                for c in self
+                    .coalescer
+                    .insert(i.atom.data(), i.atom.pid())
+                    .into_iter()
+                    .flatten()
+                {
+                    self.put(c);
+                }
+            }
+            ServerFrame::InsertRun(r) => {
+                if let Some(c) = self.coalescer.take_range() {
+                    self.put(c);
+                }
+                for (data, pid) in r.run.atoms() {
+                    for c in self.coalescer.insert(data, &pid).into_iter().flatten() {
+                        self.put(c);
+                    }
+                }
+            }
+            ServerFrame::Delete(d) => {
+                if let Some(c) = self.coalescer.take_run() {
+                    self.put(c);
+                }
+                if self.range_site != d.site
+                    && let Some(c) = self.coalescer.take_range()
+                {
+                    self.put(c);
+                }
+                self.range_site = d.site;
+                if let Some(c) = self.coalescer.delete(&d.pid) {
+                    self.put(c);
+                }
+            }
+            other => {
+                self.settle();
+                other.encode(&mut self.runs);
+            }
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.atoms.len()
+    }
+}
+
 impl Fanout {
     /// Adds a frame made by session `origin` (None: a sync-mode upsert).
+    /// `frame` is a version 1/2 frame (65, 66, 67) or a 70/71, which
+    /// version 1/2 sessions get expanded.
     pub fn push(&mut self, origin: Option<u64>, frame: &ServerFrame) {
-        match self.chunks.last_mut() {
-            Some((o, buf)) if *o == origin && buf.len() < CHUNK_BYTES => frame.encode(buf),
+        let chunk = match self.chunks.last_mut() {
+            Some(c) if c.origin == origin && c.len() < CHUNK_BYTES => c,
             _ => {
-                let mut buf = BytesMut::new();
-                frame.encode(&mut buf);
-                self.chunks.push((origin, buf));
+                if let Some(c) = self.chunks.last_mut() {
+                    c.settle();
+                }
+                self.chunks.push(Chunk::new(origin));
+                self.chunks.last_mut().expect("just pushed")
+            }
+        };
+        match frame {
+            ServerFrame::InsertRun(r) => {
+                for i in r.expand() {
+                    ServerFrame::Insert(i).encode(&mut chunk.atoms);
+                }
+                chunk.push_v3(frame);
+            }
+            ServerFrame::DeleteRange(r) => {
+                for d in r.expand() {
+                    let d = ServerFrame::Delete(d);
+                    d.encode(&mut chunk.atoms);
+                    chunk.push_v3(&d);
+                }
+            }
+            other => {
+                other.encode(&mut chunk.atoms);
+                chunk.push_v3(other);
             }
         }
     }
@@ -319,16 +512,26 @@ impl Rooms {
 
     /// Sends one batch's frames for `doc` to every session but their origin.
     pub fn fan_out(&mut self, doc: DocId, fanout: Fanout) {
-        let chunks: Vec<(Option<u64>, Bytes)> = fanout
+        let mut any_v3 = false;
+        if let Some(r) = self.rooms.get(&doc) {
+            any_v3 = r.iter().any(|s| s.version >= VERSION_RUNS);
+        }
+        let chunks: Vec<(Option<u64>, Bytes, Bytes)> = fanout
             .chunks
             .into_iter()
-            .map(|(o, b)| (o, b.freeze()))
+            .map(|mut c| {
+                if any_v3 {
+                    c.settle();
+                }
+                (c.origin, c.atoms.freeze(), c.runs.freeze())
+            })
             .collect();
         self.retain(doc, |sub| {
+            let v3 = sub.version >= VERSION_RUNS;
             chunks
                 .iter()
-                .filter(|(origin, _)| *origin != Some(sub.session_id))
-                .all(|(_, bytes)| sub.push(bytes.clone()))
+                .filter(|(origin, _, _)| *origin != Some(sub.session_id))
+                .all(|(_, atoms, runs)| sub.push(if v3 { runs.clone() } else { atoms.clone() }))
         });
     }
 
@@ -400,11 +603,15 @@ mod tests {
     use notesync_protocol::DocName;
 
     fn sub(id: u64, max: usize) -> (Sub, OutboxRx) {
+        sub_v(id, max, 2)
+    }
+
+    fn sub_v(id: u64, max: usize, version: u8) -> (Sub, OutboxRx) {
         let (outbox, rx) = outbox(max);
         (
             Sub {
                 session_id: id,
-                version: 2,
+                version,
                 outbox,
                 ack: AckCell::new(),
                 kill: Kill::new(),
@@ -439,5 +646,100 @@ mod tests {
         assert!(rooms.contains(5, 1));
         rooms.leave(5, 1);
         assert!(rooms.is_empty(), "an empty room is dropped");
+    }
+
+    fn drain(rx: &mut OutboxRx) -> Vec<ServerFrame> {
+        use tokio_util::codec::Decoder;
+        let mut buf = BytesMut::new();
+        while let Some(b) = rx.try_recv() {
+            buf.extend_from_slice(&b);
+        }
+        let mut dec = notesync_protocol::ClientCodec::default();
+        let mut out = Vec::new();
+        while let Some(f) = dec.decode(&mut buf).expect("valid frames") {
+            out.push(f);
+        }
+        out
+    }
+
+    /// One batch, encoded once per version class: a version-3 session gets
+    /// consecutive one-char inserts as a 70 and consecutive deletes as a
+    /// 71; a version-2 session gets a 65 per char and a 66 per id, in the
+    /// same order, for 65s and for 70s alike.
+    #[test]
+    fn fan_out_sends_runs_to_version_3_and_atoms_to_older_sessions() {
+        use notesync_protocol::{Level, Pid};
+        let p = |i: u32| Pid::from_levels(&[Level::new(i, 4)]);
+        let ins = |i: u32, c: &str| {
+            ServerFrame::Insert(SessionInsert::new(Atom::new(c, p(i)).expect("atom")))
+        };
+        let del = |i: u32| ServerFrame::Delete(SessionDelete { site: 2, pid: p(i) });
+        let mut rooms = Rooms::default();
+        let (old, mut r_old) = sub_v(1, 1 << 20, 2);
+        let (new, mut r_new) = sub_v(2, 1 << 20, 3);
+        rooms.join(5, old);
+        rooms.join(5, new);
+        let mut f = Fanout::default();
+        for (i, c) in (10..).zip(["h", "é", "y"]) {
+            f.push(Some(9), &ins(i, c));
+        }
+        f.push(Some(9), &ins(13, "multi"));
+        let run = Run::new(p(20), "ab").expect("run");
+        f.push(Some(9), &ServerFrame::InsertRun(SessionInsertRun::new(run)));
+        f.push(
+            Some(9),
+            &ServerFrame::Rename(notesync_protocol::DocName::default()),
+        );
+        for i in 30..34 {
+            f.push(None, &del(i));
+        }
+        f.push(
+            None,
+            &ServerFrame::DeleteRange(SessionDeleteRange {
+                site: 2,
+                range: IdRange::new(p(34), 3).expect("range"),
+            }),
+        );
+        rooms.fan_out(5, f);
+        let old = drain(&mut r_old);
+        let mut expect_old = vec![ins(10, "h"), ins(11, "é"), ins(12, "y"), ins(13, "multi")];
+        expect_old.extend([ins(20, "a"), ins(21, "b")]);
+        expect_old.push(ServerFrame::Rename(notesync_protocol::DocName::default()));
+        expect_old.extend((30..37).map(del));
+        assert_eq!(old, expect_old);
+        let new = drain(&mut r_new);
+        let run = |i: u32, t: &str| {
+            ServerFrame::InsertRun(SessionInsertRun::new(Run::new(p(i), t).expect("run")))
+        };
+        assert_eq!(
+            new,
+            vec![
+                run(10, "héy"),
+                ins(13, "multi"),
+                run(20, "ab"),
+                ServerFrame::Rename(notesync_protocol::DocName::default()),
+                ServerFrame::DeleteRange(SessionDeleteRange {
+                    site: 2,
+                    range: IdRange::new(p(30), 7).expect("range"),
+                }),
+            ]
+        );
+    }
+
+    /// A 70 or 71 expanded into several writer ops is one op on the wire,
+    /// counted once all of it is done.
+    #[test]
+    fn ack_counts_an_expanded_op_once_when_whole() {
+        let ack = AckCell::new();
+        // Wire ops: 1 (writer 1), 2 (writer 2..=5), 3 (writer 6), 4 (7..=8).
+        ack.expanded(2, 5);
+        ack.expanded(7, 8);
+        let counts: Vec<u64> = (0..=8)
+            .map(|w| {
+                ack.raise(w);
+                ack.load()
+            })
+            .collect();
+        assert_eq!(counts, [0, 1, 1, 1, 1, 2, 3, 3, 4]);
     }
 }

@@ -13,7 +13,7 @@ use futures::{SinkExt, StreamExt};
 use notesync_protocol::{
     Atom, AtomListBuilder, ClientCodec, ClientFrame, DecodeError, DocId, DocName, DocResponse,
     ErrorCode, ErrorFrame, Hello, Limits, Pid, PidListBuilder, ServerFrame, SessionDelete,
-    SessionInsert, SyncEntry, Time, Upsert,
+    SessionInsert, SyncEntry, Time, Upsert, VERSION_RUNS,
 };
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -286,12 +286,19 @@ impl Conn {
         self.hello_with_token(replica, &[]).await
     }
 
-    /// 96 hello with `token`; expects 97 welcome.
+    /// 96 hello with `token` and version 2; expects 97 welcome. The
+    /// harness speaks version 2 unless asked for another
+    /// ([`hello_version`](Self::hello_version)): its helpers read 33s.
     pub async fn hello_with_token(&mut self, replica: u128, token: &[u8]) -> Welcome {
-        self.send(ClientFrame::Hello(
-            Hello::new(replica, Bytes::copy_from_slice(token)).expect("token of 255 bytes at most"),
-        ))
-        .await;
+        self.hello_version(replica, token, VERSION_RUNS - 1).await
+    }
+
+    /// 96 hello with `token` and `version`; expects 97 welcome.
+    pub async fn hello_version(&mut self, replica: u128, token: &[u8], version: u8) -> Welcome {
+        let mut hello =
+            Hello::new(replica, Bytes::copy_from_slice(token)).expect("token of 255 bytes at most");
+        hello.version = version;
+        self.send(ClientFrame::Hello(hello)).await;
         match self.recv().await {
             ServerFrame::Welcome {
                 version,
@@ -416,6 +423,15 @@ impl Conn {
                     );
                     parts.push(r);
                 }
+                // A version-3 connection's reply: the 33 it stands for.
+                ServerFrame::DocResponseRuns(r) => {
+                    assert_eq!(
+                        r.doc, doc,
+                        "{}: {what}: a 37 for another document",
+                        self.label
+                    );
+                    parts.push(r.expand());
+                }
                 ServerFrame::DocSync {
                     doc: d,
                     sync_time,
@@ -454,6 +470,14 @@ impl Conn {
                         self.label
                     );
                     parts.push(r);
+                }
+                ServerFrame::DocResponseRuns(r) => {
+                    assert_eq!(
+                        r.doc, doc,
+                        "{}: session_start: a 37 for another document",
+                        self.label
+                    );
+                    parts.push(r.expand());
                 }
                 ServerFrame::SessionStarted {
                     session_id,

@@ -10,8 +10,11 @@
 //! # Input layout
 //!
 //! ```text
-//! byte 0      bit 0: start with a valid hello (replica from byte 1)
+//! byte 0      bit 0: start with a valid hello (replica from byte 1),
+//!                    announcing version 3 (4, 70, 71 accepted)
 //!             bit 1: then a valid session_start on document byte 2
+//!             bit 2: the hello announces version 2 instead (4, 70, 71
+//!                    are unknown_frame)
 //! byte 1, 2   as above (present whatever the flags)
 //! byte 3      n = value % 8 piece sizes follow (each value + 1; n = 0: one
 //!             write)
@@ -47,8 +50,11 @@ pub fn server_frames_target(addr: SocketAddr, data: &[u8]) {
     let stream = &data[4 + n..];
     let mut bytes = BytesMut::new();
     if flags & 1 == 1 {
-        ClientFrame::Hello(Hello::new(replica as u128 + 1, bytes::Bytes::new()).expect("hello"))
-            .encode(&mut bytes);
+        let mut hello = Hello::new(replica as u128 + 1, bytes::Bytes::new()).expect("hello");
+        if flags & 4 == 4 {
+            hello.version = 2;
+        }
+        ClientFrame::Hello(hello).encode(&mut bytes);
     }
     if flags & 2 == 2 {
         ClientFrame::SessionStart {

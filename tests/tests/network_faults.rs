@@ -438,6 +438,39 @@ async fn server_frames_fuzz_corpus_replays() {
     eprintln!("server_frames corpus: {n} inputs replayed");
 }
 
+/// A 4 of site 1 on document 0xF0_0004: a run, an atom, a range.
+fn runs_upsert() -> ClientFrame {
+    use notesync_protocol::{ItemListBuilder, Level, Pid, RangeListBuilder, UpsertRuns};
+    let p = |i| Pid::from_levels(&[Level::new(i, 1)]);
+    let mut items = ItemListBuilder::new();
+    items.push_run(&p(100), "runs é").expect("run");
+    items.push_atom("atom", &p(200)).expect("atom");
+    let mut ranges = RangeListBuilder::new();
+    ranges.push(&p(101), 2).expect("range");
+    ClientFrame::UpsertRuns(UpsertRuns {
+        doc: 0xF0_0004,
+        name: notesync_tests::name_of("runs"),
+        since: 0,
+        inserts: items.finish(),
+        deletes: ranges.finish(),
+    })
+}
+
+/// A session's 70 and 71 (site 1).
+fn session_runs() -> Vec<ClientFrame> {
+    use notesync_protocol::{IdRange, Level, Pid, Run, SessionDeleteRange, SessionInsertRun};
+    let first = Pid::from_levels(&[Level::new(1000, 1)]);
+    vec![
+        ClientFrame::InsertRun(SessionInsertRun::new(
+            Run::new(first.clone(), "typed").expect("run"),
+        )),
+        ClientFrame::DeleteRange(SessionDeleteRange {
+            site: 1,
+            range: IdRange::new(first, 3).expect("range"),
+        }),
+    ]
+}
+
 /// Writes seeds for the `server_frames` fuzz target:
 /// `cargo test -p notesync-tests --test network_faults -- --ignored write_server_frames_seeds`.
 #[test]
@@ -515,6 +548,12 @@ fn write_server_frames_seeds() {
             b[..b.len() / 2].to_vec()
         }),
         ("second-hello", 1, hello(9)),
+        // Version 3: a 4 with a run and a range, a session's 70 and 71,
+        // and the same frames after a version 2 hello (unknown_frame).
+        ("upsert-runs", 1, enc(&[runs_upsert()])),
+        ("session-runs", 3, enc(&session_runs())),
+        ("upsert-runs-v2", 5, enc(&[runs_upsert()])),
+        ("session-runs-v2", 7, enc(&session_runs())),
     ];
     for (i, (name, flags, body)) in seeds.into_iter().enumerate() {
         // Pieces: one write, or 1..7-byte writes.

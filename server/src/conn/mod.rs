@@ -46,7 +46,7 @@ use futures::StreamExt;
 use notesync_protocol::header::TLS_HANDSHAKE;
 use notesync_protocol::{
     ClientFrame, DecodeError, ErrorCode, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, ServerCodec,
-    ServerFrame, is_tls_record_start,
+    ServerFrame, VERSION_DELETION, VERSION_RUNS, is_tls_record_start,
 };
 use tokio::sync::mpsc;
 use tokio::time::timeout;
@@ -283,21 +283,50 @@ impl Conn {
             }
             f => f,
         };
+        if let Some(close) = self.later_version_frame(&first) {
+            return Some(close);
+        }
         match first {
             ClientFrame::Synclist { .. }
             | ClientFrame::Pull { .. }
             | ClientFrame::Upsert(_)
+            | ClientFrame::UpsertRuns(_)
             | ClientFrame::DeleteDoc { .. } => self.sync_mode(first).await,
             ClientFrame::SessionStart { since, doc } => self.session_mode(since, doc).await,
             ClientFrame::Hello(_) => Some(wrong_mode(
                 "hello is accepted only as the first frame of a connection",
             )),
-            ClientFrame::Insert(_) | ClientFrame::Delete(_) | ClientFrame::Rename(_) => {
-                Some(wrong_mode(
-                    "session frames (65, 66, 67) are accepted only after session_start (64)",
-                ))
-            }
+            ClientFrame::Insert(_)
+            | ClientFrame::Delete(_)
+            | ClientFrame::Rename(_)
+            | ClientFrame::InsertRun(_)
+            | ClientFrame::DeleteRange(_) => Some(wrong_mode(
+                "session frames (65, 66, 67, 70, 71) are accepted only after session_start (64)",
+            )),
         }
+    }
+
+    /// The closing `unknown_frame` for a frame of a later protocol version
+    /// than the connection's (PROTOCOL.md 2.3, 6): a peer that did not
+    /// announce a version is never held to its frames.
+    fn later_version_frame(&self, frame: &ClientFrame) -> Option<Bytes> {
+        let (needs, what) = match frame {
+            ClientFrame::DeleteDoc { .. } => (VERSION_DELETION, "doc_delete (3)"),
+            ClientFrame::UpsertRuns(_) => (VERSION_RUNS, "sync_doc_upsert_runs (4)"),
+            ClientFrame::InsertRun(_) => (VERSION_RUNS, "session_insert_run (70)"),
+            ClientFrame::DeleteRange(_) => (VERSION_RUNS, "session_delete_range (71)"),
+            _ => return None,
+        };
+        (self.version < needs).then(|| {
+            error_bytes(
+                ErrorCode::UNKNOWN_FRAME,
+                format!(
+                    "{what} is a protocol version {needs} frame; this connection uses version {} \
+                     (send hello with version {needs})",
+                    self.version
+                ),
+            )
+        })
     }
 
     /// The next frame, raced against shutdown, the kill switch and `idle`.

@@ -18,7 +18,7 @@ use crate::store::{Rule, SentIds, Snapshot, StoreError};
 use crate::tenants::Tenant;
 use crate::writer::Request;
 
-/// Bytes of list data per 33 frame.
+/// Bytes of list data per 33 (or 37) frame.
 const DOC_CHUNK_BYTES: usize = 1 << 20;
 
 /// What a read found for a request.
@@ -107,7 +107,7 @@ pub(super) async fn pull(
             Some(r) => snap.site(doc, r)?,
             None => Some(0),
         };
-        let mut out = DocFrames::new(doc, rec.doc_name()?, chunk, items);
+        let mut out = DocFrames::new(doc, rec.doc_name()?, chunk, items, version);
         // A delta, or a 36 and the full state (PROTOCOL.md 3.6).
         snap.catch_up(doc, &rec, since, Rule::Pull, None, &mut out)?;
         Ok(Outcome::Owed {
@@ -166,7 +166,7 @@ pub(super) async fn upsert_reply(
             });
         };
         let sent = SentIds::from_upsert(&upsert);
-        let mut out = DocFrames::new(doc, rec.doc_name()?, chunk, items);
+        let mut out = DocFrames::new(doc, rec.doc_name()?, chunk, items, version);
         if rec.needs_resync(upsert.since) {
             // Applied, but no delta since its time exists (PROTOCOL.md
             // 3.6): a 36 and the full state, with the deletes of its own
@@ -224,7 +224,7 @@ pub(super) async fn session_state(
             // up in sync mode, then starts again.
             return Ok(Outcome::Refused(resync_bytes(version, doc)));
         }
-        let mut out = DocFrames::new(doc, rec.doc_name()?, chunk, items);
+        let mut out = DocFrames::new(doc, rec.doc_name()?, chunk, items, version);
         snap.delta(doc, since, Rule::Session, None, &mut out)?;
         Ok(Outcome::Owed {
             frames: out.finish(),

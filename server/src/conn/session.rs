@@ -9,7 +9,9 @@
 use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
-use notesync_protocol::{ClientFrame, DocId, ServerFrame, Time};
+use notesync_protocol::{
+    ClientFrame, DocId, ServerFrame, SessionDeleteRange, SessionInsertRun, Time,
+};
 
 use super::frames::{shutting_down, wrong_mode};
 use super::read::{self, Outcome};
@@ -96,22 +98,101 @@ impl Conn {
         let idle = self.shared.config.session_idle_timeout;
         let mut seq = 0u64;
         loop {
-            let op = match self.next_frame(idle, "session_idle_timeout").await {
-                Event::Frame(ClientFrame::Insert(i)) => SessionOp::Insert(i),
-                Event::Frame(ClientFrame::Delete(d)) => SessionOp::Delete(d),
-                Event::Frame(ClientFrame::Rename(n)) => SessionOp::Rename(n),
-                Event::Frame(_) => {
-                    return Some(wrong_mode(
-                        "this connection is in session mode: only 65, 66 and 67 are accepted",
-                    ));
-                }
+            let frame = match self.next_frame(idle, "session_idle_timeout").await {
+                Event::Frame(f) => f,
                 Event::End(close) => return close,
             };
-            seq += 1;
-            let req = Request::Op { session, seq, op };
-            if self.tenant.writer.send(req).await.is_err() {
-                return Some(shutting_down());
+            if let Some(close) = self.later_version_frame(&frame) {
+                return Some(close);
+            }
+            let ops = match frame {
+                ClientFrame::Insert(i) => vec![SessionOp::Insert(i)],
+                ClientFrame::Delete(d) => vec![SessionOp::Delete(d)],
+                ClientFrame::Rename(n) => vec![SessionOp::Rename(n)],
+                ClientFrame::InsertRun(r) => expand_run(&session, &r),
+                ClientFrame::DeleteRange(r) => expand_range(&session, &r),
+                _ => {
+                    return Some(wrong_mode(
+                        "this connection is in session mode: only 65, 66 and 67 are accepted \
+                         (and 70, 71 on a version 3 connection)",
+                    ));
+                }
+            };
+            // One wire op, however many writer ops (rooms::AckCell).
+            self.ack.expanded(seq + 1, seq + ops.len() as u64);
+            for op in ops {
+                seq += 1;
+                let req = Request::Op { session, seq, op };
+                if self.tenant.writer.send(req).await.is_err() {
+                    return Some(shutting_down());
+                }
             }
         }
+    }
+}
+
+/// Whether the writer refuses every op of this session's inserts (no
+/// hello, no site, another site, read-only) or deletes: a refused 70 or
+/// 71 is then handed over as its first char or id alone, so the client
+/// gets one error frame for it, not one per char.
+fn refuses_all(session: &Session, site: u8, insert: bool) -> bool {
+    session.read_only || site != session.site || (insert && (!session.hello || session.site == 0))
+}
+
+/// A 70 as the writer's per-char inserts (the store keeps atoms).
+fn expand_run(session: &Session, r: &SessionInsertRun) -> Vec<SessionOp> {
+    let ops = r.expand().map(SessionOp::Insert);
+    if refuses_all(session, r.site, true) {
+        ops.take(1).collect()
+    } else {
+        ops.collect()
+    }
+}
+
+/// A 71 as the writer's per-id deletes.
+fn expand_range(session: &Session, r: &SessionDeleteRange) -> Vec<SessionOp> {
+    let ops = r.expand().map(SessionOp::Delete);
+    if refuses_all(session, r.site, false) {
+        ops.take(1).collect()
+    } else {
+        ops.collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use notesync_protocol::{IdRange, Level, Pid, Run};
+
+    use super::*;
+
+    fn session(site: u8) -> Session {
+        Session {
+            doc: 1,
+            session_id: 1,
+            site,
+            hello: true,
+            read_only: false,
+        }
+    }
+
+    #[test]
+    fn a_run_is_its_chars_unless_refused_as_a_whole() {
+        let first = Pid::from_levels(&[Level::new(10, 2)]);
+        let run = SessionInsertRun::new(Run::new(first.clone(), "héllo").expect("run"));
+        let ops = expand_run(&session(2), &run);
+        assert_eq!(ops.len(), 5);
+        let SessionOp::Insert(last) = &ops[4] else {
+            panic!("not an insert")
+        };
+        assert_eq!(last.atom.data(), "o");
+        assert_eq!(last.atom.pid(), &first.offset(4).expect("fits"));
+        // Another site's session: one op, one refusal.
+        assert_eq!(expand_run(&session(3), &run).len(), 1);
+        let range = SessionDeleteRange {
+            site: 2,
+            range: IdRange::new(first, 7).expect("range"),
+        };
+        assert_eq!(expand_range(&session(2), &range).len(), 7);
+        assert_eq!(expand_range(&session(0), &range).len(), 1);
     }
 }

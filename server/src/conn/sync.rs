@@ -11,11 +11,10 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use notesync_protocol::{ClientFrame, DocId, ErrorCode, ServerFrame, VERSION_DELETION};
+use notesync_protocol::{ClientFrame, DocId, ServerFrame, Upsert};
 
 use super::frames::{Frames, read_only_frame, refusal, shutting_down, write_error, wrong_mode};
 use super::{Conn, Event, Job, read};
-use crate::rooms::error_bytes;
 use crate::writer::Request;
 
 /// Polls the job if there is one; never completes otherwise.
@@ -78,6 +77,9 @@ impl Conn {
 
     /// Turns a request into its response job. Upserts go to the writer now.
     async fn sync_job(&mut self, frame: ClientFrame) -> Result<Job, Option<Bytes>> {
+        if let Some(close) = self.later_version_frame(&frame) {
+            return Err(Some(close));
+        }
         let shared = self.shared.clone();
         let tenant = self.tenant.clone();
         // A read-only connection gets no site: it never inserts.
@@ -94,32 +96,27 @@ impl Conn {
             }
             // A write (PROTOCOL.md 3.5): every check goes in `delete_doc`.
             ClientFrame::DeleteDoc { doc } => self.delete_doc(doc).await,
-            ClientFrame::Upsert(_) if self.read_only() => Ok(Box::pin(async move {
-                Ok(vec![read_only_frame("sync_doc_upsert")])
-            })),
-            ClientFrame::Upsert(u) => {
-                let upsert = Arc::new(u);
-                let (req, rx) = Request::upsert(replica, upsert.clone());
-                if tenant.writer.send(req).await.is_err() {
-                    return Err(Some(shutting_down()));
-                }
-                let version = self.version;
+            ClientFrame::Upsert(_) | ClientFrame::UpsertRuns(_) if self.read_only() => {
                 Ok(Box::pin(async move {
-                    match rx.await {
-                        Ok(Ok(site)) => {
-                            read::upsert_reply(&shared.config, tenant, upsert, site, version).await
-                        }
-                        Ok(Err(e)) => refusal(version, e),
-                        Err(_) => Err(shutting_down()),
-                    }
+                    Ok(vec![read_only_frame("sync_doc_upsert")])
                 }))
             }
+            // A 4 is the 2 it stands for (PROTOCOL.md 3.1); the reply is 37s
+            // either way on a version-3 connection. Bounded: the decoder held
+            // its atoms and run chars, and its range ids, to
+            // max_items_per_frame per list.
+            ClientFrame::UpsertRuns(u) => self.upsert_job(u.expand(), replica).await,
+            ClientFrame::Upsert(u) => self.upsert_job(u, replica).await,
+
             ClientFrame::SessionStart { .. }
             | ClientFrame::Insert(_)
             | ClientFrame::Delete(_)
-            | ClientFrame::Rename(_) => Err(Some(wrong_mode(
+            | ClientFrame::Rename(_)
+            | ClientFrame::InsertRun(_)
+            | ClientFrame::DeleteRange(_) => Err(Some(wrong_mode(
                 "this connection is in sync mode (its first request was below 64): only 0, 1 and 2 \
-                 are accepted, and 3 on a connection whose hello announced version 2",
+                 are accepted, 3 on a connection whose hello announced version 2 or 3, and 4 on \
+                 one that announced version 3",
             ))),
             ClientFrame::Hello(_) => Err(Some(wrong_mode(
                 "hello is accepted only as the first frame of a connection",
@@ -127,20 +124,33 @@ impl Conn {
         }
     }
 
+    /// An upsert (a 2, or a 4 expanded): handed to the writer now,
+    /// answered when it is committed.
+    async fn upsert_job(&mut self, u: Upsert, replica: Option<u128>) -> Result<Job, Option<Bytes>> {
+        let shared = self.shared.clone();
+        let tenant = self.tenant.clone();
+        let upsert = Arc::new(u);
+        let (req, rx) = Request::upsert(replica, upsert.clone());
+        if tenant.writer.send(req).await.is_err() {
+            return Err(Some(shutting_down()));
+        }
+        let version = self.version;
+        Ok(Box::pin(async move {
+            match rx.await {
+                Ok(Ok(site)) => {
+                    read::upsert_reply(&shared.config, tenant, upsert, site, version).await
+                }
+                Ok(Err(e)) => refusal(version, e),
+                Err(_) => Err(shutting_down()),
+            }
+        }))
+    }
+
     /// 3 doc_delete (PROTOCOL.md 3.5): answered with 35. A version 2
     /// frame: a connection that did not announce version 2 gets
     /// `unknown_frame`.
     async fn delete_doc(&mut self, doc: DocId) -> Result<Job, Option<Bytes>> {
-        if self.version < VERSION_DELETION {
-            return Err(Some(error_bytes(
-                ErrorCode::UNKNOWN_FRAME,
-                format!(
-                    "doc_delete (3) is a protocol version {VERSION_DELETION} frame; \
-                     this connection uses version {} (send hello with version {VERSION_DELETION})",
-                    self.version
-                ),
-            )));
-        }
+        // The version was checked in `sync_job` (`later_version_frame`).
         if self.read_only() {
             return Ok(Box::pin(
                 async move { Ok(vec![read_only_frame("doc_delete")]) },

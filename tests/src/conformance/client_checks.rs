@@ -184,7 +184,10 @@ impl Setup {
 /// Every client check.
 pub fn checks() -> Vec<Check<ClientCtx>> {
     vec![
-        Check::new("client-hello-first-same-replica", "1, 3", "every connection (sync, session) starts with hello version 1 or 2, with one replica id", hello_first),
+        Check::new("client-hello-first-same-replica", "1, 3", "every connection (sync, session) starts with hello version 1, 2 or 3, with one replica id", hello_first),
+        Check::new("client-v3-upserts-runs", "1.5, 3.1", "on a version-3 connection text typed forward goes as 4s whose runs hold its chars (fewer items than chars), converging through 37 replies", v3_upserts_runs),
+        Check::new("client-v3-session-runs", "1.5, 3.2", "a version-3 session: typed text goes as 70s (a 70 acked as one op), deletes of consecutive chars as 71s; relayed 70s and 71s apply", v3_session_runs),
+        Check::new("client-falls-back-to-version-2", "6", "a server that refuses version 3 (unsupported_version) gets a version 2 hello next, and then no 4, 70 or 71", falls_back_to_v2),
         Check::new("client-synclist-pages-then-pulls", "3.1", "synclist is repeated from the largest time received until empty; each listed document is pulled", synclist_pages),
         Check::new("client-pull-since-last-34", "3.1", "a document's next pull and upsert use the sync_time of its last 34", since_last_34),
         Check::new("client-applies-split-33s", "3.1, 5", "a reply split over several 33s is applied whole before its 34", split_33s),
@@ -254,32 +257,42 @@ async fn session_ops(
     let mut count = 0u64;
     while !done(&s.world(), &ops) {
         let f = c.recv("a session op").await;
-        if !matches!(
-            f,
-            ClientFrame::Insert(_) | ClientFrame::Delete(_) | ClientFrame::Rename(_)
-        ) {
-            panic!(
-                "{}: in session mode a client sends only 65, 66, 67 (3): got {}",
+        // A 70 or 71 is its chars or ids, and one op (1.5, 3.2).
+        let parts: Vec<ClientFrame> = match &f {
+            ClientFrame::Insert(_) | ClientFrame::Delete(_) | ClientFrame::Rename(_) => {
+                vec![f.clone()]
+            }
+            ClientFrame::InsertRun(r) => r.expand().map(ClientFrame::Insert).collect(),
+            ClientFrame::DeleteRange(r) => r.expand().map(ClientFrame::Delete).collect(),
+            _ => panic!(
+                "{}: in session mode a client sends only 65, 66, 67 (and 70, 71 on version 3) (3): got {}",
                 c.label,
                 show_client(&f)
-            );
-        }
-        let applied = s.world().session_op(doc, &f);
+            ),
+        };
         count += 1;
         let mut out = Vec::new();
-        match applied {
-            Applied::ResentDeleted(by) => {
-                if let ClientFrame::Insert(i) = &f {
-                    out.push(ServerFrame::Delete(SessionDelete {
-                        site: by,
-                        pid: i.atom.pid().clone(),
-                    }));
+        let mut refused = false;
+        for part in &parts {
+            match s.world().session_op(doc, part) {
+                Applied::ResentDeleted(by) => {
+                    if let ClientFrame::Insert(i) = part {
+                        out.push(ServerFrame::Delete(SessionDelete {
+                            site: by,
+                            pid: i.atom.pid().clone(),
+                        }));
+                    }
                 }
+                // A frame refused as a whole gets one error (3.2).
+                Applied::Refused(code) if !refused || code == ErrorCode::ID_CONFLICT => {
+                    refused = true;
+                    out.push(ServerFrame::Error(notesync_protocol::ErrorFrame::new(
+                        code,
+                        code.name(),
+                    )))
+                }
+                _ => {}
             }
-            Applied::Refused(code) => out.push(ServerFrame::Error(
-                notesync_protocol::ErrorFrame::new(code, code.name()),
-            )),
-            _ => {}
         }
         if ack(ops.len(), &f) {
             out.push(ServerFrame::SessionAck { count });
@@ -292,9 +305,10 @@ async fn session_ops(
 
 fn ins_of(ops: &[ClientFrame]) -> Vec<Atom> {
     ops.iter()
-        .filter_map(|f| match f {
-            ClientFrame::Insert(i) => Some(i.atom.clone()),
-            _ => None,
+        .flat_map(|f| match f {
+            ClientFrame::Insert(i) => vec![i.atom.clone()],
+            ClientFrame::InsertRun(r) => r.expand().map(|i| i.atom).collect(),
+            _ => Vec::new(),
         })
         .collect()
 }
@@ -1180,5 +1194,161 @@ async fn resync_keeps_pending(ctx: ClientCtx) -> Outcome {
     // The next sync is an ordinary delta again.
     s.sync_ok("sync 3").await;
     assert_eq!(s.text(edited), "mine: one three");
+    Ok(())
+}
+
+/// The headers the client sent on the fake server, as sent.
+fn raw_headers(s: &Setup) -> Vec<u8> {
+    s.server.traffic().raw.iter().map(|(_, h)| *h).collect()
+}
+
+async fn v3_upserts_runs(ctx: ClientCtx) -> Outcome {
+    let mut s = setup(&ctx).await;
+    let doc = s.client.create("runs");
+    s.sync_ok("first sync (the site)").await;
+    // Typed forward, a char at a time, then two chars deleted.
+    let text = "typed forward, one char at a time";
+    for (i, c) in text.chars().enumerate() {
+        s.client.insert(doc, i, &c.to_string());
+    }
+    s.client.delete(doc, 5..7);
+    s.sync_ok("sync of the typed text").await;
+    let raw = raw_headers(&s);
+    assert!(
+        raw.contains(&notesync_protocol::header::SYNC_DOC_UPSERT_RUNS),
+        "a version-3 client upserts with 4 (1.5), got headers {raw:?}"
+    );
+    assert!(
+        !raw.contains(&notesync_protocol::header::SYNC_DOC_UPSERT),
+        "on a version-3 connection the client's upserts are 4s, got headers {raw:?}"
+    );
+    s.assert_converged(doc, "after the sync");
+    assert_eq!(s.text(doc), "typedorward, one char at a time");
+    // A remote edit comes back in a 37.
+    let site = 200;
+    let first = Pid::from_levels(&[notesync_protocol::Level::new(u32::MAX / 2, site)]);
+    let atoms: Vec<Atom> = ["!", "!"]
+        .iter()
+        .zip(0u32..)
+        .map(|(c, j)| Atom::new(*c, first.offset(j).expect("fits")).expect("atom"))
+        .collect();
+    s.world().remote_insert(doc, &atoms);
+    s.sync_ok("sync of a remote run").await;
+    s.assert_converged(doc, "after a 37 with a remote run");
+    Ok(())
+}
+
+async fn v3_session_runs(ctx: ClientCtx) -> Outcome {
+    let mut s = setup(&ctx).await;
+    let doc = s.client.create("live runs");
+    s.sync_ok("first sync (the site)").await;
+    s.client.open_session(doc);
+    let (mut c, _) = accept_session(&s, doc, None, "session").await;
+    assert_eq!(c.version, 3, "the reference client speaks version 3");
+    s.client.session_insert(doc, 0, "a");
+    s.client.session_insert(doc, 1, "b");
+    s.client.session_insert(doc, 2, "c");
+    s.client.session_insert(doc, 3, "d");
+    let ops = session_ops(&s, &mut c, doc, |_, _| true, |w, _| w.text(doc) == "abcd").await;
+    s.eventually_text(doc, "abcd", "session").await;
+    assert!(
+        ins_of(&ops).len() == 4,
+        "four chars typed: four one-char inserts, as 65s or in 70s (1.5)"
+    );
+    s.client.session_delete(doc, 1..3);
+    session_ops(&s, &mut c, doc, |_, _| true, |w, _| w.text(doc) == "ad").await;
+    s.eventually_text(doc, "ad", "after the delete").await;
+    // Relayed runs and ranges apply.
+    let site = 201;
+    let first = Pid::from_levels(&[notesync_protocol::Level::new(u32::MAX - 10, site)]);
+    let run = notesync_protocol::Run::new(first.clone(), "xyz").expect("run");
+    let atoms: Vec<Atom> = run
+        .atoms()
+        .map(|(d, p)| Atom::new(d, p).expect("atom"))
+        .collect();
+    s.world().remote_insert(doc, &atoms);
+    c.send(ServerFrame::InsertRun(
+        notesync_protocol::SessionInsertRun::new(run),
+    ))
+    .await;
+    let want = s.world().text(doc);
+    s.eventually_text(doc, &want, "a relayed 70").await;
+    // "xyz" is after "ad": the client deletes "xy", two consecutive ids,
+    // in one edit: one 71, acked as one op.
+    let at = want.find("xyz").expect("the relayed run is in the text");
+    s.client.session_delete(doc, at..at + 2);
+    let want = format!("{}z{}", &want[..at], &want[at + 3..]);
+    let ops = session_ops(&s, &mut c, doc, |_, _| true, |w, _| w.text(doc) == want).await;
+    assert!(
+        matches!(ops.as_slice(), [ClientFrame::DeleteRange(r)] if r.range.count() == 2),
+        "deleting two chars at consecutive ids in one edit: one 71 of two ids (1.5), got {:?}",
+        ops.iter().map(show_client).collect::<Vec<_>>()
+    );
+    s.eventually_text(doc, &want, "after the 71").await;
+    // A relayed 71 applies.
+    s.world()
+        .remote_delete(doc, &[first.offset(2).expect("fits")], site);
+    c.send(ServerFrame::DeleteRange(
+        notesync_protocol::SessionDeleteRange {
+            site,
+            range: notesync_protocol::IdRange::new(first.offset(2).expect("fits"), 1)
+                .expect("range"),
+        },
+    ))
+    .await;
+    let want = s.world().text(doc);
+    s.eventually_text(doc, &want, "a relayed 71").await;
+    s.client.close_session(doc).await;
+    c.expect_closed("the session was closed").await;
+    Ok(())
+}
+
+/// One sync against a server that refuses version 3: the client's hello
+/// with 3 is refused, its retry with 2 is served.
+async fn sync_v2_only(s: &mut Setup, what: &str) {
+    let (server, world) = (&s.server, &s.world);
+    let (r, ()) = tokio::join!(s.client.sync(), async {
+        let mut first = server.accept("a version-3 hello").await;
+        let h = first.handshake(1).await;
+        assert_eq!(
+            h.version, 3,
+            "{what}: the reference client says version 3 first"
+        );
+        first.expect_closed("after unsupported_version").await;
+        let mut second = server.accept("the retry").await;
+        let now = world.lock().expect("world lock").now;
+        let h = second.handshake(now).await;
+        assert_eq!(
+            h.version, 2,
+            "{what}: after unsupported_version for 3 the client retries with version 2 (6)"
+        );
+        serve_sync(&mut second, world, |_| false).await;
+    });
+    r.unwrap_or_else(|e| panic!("{what}: the sync against a version 2 server failed: {e}"));
+}
+
+async fn falls_back_to_v2(ctx: ClientCtx) -> Outcome {
+    let mut s = setup(&ctx).await;
+    s.server.refuse_version_3();
+    let doc = s.client.create("old server");
+    sync_v2_only(&mut s, "the first sync").await;
+    for (i, c) in "abc".chars().enumerate() {
+        s.client.insert(doc, i, &c.to_string());
+    }
+    s.client.delete(doc, 0..2);
+    sync_v2_only(&mut s, "a sync of typed text").await;
+    let raw = raw_headers(&s);
+    for h in [
+        notesync_protocol::header::SYNC_DOC_UPSERT_RUNS,
+        notesync_protocol::header::SESSION_INSERT_RUN,
+        notesync_protocol::header::SESSION_DELETE_RANGE,
+    ] {
+        assert!(
+            !raw.contains(&h),
+            "a version 2 connection gets no {h}: got {raw:?}"
+        );
+    }
+    s.assert_converged(doc, "after syncing with a version 2 server");
+    assert_eq!(s.text(doc), "c");
     Ok(())
 }

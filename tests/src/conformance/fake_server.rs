@@ -11,10 +11,17 @@
 //!
 //! Every frame a client sends is checked as it arrives against the rules a
 //! client must follow, and the first violation fails the check:
-//! - each connection starts with hello, version 1 or 2, and every
+//! - each connection starts with hello, version 1, 2 or 3, and every
 //!   connection of one client carries the same replica id (1, 3, 6); the
-//!   fake server answers the hello's version and sends version 2 frames
-//!   (35) only after a version 2 hello; a 3 (doc_delete) only after one;
+//!   fake server answers the hello's version (or refuses version 3 when
+//!   told to, [`FakeServer::refuse_version_3`]) and sends version 2 frames
+//!   (35) only after a version 2 or 3 hello, version 3 frames (37, 70, 71)
+//!   only after a version 3 hello; a 3 (doc_delete) only after a version 2
+//!   or 3 hello, a 4, 70 or 71 only after a version 3 one;
+//! - a version-3 connection's 4 is handed to the script as the 2 it stands
+//!   for (its chars as one-char atoms, its ranges as ids; [`Traffic::raw`]
+//!   keeps the headers as sent), its 70s and 71s as they came, and its
+//!   chars and ids are held to the same rules as atoms and deletes;
 //! - an insert (upsert or 65) is made only with the site this server gave
 //!   the replica for the document in a 34 or 68, never before it has one,
 //!   never with another site (1.1 rule 3, 1.3); a 66 carries its site;
@@ -28,9 +35,11 @@ use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
 use notesync_protocol::{
-    Atom, AtomListBuilder, ClientFrame, DecodeError, DocId, DocName, DocResponse, ErrorCode,
-    ErrorFrame, Hello, Level, Pid, PidListBuilder, ServerCodec, ServerFrame, SessionDelete,
-    SessionInsert, SyncEntry, Time, Upsert,
+    Atom, AtomListBuilder, ClientFrame, Coalesced, DecodeError, DocId, DocName, DocResponse,
+    DocResponseRuns, ErrorCode, ErrorFrame, Hello, IdRange, ItemListBuilder, Level, Pid,
+    PidListBuilder, RangeListBuilder, Run, RunCoalescer, ServerCodec, ServerFrame, SessionDelete,
+    SessionDeleteRange, SessionInsert, SessionInsertRun, SyncEntry, Time, Upsert, VERSION_RUNS,
+    extends, header,
 };
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::codec::Framed;
@@ -84,6 +93,9 @@ pub struct Traffic {
     pub sites: BTreeMap<DocId, u8>,
     /// Every id seen with its data, from either side, per document.
     pub known: BTreeMap<DocId, BTreeMap<Pid, String>>,
+    /// The header of every frame received, as sent (a 4 is in `received`
+    /// as the 2 it stands for), by connection.
+    pub raw: Vec<(usize, u8)>,
 }
 
 impl Traffic {
@@ -126,14 +138,20 @@ impl Traffic {
                 let doc = session_doc.ok_or("a 65 outside a session")?;
                 inserts.push((doc, i.atom.pid().clone(), i.atom.data().to_owned(), "a 65"));
             }
-            ClientFrame::Delete(d) => {
-                let doc = session_doc.ok_or("a 66 outside a session")?;
+            ClientFrame::InsertRun(r) => {
+                let doc = session_doc.ok_or("a 70 outside a session")?;
+                for (data, pid) in r.run.atoms() {
+                    inserts.push((doc, pid, data.to_owned(), "a 70"));
+                }
+            }
+            ClientFrame::Delete(SessionDelete { site: by, .. })
+            | ClientFrame::DeleteRange(SessionDeleteRange { site: by, .. }) => {
+                let doc = session_doc.ok_or("a 66 or 71 outside a session")?;
                 let site = self.sites.get(&doc).copied().unwrap_or(0);
-                if d.site != site {
+                if *by != site {
                     return Err(format!(
-                        "a 66 carries the deleter's site (3.2): this replica's site for the document \
-                         is {site}, the 66 carries {}",
-                        d.site
+                        "a 66 or 71 carries the deleter's site (3.2): this replica's site for the \
+                         document is {site}, the frame carries {by}"
                     ));
                 }
             }
@@ -204,6 +222,104 @@ fn virtual_parent(pid: &Pid, known: &BTreeMap<Pid, String>) -> Option<Pid> {
         .then_some(parent)
 }
 
+/// A 33 as the 37 a version-3 connection gets: consecutive one-char atoms
+/// at consecutive ids as runs, consecutive deletes as ranges.
+fn to_runs(r: &DocResponse) -> DocResponseRuns {
+    let mut items = ItemListBuilder::new();
+    let mut ranges = RangeListBuilder::new();
+    let mut co = RunCoalescer::new();
+    let put = |c: Coalesced, items: &mut ItemListBuilder, ranges: &mut RangeListBuilder| {
+        // Coalesced from a valid 33's atoms and ids.
+        match c {
+            Coalesced::Run(first, text) => items.push_run(&first, &text).expect("a valid run"),
+            Coalesced::Atom(data, pid) => items.push_atom(&data, &pid).expect("a valid atom"),
+            Coalesced::Range(first, n) => ranges.push(&first, n).expect("a valid range"),
+        }
+    };
+    for a in r.inserts.iter() {
+        for c in co.insert(a.data, &a.pid.to_pid()).into_iter().flatten() {
+            put(c, &mut items, &mut ranges);
+        }
+    }
+    if let Some(c) = co.take_run() {
+        put(c, &mut items, &mut ranges);
+    }
+    for p in r.deletes.iter() {
+        if let Some(c) = co.delete(&p.to_pid()) {
+            put(c, &mut items, &mut ranges);
+        }
+    }
+    if let Some(c) = co.take_range() {
+        put(c, &mut items, &mut ranges);
+    }
+    DocResponseRuns {
+        doc: r.doc,
+        name: r.name.clone(),
+        inserts: items.finish(),
+        deletes: ranges.finish(),
+    }
+}
+
+/// Live frames for a version-3 connection: consecutive 65s of one-char
+/// atoms at consecutive ids become one 70, consecutive 66s of one site at
+/// consecutive ids one 71 (what a version-3 server may send, 3.2).
+fn live_runs(frames: Vec<ServerFrame>) -> Vec<ServerFrame> {
+    let mut out: Vec<ServerFrame> = Vec::with_capacity(frames.len());
+    for f in frames {
+        let merged = match (out.last_mut(), &f) {
+            (Some(ServerFrame::Insert(prev)), ServerFrame::Insert(i))
+                if prev.atom.data().chars().nth(1).is_none() =>
+            {
+                let run = Run::new(prev.atom.pid().clone(), prev.atom.data()).ok();
+                run.and_then(|r| extend_run(&r, i))
+                    .map(|r| ServerFrame::InsertRun(SessionInsertRun::new(r)))
+            }
+            (Some(ServerFrame::InsertRun(prev)), ServerFrame::Insert(i)) => {
+                extend_run(&prev.run, i).map(|r| ServerFrame::InsertRun(SessionInsertRun::new(r)))
+            }
+            (Some(ServerFrame::Delete(prev)), ServerFrame::Delete(d)) if prev.site == d.site => {
+                extends(&prev.pid, 1, &d.pid).then(|| {
+                    ServerFrame::DeleteRange(SessionDeleteRange {
+                        site: d.site,
+                        range: IdRange::new(prev.pid.clone(), 2).expect("two consecutive ids"),
+                    })
+                })
+            }
+            (Some(ServerFrame::DeleteRange(prev)), ServerFrame::Delete(d))
+                if prev.site == d.site && prev.range.count() < u16::MAX =>
+            {
+                extends(prev.range.first(), u32::from(prev.range.count()), &d.pid).then(|| {
+                    ServerFrame::DeleteRange(SessionDeleteRange {
+                        site: d.site,
+                        range: IdRange::new(prev.range.first().clone(), prev.range.count() + 1)
+                            .expect("consecutive ids"),
+                    })
+                })
+            }
+            _ => None,
+        };
+        match merged {
+            Some(m) => *out.last_mut().expect("merged into the last") = m,
+            None => out.push(f),
+        }
+    }
+    out
+}
+
+/// `run` with the one-char atom of `i` after it, if `i` is its next char.
+fn extend_run(run: &Run, i: &SessionInsert) -> Option<Run> {
+    let one_char = i.atom.data().chars().nth(1).is_none();
+    (one_char && extends(run.first(), run.char_count() as u32, i.atom.pid()))
+        .then(|| {
+            Run::new(
+                run.first().clone(),
+                format!("{}{}", run.text(), i.atom.data()),
+            )
+            .ok()
+        })
+        .flatten()
+}
+
 /// The listener.
 pub struct FakeServer {
     listener: TcpListener,
@@ -211,9 +327,20 @@ pub struct FakeServer {
     traffic: Arc<Mutex<Traffic>>,
     conns: std::sync::atomic::AtomicUsize,
     pub wait: Duration,
+    /// Answer a version-3 hello with `unsupported_version` (a server of
+    /// versions 1 and 2), so a client's fallback is checked.
+    refuse_v3: std::sync::atomic::AtomicBool,
 }
 
 impl FakeServer {
+    /// From now on, a hello with version 3 is refused with
+    /// `unsupported_version` and the connection closed (in
+    /// [`FakeConn::handshake`]).
+    pub fn refuse_version_3(&self) {
+        self.refuse_v3
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
     /// Listens on a free loopback port.
     pub async fn start() -> FakeServer {
         let listener = TcpListener::bind("127.0.0.1:0")
@@ -226,6 +353,7 @@ impl FakeServer {
             traffic: Arc::default(),
             conns: Default::default(),
             wait: WAIT,
+            refuse_v3: Default::default(),
         }
     }
 
@@ -255,6 +383,7 @@ impl FakeServer {
             got_first: false,
             label: format!("connection {id} ({what})"),
             version: 1,
+            refuse_v3: self.refuse_v3.load(std::sync::atomic::Ordering::SeqCst),
         }
     }
 
@@ -281,6 +410,8 @@ pub struct FakeConn {
     pub label: String,
     /// The version of the client's hello (1 until one arrives).
     pub version: u8,
+    /// Refuse a version-3 hello (see [`FakeServer::refuse_version_3`]).
+    refuse_v3: bool,
 }
 
 impl FakeConn {
@@ -307,8 +438,8 @@ impl FakeConn {
                 match f {
                     ClientFrame::Hello(h) => {
                         assert!(
-                            (1..=2).contains(&h.version),
-                            "{}: the client's hello carries version 1 or 2 (6), got {}",
+                            (1..=3).contains(&h.version),
+                            "{}: the client's hello carries version 1, 2 or 3 (6), got {}",
                             self.label,
                             h.version
                         );
@@ -331,10 +462,33 @@ impl FakeConn {
             if let ClientFrame::SessionStart { doc, .. } = f {
                 self.session_doc = Some(*doc);
             }
-            if let Err(why) = t.admit(self.session_doc, f) {
+            let h = f.header();
+            if matches!(
+                h,
+                header::SYNC_DOC_UPSERT_RUNS
+                    | header::SESSION_INSERT_RUN
+                    | header::SESSION_DELETE_RANGE
+            ) {
+                assert!(
+                    self.version >= VERSION_RUNS,
+                    "{}: a client sends {h} (a version 3 frame) only after a version 3 hello \
+                     that was welcomed (2.3, 6); this connection uses version {}",
+                    self.label,
+                    self.version
+                );
+            }
+            t.raw.push((self.id, h));
+            // A 4 is the 2 it stands for (3.1): the scripts read 2s.
+            let f = match f {
+                ClientFrame::UpsertRuns(u) => ClientFrame::Upsert(u.expand()),
+                f => f.clone(),
+            };
+            if let Err(why) = t.admit(self.session_doc, &f) {
                 panic!("{}: client rule broken: {why}", self.label);
             }
             t.received.push((self.id, f.clone()));
+            drop(t);
+            return ClientEvent::Frame(f);
         }
         e
     }
@@ -361,6 +515,15 @@ impl FakeConn {
                 show_client(&other)
             ),
         };
+        if self.refuse_v3 && h.version >= VERSION_RUNS {
+            self.send(ServerFrame::Error(ErrorFrame::new(
+                ErrorCode::UNSUPPORTED_VERSION,
+                "this server speaks versions 1 and 2",
+            )))
+            .await;
+            self.version = 1;
+            return h;
+        }
         // The version the connection uses (6).
         self.send(ServerFrame::Welcome {
             version: h.version,
@@ -381,8 +544,20 @@ impl FakeConn {
         }
     }
 
+    /// What a frame becomes for this connection's version: a 33 is a 37
+    /// for a version-3 connection (runs and ranges coalesced, 1.5).
+    fn for_version(&self, f: ServerFrame) -> ServerFrame {
+        match f {
+            ServerFrame::DocResponse(r) if self.version >= VERSION_RUNS => {
+                ServerFrame::DocResponseRuns(to_runs(&r))
+            }
+            f => f,
+        }
+    }
+
     /// Sends one frame; records sites and atoms it gives the client.
     pub async fn send(&mut self, f: ServerFrame) {
+        let f = self.for_version(f);
         self.note_sent(&f);
         match tokio::time::timeout(self.wait, self.framed.send(f)).await {
             Ok(Ok(())) => {}
@@ -397,6 +572,11 @@ impl FakeConn {
     /// Sends frames in one write; a client that closed is not an error
     /// here (the script checks what it expects next).
     pub async fn send_many(&mut self, frames: Vec<ServerFrame>) {
+        let mut frames: Vec<ServerFrame> =
+            frames.into_iter().map(|f| self.for_version(f)).collect();
+        if self.version >= VERSION_RUNS {
+            frames = live_runs(frames);
+        }
         for f in &frames {
             self.note_sent(f);
         }
@@ -428,9 +608,17 @@ impl FakeConn {
                         .map(|a| (a.pid.to_pid(), a.data.to_owned())),
                 );
             }
+            ServerFrame::DocResponseRuns(r) => {
+                t.sent_atoms(r.doc, r.inserts.atoms().map(|(d, p)| (p, d.to_owned())));
+            }
             ServerFrame::Insert(i) => {
                 if let Some(doc) = self.session_doc {
                     t.sent_atoms(doc, [(i.atom.pid().clone(), i.atom.data().to_owned())]);
+                }
+            }
+            ServerFrame::InsertRun(r) => {
+                if let Some(doc) = self.session_doc {
+                    t.sent_atoms(doc, r.run.atoms().map(|(d, p)| (p, d.to_owned())));
                 }
             }
             _ => {}
@@ -964,10 +1152,11 @@ pub async fn serve_sync(
                 ClientFrame::Pull { doc, since } => w.pull(*doc, *since),
                 ClientFrame::Upsert(u) => w.upsert(u),
                 ClientFrame::DeleteDoc { doc } => {
-                    assert_eq!(
-                        conn.version, 2,
+                    assert!(
+                        conn.version >= 2,
                         "{}: doc_delete (3) is a version 2 frame: sent after a version {} hello (6)",
-                        conn.label, conn.version
+                        conn.label,
+                        conn.version
                     );
                     w.delete_doc(*doc)
                 }

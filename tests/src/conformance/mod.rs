@@ -25,6 +25,7 @@ pub mod fake_server;
 mod checks_conn;
 mod checks_delete;
 mod checks_limits;
+mod checks_runs;
 mod checks_session;
 mod checks_sites;
 mod checks_sync;
@@ -187,6 +188,20 @@ impl Ctx {
         (c, replica)
     }
 
+    /// A connection after a version-3 hello (with the token) as a fresh
+    /// replica.
+    pub async fn client_v3(&self, label: &str) -> (Conn, u128) {
+        let replica = self.replica();
+        let mut c = self.raw_conn(label).await;
+        let w = c.hello_version(replica, self.target.token_bytes(), 3).await;
+        assert_eq!(
+            w.version, 3,
+            "{label}: a hello with version 3: expected welcome with version 3 (6), got {}",
+            w.version
+        );
+        (c, replica)
+    }
+
     /// A connection after hello as `replica`.
     pub async fn client_as(&self, label: &str, replica: u128) -> (Conn, Welcome) {
         let mut c = self.raw_conn(label).await;
@@ -271,6 +286,7 @@ pub fn server_checks() -> Vec<Check<Ctx>> {
     v.extend(checks_time::checks());
     // Before the limits checks, whose large frames keep the writer busy.
     v.extend(checks_delete::checks());
+    v.extend(checks_runs::checks());
     v.extend(checks_limits::checks());
     assert_unique(&v);
     v

@@ -242,7 +242,7 @@ fn kinds(frames: &[ServerFrame]) -> Vec<u8> {
     frames
         .iter()
         .map(|f| f.header())
-        .filter(|&h| h != header::SYNC_DOC_RESPONSE)
+        .filter(|&h| h != header::SYNC_DOC_RESPONSE && h != header::SYNC_DOC_RESPONSE_RUNS)
         .collect()
 }
 

@@ -230,16 +230,81 @@ async fn ok_vector(ctx: Ctx, v: Vector) -> Outcome {
         header::SESSION_INSERT | header::SESSION_DELETE | header::NAME_CHANGE => {
             session_op_vector(&ctx, &v, &what).await?;
         }
+        header::SYNC_DOC_UPSERT_RUNS => {
+            // A version 3 frame: after a version 3 hello. Its inserts (if
+            // any) are of site 1: accepted if that is our site for the
+            // document, site_mismatch otherwise.
+            let doc = ctx.doc();
+            write_u128(&mut bytes, 1, doc);
+            let (mut c, _) = ctx.client_v3("vector upsert_runs").await;
+            let (_, s0) = c.upsert(doc, "", 0, &[], &[]).await;
+            c.send_raw(&bytes).await;
+            if v.name == "upsert_runs.full" && s0.site != 1 {
+                recv_error(
+                    &mut c,
+                    ErrorCode::SITE_MISMATCH,
+                    &format!(
+                        "{what} (our site is {}, its inserts are of site 1)",
+                        s0.site
+                    ),
+                )
+                .await;
+                expect_still_open_sync(&mut c, "site_mismatch").await;
+                return Ok(());
+            }
+            let mut n37 = 0;
+            loop {
+                match c.next_event().await {
+                    Event::Frame(ServerFrame::DocResponseRuns(r)) if r.doc == doc => n37 += 1,
+                    Event::Frame(ServerFrame::DocSync { doc: d, site, .. }) if d == doc => {
+                        assert!(
+                            n37 >= 1,
+                            "{what}: a version-3 connection's upsert reply is 37s then the 34 (3.1), got no 37"
+                        );
+                        assert_eq!(site, s0.site, "{what}: a replica keeps its site");
+                        break;
+                    }
+                    other => panic!(
+                        "{what}: expected 37s then a 34 (3.1), got {}",
+                        super::util::show(&other)
+                    ),
+                }
+            }
+        }
+        header::SESSION_INSERT_RUN | header::SESSION_DELETE_RANGE => {
+            let doc = ctx.doc();
+            let site_byte = v.bytes[1];
+            let (mut c, _) = ctx.client_v3("vector session v3").await;
+            let (_, st) = c.session_start(0, doc).await;
+            c.send_raw(&v.bytes).await;
+            if site_byte != st.site {
+                recv_error(
+                    &mut c,
+                    ErrorCode::SITE_MISMATCH,
+                    &format!(
+                        "{what} (our site is {}, the op's site is {site_byte}): one error for the whole frame",
+                        st.site
+                    ),
+                )
+                .await;
+            }
+            recv_ack(
+                &mut c,
+                1,
+                &format!("{what}: a 70 or 71 is one op for session_ack (3.2)"),
+            )
+            .await;
+        }
         header::HELLO => {
             let replica = ctx.replica();
             write_u128(&mut bytes, 2, replica);
             let version = bytes[1];
             let token = &bytes[19..];
-            let refused = if !(1..=2).contains(&version) {
+            let refused = if !(1..=3).contains(&version) {
                 Some((
                     ErrorCode::UNSUPPORTED_VERSION,
                     format!(
-                        "{what}: a server of versions 1 and 2 cannot speak version {version} (3, 6)"
+                        "{what}: a server of versions 1, 2 and 3 cannot speak version {version} (3, 6)"
                     ),
                 ))
             } else if ctx.target().token.as_ref().is_some_and(|t| t != token) {

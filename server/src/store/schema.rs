@@ -2,7 +2,9 @@
 //! of older layouts, the boot count, and the load of what the synclist
 //! index is rebuilt from. Runs once per database, before the writer
 //! starts; touches `meta` (version, boot), every table (created here, so
-//! readers never meet a missing one) and, when migrating, `documents`.
+//! readers never meet a missing one) and, when migrating, `documents`,
+//! and schema 3's `atoms` and `changes` (moved into `chunks`, then
+//! dropped).
 
 use std::path::{Path, PathBuf};
 
@@ -14,9 +16,16 @@ use redb::{
 
 use super::error::{OpenError, StoreError};
 use super::layout::{
-    DOC_TIMES, DOCUMENTS, DocRecord, META, META_BOOT, META_CLOCK, META_SCHEMA, SCHEMA_VERSION,
-    TableVisitor, each_table, split_time_key,
+    ATOMS_V3, AtomRecord, CHANGES_V3, DOC_TIMES, DOCUMENTS, DocRecord, META, META_BOOT,
+    META_CLOCK, META_MIGRATING, META_SCHEMA, SCHEMA_VERSION, TableVisitor, each_table,
+    split_doc_key, split_time_key,
 };
+use super::runs::{Seg, split_pid_key};
+use super::write::WriteTables;
+
+/// Schema 3 atoms moved per migration step (one commit each): bounds the
+/// step's memory (an atom is at most 255 bytes of data and its id).
+const MIGRATE_STEP_ATOMS: usize = 20_000;
 
 /// File name of the database inside the data folder.
 pub const DB_FILE: &str = "notesync.redb";
@@ -65,7 +74,10 @@ pub(crate) fn open_database(db: Database, path: PathBuf) -> Result<Opened, OpenE
         path: path.clone(),
         source,
     };
-    let boot = init_schema(&db, &path)?;
+    let (boot, from_3) = init_schema(&db, &path)?;
+    if from_3 {
+        migrate_3_to_4(&db, usize::MAX).map_err(store_err)?;
+    }
     let (clock, doc_times) = load(&db).map_err(store_err)?;
     Ok(Opened {
         db,
@@ -91,7 +103,9 @@ impl TableVisitor for Create<'_> {
 }
 
 /// Checks or writes the schema version and counts the boot, in one commit.
-fn init_schema(db: &Database, path: &Path) -> Result<u64, OpenError> {
+/// Returns the boot and whether the content is still in schema 3's
+/// tables (the caller then moves it, [`migrate_3_to_4`]).
+fn init_schema(db: &Database, path: &Path) -> Result<(u64, bool), OpenError> {
     let wrap = |e: StoreError| OpenError::Store {
         path: path.to_owned(),
         source: e,
@@ -102,6 +116,7 @@ fn init_schema(db: &Database, path: &Path) -> Result<u64, OpenError> {
         .map_err(|e| wrap(e.into()))?
         .next()
         .is_some();
+    let mut from_3 = false;
     let boot = {
         let mut meta = txn.open_table(META).map_err(|e| wrap(e.into()))?;
         let version = meta
@@ -110,10 +125,16 @@ fn init_schema(db: &Database, path: &Path) -> Result<u64, OpenError> {
             .map(|v| v.value());
         match version {
             Some(SCHEMA_VERSION) => {}
-            Some(old @ (1 | 2)) => {
-                migrate(&txn, old).map_err(wrap)?;
-                meta.insert(META_SCHEMA, SCHEMA_VERSION)
+            Some(old @ (1..=3)) => {
+                if old < 3 {
+                    migrate(&txn, old).map_err(wrap)?;
+                }
+                // Schema 3 from here until the last migration step; the
+                // steps resume after a kill.
+                meta.insert(META_SCHEMA, 3).map_err(|e| wrap(e.into()))?;
+                meta.insert(META_MIGRATING, 1)
                     .map_err(|e| wrap(e.into()))?;
+                from_3 = true;
             }
             Some(found) => {
                 return Err(OpenError::UnknownSchema {
@@ -143,7 +164,97 @@ fn init_schema(db: &Database, path: &Path) -> Result<u64, OpenError> {
     // Create every table now, so readers never meet a missing one.
     each_table(&mut Create(&txn)).map_err(|e| wrap(e.into()))?;
     txn.commit().map_err(|e| wrap(e.into()))?;
-    Ok(boot)
+    Ok((boot, from_3))
+}
+
+/// Schema 3 to 4: moves schema 3's atoms into chunks, at most
+/// [`MIGRATE_STEP_ATOMS`] per commit, each moved atom removed from `atoms`
+/// in the commit that stores it, so a kill between steps loses nothing
+/// and the next start goes on where it stopped. Every time is kept as it
+/// was (the clock is not touched), so every pull since every time is the
+/// same after as before; `changes` holds nothing the atoms do not (a
+/// chunk's `changed` is the latest time it holds). The last step drops
+/// both old tables and writes version 4. Runs at most `max_steps` steps
+/// (tests stop it early, as a kill would).
+pub(super) fn migrate_3_to_4(db: &Database, max_steps: usize) -> Result<bool, StoreError> {
+    for _ in 0..max_steps {
+        let txn = db.begin_write()?;
+        let done = {
+            let mut atoms = txn.open_table(ATOMS_V3)?;
+            let mut step = Vec::new();
+            for entry in atoms.iter()? {
+                if step.len() >= MIGRATE_STEP_ATOMS {
+                    break;
+                }
+                let (k, v) = entry?;
+                step.push((k.value().to_vec(), AtomRecord::decode(v.value())?));
+            }
+            let mut t = WriteTables::open(&txn)?;
+            for (key, rec) in &step {
+                let (doc, pid_key) =
+                    split_doc_key(key).ok_or(super::error::corrupt("atoms", "short key"))?;
+                t.migrate_atom(doc, pid_key, rec)?;
+            }
+            t.flush()?;
+            drop(t);
+            for (key, _) in &step {
+                atoms.remove(key.as_slice())?;
+            }
+            step.len() < MIGRATE_STEP_ATOMS
+        };
+        if done {
+            txn.delete_table(ATOMS_V3)?;
+            txn.delete_table(CHANGES_V3)?;
+            let mut meta = txn.open_table(META)?;
+            meta.insert(META_SCHEMA, SCHEMA_VERSION)?;
+            meta.remove(META_MIGRATING)?;
+        }
+        txn.commit()?;
+        if done {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+impl WriteTables<'_> {
+    /// Stores one schema 3 atom as it was: a run's char (one-char data,
+    /// or deleted: its text is dropped), a multi-char atom, or a bare
+    /// tombstone.
+    fn migrate_atom(
+        &mut self,
+        doc: notesync_protocol::DocId,
+        pid_key: &[u8],
+        rec: &AtomRecord,
+    ) -> Result<(), StoreError> {
+        let bad = |what| super::error::corrupt("atoms", what);
+        if rec.insert == 0 && rec.delete == 0 {
+            return Err(bad("an atom neither inserted nor deleted"));
+        }
+        split_pid_key(pid_key).ok_or(bad("key is not a position id"))?;
+        let text = std::str::from_utf8(&rec.data).map_err(|_| bad("data is not UTF-8"))?;
+        let live = rec.delete == 0;
+        if live && text.chars().nth(1).is_some() {
+            self.put_atom_item(doc, pid_key, rec.insert, &rec.data)
+        } else {
+            if live && text.is_empty() {
+                return Err(bad("a live atom without data"));
+            }
+            self.put_char(
+                doc,
+                pid_key,
+                Seg {
+                    len: 1,
+                    ins: rec.insert,
+                    ins_step: 0,
+                    del: rec.delete,
+                    del_step: 0,
+                    deleter: if live { 0 } else { rec.deleter },
+                    text: if live { rec.data.clone() } else { Vec::new() },
+                },
+            )
+        }
+    }
 }
 
 /// Schema 1 or 2 to 3: every `documents` record gets the fields it lacks

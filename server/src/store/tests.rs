@@ -40,7 +40,9 @@ pub fn write<R>(db: &Database, f: impl FnOnce(&mut WriteTables<'_>) -> R) -> R {
     let txn = db.begin_write().expect("begin");
     let r = {
         let mut t = WriteTables::open(&txn).expect("tables");
-        f(&mut t)
+        let r = f(&mut t);
+        t.flush().expect("flush");
+        r
     };
     txn.commit().expect("commit");
     r

@@ -234,6 +234,8 @@ impl Writer {
             if batch.wrote {
                 t.set_clock(self.clock.last())?;
             }
+            // Every chunk the batch touched, encoded once.
+            t.flush()?;
         }
         let wrote = batch.wrote;
         if wrote {

@@ -316,7 +316,7 @@ mod tests {
             // chunk_times entry either): one char 'x' at [(1, 1)], live
             // since time 5.
             let mut chunk = 5u64.to_be_bytes().to_vec();
-            chunk.extend_from_slice(&[0, 1, 1, 1, 1, 1, 1, 5, 1, b'x']);
+            chunk.extend_from_slice(&[0, 1, 1, 1, 1, 1, 1, 10, 1, b'x']);
             t.put_raw_chunk(DOC + 5, &[], &chunk).expect("insert");
             // The document's doc_times entry goes.
             t.remove_first_doc_time().expect("remove");

@@ -112,21 +112,19 @@ impl WriteTables<'_> {
                     } else {
                         0..0
                     };
-                    let mut stay = |sub: Seg, first: u32, piece: &mut Option<Item>| {
-                        match piece {
-                            Some(p) if p.first as u64 + p.len() as u64 == first as u64 => {
-                                if let Body::Run(v) = &mut p.body {
-                                    v.push(sub);
-                                }
+                    let mut stay = |sub: Seg, first: u32, piece: &mut Option<Item>| match piece {
+                        Some(p) if p.first as u64 + p.len() as u64 == first as u64 => {
+                            if let Body::Run(v) = &mut p.body {
+                                v.push(sub);
                             }
-                            _ => {
-                                items.extend(piece.take());
-                                *piece = Some(Item {
-                                    group: it.group.clone(),
-                                    first,
-                                    body: Body::Run(vec![sub]),
-                                });
-                            }
+                        }
+                        _ => {
+                            items.extend(piece.take());
+                            *piece = Some(Item {
+                                group: it.group.clone(),
+                                first,
+                                body: Body::Run(vec![sub]),
+                            });
                         }
                     };
                     if drop.is_empty() {
@@ -134,7 +132,9 @@ impl WriteTables<'_> {
                     } else {
                         dropped_any = true;
                         out.dropped += drop.len();
-                        out.compacted = out.compacted.max(s.del_at(drop.start).max(s.del_at(drop.end - 1)));
+                        out.compacted = out
+                            .compacted
+                            .max(s.del_at(drop.start).max(s.del_at(drop.end - 1)));
                         if drop.start > 0 {
                             stay(s.split(drop.start).0, at, &mut piece);
                         }

@@ -15,8 +15,8 @@ use redb::{
 use super::error::StoreError;
 use super::layout::{
     CHUNK_TIMES, CHUNKS, DOC_TIMES, DOCUMENTS, DocAtoms, DocRecord, META, META_SCHEMA, SITES,
-    TableVisitor, chunk_time_key, each_table, split_chunk_time_key, split_doc_key,
-    split_site_key, split_time_key,
+    TableVisitor, chunk_time_key, each_table, split_chunk_time_key, split_doc_key, split_site_key,
+    split_time_key,
 };
 use super::read::{stored_clock, stored_doc};
 use super::runs::{Body, Chunk, pid_of};
@@ -191,7 +191,11 @@ impl<'t> Inspect<'t> {
             let mut key = doc.to_be_bytes().to_vec();
             key.extend_from_slice(rk);
             Ok(match chunks.get(key.as_slice())? {
-                Some(v) => (doc, t, Chunk::decode(v.value()).is_ok_and(|c| c.changed == t)),
+                Some(v) => (
+                    doc,
+                    t,
+                    Chunk::decode(v.value()).is_ok_and(|c| c.changed == t),
+                ),
                 None => (doc, t, false),
             })
         })))
@@ -201,7 +205,11 @@ impl<'t> Inspect<'t> {
     pub fn doc_ids(&self, doc: DocId) -> Result<Vec<IdRow>, StoreError> {
         let range = DocAtoms::new(doc);
         let mut ids = Vec::new();
-        for row in self.txn.open_table(CHUNKS)?.range::<&[u8]>(range.bounds())? {
+        for row in self
+            .txn
+            .open_table(CHUNKS)?
+            .range::<&[u8]>(range.bounds())?
+        {
             let (_, v) = row?;
             ids.extend(expand(&Chunk::decode(v.value())?)?);
         }
@@ -231,7 +239,10 @@ impl<'t> Inspect<'t> {
     }
 }
 
-type ChunkEntry = (redb::AccessGuard<'static, &'static [u8]>, redb::AccessGuard<'static, &'static [u8]>);
+type ChunkEntry = (
+    redb::AccessGuard<'static, &'static [u8]>,
+    redb::AccessGuard<'static, &'static [u8]>,
+);
 
 /// One `chunks` row checked (see [`Inspect::chunks`]).
 fn chunk_row(
@@ -244,66 +255,69 @@ fn chunk_row(
         Some(Ok((nk, _))) => Some(nk.value().to_vec()),
         _ => None,
     };
-        let key = k.value().to_vec();
-        let Some((doc, rk)) = split_doc_key(&key) else {
-            return Ok(ChunkRow {
-                doc: 0,
-                changed: None,
-                max_time: 0,
-                ids: Vec::new(),
-                problems: vec![format!("chunk key {} is too short", hex::encode(&key))],
-            });
-        };
-        let mut row = ChunkRow {
-            doc,
+    let key = k.value().to_vec();
+    let Some((doc, rk)) = split_doc_key(&key) else {
+        return Ok(ChunkRow {
+            doc: 0,
             changed: None,
             max_time: 0,
             ids: Vec::new(),
-            problems: Vec::new(),
-        };
-        match Chunk::decode(v.value()) {
-            Err(e) => row.problems.push(format!("chunk {}: {e}", hex::encode(rk))),
-            Ok(chunk) => {
-                row.changed = Some(chunk.changed);
-                row.max_time = chunk.items.iter().map(|i| i.max_time()).max().unwrap_or(0);
-                if chunk.items.is_empty() {
-                    row.problems.push(format!("chunk {} is empty", hex::encode(rk)));
-                }
-                if let Some(first) = chunk.items.first()
-                    && first.key().as_slice() < rk
-                {
-                    row.problems
-                        .push(format!("chunk {} holds an item before its key", hex::encode(rk)));
-                }
-                if let (Some(last), Some(nk)) = (chunk.items.last(), &next_key)
-                    && let Some((ndoc, nrk)) = split_doc_key(nk)
-                    && ndoc == doc
-                {
-                    let end = u64::from(last.first) + u64::from(last.len()) - 1;
-                    let last_key = super::runs::run_key(&last.group, end as u32);
-                    if last_key.as_slice() >= nrk {
-                        row.problems.push(format!(
-                            "chunk {} holds ids at or after the next chunk's key",
-                            hex::encode(rk)
-                        ));
-                    }
-                }
-                if index
-                    .get(chunk_time_key(doc, chunk.changed, rk).as_slice())?
-                    .is_none()
-                {
+            problems: vec![format!("chunk key {} is too short", hex::encode(&key))],
+        });
+    };
+    let mut row = ChunkRow {
+        doc,
+        changed: None,
+        max_time: 0,
+        ids: Vec::new(),
+        problems: Vec::new(),
+    };
+    match Chunk::decode(v.value()) {
+        Err(e) => row.problems.push(format!("chunk {}: {e}", hex::encode(rk))),
+        Ok(chunk) => {
+            row.changed = Some(chunk.changed);
+            row.max_time = chunk.items.iter().map(|i| i.max_time()).max().unwrap_or(0);
+            if chunk.items.is_empty() {
+                row.problems
+                    .push(format!("chunk {} is empty", hex::encode(rk)));
+            }
+            if let Some(first) = chunk.items.first()
+                && first.key().as_slice() < rk
+            {
+                row.problems.push(format!(
+                    "chunk {} holds an item before its key",
+                    hex::encode(rk)
+                ));
+            }
+            if let (Some(last), Some(nk)) = (chunk.items.last(), &next_key)
+                && let Some((ndoc, nrk)) = split_doc_key(nk)
+                && ndoc == doc
+            {
+                let end = u64::from(last.first) + u64::from(last.len()) - 1;
+                let last_key = super::runs::run_key(&last.group, end as u32);
+                if last_key.as_slice() >= nrk {
                     row.problems.push(format!(
-                        "chunk {} (changed {}) has no chunk_times entry",
-                        hex::encode(rk),
-                        chunk.changed
+                        "chunk {} holds ids at or after the next chunk's key",
+                        hex::encode(rk)
                     ));
                 }
-                match expand(&chunk) {
-                    Ok(ids) => row.ids = ids,
-                    Err(e) => row.problems.push(format!("chunk {}: {e}", hex::encode(rk))),
-                }
+            }
+            if index
+                .get(chunk_time_key(doc, chunk.changed, rk).as_slice())?
+                .is_none()
+            {
+                row.problems.push(format!(
+                    "chunk {} (changed {}) has no chunk_times entry",
+                    hex::encode(rk),
+                    chunk.changed
+                ));
+            }
+            match expand(&chunk) {
+                Ok(ids) => row.ids = ids,
+                Err(e) => row.problems.push(format!("chunk {}: {e}", hex::encode(rk))),
             }
         }
+    }
     Ok(row)
 }
 

@@ -12,8 +12,8 @@ use redb::{Database, ReadOnlyTable, ReadTransaction, ReadableDatabase};
 
 use super::error::{StoreError, corrupt};
 use super::layout::{
-    CHUNK_TIMES, CHUNKS, DOCUMENTS, DocAtoms, DocRecord, META, META_CLOCK, SITES,
-    chunk_key, chunk_time_key, site_key, split_chunk_time_key,
+    CHUNK_TIMES, CHUNKS, DOCUMENTS, DocAtoms, DocRecord, META, META_CLOCK, SITES, chunk_key,
+    chunk_time_key, site_key, split_chunk_time_key,
 };
 use super::runs::{
     Body, CharState, Chunk, after, at_or_before, char_offset, pid_of, run_key, split_pid_key,
@@ -148,12 +148,14 @@ impl Snapshot {
     ) -> Result<Option<super::layout::AtomRecord>, StoreError> {
         let chunks = self.txn.open_table(CHUNKS)?;
         let mut last = None;
-        Ok(state_in(&chunks, doc, pid.key(), &mut last)?.map(|s| super::layout::AtomRecord {
-            insert: s.insert,
-            delete: s.delete,
-            deleter: s.deleter,
-            data: s.text,
-        }))
+        Ok(
+            state_in(&chunks, doc, pid.key(), &mut last)?.map(|s| super::layout::AtomRecord {
+                insert: s.insert,
+                delete: s.delete,
+                deleter: s.deleter,
+                data: s.text,
+            }),
+        )
     }
 
     /// Hands to `out` what a client that synced `doc` up to `since` lacks
@@ -243,7 +245,8 @@ impl Snapshot {
             let Some(st) = state_in(&chunks, doc, pid_key, &mut last)? else {
                 continue;
             };
-            if st.delete != 0 && delta_of(st.insert, st.delete, since, Rule::Pull) != Some(Delta::Delete)
+            if st.delete != 0
+                && delta_of(st.insert, st.delete, since, Rule::Pull) != Some(Delta::Delete)
             {
                 let pid = Pid::from_key(pid_key).ok_or(corrupt("chunks", "position id key"))?;
                 out.delete(&pid)?;
@@ -266,11 +269,17 @@ fn state_in(
     };
     let k = chunk_key(doc, &run_key(&group, ident));
     let lo = chunk_key(doc, &[]);
-    let Some(entry) = chunks.range::<&[u8]>(lo.as_slice()..=k.as_slice())?.next_back() else {
+    let Some(entry) = chunks
+        .range::<&[u8]>(lo.as_slice()..=k.as_slice())?
+        .next_back()
+    else {
         return Ok(None);
     };
     let (key, v) = entry?;
-    if last.as_ref().is_none_or(|(lk, _)| lk.as_slice() != key.value()) {
+    if last
+        .as_ref()
+        .is_none_or(|(lk, _)| lk.as_slice() != key.value())
+    {
         *last = Some((key.value().to_vec(), Chunk::decode(v.value())?));
     }
     Ok(last.as_ref().and_then(|(_, c)| c.state(&group, ident)))
@@ -303,7 +312,8 @@ fn emit_chunk(
                     if s.live() {
                         let r = after(s.ins, s.ins_step, s.len, since);
                         if !r.is_empty() {
-                            let text = &s.text[char_offset(&s.text, r.start)..char_offset(&s.text, r.end)];
+                            let text =
+                                &s.text[char_offset(&s.text, r.start)..char_offset(&s.text, r.end)];
                             let text = std::str::from_utf8(text)
                                 .map_err(|_| corrupt("chunks", "text is not UTF-8"))?;
                             emit_run(&it.group, at + r.start, text, exclude, out)?;

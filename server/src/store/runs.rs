@@ -148,26 +148,34 @@ impl Seg {
 
     /// `a` then `b` as one segment, if one segment can say both.
     pub fn merge(a: &Seg, b: &Seg) -> Option<Seg> {
-        if (a.ins == 0) != (b.ins == 0) || (a.del == 0) != (b.del == 0) || a.deleter != b.deleter
-        {
+        if (a.ins == 0) != (b.ins == 0) || (a.del == 0) != (b.del == 0) || a.deleter != b.deleter {
             return None;
         }
-        let fit = |abase: Time, astep: i8, alen: u32, bbase: Time, bstep: i8, blen: u32, steps: &[i8]| {
-            if abase == 0 {
-                return Some(0);
-            }
-            steps.iter().copied().find(|&s| {
-                (alen == 1 || astep == s)
-                    && (blen == 1 || bstep == s)
-                    && match s {
-                        0 => bbase == abase,
-                        1 => abase.checked_add(u64::from(alen)) == Some(bbase),
-                        _ => abase.checked_sub(u64::from(alen)) == Some(bbase),
-                    }
-            })
-        };
+        let fit =
+            |abase: Time, astep: i8, alen: u32, bbase: Time, bstep: i8, blen: u32, steps: &[i8]| {
+                if abase == 0 {
+                    return Some(0);
+                }
+                steps.iter().copied().find(|&s| {
+                    (alen == 1 || astep == s)
+                        && (blen == 1 || bstep == s)
+                        && match s {
+                            0 => bbase == abase,
+                            1 => abase.checked_add(u64::from(alen)) == Some(bbase),
+                            _ => abase.checked_sub(u64::from(alen)) == Some(bbase),
+                        }
+                })
+            };
         let ins_step = fit(a.ins, a.ins_step, a.len, b.ins, b.ins_step, b.len, &[0, 1])?;
-        let del_step = fit(a.del, a.del_step, a.len, b.del, b.del_step, b.len, &[0, 1, -1])?;
+        let del_step = fit(
+            a.del,
+            a.del_step,
+            a.len,
+            b.del,
+            b.del_step,
+            b.len,
+            &[0, 1, -1],
+        )?;
         let len = a.len.checked_add(b.len)?;
         let mut text = a.text.clone();
         text.extend_from_slice(&b.text);
@@ -207,7 +215,10 @@ impl Seg {
 pub(super) enum Body {
     Run(Vec<Seg>),
     /// A live atom of two or more chars at one id.
-    Atom { insert: Time, text: Vec<u8> },
+    Atom {
+        insert: Time,
+        text: Vec<u8>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -315,9 +326,9 @@ enum Spot {
 impl Chunk {
     fn spot(&self, group: &[u8], ident: u32) -> Spot {
         // The first item whose (group, first) is after (group, ident).
-        let i = self.items.partition_point(|it| {
-            (it.group.as_slice(), it.first) <= (group, ident)
-        });
+        let i = self
+            .items
+            .partition_point(|it| (it.group.as_slice(), it.first) <= (group, ident));
         if i > 0 && self.items[i - 1].covers(group, ident) {
             Spot::In(i - 1)
         } else {
@@ -481,11 +492,7 @@ impl Chunk {
             }
         }
         let right = items.split_off(items.len() / 2);
-        let mut out = Chunk {
-            changed,
-            items,
-        }
-        .split_to_fit();
+        let mut out = Chunk { changed, items }.split_to_fit();
         out.extend(
             Chunk {
                 changed,

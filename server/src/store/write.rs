@@ -15,11 +15,9 @@ use redb::{ReadableTable, Table, WriteTransaction};
 
 use super::clock::ServerClock;
 use super::error::{StoreError, corrupt};
-#[cfg(test)]
-use super::layout::AtomRecord;
 use super::layout::{
-    CHUNK_TIMES, CHUNKS, DOC_TIMES, DOCUMENTS, DocAtoms, DocRecord, META, META_CLOCK,
-    SITES, chunk_key, chunk_time_key, site_key, time_key,
+    CHUNK_TIMES, CHUNKS, DOC_TIMES, DOCUMENTS, DocAtoms, DocRecord, META, META_CLOCK, SITES,
+    chunk_key, chunk_time_key, site_key, time_key,
 };
 use super::runs::{CharState, Chunk, Seg, split_pid_key};
 
@@ -151,10 +149,17 @@ impl<'t> WriteTables<'t> {
         let lo = chunk_key(doc, &[]);
         let cached = self
             .cache
-            .range::<[u8], _>((std::ops::Bound::Included(lo.as_slice()), std::ops::Bound::Included(k.as_slice())))
+            .range::<[u8], _>((
+                std::ops::Bound::Included(lo.as_slice()),
+                std::ops::Bound::Included(k.as_slice()),
+            ))
             .next_back()
             .map(|(k, _)| k.clone());
-        let stored = match self.chunks.range::<&[u8]>(lo.as_slice()..=k.as_slice())?.next_back() {
+        let stored = match self
+            .chunks
+            .range::<&[u8]>(lo.as_slice()..=k.as_slice())?
+            .next_back()
+        {
             Some(e) => {
                 let (key, v) = e?;
                 Some((key.value().to_vec(), v.value().to_vec()))
@@ -183,13 +188,21 @@ impl<'t> WriteTables<'t> {
     }
 
     /// What the id holds (None: nothing, not even a tombstone).
-    pub(super) fn state(&mut self, doc: DocId, pid_key: &[u8]) -> Result<Option<CharState>, StoreError> {
-        let (group, ident) = split_pid_key(pid_key).ok_or(corrupt("chunks", "not a position id"))?;
+    pub(super) fn state(
+        &mut self,
+        doc: DocId,
+        pid_key: &[u8],
+    ) -> Result<Option<CharState>, StoreError> {
+        let (group, ident) =
+            split_pid_key(pid_key).ok_or(corrupt("chunks", "not a position id"))?;
         let rk = super::runs::run_key(&group, ident);
         let Some(ck) = self.chunk_for(doc, &rk)? else {
             return Ok(None);
         };
-        Ok(self.cache.get(&ck).and_then(|c| c.chunk.state(&group, ident)))
+        Ok(self
+            .cache
+            .get(&ck)
+            .and_then(|c| c.chunk.state(&group, ident)))
     }
 
     /// The chunk an id goes into, created (as the document's first) if the
@@ -210,13 +223,22 @@ impl<'t> WriteTables<'t> {
                 ck
             }
         };
-        let c = self.cache.get_mut(&ck).ok_or(corrupt("chunks", "cache lost a chunk"))?;
+        let c = self
+            .cache
+            .get_mut(&ck)
+            .ok_or(corrupt("chunks", "cache lost a chunk"))?;
         c.dirty = true;
         Ok(&mut c.chunk)
     }
 
-    pub(super) fn put_char(&mut self, doc: DocId, pid_key: &[u8], seg: Seg) -> Result<(), StoreError> {
-        let (group, ident) = split_pid_key(pid_key).ok_or(corrupt("chunks", "not a position id"))?;
+    pub(super) fn put_char(
+        &mut self,
+        doc: DocId,
+        pid_key: &[u8],
+        seg: Seg,
+    ) -> Result<(), StoreError> {
+        let (group, ident) =
+            split_pid_key(pid_key).ok_or(corrupt("chunks", "not a position id"))?;
         let rk = super::runs::run_key(&group, ident);
         self.chunk_mut(doc, &rk)?.put_char(&group, ident, seg);
         Ok(())
@@ -231,19 +253,27 @@ impl<'t> WriteTables<'t> {
             if !c.dirty {
                 continue;
             }
-            let (doc, _) = super::layout::split_doc_key(&key).ok_or(corrupt("chunks", "short key"))?;
+            let (doc, _) =
+                super::layout::split_doc_key(&key).ok_or(corrupt("chunks", "short key"))?;
             let rk = &key[16..];
             if let Some(old) = c.stored_changed {
-                self.chunk_times.remove(chunk_time_key(doc, old, rk).as_slice())?;
+                self.chunk_times
+                    .remove(chunk_time_key(doc, old, rk).as_slice())?;
             }
             if c.chunk.items.is_empty() {
                 self.chunks.remove(key.as_slice())?;
                 continue;
             }
             for (i, part) in c.chunk.split_to_fit().into_iter().enumerate() {
-                let part_rk = if i == 0 { rk.to_vec() } else { part.items[0].key() };
-                self.chunks
-                    .insert(chunk_key(doc, &part_rk).as_slice(), part.encode().as_slice())?;
+                let part_rk = if i == 0 {
+                    rk.to_vec()
+                } else {
+                    part.items[0].key()
+                };
+                self.chunks.insert(
+                    chunk_key(doc, &part_rk).as_slice(),
+                    part.encode().as_slice(),
+                )?;
                 self.chunk_times
                     .insert(chunk_time_key(doc, part.changed, &part_rk).as_slice(), ())?;
             }
@@ -265,18 +295,6 @@ impl<'t> WriteTables<'t> {
     }
 
     // ------------------------------------------------------------ ids
-
-    /// What one id holds, as a schema 3 atom record would say it (data:
-    /// the live text, empty once deleted).
-    #[cfg(test)]
-    pub fn atom(&mut self, doc: DocId, pid_key: &[u8]) -> Result<Option<AtomRecord>, StoreError> {
-        Ok(self.state(doc, pid_key)?.map(|s| AtomRecord {
-            insert: s.insert,
-            delete: s.delete,
-            deleter: s.deleter,
-            data: s.text,
-        }))
-    }
 
     /// Whether inserting `data` at this id would be accepted.
     pub fn check_insert(
@@ -303,7 +321,10 @@ impl<'t> WriteTables<'t> {
     ) -> Result<Inserted, StoreError> {
         match self.insert_checked(doc, pid_key, data, clock)? {
             Some(i) => Ok(i),
-            None => Err(corrupt("chunks", "insert of a conflicting id was not checked")),
+            None => Err(corrupt(
+                "chunks",
+                "insert of a conflicting id was not checked",
+            )),
         }
     }
 
@@ -349,7 +370,13 @@ impl<'t> WriteTables<'t> {
 
     /// Stores a new live atom at an id nothing covers: a run's char if it
     /// is one char, an atom record otherwise.
-    fn put_new(&mut self, doc: DocId, pid_key: &[u8], data: &[u8], t: Time) -> Result<(), StoreError> {
+    fn put_new(
+        &mut self,
+        doc: DocId,
+        pid_key: &[u8],
+        data: &[u8],
+        t: Time,
+    ) -> Result<(), StoreError> {
         let one_char = std::str::from_utf8(data)
             .map_err(|_| corrupt("chunks", "inserted data is not UTF-8"))?
             .chars()
@@ -382,7 +409,8 @@ impl<'t> WriteTables<'t> {
         t: Time,
         data: &[u8],
     ) -> Result<(), StoreError> {
-        let (group, ident) = split_pid_key(pid_key).ok_or(corrupt("chunks", "not a position id"))?;
+        let (group, ident) =
+            split_pid_key(pid_key).ok_or(corrupt("chunks", "not a position id"))?;
         let rk = super::runs::run_key(&group, ident);
         self.chunk_mut(doc, &rk)?.put_atom(&group, ident, t, data);
         Ok(())
@@ -406,7 +434,9 @@ impl<'t> WriteTables<'t> {
     ) -> Result<Option<Vec<Inserted>>, StoreError> {
         let mut ids = Vec::new();
         for (j, c) in (0u32..).zip(text.chars()) {
-            let pid = first.offset(j).ok_or(corrupt("chunks", "a run's ids overflow u32"))?;
+            let pid = first
+                .offset(j)
+                .ok_or(corrupt("chunks", "a run's ids overflow u32"))?;
             let mut b = [0u8; 4];
             let data = c.encode_utf8(&mut b).as_bytes().to_vec();
             let state = self.state(doc, pid.key())?;
@@ -421,7 +451,9 @@ impl<'t> WriteTables<'t> {
         let mut at = None;
         let mut out = Vec::with_capacity(ids.len());
         for (pid, data, state) in ids {
-            let r = self.insert_at(doc, pid.key(), &data, state, || *at.get_or_insert_with(|| clock.next()))?;
+            let r = self.insert_at(doc, pid.key(), &data, state, || {
+                *at.get_or_insert_with(|| clock.next())
+            })?;
             out.push(r.ok_or(corrupt("chunks", "a run's id changed while inserting it"))?);
         }
         Ok(Some(out))
@@ -484,7 +516,9 @@ impl<'t> WriteTables<'t> {
         let mut at = None;
         let mut out = Vec::new();
         for j in 0..count {
-            let pid = first.offset(j).ok_or(corrupt("chunks", "a range's ids overflow u32"))?;
+            let pid = first
+                .offset(j)
+                .ok_or(corrupt("chunks", "a range's ids overflow u32"))?;
             let state = self.state(doc, pid.key())?;
             out.push(self.delete_at(doc, pid.key(), deleter, state, || {
                 *at.get_or_insert_with(|| clock.next())
@@ -526,7 +560,8 @@ impl WriteTables<'_> {
         run_key: &[u8],
         value: &[u8],
     ) -> Result<(), StoreError> {
-        self.chunks.insert(chunk_key(doc, run_key).as_slice(), value)?;
+        self.chunks
+            .insert(chunk_key(doc, run_key).as_slice(), value)?;
         Ok(())
     }
 

@@ -557,8 +557,7 @@ async fn export_prints_a_documents_text_with_the_server_running_and_stopped() {
 /// exist, straight into the (stopped) server's database.
 fn corrupt(data: &Path) {
     const CHUNKS: redb::TableDefinition<&[u8], &[u8]> = redb::TableDefinition::new("chunks");
-    const CHUNK_TIMES: redb::TableDefinition<&[u8], ()> =
-        redb::TableDefinition::new("chunk_times");
+    const CHUNK_TIMES: redb::TableDefinition<&[u8], ()> = redb::TableDefinition::new("chunk_times");
     let db = redb::Database::open(data.join("notesync.redb")).expect("open the database");
     let txn = db.begin_write().expect("write");
     {
@@ -569,7 +568,9 @@ fn corrupt(data: &Path) {
         let mut value = 5u64.to_be_bytes().to_vec();
         value.extend_from_slice(&[0, 1, 1, 1, 1, 1, 1, 10, 1, b'x']);
         let mut chunks = txn.open_table(CHUNKS).expect("chunks");
-        chunks.insert(doc.as_slice(), value.as_slice()).expect("insert");
+        chunks
+            .insert(doc.as_slice(), value.as_slice())
+            .expect("insert");
         let mut index = txn.open_table(CHUNK_TIMES).expect("chunk_times");
         let mut key = doc.to_vec();
         key.extend_from_slice(&5u64.to_be_bytes());

@@ -712,3 +712,281 @@ mod tests {
         assert!(snap.doc(DOC).expect("doc").is_some());
     }
 }
+
+/// Random batches of every kind of write against a model that keeps a
+/// record per id (schema 3's semantics less deleted text): every pull since
+/// every time, under both rules, is the model's. Chunks split (many ids),
+/// runs merge and split, multi-char atoms turn into deleted chars.
+#[cfg(test)]
+mod model_tests {
+    use std::collections::BTreeMap;
+
+    use notesync_protocol::{Level, Pid, Time};
+
+    use super::*;
+    use crate::store::Rule;
+    use crate::store::tests::{Collected, DOC, with_doc, write};
+
+    #[derive(Clone, Copy)]
+    struct Rec {
+        insert: Time,
+        delete: Time,
+    }
+
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+    }
+
+    fn pid_for(r: &mut Rng) -> Pid {
+        let ident = r.below(700) as u32;
+        match r.below(4) {
+            0 => Pid::from_levels(&[Level::new(5, 1), Level::new(ident, 2)]),
+            1 => Pid::from_levels(&[Level::new(ident, 3)]),
+            _ => Pid::from_levels(&[Level::new(ident, 1)]),
+        }
+    }
+
+    fn model_pull(
+        m: &BTreeMap<Vec<u8>, (Rec, String)>,
+        since: Time,
+        rule: Rule,
+    ) -> (Vec<(String, Pid)>, Vec<Pid>) {
+        let (mut ins, mut del) = (Vec::new(), Vec::new());
+        for (k, (r, text)) in m {
+            let pid = Pid::from_key(k).expect("pid");
+            if r.delete == 0 {
+                if r.insert > since {
+                    ins.push((text.clone(), pid));
+                }
+            } else if r.delete > since && (r.insert <= since || rule == Rule::Session) {
+                del.push(pid);
+            }
+        }
+        ins.sort();
+        del.sort();
+        (ins, del)
+    }
+
+    #[test]
+    fn every_pull_is_the_models_after_random_batches() {
+        for seed in 1..=4u64 {
+            let (_d, o, mut clock) = with_doc();
+            let mut r = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            let mut m: BTreeMap<Vec<u8>, (Rec, String)> = BTreeMap::new();
+            let mut times = vec![0, clock.last()];
+            for _batch in 0..40 {
+                let n = 1 + r.below(60);
+                write(&o.db, |t| {
+                    for _ in 0..n {
+                        let p = pid_for(&mut r);
+                        match r.below(10) {
+                            0..=3 => {
+                                let data = ["a", "é", "€", "𝄞"][r.below(4) as usize];
+                                let data = if r.below(8) == 0 { "multi" } else { data };
+                                let check = t
+                                    .check_insert(DOC, p.key(), data.as_bytes())
+                                    .expect("check");
+                                let live_other = m.get(p.key()).is_some_and(|(rec, txt)| {
+                                    rec.delete == 0 && rec.insert != 0 && txt != data
+                                });
+                                assert_eq!(check == InsertCheck::Conflict, live_other);
+                                if live_other {
+                                    continue;
+                                }
+                                let got = t
+                                    .insert_atom(DOC, p.key(), data.as_bytes(), &mut clock)
+                                    .expect("ins");
+                                match m.get(p.key()) {
+                                    None => {
+                                        let Inserted::New(at) = got else {
+                                            panic!("{got:?}")
+                                        };
+                                        m.insert(
+                                            p.key().to_vec(),
+                                            (
+                                                Rec {
+                                                    insert: at,
+                                                    delete: 0,
+                                                },
+                                                data.into(),
+                                            ),
+                                        );
+                                    }
+                                    Some((rec, _)) if rec.delete != 0 => {
+                                        assert!(
+                                            matches!(got, Inserted::Deleted { stored: false, .. }),
+                                            "{got:?}"
+                                        );
+                                    }
+                                    Some(_) => assert_eq!(got, Inserted::Unchanged),
+                                }
+                            }
+                            4..=6 => {
+                                let got = t.delete_atom(DOC, p.key(), 1, &mut clock).expect("del");
+                                match m.get_mut(p.key()) {
+                                    Some((rec, _)) if rec.delete != 0 => {
+                                        assert_eq!(got, Deleted::Unchanged)
+                                    }
+                                    Some((rec, txt)) => {
+                                        let Deleted::New(at) = got else {
+                                            panic!("{got:?}")
+                                        };
+                                        rec.delete = at;
+                                        txt.clear();
+                                    }
+                                    None => {
+                                        let Deleted::New(at) = got else {
+                                            panic!("{got:?}")
+                                        };
+                                        m.insert(
+                                            p.key().to_vec(),
+                                            (
+                                                Rec {
+                                                    insert: 0,
+                                                    delete: at,
+                                                },
+                                                String::new(),
+                                            ),
+                                        );
+                                    }
+                                }
+                            }
+                            7 | 8 => {
+                                let len = 1 + r.below(12) as usize;
+                                let text: String =
+                                    "xyzé€abcdefgh".chars().cycle().take(len).collect();
+                                let before = m.clone();
+                                let got = t.insert_run(DOC, &p, &text, &mut clock).expect("run");
+                                let chars: Vec<char> = text.chars().collect();
+                                let conflict = (0..len).any(|j| {
+                                    let q = p.offset(j as u32).expect("id");
+                                    before.get(q.key()).is_some_and(|(rec, txt)| {
+                                        rec.delete == 0
+                                            && rec.insert != 0
+                                            && *txt != chars[j].to_string()
+                                    })
+                                });
+                                let Some(got) = got else {
+                                    assert!(conflict);
+                                    continue;
+                                };
+                                assert!(!conflict);
+                                for (j, g) in got.into_iter().enumerate() {
+                                    let q = p.offset(j as u32).expect("id");
+                                    if let Inserted::New(at) = g {
+                                        assert!(!before.contains_key(q.key()));
+                                        m.insert(
+                                            q.key().to_vec(),
+                                            (
+                                                Rec {
+                                                    insert: at,
+                                                    delete: 0,
+                                                },
+                                                chars[j].to_string(),
+                                            ),
+                                        );
+                                    } else {
+                                        assert!(before.contains_key(q.key()), "{g:?}");
+                                    }
+                                }
+                            }
+                            _ => {
+                                let count = 1 + r.below(30) as u32;
+                                let got = t
+                                    .delete_range(DOC, &p, count, 2, &mut clock)
+                                    .expect("range");
+                                for (j, g) in got.into_iter().enumerate() {
+                                    let q = p.offset(j as u32).expect("id");
+                                    match (m.get_mut(q.key()), g) {
+                                        (Some((rec, _)), Deleted::Unchanged) => {
+                                            assert!(rec.delete != 0)
+                                        }
+                                        (Some((rec, txt)), Deleted::New(at)) => {
+                                            assert_eq!(rec.delete, 0);
+                                            rec.delete = at;
+                                            txt.clear();
+                                        }
+                                        (None, Deleted::New(at)) => {
+                                            m.insert(
+                                                q.key().to_vec(),
+                                                (
+                                                    Rec {
+                                                        insert: 0,
+                                                        delete: at,
+                                                    },
+                                                    String::new(),
+                                                ),
+                                            );
+                                        }
+                                        (None, Deleted::Unchanged) => {
+                                            panic!("an unknown id was already deleted")
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    t.set_clock(clock.last()).expect("clock");
+                });
+                times.push(clock.last());
+            }
+            // Every batch's end, and a sample of the times at which something
+            // happened with one each side (all of them make the test slow).
+            let mut sinces: Vec<Time> = m
+                .values()
+                .flat_map(|(rec, _)| [rec.insert, rec.delete])
+                .filter(|t| *t % 11 == seed % 11)
+                .flat_map(|t| [t.saturating_sub(1), t, t + 1])
+                .chain(times)
+                .collect();
+            sinces.sort();
+            sinces.dedup();
+            let snap = crate::store::Snapshot::begin(&o.db).expect("snap");
+            let chunks = snap.txn.open_table(super::CHUNKS).expect("chunks");
+            use redb::ReadableTableMetadata;
+            assert!(
+                chunks.len().expect("len") > 1,
+                "seed {seed}: the chunks split"
+            );
+            for since in sinces {
+                // Since 0 is a full state under either rule (a session's
+                // cursor is never 0).
+                let rules: &[Rule] = if since == 0 {
+                    &[Rule::Pull]
+                } else {
+                    &[Rule::Pull, Rule::Session]
+                };
+                for &rule in rules {
+                    let mut out = Collected::default();
+                    snap.delta(DOC, since, rule, None, &mut out).expect("delta");
+                    out.inserts.sort();
+                    out.deletes.sort();
+                    let (ins, del) = model_pull(&m, since, rule);
+                    if out.inserts == ins && out.deletes == del {
+                        continue;
+                    }
+                    let extra: Vec<_> = out.inserts.iter().filter(|x| !ins.contains(x)).collect();
+                    let missing: Vec<_> = ins.iter().filter(|x| !out.inserts.contains(x)).collect();
+                    let dextra: Vec<_> = out.deletes.iter().filter(|x| !del.contains(x)).collect();
+                    let dmissing: Vec<_> =
+                        del.iter().filter(|x| !out.deletes.contains(x)).collect();
+                    panic!(
+                        "seed {seed}, since {since}, {rule:?}: inserts extra {extra:?} missing {missing:?}; \
+                         deletes extra {dextra:?} missing {dmissing:?}"
+                    );
+                }
+            }
+            let check = crate::ops::check_namespace("default", &snap.txn).expect("check");
+            assert!(check.ok(), "{check}");
+        }
+    }
+}

@@ -370,3 +370,47 @@ impl TableVisitor for Copy<'_> {
         }
     }
 }
+
+/// Run by hand on a data folder (`NOTESYNC_LAYOUT_STATS=DIR cargo test -p
+/// notesync-server --lib layout_stats -- --ignored --nocapture`): what its
+/// chunks hold, to see where the bytes go.
+#[cfg(test)]
+mod stats {
+    use redb::{ReadableDatabase, ReadableTable};
+
+    use super::*;
+
+    #[test]
+    #[ignore = "a measurement, run by hand on a data folder"]
+    fn layout_stats() {
+        let Ok(dir) = std::env::var("NOTESYNC_LAYOUT_STATS") else {
+            return;
+        };
+        let db = Database::open(std::path::Path::new(&dir).join("notesync.redb")).expect("open");
+        let txn = db.begin_read().expect("read");
+        let chunks = txn.open_table(CHUNKS).expect("chunks");
+        let (mut rows, mut bytes, mut keys, mut items, mut segs, mut chars, mut text) =
+            (0u64, 0u64, 0u64, 0u64, 0u64, 0u64, 0u64);
+        for row in chunks.iter().expect("iter") {
+            let (k, v) = row.expect("row");
+            rows += 1;
+            bytes += v.value().len() as u64;
+            keys += k.value().len() as u64;
+            let c = Chunk::decode(v.value()).expect("decode");
+            items += c.items.len() as u64;
+            for it in &c.items {
+                chars += u64::from(it.len());
+                match &it.body {
+                    Body::Run(s) => {
+                        segs += s.len() as u64;
+                        text += s.iter().map(|s| s.text.len() as u64).sum::<u64>();
+                    }
+                    Body::Atom { text: t, .. } => text += t.len() as u64,
+                }
+            }
+        }
+        println!(
+            "chunks {rows}, value bytes {bytes}, key bytes {keys}, items {items}, segments {segs}, ids {chars}, live text bytes {text}"
+        );
+    }
+}

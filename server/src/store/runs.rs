@@ -509,18 +509,22 @@ impl Chunk {
     // same group as the previous item, bit 1: an atom), the group (depth
     // u8, prefix, site) unless the same, `first` as a varint (the gap
     // after the previous item's end in the same group, else absolute),
-    // then an atom's insert time (zigzag varint, against the previous time
-    // written) and text (varint length, bytes), or a run's segment count
-    // (varint) and segments. A segment: a flags byte (bits 0-1 insert: 0
-    // none, 1 equal, 2 stepping by one; bits 2-3 delete: 0 live, 1 equal,
-    // 2 +1, 3 -1), `len` (varint), the insert time and the delete time if
-    // present (zigzag varints against the previous time written), the
-    // deleter (u8) if deleted, the text (varint length, bytes) if live.
+    // then an atom's insert time and text (varint length, bytes), or a
+    // run's segment count (varint) and segments. A segment: a flags byte
+    // (bits 0-1 insert: 0 none, 1 equal, 2 stepping by one; bits 2-3
+    // delete: 0 live, 1 equal, 2 +1, 3 -1; bit 4: same deleter as the
+    // chunk's previous deleted segment; bit 5: the text is one byte per
+    // char), `len` (varint), the insert time and the delete time if
+    // present, the deleter (u8) if deleted and not the same, the text
+    // (varint byte length unless bit 5, bytes) if live. Times are zigzag
+    // varints against the chunk's previous insert time (for inserts) or
+    // delete time (for deletes): typed text costs a byte or two per time.
 
     pub fn encode(&self) -> Vec<u8> {
         let mut v = Vec::with_capacity(64);
         v.extend_from_slice(&self.changed.to_be_bytes());
-        let mut prev_time = 0u64;
+        let (mut prev_ins, mut prev_del) = (0u64, 0u64);
+        let mut prev_deleter: Option<u8> = None;
         let mut prev: Option<(&[u8], u64)> = None;
         for it in &self.items {
             let same = prev.is_some_and(|(g, _)| g == it.group.as_slice());
@@ -535,7 +539,7 @@ impl Chunk {
             }
             match &it.body {
                 Body::Atom { insert, text } => {
-                    put_time(&mut v, &mut prev_time, *insert);
+                    put_time(&mut v, &mut prev_ins, *insert);
                     put_varint(&mut v, text.len() as u64);
                     v.extend_from_slice(text);
                 }
@@ -553,17 +557,26 @@ impl Chunk {
                             (_, 1) => 2,
                             _ => 3,
                         };
-                        v.push(ik | (dk << 2));
+                        let same_deleter = s.del != 0 && prev_deleter == Some(s.deleter);
+                        let ascii = s.live() && s.text.len() == s.len as usize;
+                        v.push(
+                            ik | (dk << 2) | (u8::from(same_deleter) << 4) | (u8::from(ascii) << 5),
+                        );
                         put_varint(&mut v, u64::from(s.len));
                         if s.ins != 0 {
-                            put_time(&mut v, &mut prev_time, s.ins);
+                            put_time(&mut v, &mut prev_ins, s.ins);
                         }
                         if s.del != 0 {
-                            put_time(&mut v, &mut prev_time, s.del);
-                            v.push(s.deleter);
+                            put_time(&mut v, &mut prev_del, s.del);
+                            if !same_deleter {
+                                v.push(s.deleter);
+                            }
+                            prev_deleter = Some(s.deleter);
                         }
                         if s.live() {
-                            put_varint(&mut v, s.text.len() as u64);
+                            if !ascii {
+                                put_varint(&mut v, s.text.len() as u64);
+                            }
                             v.extend_from_slice(&s.text);
                         }
                     }
@@ -578,7 +591,8 @@ impl Chunk {
         let mut r = Reader { b, at: 0 };
         let changed = u64::from_be_bytes(r.take(8)?.try_into().map_err(|_| bad("short"))?);
         let mut items: Vec<Item> = Vec::new();
-        let mut prev_time = 0u64;
+        let (mut prev_ins, mut prev_del) = (0u64, 0u64);
+        let mut prev_deleter: Option<u8> = None;
         while r.at < b.len() {
             let flags = r.byte()?;
             if flags > 3 {
@@ -601,7 +615,7 @@ impl Chunk {
             };
             let first = u32::try_from(first).map_err(|_| bad("ident past u32"))?;
             let body = if flags & 2 != 0 {
-                let insert = r.time(&mut prev_time)?;
+                let insert = r.time(&mut prev_ins)?;
                 let n = r.len()?;
                 let text = r.take(n)?.to_vec();
                 Body::Atom { insert, text }
@@ -612,7 +626,8 @@ impl Chunk {
                 for _ in 0..n {
                     let f = r.byte()?;
                     let (ik, dk) = (f & 3, (f >> 2) & 3);
-                    if f > 15 || ik == 3 {
+                    let (same_deleter, ascii) = (f & 16 != 0, f & 32 != 0);
+                    if f > 63 || ik == 3 {
                         return Err(bad("unknown segment flags"));
                     }
                     let len = u32::try_from(r.varint()?).map_err(|_| bad("segment length"))?;
@@ -620,12 +635,19 @@ impl Chunk {
                         return Err(bad("empty segment"));
                     }
                     total += u64::from(len);
-                    let ins = if ik != 0 { r.time(&mut prev_time)? } else { 0 };
-                    let (del, deleter) = if dk != 0 {
-                        (r.time(&mut prev_time)?, r.byte()?)
-                    } else {
-                        (0, 0)
+                    let ins = if ik != 0 { r.time(&mut prev_ins)? } else { 0 };
+                    let (del, deleter) = match (dk, same_deleter) {
+                        (0, false) => (0, 0),
+                        (0, true) => return Err(bad("a live segment names a deleter")),
+                        (_, true) => (
+                            r.time(&mut prev_del)?,
+                            prev_deleter.ok_or_else(|| bad("no earlier deleter"))?,
+                        ),
+                        (_, false) => (r.time(&mut prev_del)?, r.byte()?),
                     };
+                    if del != 0 {
+                        prev_deleter = Some(deleter);
+                    }
                     if ins == 0 && del == 0 {
                         return Err(bad("segment neither inserted nor deleted"));
                     }
@@ -642,11 +664,16 @@ impl Chunk {
                         deleter,
                         text: Vec::new(),
                     };
+                    if ascii && !s.live() {
+                        return Err(bad("text flag on a deleted segment"));
+                    }
                     if s.live() {
-                        let n = r.len()?;
+                        let n = if ascii { len as usize } else { r.len()? };
                         s.text = r.take(n)?.to_vec();
-                        if std::str::from_utf8(&s.text).is_err() {
-                            return Err(bad("text is not UTF-8"));
+                        let text =
+                            std::str::from_utf8(&s.text).map_err(|_| bad("text is not UTF-8"))?;
+                        if text.chars().count() != len as usize {
+                            return Err(bad("text is not one char per id"));
                         }
                     }
                     segs.push(s);

@@ -715,12 +715,7 @@ mod tests {
         );
         assert!(meta.get(META_MIGRATING).expect("get").is_none());
         drop((meta, snap));
-        let (reports, _) = (
-            crate::ops::check_namespace("default", &o.db.begin_read().expect("read"))
-                .expect("check"),
-            (),
-        );
-        assert!(reports.ok(), "{reports}");
+        crate::store::tests::assert_layout_ok(&o.db.begin_read().expect("read"));
     }
 
     #[test]
@@ -763,9 +758,7 @@ mod tests {
         for (b, a) in before.0.iter().zip(&after) {
             assert_eq!(b, a, "doc {:x} since {} ({:?})", b.0, b.1, b.2);
         }
-        let r = crate::ops::check_namespace("default", &o.db.begin_read().expect("read"))
-            .expect("check");
-        assert!(r.ok(), "{r}");
+        crate::store::tests::assert_layout_ok(&o.db.begin_read().expect("read"));
     }
 
     #[test]

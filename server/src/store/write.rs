@@ -985,8 +985,7 @@ mod model_tests {
                     );
                 }
             }
-            let check = crate::ops::check_namespace("default", &snap.txn).expect("check");
-            assert!(check.ok(), "{check}");
+            crate::store::tests::assert_layout_ok(&snap.txn);
             drop((chunks, snap));
 
             // Compaction with a cutoff in the middle, in small steps: the
@@ -1060,8 +1059,7 @@ mod model_tests {
                 }
             }
             let snap = crate::store::Snapshot::begin(&o.db).expect("snap");
-            let check = crate::ops::check_namespace("default", &snap.txn).expect("check");
-            assert!(check.ok(), "{check}");
+            crate::store::tests::assert_layout_ok(&snap.txn);
         }
     }
 }

@@ -142,7 +142,8 @@ impl WriteTables<'_> {
                             stay(s.split(drop.end).1, at + drop.end, &mut piece);
                         }
                     }
-                    at += s.len;
+                    // Wraps only past the last id (a run may end at ident u32::MAX).
+                    at = at.wrapping_add(s.len);
                 }
                 items.extend(piece);
             }

@@ -90,7 +90,8 @@ fn expand(chunk: &Chunk) -> Result<Vec<IdRow>, StoreError> {
                             atom: false,
                         });
                     }
-                    at += s.len;
+                    // Wraps only past the last id (a run may end at ident u32::MAX).
+                    at = at.wrapping_add(s.len);
                 }
             }
         }

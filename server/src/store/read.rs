@@ -327,7 +327,8 @@ fn emit_chunk(
                             emit_range(&it.group, at + r.start, r.end - r.start, exclude, out)?;
                         }
                     }
-                    at += s.len;
+                    // Wraps only past the last id (a run may end at ident u32::MAX).
+                    at = at.wrapping_add(s.len);
                 }
             }
         }
@@ -484,5 +485,28 @@ mod tests {
             (vec![("a".into(), old_live), ("c".into(), new_live)], vec![])
         );
         assert_eq!(pull(&o.db, clock.last()), (vec![], vec![]));
+    }
+
+    #[test]
+    fn a_run_ending_at_the_last_ident_is_pulled_and_compacted() {
+        let (_d, o, mut clock) = with_doc();
+        let last = pid(u32::MAX, 1);
+        let before = pid(u32::MAX - 1, 1);
+        write(&o.db, |t| {
+            t.insert_atom(DOC, before.key(), b"a", &mut clock)
+                .expect("ins");
+            t.delete_atom(DOC, last.key(), 1, &mut clock).expect("del");
+            t.set_clock(clock.last()).expect("clock");
+        });
+        assert_eq!(
+            pull(&o.db, 0),
+            (vec![("a".into(), before.clone())], vec![last.clone()])
+        );
+        assert_eq!(pull(&o.db, 1), (vec![("a".into(), before)], vec![last]));
+        let step = write(&o.db, |t| {
+            t.compact_doc(DOC, 0, clock.last(), 10).expect("compact")
+        });
+        assert_eq!(step.dropped, 1);
+        crate::store::tests::assert_layout_ok(&Snapshot::begin(&o.db).expect("snap").txn);
     }
 }

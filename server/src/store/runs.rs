@@ -600,7 +600,10 @@ impl Chunk {
             }
             let (group, first) = if flags & 1 != 0 {
                 let p = items.last().ok_or_else(|| bad("first item refers back"))?;
-                let first = p.end() + r.varint()?;
+                let first = p
+                    .end()
+                    .checked_add(r.varint()?)
+                    .ok_or_else(|| bad("ident past u32"))?;
                 (p.group.clone(), first)
             } else {
                 let depth = r.byte()?;

@@ -553,22 +553,28 @@ async fn export_prints_a_documents_text_with_the_server_running_and_stopped() {
 
 // ---------------------------------------------------------------- check
 
-/// Writes an atom row for a document that does not exist, straight into
-/// the (stopped) server's database.
+/// Writes a chunk (with its index entry) for a document that does not
+/// exist, straight into the (stopped) server's database.
 fn corrupt(data: &Path) {
-    const ATOMS: redb::TableDefinition<&[u8], &[u8]> = redb::TableDefinition::new("atoms");
+    const CHUNKS: redb::TableDefinition<&[u8], &[u8]> = redb::TableDefinition::new("chunks");
+    const CHUNK_TIMES: redb::TableDefinition<&[u8], ()> = redb::TableDefinition::new("chunk_times");
     let db = redb::Database::open(data.join("notesync.redb")).expect("open the database");
     let txn = db.begin_write().expect("write");
     {
-        let mut atoms = txn.open_table(ATOMS).expect("atoms");
-        let mut key = 0xbad_u128.to_be_bytes().to_vec();
-        key.extend_from_slice(pid(&[(1, 1)]).key());
-        // Insert and delete times 0: nothing else for the check to find.
-        let mut value = vec![0u8; 17];
-        value.extend_from_slice(b"x");
-        atoms
-            .insert(key.as_slice(), value.as_slice())
+        let doc = 0xbad_u128.to_be_bytes();
+        // The document's first chunk (key: the document alone), changed at
+        // time 5: one run of one live char 'x' at [(1, 1)] inserted at 5
+        // (ARCHITECTURE.md, "Chunks"). Nothing else for the check to find.
+        let mut value = 5u64.to_be_bytes().to_vec();
+        value.extend_from_slice(&[0, 1, 1, 1, 1, 1, 1, 10, 1, b'x']);
+        let mut chunks = txn.open_table(CHUNKS).expect("chunks");
+        chunks
+            .insert(doc.as_slice(), value.as_slice())
             .expect("insert");
+        let mut index = txn.open_table(CHUNK_TIMES).expect("chunk_times");
+        let mut key = doc.to_vec();
+        key.extend_from_slice(&5u64.to_be_bytes());
+        index.insert(key.as_slice(), ()).expect("insert");
     }
     txn.commit().expect("commit");
 }
@@ -588,7 +594,7 @@ async fn check_passes_on_a_healthy_folder_and_reports_a_broken_one() {
     let running = cli(&["check", "--data", path_str(&data)]).await;
     assert!(running.status.success(), "{}", shown(&running));
     assert!(
-        text(&running.stdout).contains("namespace default: 4 documents, 40 atoms"),
+        text(&running.stdout).contains("namespace default: 4 documents, 40 ids"),
         "{}",
         shown(&running)
     );

@@ -9,10 +9,7 @@ use notesync_protocol::{DocId, Pid, Time};
 use redb::ReadTransaction;
 
 use super::{OfflineFolder, OpsError};
-use crate::store::{
-    ChangeEntry, ChangeKind, ChangeLookup, DocRecord, Inspect, MAX_SITE, SCHEMA_VERSION,
-    table_names,
-};
+use crate::store::{DocRecord, Inspect, MAX_SITE, SCHEMA_VERSION, table_names};
 
 /// Problems a check lists in full; past this it only counts them.
 const MAX_LISTED_PROBLEMS: usize = 200;
@@ -22,7 +19,9 @@ const MAX_LISTED_PROBLEMS: usize = 200;
 pub struct CheckReport {
     pub namespace: String,
     pub documents: u64,
+    /// Ids stored (run chars, multi-char atoms, tombstones).
     pub atoms: u64,
+    /// Chunks (rows of `chunks`).
     pub changes: u64,
     pub sites: u64,
     /// What is wrong (at most [`MAX_LISTED_PROBLEMS`] listed).
@@ -48,7 +47,7 @@ impl std::fmt::Display for CheckReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(
             f,
-            "namespace {}: {} documents, {} atoms, {} changes, {} sites: {}",
+            "namespace {}: {} documents, {} ids in {} chunks, {} sites: {}",
             self.namespace,
             self.documents,
             self.atoms,
@@ -74,10 +73,12 @@ impl std::fmt::Display for CheckReport {
     }
 }
 
-/// Checks one namespace's snapshot: the schema version, that every atom,
-/// change and site belongs to a document, that `doc_times` mirrors the
-/// documents' `modified`, that `changes` and the atoms' times agree both
-/// ways, that no time is past the stored clock, and that sites are in
+/// Checks one namespace's snapshot: the schema version, that every chunk
+/// and site belongs to a live document, that `doc_times` mirrors the
+/// documents' `modified`, that each chunk decodes, holds only ids between
+/// its key and the next chunk's, has its `chunk_times` entry at its
+/// `changed` (at least every time it holds) and `chunk_times` nothing
+/// else, that no time is past the stored clock, and that sites are in
 /// range and unique per document.
 pub fn check_namespace(namespace: &str, txn: &ReadTransaction) -> Result<CheckReport, OpsError> {
     let mut r = CheckReport {
@@ -103,7 +104,7 @@ pub fn check_namespace(namespace: &str, txn: &ReadTransaction) -> Result<CheckRe
     let version = db.schema_version()?;
     if version != Some(SCHEMA_VERSION) {
         r.problem(match version {
-            Some(v @ (1 | 2)) => format!(
+            Some(v @ (1..=3)) => format!(
                 "schema version {v}: start the server once to migrate it to version {SCHEMA_VERSION}"
             ),
             Some(v) => format!("schema version {v}; this build reads version {SCHEMA_VERSION}"),
@@ -120,8 +121,8 @@ pub fn check_namespace(namespace: &str, txn: &ReadTransaction) -> Result<CheckRe
     c.documents()?;
     c.doc_times()?;
     c.sites()?;
-    c.atoms()?;
-    c.changes()?;
+    c.chunks()?;
+    c.chunk_times()?;
     Ok(c.r)
 }
 
@@ -225,141 +226,64 @@ impl Checking<'_> {
         Ok(())
     }
 
-    /// Reports an atom's `what` time `t` that has no matching change entry.
-    fn expect_change(
-        &mut self,
-        changes: &ChangeLookup,
-        doc: DocId,
-        t: Time,
-        want: ChangeEntry<'_>,
-        what: &str,
-    ) -> Result<(), OpsError> {
-        let id = || hex::encode(want.pid_key);
-        match changes.is(doc, t, want)? {
-            None => self.r.problem(format!(
-                "document {doc:032x}: atom {} has {what} time {t} but no change at that time",
-                id()
-            )),
-            Some(false) => self.r.problem(format!(
-                "document {doc:032x}: the change at time {t} is not the {what} of atom {}",
-                id()
-            )),
-            Some(true) => {}
-        }
-        Ok(())
-    }
-
-    /// The atoms, against documents and changes.
-    fn atoms(&mut self) -> Result<(), OpsError> {
+    /// The chunks, against documents, the clock and `chunk_times`.
+    fn chunks(&mut self) -> Result<(), OpsError> {
         let clock = self.clock;
-        let changes = self.db.change_lookup()?;
-        for row in self.db.atoms()? {
+        for row in self.db.chunks()? {
             let row = row?;
-            self.r.atoms += 1;
-            let Some((doc, pid_key)) = row.id() else {
-                self.r
-                    .problem(format!("atom key {} is too short", hex::encode(row.key())));
-                continue;
-            };
-            let id = hex::encode(pid_key);
+            self.r.changes += 1;
+            self.r.atoms += row.ids.len() as u64;
+            let doc = row.doc;
+            for p in row.problems {
+                self.r.problem(format!("document {doc:032x}: {p}"));
+            }
             match self.docs.get(&doc) {
                 None => self.r.problem(format!(
-                    "atom {id} belongs to document {doc:032x}, which is not in documents"
+                    "a chunk belongs to document {doc:032x}, which is not in documents"
                 )),
                 Some(rec) if rec.deleted != 0 => self
                     .r
-                    .problem(format!("deleted document {doc:032x} still has atom {id}")),
+                    .problem(format!("deleted document {doc:032x} still has content")),
                 Some(_) => {}
             }
-            if Pid::from_key(pid_key).is_none() {
+            let Some(changed) = row.changed else { continue };
+            if changed > clock {
                 self.r.problem(format!(
-                    "document {doc:032x}: atom key {id} is not a position id"
+                    "document {doc:032x}: a chunk changed at {changed}, after the clock {clock}"
                 ));
             }
-            let rec = match &row.record {
-                Ok(rec) => rec,
-                Err(e) => {
-                    self.r
-                        .problem(format!("document {doc:032x}: atom {id}: {e}"));
-                    continue;
+            if row.max_time > changed {
+                self.r.problem(format!(
+                    "document {doc:032x}: a chunk holds time {} after its changed time {changed}",
+                    row.max_time
+                ));
+            }
+            for id in &row.ids {
+                let hex_id = || hex::encode(&id.pid_key);
+                if Pid::from_key(&id.pid_key).is_none() {
+                    self.r.problem(format!(
+                        "document {doc:032x}: id {} is not a position id",
+                        hex_id()
+                    ));
                 }
-            };
-            if std::str::from_utf8(&rec.data).is_err() {
-                self.r
-                    .problem(format!("document {doc:032x}: atom {id}: data is not UTF-8"));
-            }
-            if rec.insert != 0 && rec.data.is_empty() {
-                self.r.problem(format!(
-                    "document {doc:032x}: atom {id} is inserted (time {}) but has no data",
-                    rec.insert
-                ));
-            }
-            if rec.insert > clock || rec.delete > clock {
-                self.r.problem(format!(
-                    "document {doc:032x}: atom {id} has a time after the clock {clock}"
-                ));
-            }
-            if rec.insert != 0 {
-                let want = ChangeEntry::new(ChangeKind::Insert, pid_key);
-                self.expect_change(&changes, doc, rec.insert, want, "insert")?;
-            }
-            if rec.delete != 0 {
-                let want = ChangeEntry::new(ChangeKind::Delete, pid_key);
-                self.expect_change(&changes, doc, rec.delete, want, "delete")?;
+                if id.insert != 0 && id.delete == 0 && id.text.is_empty() {
+                    self.r.problem(format!(
+                        "document {doc:032x}: id {} is live but has no text",
+                        hex_id()
+                    ));
+                }
             }
         }
         Ok(())
     }
 
-    /// The changes, against atoms.
-    fn changes(&mut self) -> Result<(), OpsError> {
-        let clock = self.clock;
-        let atoms = self.db.atom_lookup()?;
-        for row in self.db.changes()? {
-            let row = row?;
-            self.r.changes += 1;
-            let (doc, t) = (row.doc, row.time);
-            let Some(change) = row.entry() else {
+    /// `chunk_times`: each entry names a chunk changed at its time.
+    fn chunk_times(&mut self) -> Result<(), OpsError> {
+        for row in self.db.chunk_times()? {
+            let (doc, t, ok) = row?;
+            if !ok {
                 self.r.problem(format!(
-                    "document {doc:032x}: the change at time {t} is empty"
-                ));
-                continue;
-            };
-            if !self.docs.contains_key(&doc) {
-                self.r.problem(format!(
-                    "the change at time {t} belongs to document {doc:032x}, which is not in documents"
-                ));
-            }
-            if t > clock {
-                self.r.problem(format!(
-                    "document {doc:032x}: change time {t} is after the clock {clock}"
-                ));
-            }
-            let id = hex::encode(change.pid_key);
-            let rec = match atoms.get(doc, change.pid_key)? {
-                None => {
-                    self.r.problem(format!(
-                        "document {doc:032x}: the change at time {t} names atom {id}, which is not in atoms"
-                    ));
-                    continue;
-                }
-                Some(Ok(rec)) => rec,
-                // Reported with the atoms.
-                Some(Err(_)) => continue,
-            };
-            let (what, stored) = match change.kind() {
-                Ok(ChangeKind::Insert) => ("insert", rec.insert),
-                Ok(ChangeKind::Delete) => ("delete", rec.delete),
-                Err(other) => {
-                    self.r.problem(format!(
-                        "document {doc:032x}: the change at time {t} has unknown kind {other}"
-                    ));
-                    continue;
-                }
-            };
-            if stored != t {
-                self.r.problem(format!(
-                    "document {doc:032x}: the change at time {t} is an {what} of atom {id}, whose {what} time is {stored}"
+                    "document {doc:032x}: chunk_times has an entry at {t} for no chunk changed then"
                 ));
             }
         }
@@ -379,8 +303,8 @@ pub fn check_offline(data: &Path) -> Result<Vec<CheckReport>, OpsError> {
 
 #[cfg(test)]
 mod tests {
-    use crate::ops::tests::{DOC, check, healthy, pid};
-    use crate::store::{AtomRecord, WriteTables};
+    use crate::ops::tests::{DOC, check, healthy};
+    use crate::store::WriteTables;
 
     #[test]
     fn check_reports_each_kind_of_damage() {
@@ -388,30 +312,27 @@ mod tests {
         let txn = db.begin_write().expect("write");
         {
             let mut t = WriteTables::open(&txn).expect("tables");
-            // An atom of a document that does not exist.
-            let orphan = AtomRecord {
-                insert: 0,
-                delete: 0,
-                deleter: 0,
-                data: b"x".to_vec(),
-            };
-            t.put_atom_record(DOC + 5, pid(&[(1, 1)]).key(), &orphan)
-                .expect("insert");
+            // A chunk of a document that does not exist (and so with no
+            // chunk_times entry either): one char 'x' at [(1, 1)], live
+            // since time 5.
+            let mut chunk = 5u64.to_be_bytes().to_vec();
+            chunk.extend_from_slice(&[0, 1, 1, 1, 1, 1, 1, 10, 1, b'x']);
+            t.put_raw_chunk(DOC + 5, &[], &chunk).expect("insert");
             // The document's doc_times entry goes.
             t.remove_first_doc_time().expect("remove");
-            // The change of the first insert goes.
-            t.remove_first_change().expect("remove");
+            // The chunk index entry of the document goes.
+            t.remove_first_chunk_time().expect("remove");
             // A second replica with the same site.
             t.put_site(DOC, 8, 1).expect("insert");
         }
         txn.commit().expect("commit");
         let r = check(&db);
         let text = r.to_string();
-        assert_eq!(r.problem_count, 4, "{text}");
+        assert_eq!(r.problem_count, 5, "{text}");
         for want in [
             "which is not in documents",
             "has no doc_times entry",
-            "but no change at that time",
+            "has no chunk_times entry",
             "site 1 is held by replicas",
         ] {
             assert!(text.contains(want), "missing {want:?} in:\n{text}");

@@ -1,5 +1,5 @@
 //! `export`: one document's text, rendered from its stored atoms as
-//! PROTOCOL.md 1.2 says. Reads `documents` and the document's `atoms`
+//! PROTOCOL.md 1.2 says. Reads `documents` and the document's `chunks`
 //! through [`Inspect`]; writes nothing.
 
 use std::collections::{BTreeMap, HashSet};
@@ -32,19 +32,17 @@ pub fn export_document(
         });
     }
     let corrupt = |what| StoreError::Corrupt {
-        table: "atoms",
+        table: "chunks",
         what,
     };
     let mut live: Vec<(Pid, String)> = Vec::new();
     let mut deleted: HashSet<Vec<u8>> = HashSet::new();
-    for row in db.doc_atoms(doc)? {
-        let (pid_key, a) = row?;
+    for a in db.doc_ids(doc)? {
         if a.delete != 0 {
-            deleted.insert(pid_key);
+            deleted.insert(a.pid_key);
         } else if a.insert != 0 {
-            let pid = Pid::from_key(&pid_key).ok_or(corrupt("position id key"))?;
-            let data = String::from_utf8(a.data).map_err(|_| corrupt("data is not UTF-8"))?;
-            live.push((pid, data));
+            let pid = Pid::from_key(&a.pid_key).ok_or(corrupt("position id key"))?;
+            live.push((pid, a.text));
         }
     }
     // Key form order is position order, so a map by key renders in order.

@@ -57,6 +57,7 @@ pub fn healthy() -> (tempfile::TempDir, Database) {
         rec.modified = clock.next();
         t.put_doc(DOC, &rec, Some(old)).expect("doc");
         t.set_clock(clock.last()).expect("clock");
+        t.flush().expect("flush");
     }
     txn.commit().expect("commit");
     (dir, db)

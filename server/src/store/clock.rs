@@ -29,22 +29,47 @@ impl WallClock for SystemClock {
 
 /// The server clock: every time it hands out is `max(wall, last + 1)`, so
 /// times are unique and never go back, whatever the wall clock does. Only
-/// the writer owns one; `last` is persisted with every commit.
+/// the writer owns one; `last` is persisted with every commit. Within a
+/// batch the wall clock is read once, at its start ([`begin_batch`]): the
+/// batch's changes get consecutive times, so chars typed in one batch are
+/// one segment in storage (`runs`), not one per microsecond of work.
+///
+/// [`begin_batch`]: ServerClock::begin_batch
 pub struct ServerClock {
     wall: Arc<dyn WallClock>,
     last: Time,
+    /// The wall clock at the start of the batch under way.
+    batch_wall: Option<Time>,
 }
 
 impl ServerClock {
     pub fn new(wall: Arc<dyn WallClock>, last: Time) -> Self {
-        ServerClock { wall, last }
+        ServerClock {
+            wall,
+            last,
+            batch_wall: None,
+        }
     }
 
     /// A new, unique time.
     pub fn next(&mut self) -> Time {
-        let t = self.wall.now_micros().max(self.last.saturating_add(1));
+        let wall = match self.batch_wall {
+            Some(w) => w,
+            None => self.wall.now_micros(),
+        };
+        let t = wall.max(self.last.saturating_add(1));
         self.last = t;
         t
+    }
+
+    /// From now until [`end_batch`](Self::end_batch), `next` reads no wall
+    /// clock: it goes on from this reading.
+    pub fn begin_batch(&mut self) {
+        self.batch_wall = Some(self.wall.now_micros());
+    }
+
+    pub fn end_batch(&mut self) {
+        self.batch_wall = None;
     }
 
     /// The last time handed out.
@@ -65,6 +90,21 @@ mod tests {
     use super::*;
     use crate::store::open;
     use crate::store::tests::{FakeClock, write};
+
+    #[test]
+    fn a_batch_takes_consecutive_times_from_one_wall_reading() {
+        let wall = Arc::new(FakeClock(AtomicU64::new(1_000)));
+        let mut c = ServerClock::new(wall.clone(), 0);
+        c.begin_batch();
+        wall.0.store(5_000, Ordering::SeqCst);
+        assert_eq!((c.next(), c.next(), c.next()), (1_000, 1_001, 1_002));
+        c.end_batch();
+        assert_eq!(c.next(), 5_000);
+        // A batch never goes back either.
+        wall.0.store(10, Ordering::SeqCst);
+        c.begin_batch();
+        assert_eq!(c.next(), 5_001);
+    }
 
     #[test]
     fn clock_is_monotonic_with_a_wall_clock_going_back_and_across_reopen() {

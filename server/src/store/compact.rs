@@ -1,6 +1,7 @@
 //! Tombstone compaction (PROTOCOL.md 3.6), one bounded step at a time:
-//! drops old deleted atoms and their change entries through the writer's
-//! [`WriteTables`]. Reads and writes `atoms` and `changes` of one document;
+//! drops old deleted chars from chunks through the writer's
+//! [`WriteTables`]. Reads `chunk_times` and rewrites `chunks` of one
+//! document (their `changed` stays: compaction is no change a pull sees);
 //! the writer records the step's `swept`/`compacted` in its `documents`
 //! row.
 
@@ -8,17 +9,18 @@ use notesync_protocol::{DocId, Time};
 use redb::ReadableTable;
 
 use super::error::{StoreError, corrupt};
-use super::layout::{ChangeEntry, ChangeKind, atom_key, change_key, split_change_key};
+use super::layout::{DocAtoms, chunk_key, chunk_time_key, split_chunk_time_key};
+use super::runs::{Body, Chunk, Item, Seg, at_or_before, parent_key};
 use super::write::WriteTables;
 
 /// What one [`WriteTables::compact_doc`] step did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Compacted {
-    /// Change entries looked at.
+    /// Chunk index entries looked at.
     pub visited: usize,
-    /// Atoms dropped.
+    /// Chars (ids) dropped.
     pub dropped: usize,
-    /// The change index was looked at up to this time.
+    /// The chunk index was looked at up to this time.
     pub swept: Time,
     /// The latest delete time dropped (0: none).
     pub compacted: Time,
@@ -28,12 +30,16 @@ pub struct Compacted {
 
 impl WriteTables<'_> {
     /// One bounded step of tombstone compaction on `doc` (PROTOCOL.md 3.6):
-    /// looks at up to `budget` entries of its change index after `from` and
-    /// up to `cutoff`, and drops every atom deleted at or before `cutoff`
-    /// (its record and both its change entries), except a bare tombstone
-    /// whose parent id is a live atom (the delete of a char of a live atom,
-    /// 1.2: the full state needs it). Deltas since a time at or after the
-    /// latest dropped delete time stay exact.
+    /// looks at up to `budget` chunks whose last change is after `from`
+    /// (more if several share the last time), in change order, and drops
+    /// from each every char deleted at or before `cutoff`, except a bare
+    /// tombstone whose parent id is live (the delete of a char of a live
+    /// atom, 1.2: the full state needs it). `swept` is then a time such
+    /// that every chunk changed at or before it was looked at with a
+    /// cutoff at or after its change, so it holds nothing more to drop;
+    /// a chunk changed after `from` is looked at again by the next pass.
+    /// Deltas since a time at or after the latest dropped delete time stay
+    /// exact.
     pub fn compact_doc(
         &mut self,
         doc: DocId,
@@ -49,65 +55,112 @@ impl WriteTables<'_> {
             out.done = true;
             return Ok(out);
         }
-        let lo = change_key(doc, from.saturating_add(1));
-        let hi = change_key(doc, cutoff);
-        // (time, whether it is a delete entry, pid key form)
-        let mut entries: Vec<(Time, bool, Vec<u8>)> = Vec::new();
-        for entry in self.changes.range::<&[u8; 24]>(&lo..=&hi)? {
+        let range = DocAtoms::new(doc);
+        let lo = chunk_time_key(doc, from.saturating_add(1), &[]);
+        // (time, chunk key)
+        let mut entries: Vec<(Time, Vec<u8>)> = Vec::new();
+        // Done once the index is exhausted or passes `cutoff`: every chunk
+        // changed at or before `cutoff` was then looked at.
+        out.done = true;
+        for entry in self.chunk_times.range::<&[u8]>(range.from(&lo))? {
+            let (k, _) = entry?;
+            let (_, t, rk) =
+                split_chunk_time_key(k.value()).ok_or(corrupt("chunk_times", "short key"))?;
             if entries.len() >= budget.max(1) {
-                break;
+                // Never between two chunks of one time: `swept` says all
+                // chunks changed at or before it were looked at.
+                let last = entries.last().map_or(0, |(lt, _)| *lt);
+                if last != t {
+                    out.done = last >= cutoff;
+                    break;
+                }
             }
-            let (k, v) = entry?;
-            let (_, t) = split_change_key(k.value());
-            let change = ChangeEntry::decode(v.value()).ok_or(corrupt("changes", "empty entry"))?;
-            let is_delete = change.kind() == Ok(ChangeKind::Delete);
-            entries.push((t, is_delete, change.pid_key.to_vec()));
+            entries.push((t, chunk_key(doc, rk)));
         }
         out.visited = entries.len();
-        out.done = entries.len() < budget.max(1);
-        for (t, is_delete, pid_key) in entries {
-            out.swept = t;
-            if !is_delete {
-                continue;
-            }
-            let Some(rec) = self.atom(doc, &pid_key)? else {
-                // Its insert entry was visited first and dropped it: never
-                // (an atom is dropped at its delete entry), but harmless.
-                continue;
+        for (t, key) in entries {
+            out.swept = t.min(cutoff);
+            let chunk = match self.chunks.get(key.as_slice())? {
+                Some(v) => Chunk::decode(v.value())?,
+                None => return Err(corrupt("chunk_times", "entry for a missing chunk")),
             };
-            if rec.delete != t {
-                return Err(corrupt(
-                    "changes",
-                    "delete entry at another time than its atom's",
-                ));
+            // Which groups' bare tombstones must stay: those of live ids'
+            // chars.
+            let mut keep_bare = Vec::new();
+            for it in &chunk.items {
+                let keep = match parent_key(&it.group) {
+                    Some(parent) => self
+                        .state(doc, parent)?
+                        .is_some_and(|p| p.insert != 0 && p.delete == 0),
+                    None => false,
+                };
+                keep_bare.push(keep);
             }
-            if rec.insert == 0 && self.parent_is_live(doc, &pid_key)? {
-                continue;
+            let mut items = Vec::with_capacity(chunk.items.len());
+            let mut dropped_any = false;
+            for (it, keep) in chunk.items.into_iter().zip(keep_bare) {
+                let Body::Run(segs) = it.body else {
+                    items.push(it);
+                    continue;
+                };
+                // Rebuild the run as the pieces that stay.
+                let mut at = it.first;
+                let mut piece: Option<Item> = None;
+                for s in segs {
+                    let drop = if s.del != 0 && !(s.ins == 0 && keep) {
+                        at_or_before(s.del, s.del_step, s.len, cutoff)
+                    } else {
+                        0..0
+                    };
+                    let mut stay = |sub: Seg, first: u32, piece: &mut Option<Item>| match piece {
+                        Some(p) if p.first as u64 + p.len() as u64 == first as u64 => {
+                            if let Body::Run(v) = &mut p.body {
+                                v.push(sub);
+                            }
+                        }
+                        _ => {
+                            items.extend(piece.take());
+                            *piece = Some(Item {
+                                group: it.group.clone(),
+                                first,
+                                body: Body::Run(vec![sub]),
+                            });
+                        }
+                    };
+                    if drop.is_empty() {
+                        stay(s.clone(), at, &mut piece);
+                    } else {
+                        dropped_any = true;
+                        out.dropped += drop.len();
+                        out.compacted = out
+                            .compacted
+                            .max(s.del_at(drop.start).max(s.del_at(drop.end - 1)));
+                        if drop.start > 0 {
+                            stay(s.split(drop.start).0, at, &mut piece);
+                        }
+                        if drop.end < s.len {
+                            stay(s.split(drop.end).1, at + drop.end, &mut piece);
+                        }
+                    }
+                    // Wraps only past the last id (a run may end at ident u32::MAX).
+                    at = at.wrapping_add(s.len);
+                }
+                items.extend(piece);
             }
-            self.atoms.remove(atom_key(doc, &pid_key).as_slice())?;
-            self.changes.remove(&change_key(doc, t))?;
-            if rec.insert != 0 {
-                self.changes.remove(&change_key(doc, rec.insert))?;
+            if dropped_any {
+                self.rewrite_chunk(
+                    &key,
+                    Chunk {
+                        changed: chunk.changed,
+                        items,
+                    },
+                )?;
             }
-            out.dropped += 1;
-            out.compacted = out.compacted.max(t);
         }
         if out.done {
             out.swept = cutoff;
         }
         Ok(out)
-    }
-
-    /// Whether the id one level up from `pid_key` is a live atom.
-    fn parent_is_live(&self, doc: DocId, pid_key: &[u8]) -> Result<bool, StoreError> {
-        const LEVEL_KEY: usize = 5;
-        if pid_key.len() <= LEVEL_KEY {
-            return Ok(false);
-        }
-        let parent = &pid_key[..pid_key.len() - LEVEL_KEY];
-        Ok(self
-            .atom(doc, parent)?
-            .is_some_and(|p| p.delete == 0 && p.insert != 0))
     }
 }
 
@@ -119,7 +172,7 @@ mod tests {
     use notesync_protocol::{Level, Pid};
 
     use super::*;
-    use crate::store::layout::{CHANGES, DocRecord};
+    use crate::store::layout::DocRecord;
     use crate::store::tests::{DOC, FakeClock, create_doc, open_tmp, pid, pull, write};
     use crate::store::{ServerClock, Snapshot};
 
@@ -176,13 +229,9 @@ mod tests {
         assert!(snap.atom(DOC, &char_of_live).expect("atom").is_some());
         assert!(snap.atom(DOC, &live).expect("atom").is_some());
         assert!(total.compacted > 0 && total.compacted <= before_recent);
-        let changes = snap.txn.open_table(CHANGES).expect("changes");
-        let n = changes
-            .range::<&[u8; 24]>(&change_key(DOC, 0)..=&change_key(DOC, Time::MAX))
-            .expect("range")
-            .count();
-        // live insert, recent insert and delete, the kept char delete.
-        assert_eq!(n, 4);
+        // The recent delete stays (its chunk is looked at again by the
+        // next pass, with a later cutoff).
+        assert!(snap.atom(DOC, &recent).expect("atom").is_some());
         // A delta since a time at or after the compaction is unchanged; the
         // full state still has the live text with its deleted char.
         assert_eq!(pull(&o.db, before_recent), delta_before);

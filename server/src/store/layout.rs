@@ -12,8 +12,9 @@ use redb::{Key, TableDefinition, TableHandle, Value};
 use super::error::{StoreError, corrupt};
 
 /// The layout version this build reads and writes. Versions 1 (no deletion
-/// time in `documents`) and 2 (no compaction times) are migrated at start.
-pub const SCHEMA_VERSION: u64 = 3;
+/// time in `documents`), 2 (no compaction times) and 3 (a row per atom in
+/// `atoms`, a row per change in `changes`) are migrated at start.
+pub const SCHEMA_VERSION: u64 = 4;
 
 /// Sites a document can hand out: 1 to 255 (0 is reserved).
 pub const MAX_SITE: u16 = 255;
@@ -22,15 +23,17 @@ pub(super) const META: TableDefinition<&str, u64> = TableDefinition::new("meta")
 pub(super) const DOCUMENTS: TableDefinition<u128, &[u8]> = TableDefinition::new("documents");
 pub(super) const DOC_TIMES: TableDefinition<&[u8; 24], ()> = TableDefinition::new("doc_times");
 pub(super) const SITES: TableDefinition<&[u8; 32], u8> = TableDefinition::new("sites");
-pub(super) const ATOMS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("atoms");
-pub(super) const CHANGES: TableDefinition<&[u8; 24], &[u8]> = TableDefinition::new("changes");
+pub(super) const CHUNKS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("chunks");
+pub(super) const CHUNK_TIMES: TableDefinition<&[u8], ()> = TableDefinition::new("chunk_times");
+/// Schema 3's tables: read (and emptied) only by the migration to 4.
+pub(super) const ATOMS_V3: TableDefinition<&[u8], &[u8]> = TableDefinition::new("atoms");
+pub(super) const CHANGES_V3: TableDefinition<&[u8; 24], &[u8]> = TableDefinition::new("changes");
 
 pub(super) const META_SCHEMA: &str = "schema_version";
 pub(super) const META_CLOCK: &str = "clock";
 pub(super) const META_BOOT: &str = "boot";
-
-const CHANGE_INSERT: u8 = 1;
-const CHANGE_DELETE: u8 = 2;
+/// Present (1) while a migration from schema 3 is under way.
+pub(super) const META_MIGRATING: &str = "migrating_from_3";
 
 // ---------------------------------------------------------------- tables
 
@@ -51,8 +54,8 @@ pub(super) fn each_table<T: TableVisitor>(v: &mut T) -> Result<(), T::Error> {
     v.visit(DOCUMENTS)?;
     v.visit(DOC_TIMES)?;
     v.visit(SITES)?;
-    v.visit(ATOMS)?;
-    v.visit(CHANGES)
+    v.visit(CHUNKS)?;
+    v.visit(CHUNK_TIMES)
 }
 
 /// The names of the tables a namespace database has, in [`each_table`]
@@ -85,15 +88,37 @@ pub(super) fn atom_key(doc: DocId, pid_key: &[u8]) -> Vec<u8> {
     k
 }
 
-/// An `atoms` key split into its document and pid key form; `None` if it
-/// is too short to hold both.
-pub(super) fn split_atom_key(k: &[u8]) -> Option<(DocId, &[u8])> {
-    (k.len() > 16).then(|| (be_u128(&k[..16]), &k[16..]))
+/// A `chunks` key: the document, then the run key of the first item the
+/// chunk holds (empty for a document's first chunk, so that every id of
+/// the document has a chunk at or before it).
+pub(super) fn chunk_key(doc: DocId, run_key: &[u8]) -> Vec<u8> {
+    atom_key(doc, run_key)
 }
 
-/// The `atoms` keys of one document: from its id up to the next id (to the
-/// end for the last id). One document's atoms are one contiguous range, in
-/// position order.
+/// A key split into its document and the rest; `None` if shorter than a
+/// document id.
+pub(super) fn split_doc_key(k: &[u8]) -> Option<(DocId, &[u8])> {
+    (k.len() >= 16).then(|| (be_u128(&k[..16]), &k[16..]))
+}
+
+/// A `chunk_times` key: document, the chunk's last change time, the
+/// chunk key's run key part.
+pub(super) fn chunk_time_key(doc: DocId, time: Time, run_key: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(24 + run_key.len());
+    k.extend_from_slice(&doc.to_be_bytes());
+    k.extend_from_slice(&time.to_be_bytes());
+    k.extend_from_slice(run_key);
+    k
+}
+
+/// A `chunk_times` key's (document, time, run key part).
+pub(super) fn split_chunk_time_key(k: &[u8]) -> Option<(DocId, Time, &[u8])> {
+    (k.len() >= 24).then(|| (be_u128(&k[..16]), be_u64(&k[16..24]), &k[24..]))
+}
+
+/// The keys of one document in a table keyed by document first (`chunks`,
+/// `chunk_times`, schema 3's `atoms`): from its id up to the next id (to
+/// the end for the last id).
 pub(super) struct DocAtoms {
     lo: [u8; 16],
     hi: Option<[u8; 16]>,
@@ -114,6 +139,11 @@ impl DocAtoms {
         };
         (Bound::Included(self.lo.as_slice()), hi)
     }
+
+    /// From `from` (a full key of this document) to the document's end.
+    pub(super) fn from<'a>(&'a self, from: &'a [u8]) -> (Bound<&'a [u8]>, Bound<&'a [u8]>) {
+        (Bound::Included(from), self.bounds().1)
+    }
 }
 
 /// A fixed-width key: `a` then `b` (big-endian integers, so byte order is
@@ -125,13 +155,10 @@ fn join<const N: usize>(a: &[u8], b: &[u8]) -> [u8; N] {
     k
 }
 
+/// A schema 3 `changes` key.
+#[cfg(test)]
 pub(super) fn change_key(doc: DocId, time: Time) -> [u8; 24] {
     join(&doc.to_be_bytes(), &time.to_be_bytes())
-}
-
-/// A `changes` key's (document, time).
-pub(super) fn split_change_key(k: &[u8; 24]) -> (DocId, Time) {
-    (be_u128(&k[..16]), be_u64(&k[16..]))
 }
 
 pub(super) fn time_key(time: Time, doc: DocId) -> [u8; 24] {
@@ -158,7 +185,7 @@ pub(super) fn be_u64(b: &[u8]) -> u64 {
     u64::from_be_bytes(a)
 }
 
-fn be_u128(b: &[u8]) -> u128 {
+pub(super) fn be_u128(b: &[u8]) -> u128 {
     let mut a = [0u8; 16];
     a.copy_from_slice(&b[..16]);
     u128::from_be_bytes(a)
@@ -280,7 +307,8 @@ impl DocRecord {
     }
 }
 
-/// An atom's row in `atoms`.
+/// An atom's row in schema 3's `atoms` (read by the migration), and what
+/// one id holds as tests and the storage-fault tests look at it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AtomRecord {
     /// Time it became live; 0 if the id is known only from a delete.
@@ -294,7 +322,8 @@ pub struct AtomRecord {
 }
 
 impl AtomRecord {
-    /// The stored fields in order, as (name in ARCHITECTURE.md, bytes).
+    /// The stored fields in order (schema 3).
+    #[cfg(test)]
     fn fields(&self, mut f: impl FnMut(&'static str, &[u8])) {
         f("insert", &self.insert.to_be_bytes());
         f("delete", &self.delete.to_be_bytes());
@@ -302,6 +331,7 @@ impl AtomRecord {
         f("data", &self.data);
     }
 
+    #[cfg(test)]
     pub(super) fn encode(&self) -> Vec<u8> {
         let mut v = Vec::with_capacity(17 + self.data.len());
         self.fields(|_, b| v.extend_from_slice(b));
@@ -321,63 +351,18 @@ impl AtomRecord {
     }
 }
 
-/// What a `changes` entry records of its atom.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ChangeKind {
-    Insert,
-    Delete,
-}
-
-impl ChangeKind {
-    fn byte(self) -> u8 {
-        match self {
-            ChangeKind::Insert => CHANGE_INSERT,
-            ChangeKind::Delete => CHANGE_DELETE,
-        }
-    }
-}
-
-/// A `changes` value: a kind byte, then the atom's pid key form.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ChangeEntry<'a> {
-    kind: u8,
-    pub pid_key: &'a [u8],
-}
-
-impl<'a> ChangeEntry<'a> {
-    pub fn new(kind: ChangeKind, pid_key: &'a [u8]) -> Self {
-        ChangeEntry {
-            kind: kind.byte(),
-            pid_key,
-        }
-    }
-
-    pub(super) fn encode(kind: ChangeKind, pid_key: &[u8]) -> Vec<u8> {
-        let mut v = Vec::with_capacity(1 + pid_key.len());
-        v.push(kind.byte());
-        v.extend_from_slice(pid_key);
-        v
-    }
-
-    /// `None` if the value is empty.
-    pub fn decode(v: &'a [u8]) -> Option<Self> {
-        let (&kind, pid_key) = v.split_first()?;
-        Some(ChangeEntry { kind, pid_key })
-    }
-
-    /// The kind, or the byte that is not a kind this build writes.
-    pub fn kind(&self) -> Result<ChangeKind, u8> {
-        match self.kind {
-            CHANGE_INSERT => Ok(ChangeKind::Insert),
-            CHANGE_DELETE => Ok(ChangeKind::Delete),
-            other => Err(other),
-        }
-    }
+#[cfg(test)]
+/// The stored fields of a `chunks` value, as (name in ARCHITECTURE.md,
+/// bytes): the chunk's last change time, then its items (`runs`).
+fn chunk_fields(encoded: &[u8], mut f: impl FnMut(&'static str, &[u8])) {
+    f("changed", &encoded[..8]);
+    f("items", &encoded[8..]);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::runs::{Chunk, Seg};
 
     /// ARCHITECTURE.md's storage table, as (table, key, value) cells.
     fn documented_tables() -> Vec<(String, String, String)> {
@@ -467,6 +452,22 @@ mod tests {
         }
     }
 
+    fn sample_chunk() -> Chunk {
+        let mut c = Chunk::default();
+        let seg = Seg {
+            len: 1,
+            ins: 5,
+            ins_step: 0,
+            del: 0,
+            del_step: 0,
+            deleter: 0,
+            text: b"a".to_vec(),
+        };
+        c.put_char(&[1, 1], 3, seg);
+        c.put_atom(&[1, 1], 9, 6, "ab".as_bytes());
+        c
+    }
+
     #[test]
     fn the_documented_tables_are_the_tables_the_code_defines() {
         let documented: Vec<String> = documented_tables().into_iter().map(|r| r.0).collect();
@@ -477,26 +478,14 @@ mod tests {
     fn the_documented_records_are_the_records_the_code_stores() {
         let doc = sample_doc();
         check_fields("documents", |f| doc.fields(f));
-        let atom = sample_atom();
-        check_fields("atoms", |f| atom.fields(f));
-        // The change kinds, with their bytes.
-        let changes = value_of("changes");
-        for (kind, name) in [
-            (ChangeKind::Insert, "insert"),
-            (ChangeKind::Delete, "delete"),
-        ] {
-            let want = format!("{} {name}", kind.byte());
-            assert!(
-                changes.contains(&want),
-                "changes: {want:?} not in {changes:?}"
-            );
-        }
+        let chunk = sample_chunk().encode();
+        check_fields("chunks", |f| chunk_fields(&chunk, f));
         // The meta keys.
         let (_, meta_key, _) = documented_tables()
             .into_iter()
             .find(|(t, _, _)| t == "meta")
             .expect("meta is documented");
-        for key in [META_SCHEMA, META_CLOCK, META_BOOT] {
+        for key in [META_SCHEMA, META_CLOCK, META_BOOT, META_MIGRATING] {
             assert!(
                 meta_key.contains(&format!("`{key}`")),
                 "meta key {key} not in {meta_key:?}"
@@ -510,10 +499,9 @@ mod tests {
         assert_eq!(DocRecord::decode(&doc.encode()).expect("decode"), doc);
         let atom = sample_atom();
         assert_eq!(AtomRecord::decode(&atom.encode()).expect("decode"), atom);
-        let v = ChangeEntry::encode(ChangeKind::Delete, b"pid");
-        let e = ChangeEntry::decode(&v).expect("not empty");
-        assert_eq!((e.kind(), e.pid_key), (Ok(ChangeKind::Delete), &b"pid"[..]));
-        assert_eq!(ChangeEntry::decode(&[]), None);
-        assert_eq!(ChangeEntry::decode(&[9]).map(|e| e.kind()), Some(Err(9)));
+        let chunk = sample_chunk();
+        assert_eq!(Chunk::decode(&chunk.encode()).expect("decode"), chunk);
+        let k = chunk_time_key(7, 9, b"run");
+        assert_eq!(split_chunk_time_key(&k), Some((7, 9, &b"run"[..])));
     }
 }

@@ -10,6 +10,8 @@
 //! Files, and what each may touch:
 //! - `layout`: table definitions (one list), key forms, record encodings;
 //!   no database access;
+//! - `runs`: runs, segments and chunks: their in-memory form, encoding and
+//!   per-id edits; no database access;
 //! - `error`: [`OpenError`], [`StoreError`], the one redb error conversion;
 //! - `clock`: wall clock and server clock; no storage;
 //! - `schema`: [`open`]: version check, migration, boot count, index load;
@@ -22,12 +24,14 @@
 //! - Every change carries its own time from [`ServerClock`], and the clock's
 //!   last value is written in the same transaction as the changes, so a
 //!   snapshot's `clock` is at least every time it contains.
-//! - An atom's record says what a pull needs: `insert` is the time it became
-//!   live (0 when the server learnt of the id from a delete first: it stays
-//!   a tombstone even if its data arrives later), `delete` the first delete
-//!   time (0 while live). Data, once stored, never changes.
-//! - `changes` holds one entry per insert and per delete, so a pull since `t`
-//!   reads O(changes after t); each atom has at most one entry of each kind.
+//! - Every id the server knows is held by exactly one item of one chunk,
+//!   which says what a pull needs of it: its insert time (0 when the server
+//!   learnt of the id from a delete first: it stays a tombstone even if its
+//!   data arrives later), its first delete time (0 while live), its live
+//!   text. Live text never changes; deleted text is dropped.
+//! - A chunk's `changed` is at least every time it holds, and `chunk_times`
+//!   has exactly one entry per chunk, at its `changed`: a pull since `t`
+//!   reads only the chunks changed after `t`.
 //! - `doc_times` mirrors each document's `modified`, in time order, so the
 //!   synclist index is rebuilt at start by one sequential scan.
 
@@ -37,6 +41,7 @@ mod error;
 mod inspect;
 mod layout;
 mod read;
+mod runs;
 mod schema;
 #[cfg(test)]
 pub(crate) mod tests;
@@ -44,10 +49,8 @@ mod write;
 
 pub use clock::{ServerClock, SystemClock, WallClock};
 pub use error::{OpenError, StoreError};
-pub use inspect::{ChangeLookup, Inspect};
-#[cfg(test)]
-pub use layout::AtomRecord;
-pub use layout::{ChangeEntry, ChangeKind, DocRecord, MAX_SITE, SCHEMA_VERSION, table_names};
+pub use inspect::Inspect;
+pub use layout::{DocRecord, MAX_SITE, SCHEMA_VERSION, table_names};
 pub use read::{DeltaSink, Rule, SentIds, Snapshot};
 #[cfg(test)]
 pub(crate) use schema::open_database;

@@ -1,18 +1,22 @@
 //! The read path: a [`Snapshot`] (one redb read transaction) and what a
-//! catch-up since a time sends, handed to a [`DeltaSink`] atom by atom.
-//! Reads `meta`, `documents`, `sites`, `atoms` and `changes`; writes
-//! nothing. Encoding the result as wire frames is the caller's job
-//! (`crate::reply`).
+//! catch-up since a time sends, handed to a [`DeltaSink`] as runs, ranges
+//! and multi-char atoms. Reads `meta`, `documents`, `sites`, `chunks` and
+//! `chunk_times`; writes nothing. Encoding the result as wire frames is
+//! the caller's job (`crate::reply`).
 
 use std::collections::HashSet;
+use std::ops::Range;
 
 use notesync_protocol::{DocId, Pid, Time};
-use redb::{Database, ReadTransaction, ReadableDatabase};
+use redb::{Database, ReadOnlyTable, ReadTransaction, ReadableDatabase};
 
 use super::error::{StoreError, corrupt};
 use super::layout::{
-    ATOMS, AtomRecord, CHANGES, ChangeEntry, ChangeKind, DOCUMENTS, DocAtoms, DocRecord, META,
-    META_CLOCK, SITES, atom_key, change_key, site_key,
+    CHUNK_TIMES, CHUNKS, DOCUMENTS, DocAtoms, DocRecord, META, META_CLOCK, SITES, chunk_key,
+    chunk_time_key, site_key, split_chunk_time_key,
+};
+use super::runs::{
+    Body, CharState, Chunk, after, at_or_before, char_offset, pid_of, run_key, split_pid_key,
 };
 
 /// Which deletes a delta sends.
@@ -33,18 +37,18 @@ pub enum Delta {
     Delete,
 }
 
-impl AtomRecord {
-    /// What a pull (or a session's 33) since `since` sends for this atom
-    /// (PROTOCOL.md 3.1, 3.2).
-    pub fn delta(&self, since: Time, rule: Rule) -> Option<Delta> {
-        if self.delete == 0 {
-            (self.insert > since).then_some(Delta::Insert)
-        } else if self.delete > since && (self.insert <= since || rule == Rule::Session) {
-            Some(Delta::Delete)
-        } else {
-            None
-        }
+fn delta_of(insert: Time, delete: Time, since: Time, rule: Rule) -> Option<Delta> {
+    if delete == 0 {
+        (insert > since).then_some(Delta::Insert)
+    } else if delete > since && (insert <= since || rule == Rule::Session) {
+        Some(Delta::Delete)
+    } else {
+        None
     }
+}
+
+fn meet(a: Range<u32>, b: Range<u32>) -> Range<u32> {
+    a.start.max(b.start)..a.end.min(b.end)
 }
 
 /// Where a catch-up's atoms go, in the order they are read.
@@ -59,8 +63,6 @@ pub trait DeltaSink {
     /// PROTOCOL.md 1.4), one per char of `text`. By default one
     /// [`insert`](Self::insert) per char; a sink that frames runs
     /// overrides it.
-    // Nothing reads runs until the store keeps them (issue 12, in progress).
-    #[allow(dead_code)]
     fn run(&mut self, first: &Pid, text: &str) -> Result<(), StoreError> {
         for (j, c) in (0u32..).zip(text.chars()) {
             let pid = first.offset(j).ok_or(StoreError::Corrupt {
@@ -73,7 +75,6 @@ pub trait DeltaSink {
     }
     /// Deletes of `count` consecutive ids from `first` (a range). By
     /// default one [`delete`](Self::delete) per id.
-    #[allow(dead_code)]
     fn delete_range(&mut self, first: &Pid, count: u32) -> Result<(), StoreError> {
         for j in 0..count {
             let pid = first.offset(j).ok_or(StoreError::Corrupt {
@@ -137,20 +138,31 @@ impl Snapshot {
             .map(|v| v.value()))
     }
 
+    /// What one id holds, as a schema 3 atom record said it (data: the
+    /// live text, empty once deleted).
     #[cfg(test)]
-    pub fn atom(&self, doc: DocId, pid: &Pid) -> Result<Option<AtomRecord>, StoreError> {
-        match self
-            .txn
-            .open_table(ATOMS)?
-            .get(atom_key(doc, pid.key()).as_slice())?
-        {
-            Some(v) => Ok(Some(AtomRecord::decode(v.value())?)),
-            None => Ok(None),
-        }
+    pub fn atom(
+        &self,
+        doc: DocId,
+        pid: &Pid,
+    ) -> Result<Option<super::layout::AtomRecord>, StoreError> {
+        let chunks = self.txn.open_table(CHUNKS)?;
+        let mut last = None;
+        Ok(
+            state_in(&chunks, doc, pid.key(), &mut last)?.map(|s| super::layout::AtomRecord {
+                insert: s.insert,
+                delete: s.delete,
+                deleter: s.deleter,
+                data: s.text,
+            }),
+        )
     }
 
     /// Hands to `out` what a client that synced `doc` up to `since` lacks
     /// (PROTOCOL.md 3.1), leaving out what `exclude` says it sent itself.
+    /// Since 0 it reads every chunk of the document; since a later time
+    /// only the chunks changed after it (`chunk_times`), and sends of each
+    /// exactly the chars whose own times say so.
     pub fn delta(
         &self,
         doc: DocId,
@@ -159,59 +171,32 @@ impl Snapshot {
         exclude: Option<&SentIds>,
         out: &mut impl DeltaSink,
     ) -> Result<(), StoreError> {
-        let atoms = self.txn.open_table(ATOMS)?;
-        let mut emit = |kind: Delta, pid_key: &[u8], data: &[u8]| -> Result<(), StoreError> {
-            if exclude.is_some_and(|x| x.contains(kind, pid_key)) {
-                return Ok(());
-            }
-            let pid = Pid::from_key(pid_key).ok_or(corrupt("atoms", "position id key"))?;
-            match kind {
-                Delta::Insert => {
-                    let data = std::str::from_utf8(data)
-                        .map_err(|_| corrupt("atoms", "data is not UTF-8"))?;
-                    out.insert(data, &pid)
-                }
-                Delta::Delete => out.delete(&pid),
-            }
-        };
+        let chunks = self.txn.open_table(CHUNKS)?;
+        let range = DocAtoms::new(doc);
         if since == 0 {
-            // Everything is new: one sequential scan in position order.
-            let range = DocAtoms::new(doc);
-            for entry in atoms.range::<&[u8]>(range.bounds())? {
-                let (k, v) = entry?;
-                let rec = AtomRecord::decode(v.value())?;
-                // Since 0 the client holds nothing (a session's cursor is
-                // never 0), so tombstones of atoms it never saw are left out.
-                if let Some(kind) = rec.delta(0, Rule::Pull) {
-                    emit(kind, &k.value()[16..], &rec.data)?;
-                }
-            }
-        } else {
-            let changes = self.txn.open_table(CHANGES)?;
-            let lo = change_key(doc, since.saturating_add(1));
-            let hi = change_key(doc, Time::MAX);
-            for entry in changes.range::<&[u8; 24]>(&lo..=&hi)? {
+            // Since 0 the client holds nothing (a session's cursor is never
+            // 0): the rule leaves out tombstones of chars it never saw.
+            for entry in chunks.range::<&[u8]>(range.bounds())? {
                 let (_, v) = entry?;
-                let change =
-                    ChangeEntry::decode(v.value()).ok_or(corrupt("changes", "empty entry"))?;
-                let pid_key = change.pid_key;
-                let rec = match atoms.get(atom_key(doc, pid_key).as_slice())? {
-                    Some(a) => AtomRecord::decode(a.value())?,
-                    None => return Err(corrupt("changes", "entry for a missing atom")),
-                };
-                // Each atom has at most one entry per kind: emitting only at
-                // the entry of the kind it is sent as never sends it twice.
-                match (change.kind(), rec.delta(since, rule)) {
-                    (Ok(ChangeKind::Insert), Some(Delta::Insert)) => {
-                        emit(Delta::Insert, pid_key, &rec.data)?
-                    }
-                    (Ok(ChangeKind::Delete), Some(Delta::Delete)) => {
-                        emit(Delta::Delete, pid_key, &[])?
-                    }
-                    (Ok(_), _) => {}
-                    (Err(_), _) => return Err(corrupt("changes", "unknown change kind")),
-                }
+                emit_chunk(&Chunk::decode(v.value())?, 0, Rule::Pull, exclude, out)?;
             }
+            return Ok(());
+        }
+        let index = self.txn.open_table(CHUNK_TIMES)?;
+        let from = chunk_time_key(doc, since.saturating_add(1), &[]);
+        let mut keys = Vec::new();
+        for entry in index.range::<&[u8]>(range.from(&from))? {
+            let (k, _) = entry?;
+            let (_, _, rk) =
+                split_chunk_time_key(k.value()).ok_or(corrupt("chunk_times", "short key"))?;
+            keys.push(chunk_key(doc, rk));
+        }
+        keys.sort();
+        for k in keys {
+            let v = chunks
+                .get(k.as_slice())?
+                .ok_or(corrupt("chunk_times", "entry for a missing chunk"))?;
+            emit_chunk(&Chunk::decode(v.value())?, since, rule, exclude, out)?;
         }
         Ok(())
     }
@@ -251,22 +236,161 @@ impl Snapshot {
         sent: &SentIds,
         out: &mut impl DeltaSink,
     ) -> Result<(), StoreError> {
-        let atoms = self.txn.open_table(ATOMS)?;
+        let chunks = self.txn.open_table(CHUNKS)?;
+        let mut last = None;
         for pid_key in &sent.insert_order {
             if sent.deletes.contains(pid_key) {
                 continue;
             }
-            let Some(v) = atoms.get(atom_key(doc, pid_key).as_slice())? else {
+            let Some(st) = state_in(&chunks, doc, pid_key, &mut last)? else {
                 continue;
             };
-            let rec = AtomRecord::decode(v.value())?;
-            if rec.delete != 0 && rec.delta(since, Rule::Pull) != Some(Delta::Delete) {
-                let pid = Pid::from_key(pid_key).ok_or(corrupt("atoms", "position id key"))?;
+            if st.delete != 0
+                && delta_of(st.insert, st.delete, since, Rule::Pull) != Some(Delta::Delete)
+            {
+                let pid = Pid::from_key(pid_key).ok_or(corrupt("chunks", "position id key"))?;
                 out.delete(&pid)?;
             }
         }
         Ok(())
     }
+}
+
+/// What an id holds in a snapshot's chunks; `last` keeps the last chunk
+/// decoded (consecutive ids are mostly in one chunk).
+fn state_in(
+    chunks: &ReadOnlyTable<&'static [u8], &'static [u8]>,
+    doc: DocId,
+    pid_key: &[u8],
+    last: &mut Option<(Vec<u8>, Chunk)>,
+) -> Result<Option<CharState>, StoreError> {
+    let Some((group, ident)) = split_pid_key(pid_key) else {
+        return Ok(None);
+    };
+    let k = chunk_key(doc, &run_key(&group, ident));
+    let lo = chunk_key(doc, &[]);
+    let Some(entry) = chunks
+        .range::<&[u8]>(lo.as_slice()..=k.as_slice())?
+        .next_back()
+    else {
+        return Ok(None);
+    };
+    let (key, v) = entry?;
+    if last
+        .as_ref()
+        .is_none_or(|(lk, _)| lk.as_slice() != key.value())
+    {
+        *last = Some((key.value().to_vec(), Chunk::decode(v.value())?));
+    }
+    Ok(last.as_ref().and_then(|(_, c)| c.state(&group, ident)))
+}
+
+/// Hands to `out` what one chunk holds that a client synced up to `since`
+/// lacks.
+fn emit_chunk(
+    chunk: &Chunk,
+    since: Time,
+    rule: Rule,
+    exclude: Option<&SentIds>,
+    out: &mut impl DeltaSink,
+) -> Result<(), StoreError> {
+    for it in &chunk.items {
+        match &it.body {
+            Body::Atom { insert, text } => {
+                if *insert > since {
+                    let pid = pid_of(&it.group, it.first)?;
+                    if !exclude.is_some_and(|x| x.contains(Delta::Insert, pid.key())) {
+                        let text = std::str::from_utf8(text)
+                            .map_err(|_| corrupt("chunks", "data is not UTF-8"))?;
+                        out.insert(text, &pid)?;
+                    }
+                }
+            }
+            Body::Run(segs) => {
+                let mut at = it.first;
+                for s in segs {
+                    if s.live() {
+                        let r = after(s.ins, s.ins_step, s.len, since);
+                        if !r.is_empty() {
+                            let text =
+                                &s.text[char_offset(&s.text, r.start)..char_offset(&s.text, r.end)];
+                            let text = std::str::from_utf8(text)
+                                .map_err(|_| corrupt("chunks", "text is not UTF-8"))?;
+                            emit_run(&it.group, at + r.start, text, exclude, out)?;
+                        }
+                    } else {
+                        let mut r = after(s.del, s.del_step, s.len, since);
+                        if rule == Rule::Pull && s.ins != 0 {
+                            r = meet(r, at_or_before(s.ins, s.ins_step, s.len, since));
+                        }
+                        if !r.is_empty() {
+                            emit_range(&it.group, at + r.start, r.end - r.start, exclude, out)?;
+                        }
+                    }
+                    // Wraps only past the last id (a run may end at ident u32::MAX).
+                    at = at.wrapping_add(s.len);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn emit_run(
+    group: &[u8],
+    first: u32,
+    text: &str,
+    exclude: Option<&SentIds>,
+    out: &mut impl DeltaSink,
+) -> Result<(), StoreError> {
+    let Some(x) = exclude else {
+        return out.run(&pid_of(group, first)?, text);
+    };
+    // Per char: the spans the upsert did not send, each as a run.
+    let mut span: Option<(u32, usize)> = None;
+    let mut byte = 0;
+    for (j, c) in (0u32..).zip(text.chars()) {
+        let pid = pid_of(group, first + j)?;
+        if x.contains(Delta::Insert, pid.key()) {
+            if let Some((f, b)) = span.take() {
+                out.run(&pid_of(group, f)?, &text[b..byte])?;
+            }
+        } else if span.is_none() {
+            span = Some((first + j, byte));
+        }
+        byte += c.len_utf8();
+    }
+    if let Some((f, b)) = span {
+        out.run(&pid_of(group, f)?, &text[b..])?;
+    }
+    Ok(())
+}
+
+fn emit_range(
+    group: &[u8],
+    first: u32,
+    count: u32,
+    exclude: Option<&SentIds>,
+    out: &mut impl DeltaSink,
+) -> Result<(), StoreError> {
+    let Some(x) = exclude else {
+        return out.delete_range(&pid_of(group, first)?, count);
+    };
+    let mut span: Option<u32> = None;
+    for j in 0..count {
+        let pid = pid_of(group, first + j)?;
+        if x.contains(Delta::Delete, pid.key()) {
+            if let Some(f) = span.take() {
+                out.delete_range(&pid_of(group, f)?, first + j - f)?;
+            }
+        } else if span.is_none() {
+            span = Some(first + j);
+        }
+    }
+    if let Some(f) = span {
+        out.delete_range(&pid_of(group, f)?, first + count - f)?;
+    }
+    Ok(())
 }
 
 /// The ids an upsert sent: its reply leaves them out (the client has them).
@@ -355,11 +479,34 @@ mod tests {
             pull(&o.db, t),
             (vec![("c".into(), new_live.clone())], vec![old_deleted])
         );
-        // Since 0: the live atoms only, in position order.
+        // Since 0: the live atoms only, in run key order.
         assert_eq!(
             pull(&o.db, 0),
             (vec![("a".into(), old_live), ("c".into(), new_live)], vec![])
         );
         assert_eq!(pull(&o.db, clock.last()), (vec![], vec![]));
+    }
+
+    #[test]
+    fn a_run_ending_at_the_last_ident_is_pulled_and_compacted() {
+        let (_d, o, mut clock) = with_doc();
+        let last = pid(u32::MAX, 1);
+        let before = pid(u32::MAX - 1, 1);
+        write(&o.db, |t| {
+            t.insert_atom(DOC, before.key(), b"a", &mut clock)
+                .expect("ins");
+            t.delete_atom(DOC, last.key(), 1, &mut clock).expect("del");
+            t.set_clock(clock.last()).expect("clock");
+        });
+        assert_eq!(
+            pull(&o.db, 0),
+            (vec![("a".into(), before.clone())], vec![last.clone()])
+        );
+        assert_eq!(pull(&o.db, 1), (vec![("a".into(), before)], vec![last]));
+        let step = write(&o.db, |t| {
+            t.compact_doc(DOC, 0, clock.last(), 10).expect("compact")
+        });
+        assert_eq!(step.dropped, 1);
+        crate::store::tests::assert_layout_ok(&Snapshot::begin(&o.db).expect("snap").txn);
     }
 }

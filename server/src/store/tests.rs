@@ -40,7 +40,9 @@ pub fn write<R>(db: &Database, f: impl FnOnce(&mut WriteTables<'_>) -> R) -> R {
     let txn = db.begin_write().expect("begin");
     let r = {
         let mut t = WriteTables::open(&txn).expect("tables");
-        f(&mut t)
+        let r = f(&mut t);
+        t.flush().expect("flush");
+        r
     };
     txn.commit().expect("commit");
     r
@@ -106,4 +108,25 @@ pub fn delta(db: &Database, since: Time, rule: Rule) -> (Vec<(String, Pid)>, Vec
     snap.delta(DOC, since, rule, None, &mut out).expect("delta");
     assert!(!out.resync, "a delta is never a resync");
     (out.inserts, out.deletes)
+}
+
+/// Every chunk decodes, holds only ids between its key and the next
+/// chunk's, has its `chunk_times` entry at a `changed` at least every time
+/// it holds, and `chunk_times` names nothing else (what `check` checks of
+/// the layout, without the operations layer).
+pub fn assert_layout_ok(txn: &redb::ReadTransaction) {
+    let db = super::Inspect::new(txn);
+    for row in db.chunks().expect("chunks") {
+        let row = row.expect("row");
+        assert!(row.problems.is_empty(), "{:?}", row.problems);
+        let changed = row.changed.expect("decodes");
+        assert!(row.max_time <= changed, "{} > {changed}", row.max_time);
+    }
+    for row in db.chunk_times().expect("chunk_times") {
+        let (doc, t, ok) = row.expect("row");
+        assert!(
+            ok,
+            "document {doc:x}: chunk_times entry at {t} names no chunk"
+        );
+    }
 }

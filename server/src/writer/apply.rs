@@ -168,6 +168,13 @@ impl Writer {
     /// reply what was decided for it. Returns what the batch changed and
     /// whether it committed (a batch that changed nothing is not committed).
     pub(super) fn apply(&mut self, requests: &mut [Request]) -> Result<(Batch, bool), StoreError> {
+        self.clock.begin_batch();
+        let r = self.apply_batch(requests);
+        self.clock.end_batch();
+        r
+    }
+
+    fn apply_batch(&mut self, requests: &mut [Request]) -> Result<(Batch, bool), StoreError> {
         let txn = self.db.begin_write()?;
         let mut batch = Batch::default();
         {
@@ -234,6 +241,8 @@ impl Writer {
             if batch.wrote {
                 t.set_clock(self.clock.last())?;
             }
+            // Every chunk the batch touched, encoded once.
+            t.flush()?;
         }
         let wrote = batch.wrote;
         if wrote {

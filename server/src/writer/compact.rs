@@ -36,8 +36,8 @@ impl Compaction {
     }
 }
 
-/// Change entries one compaction step looks at, at most.
-const COMPACT_ENTRIES: usize = 4096;
+/// Chunks one compaction step looks at, at most.
+const COMPACT_ENTRIES: usize = 256;
 /// Documents one compaction step looks at, at most.
 const COMPACT_DOCS: usize = 1024;
 
@@ -93,7 +93,7 @@ impl Writer {
             let mut t = WriteTables::open(&txn)?;
             let mut cursor = from;
             let mut docs = 0;
-            loop {
+            let next = loop {
                 let Some((doc, mut rec)) = t.doc_from(cursor)? else {
                     break None;
                 };
@@ -123,7 +123,9 @@ impl Writer {
                 if entries == 0 || docs >= COMPACT_DOCS {
                     break Some(cursor);
                 }
-            }
+            };
+            t.flush()?;
+            next
         };
         if wrote {
             txn.commit()?;

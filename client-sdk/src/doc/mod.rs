@@ -30,7 +30,7 @@ use std::ops::Range;
 
 use notesync_protocol::{AllocError, Allocator, Atom, DocId, DocName, Level, MAX_ATOM_BYTES, Pid};
 
-use entries::{Chunk, Entry, Kind};
+use entries::{Chunk, Entry, Kind, Loc};
 
 /// An op made by a local edit, to be sent to the server.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -174,10 +174,12 @@ impl Doc {
                 len: self.live_chars,
             });
         }
-        // Before the next live char, after any tombstones before it: after a
-        // backspace the next keystroke lands in the wide gap past them, which
-        // keeps ids short (measured on the traces).
-        let at = self.locate_char(index).unwrap_or_else(|| self.end());
+        // Before the next live char, after any tombstones before it (the
+        // wide gap past them keeps ids short, measured on the traces),
+        // unless an earlier pair in that gap continues one of this site's
+        // runs: retyping after a backspace extends the run (PROTOCOL.md 1.4).
+        let next = self.locate_char(index).unwrap_or_else(|| self.end());
+        let at = self.extension_point(alloc, next);
         let left = self.pid_before(at).cloned();
         let right = self.pid_at(at).cloned();
         let mut atoms = Vec::new();
@@ -185,8 +187,28 @@ impl Doc {
         Ok(atoms.into_iter().map(LocalOp::Insert).collect())
     }
 
-    /// Places `text` as new atoms between two adjacent entries; pushes them
-    /// to `atoms`.
+    /// The insertion point in the gap ending at `next` (a gap of entries
+    /// that show no char) whose neighbours allow a forward extension: the
+    /// rightmost such, else `next`.
+    fn extension_point(&self, alloc: &Allocator, next: Loc) -> Loc {
+        let mut at = next;
+        loop {
+            if alloc
+                .forward_extension(self.pid_before(at), self.pid_at(at))
+                .is_some()
+            {
+                return at;
+            }
+            match self.loc_before(at) {
+                Some(p) if self.entry(p).live_chars() == 0 => at = p,
+                _ => return next,
+            }
+        }
+    }
+
+    /// Places `text` as a run of one-char atoms between two adjacent
+    /// entries (the allocator extends the run char by char, so a forward
+    /// run has consecutive ids under one prefix); pushes them to `atoms`.
     fn place_text(
         &mut self,
         alloc: &mut Allocator,
@@ -195,17 +217,13 @@ impl Doc {
         text: &str,
         atoms: &mut Vec<Atom>,
     ) -> Result<(), EditError> {
-        for piece in split_atoms(text) {
+        let mut buf = [0u8; 4];
+        for ch in text.chars() {
             let pid = alloc.between(prev.as_ref(), right)?;
-            let atom =
-                Atom::new(piece, pid.clone()).expect("split_atoms makes 1..=255-byte pieces");
+            let piece: &str = ch.encode_utf8(&mut buf);
+            let atom = Atom::new(piece, pid.clone()).expect("one char is 1..=4 bytes");
             self.add_atom(piece, &pid, true);
-            // The next piece goes after this one's last entry.
-            prev = Some(if piece.chars().count() == 1 {
-                pid
-            } else {
-                virtual_id(&pid, piece.chars().count() - 1)
-            });
+            prev = Some(pid);
             atoms.push(atom);
         }
         Ok(())
@@ -486,8 +504,8 @@ mod tests {
         let mut a = Doc::new(1, DocName::default());
         let mut b = Doc::new(1, DocName::default());
         let mut al = alloc(1);
-        let mut ops = a.insert(&mut al, 0, "hello world").unwrap();
-        assert_eq!(ops.len(), 1, "one atom");
+        // A multi-char atom, as an old client or file makes it.
+        let mut ops = vec![old_atom(&mut a, "hello world")];
         ops.extend(a.insert(&mut al, 5, ",").unwrap());
         let del = a.delete(&mut al, 1..3).unwrap();
         assert!(
@@ -511,6 +529,34 @@ mod tests {
         assert_eq!(a.text(), "");
     }
 
+    #[test]
+    fn a_paste_is_one_run_and_retyping_after_a_backspace_extends_it() {
+        let mut a = Doc::new(1, DocName::default());
+        let mut al = alloc(1);
+        let mut ops = a.insert(&mut al, 0, "héllo").unwrap();
+        ops.extend(a.delete(&mut al, 4..5).unwrap());
+        ops.extend(a.insert(&mut al, 4, "o!").unwrap());
+        assert_eq!(a.text(), "héllo!");
+        let pids: Vec<Pid> = ops
+            .iter()
+            .filter_map(|op| match op {
+                LocalOp::Insert(x) => Some(x.pid().clone()),
+                LocalOp::Delete(_) => None,
+            })
+            .collect();
+        assert_eq!(pids.len(), 7);
+        for w in pids.windows(2) {
+            assert_eq!(w[0].offset(1).as_ref(), Some(&w[1]), "{pids:?}");
+        }
+    }
+
+    /// Applies a multi-char atom of site 9 at the end of `doc`.
+    fn old_atom(doc: &mut Doc, text: &str) -> LocalOp {
+        let pid = Pid::from_levels(&[Level::new(1 << 30, 9)]);
+        doc.apply_insert(text, &pid);
+        LocalOp::Insert(Atom::new(text, pid).unwrap())
+    }
+
     fn ops_first_pid(ops: &[LocalOp]) -> Pid {
         match &ops[0] {
             LocalOp::Insert(a) => a.pid().clone(),
@@ -523,7 +569,7 @@ mod tests {
         let mut al = alloc(1);
         let mut bl = alloc(2);
         let mut a = Doc::new(1, DocName::default());
-        let base = a.insert(&mut al, 0, "hello world").unwrap();
+        let base = vec![old_atom(&mut a, "hello world")];
         let mut b = Doc::new(1, DocName::default());
         apply_all(&mut b, &base);
         let mut oa = a.insert(&mut al, 5, " AAA").unwrap();
@@ -548,8 +594,7 @@ mod tests {
     #[test]
     fn delete_before_insert_stays_deleted_chars_too() {
         let mut a = Doc::new(1, DocName::default());
-        let mut al = alloc(1);
-        let ops = a.insert(&mut al, 0, "xy").unwrap();
+        let ops = [old_atom(&mut a, "xy")];
         let LocalOp::Insert(atom) = &ops[0] else {
             panic!()
         };

@@ -59,6 +59,8 @@ pub enum AllocError {
     ReservedSite,
     #[error("the right bound ends in a level with site 0, which no valid id does")]
     InvalidBound,
+    #[error("a run of {0} chars does not fit in one site's region")]
+    TooLong(u32),
 }
 
 /// The idents site `site` takes new last levels from, at every depth
@@ -140,6 +142,25 @@ impl Allocator {
     /// An id strictly between `left` and `right` (`None`: the start or the
     /// end of the document), whose last level carries this site.
     pub fn between(&mut self, left: Option<&Pid>, right: Option<&Pid>) -> Result<Pid, AllocError> {
+        self.run_between(left, right, 1)
+    }
+
+    /// The first id of a run of `n` chars placed at once (a paste, text
+    /// made offline) strictly between `left` and `right`: the run is that id
+    /// and the `n - 1` after it (last ident + 1 each), all between the
+    /// bounds and in this site's region. For `n = 1` this is [`between`].
+    /// A forward extension of `left` is taken if all `n` fit, else the `n`
+    /// idents just below an own `right`, else a new run of `n` at the
+    /// shallowest depth with room for all of them, centred in that room.
+    ///
+    /// [`between`]: Allocator::between
+    pub fn run_between(
+        &self,
+        left: Option<&Pid>,
+        right: Option<&Pid>,
+        n: u32,
+    ) -> Result<Pid, AllocError> {
+        let n = n.max(1);
         if let (Some(l), Some(r)) = (left, right) {
             if l >= r {
                 return Err(AllocError::NotOrdered("two ids"));
@@ -150,23 +171,39 @@ impl Allocator {
                 return Err(AllocError::InvalidBound);
             }
         }
-        if let Some(p) = self.forward_extension(left, right) {
+        let fits = |first: &Pid| {
+            first.last().ident.checked_add(n - 1).is_some_and(|e| {
+                self.in_region(e) && right.is_none_or(|r| first.with_last_ident(e) < *r)
+            })
+        };
+        if let Some(p) = self.forward_extension(left, right).filter(|p| fits(p)) {
             return Ok(p);
         }
         if let Some(p) = self.backward_extension(left, right) {
-            return Ok(p);
+            if n == 1 {
+                return Ok(p);
+            }
+            let first = p.last().ident.checked_sub(n - 1).filter(|&i| self.in_region(i));
+            if let Some(p) = first.map(|i| p.with_last_ident(i)) {
+                if left.is_none_or(|l| p > *l) {
+                    return Ok(p);
+                }
+            }
         }
-        self.new_run(left, right)
+        self.new_run(left, right, n)
     }
 
     /// The first id of a new run (see the module docs).
-    fn new_run(&self, left: Option<&Pid>, right: Option<&Pid>) -> Result<Pid, AllocError> {
+    fn new_run(&self, left: Option<&Pid>, right: Option<&Pid>, n: u32) -> Result<Pid, AllocError> {
         let lo: Vec<Level> = left.map(|p| p.levels().collect()).unwrap_or_default();
         let hi: Option<Vec<Level>> = right.map(|p| p.levels().collect());
-        // Typing backwards before an own char: nest under it, not under the
-        // left neighbour, so the run stays next to the char it grows from.
-        let backward = right.is_some_and(|r| r.creator() == self.site)
-            && left.is_none_or(|l| l.creator() != self.site);
+        // Before an own char: nest under it, not under the left neighbour,
+        // so a run typed backwards stays next to the char it grows from
+        // (whoever else nests under the left neighbour sorts before it).
+        // Also when the left neighbour is own too: the char before the
+        // right one may be the first char of this very run, a forward
+        // extension of the left one.
+        let backward = right.is_some_and(|r| r.creator() == self.site);
         let mut out: Vec<Level> = Vec::with_capacity(lo.len().max(1) + 1);
         // While `hi_tracked`, `out` equals `hi`'s prefix, so `hi` still bounds
         // the next level; once a level below `hi`'s is placed it stops
@@ -198,23 +235,38 @@ impl Allocator {
             };
             if let (Some(min), Some(max)) = (min, max) {
                 let (min, max) = (min.max(self.lo), max.min(self.hi));
-                if min <= max {
-                    out.push(Level::new(min + (max - min) / 2, self.site));
+                if min <= max && max - min >= n - 1 {
+                    out.push(Level::new(min + (max - min - (n - 1)) / 2, self.site));
                     return Ok(Pid::from_levels(&out));
                 }
             }
             // No room at this depth: copy a level that keeps `out` between
             // the bounds and go one deeper.
-            let left_child = hi_d.map(|h| Level::new(h.ident, 0));
-            let filler = match (lo_d, hi_d, left_child) {
+            let hi_last = hi.as_ref().is_some_and(|h| h.len() == d + 1);
+            let filler = match (lo_d, hi_d) {
                 // Both bounds share this level: stay on their common path.
-                (Some(l), Some(h), _) if l == h => l,
-                // Left child of the right neighbour: `(ident, 0)` sorts just
-                // below its level and, being >= the left one, above `lo`.
-                (l, Some(_), Some(f)) if (backward || l.is_none()) && l.is_none_or(|l| l <= f) => f,
+                (Some(l), Some(h)) if l == h => l,
+                // Left child of an own right neighbour: `(ident, 0)` sorts
+                // just below its last level and, being >= the left level,
+                // above `lo`. Only at its last level (or on a site-0 filler
+                // of its path): a level of another site there would be a
+                // char between the bounds, unless this replica has not seen
+                // it yet, and nesting at its ident could then land inside
+                // that site's run.
+                (l, Some(h))
+                    if backward
+                        && (hi_last || h.site == 0)
+                        && l.is_none_or(|l| l <= Level::new(h.ident, 0)) =>
+                {
+                    Level::new(h.ident, 0)
+                }
                 // Right child of the left neighbour.
-                (Some(l), _, _) => l,
-                (None, _, _) => unreachable!("an open depth always has room in the region"),
+                (Some(l), _) => l,
+                // `lo` is a prefix of `out`: the first child of `lo`, which
+                // sorts below everything else under it ((0, 0) unless `hi`
+                // is on that very filler path, then stay on it).
+                (None, Some(_)) => Level::new(0, 0),
+                (None, None) => return Err(AllocError::TooLong(n)),
             };
             if hi_d != Some(filler) {
                 hi_tracked = false;

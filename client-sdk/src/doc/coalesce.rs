@@ -18,9 +18,10 @@ use super::{Doc, EditError, parent};
 impl Doc {
     /// Replaces stretches of adjacent atoms whose ids satisfy `unsent`
     /// (never left the device) by one run of one-char atoms each, with
-    /// fresh ids in the same gap. A stretch is a run of entries that are
-    /// all such atoms or their chars (deleted chars included: rewriting
-    /// drops them, and the deletes the log holds for them). Returns (old
+    /// fresh ids in the gap of the stretch's first atom. A stretch is a run
+    /// of entries that are all such atoms or their chars (deleted chars
+    /// included: rewriting drops them, and the deletes the log holds for
+    /// them) or tombstones of other ids (which stay where they are). Returns (old
     /// ids removed, new atoms), for the op log to swap. A stretch is
     /// rewritten unless it already is one run of live one-char atoms;
     /// `force` rewrites every stretch (to re-make provisional ids with a
@@ -93,6 +94,11 @@ impl Doc {
                         cur.dead_chars = true;
                     }
                 }
+                // A tombstone of a sent or remote id shows nothing: the
+                // stretch goes on across it (the text is re-made in the gap
+                // of its first atom, which moves no visible char), so text
+                // typed around a deleted char still leaves as one run.
+                _ if !e.live && !cur.atoms.is_empty() => {}
                 _ => close(&mut cur, &mut runs, self),
             }
         }

@@ -61,6 +61,10 @@ pub struct Doc {
     pub name: DocName,
     chunks: Vec<Chunk>,
     live_chars: usize,
+    /// The first and last id of the last local insert: tells typing on
+    /// after it, or backwards before it, from a jump (see `insert`). Not
+    /// persisted: after a restart every insert is a jump.
+    last_insert: Option<(Pid, Pid)>,
 }
 
 /// The virtual id of char `j` of the atom `pid`.
@@ -77,6 +81,7 @@ impl Doc {
             name,
             chunks: vec![Chunk::default()],
             live_chars: 0,
+            last_insert: None,
         }
     }
 
@@ -174,41 +179,57 @@ impl Doc {
                 len: self.live_chars,
             });
         }
-        // Before the next live char, after any tombstones before it (the
-        // wide gap past them keeps ids short, measured on the traces),
-        // unless an earlier pair in that gap continues one of this site's
-        // runs: retyping after a backspace extends the run (PROTOCOL.md 1.4).
         let next = self.locate_char(index).unwrap_or_else(|| self.end());
-        let at = self.extension_point(alloc, next);
+        let at = self.insertion_point(alloc, next);
         let left = self.pid_before(at).cloned();
         let right = self.pid_at(at).cloned();
         let mut atoms = Vec::new();
         self.place_text(alloc, left, right.as_ref(), text, &mut atoms)?;
+        if let (Some(f), Some(l)) = (atoms.first(), atoms.last()) {
+            self.last_insert = Some((f.pid().clone(), l.pid().clone()));
+        }
         Ok(atoms.into_iter().map(LocalOp::Insert).collect())
     }
 
-    /// The insertion point in the gap ending at `next` (a gap of entries
-    /// that show no char) whose neighbours allow a forward extension: the
-    /// rightmost such, else `next`.
-    fn extension_point(&self, alloc: &Allocator, next: Loc) -> Loc {
+    /// Where in the gap before the live entry at `next` (a gap of entries
+    /// that show no char: tombstones, headers) new text goes. Every point
+    /// of the gap gives the same text; the point decides which runs the
+    /// new ids continue (PROTOCOL.md 1.4):
+    /// - typing on after the last insert: right after the char just typed
+    ///   (the allocator extends or nests there), never past a tombstone,
+    ///   which may hold text another replica typed after it concurrently;
+    /// - typing before the first char of the last insert (backwards):
+    ///   right before it (the allocator extends or nests under it);
+    /// - otherwise (a jump, or retyping after a backspace): the rightmost
+    ///   point that allows a forward extension (after an own tombstone the
+    ///   run goes on), else right before `next` (past the tombstones, the
+    ///   widest gap, which keeps ids short: measured on the traces).
+    fn insertion_point(&self, alloc: &Allocator, next: Loc) -> Loc {
+        // The gap's points, right to left.
+        let mut points = vec![next];
         let mut at = next;
-        loop {
-            if alloc
-                .forward_extension(self.pid_before(at), self.pid_at(at))
-                .is_some()
-            {
-                return at;
+        while let Some(p) = self.loc_before(at) {
+            if self.entry(p).live_chars() != 0 {
+                break;
             }
-            match self.loc_before(at) {
-                Some(p) if self.entry(p).live_chars() == 0 => at = p,
-                _ => return next,
-            }
+            at = p;
+            points.push(at);
+        }
+        let left_char = self.loc_before(at).map(|l| &self.entry(l).pid);
+        let right_char = self.pid_at(next);
+        let extends =
+            |l: &Loc| alloc.forward_extension(self.pid_before(*l), self.pid_at(*l)).is_some();
+        match &self.last_insert {
+            Some((_, last)) if left_char == Some(last) => at,
+            Some((first, _)) if right_char == Some(first) => next,
+            _ => points.iter().find(|l| extends(l)).copied().unwrap_or(next),
         }
     }
 
     /// Places `text` as a run of one-char atoms between two adjacent
-    /// entries (the allocator extends the run char by char, so a forward
-    /// run has consecutive ids under one prefix); pushes them to `atoms`.
+    /// entries: consecutive ids under one prefix, allocated as a block
+    /// (PROTOCOL.md 1.4), so a paste or a coalesced paragraph is one run;
+    /// pushes them to `atoms`.
     fn place_text(
         &mut self,
         alloc: &mut Allocator,
@@ -217,14 +238,22 @@ impl Doc {
         text: &str,
         atoms: &mut Vec<Atom>,
     ) -> Result<(), EditError> {
+        let chars: Vec<char> = text.chars().collect();
         let mut buf = [0u8; 4];
-        for ch in text.chars() {
-            let pid = alloc.between(prev.as_ref(), right)?;
-            let piece: &str = ch.encode_utf8(&mut buf);
-            let atom = Atom::new(piece, pid.clone()).expect("one char is 1..=4 bytes");
-            self.add_atom(piece, &pid, true);
-            prev = Some(pid);
-            atoms.push(atom);
+        // Blocks far below the smallest region (2^21 idents): a huge paste
+        // is a few runs, each allocated on its own, rather than an error.
+        for block in chars.chunks(1 << 16) {
+            let first = alloc.run_between(prev.as_ref(), right, block.len() as u32)?;
+            for (j, &ch) in block.iter().enumerate() {
+                let pid = first
+                    .offset(j as u32)
+                    .expect("run_between leaves room for the whole block");
+                let piece: &str = ch.encode_utf8(&mut buf);
+                let atom = Atom::new(piece, pid.clone()).expect("one char is 1..=4 bytes");
+                self.add_atom(piece, &pid, true);
+                prev = Some(pid);
+                atoms.push(atom);
+            }
         }
         Ok(())
     }

@@ -7,10 +7,9 @@
 //!
 //! Every inserted char becomes its own atom (live typing), deletes leave
 //! tombstones, and new ids are allocated between the neighbours in the full
-//! sequence (tombstones included), as a real replica must. Where the gap
-//! before the next live char holds tombstones, the pair that allows a
-//! forward extension is taken (as the SDK's `Doc` does). The final text is
-//! checked against the trace's endContent.
+//! sequence (tombstones included), as a real replica must, at the point of
+//! a gap of tombstones the SDK's `Doc` would take (see `insert`). The final
+//! text is checked against the trace's endContent.
 //!
 //! - A sequential trace (automerge-paper, seph-blog1) runs on one replica
 //!   (site 1); with `--swap N` the typing site alternates between 1 and 2
@@ -216,34 +215,43 @@ fn extends(alloc: &Allocator, left: Option<&Pid>, right: Option<&Pid>) -> bool {
     alloc.forward_extension(left, right).is_some()
 }
 
-/// Inserts `ch` at live position `pos` of `seq`; returns the op.
+/// Inserts `ch` at live position `pos` of `seq`; returns the op. `last`
+/// is the id this replica inserted last (the SDK's `Doc` rule: typing on
+/// after it goes right after it; otherwise, in a gap of tombstones, the
+/// rightmost pair that continues a forward run, else before the next live
+/// char). With `after_left`, always right after the live char before.
 fn insert(
     seq: &mut Seq,
     alloc: &mut Allocator,
     stats: &mut Stats,
+    last: &mut Option<Pid>,
     pos: usize,
     ch: char,
     after_left: bool,
 ) -> Op {
-    let (mut c, mut i) = if after_left && pos > 0 {
-        let (c, i) = seq.find_live(pos - 1);
-        (c, i + 1)
+    let (mut c, mut i) = seq.find_live(pos);
+    // The leftmost point of the gap of tombstones before (c, i).
+    let mut start = (c, i);
+    while let Some(p) = seq.prev(start.0, start.1) {
+        if seq.item(p.0, p.1).live {
+            break;
+        }
+        start = p;
+    }
+    let left_char = seq.before(start.0, start.1);
+    if after_left || (left_char.is_some() && left_char == last.as_ref()) {
+        (c, i) = start;
     } else {
-        seq.find_live(pos)
-    };
-    if !after_left {
-        // Tombstones before the next live char: take the rightmost adjacent
-        // pair that continues a forward run, if any.
         let mut at = (c, i);
         loop {
             if extends(alloc, seq.before(at.0, at.1), seq.at(at.0, at.1)) {
                 (c, i) = at;
                 break;
             }
-            match seq.prev(at.0, at.1) {
-                Some(p) if !seq.item(p.0, p.1).live => at = p,
-                _ => break,
+            if at == start {
+                break;
             }
+            at = seq.prev(at.0, at.1).expect("inside the gap");
         }
     }
     let left = seq.before(c, i).cloned();
@@ -251,6 +259,7 @@ fn insert(
         .between(left.as_ref(), seq.at(c, i))
         .expect("allocation");
     stats.add(&pid);
+    *last = Some(pid.clone());
     seq.insert(
         c,
         i,
@@ -290,9 +299,10 @@ fn sequential(trace: &serde_json::Value, swap: usize, after_left: bool) -> (Stat
         Allocator::new(2, 1, 8).unwrap(),
     ];
     let mut stats = Stats::default();
+    let mut last = None;
     let start = trace["startContent"].as_str().unwrap_or("");
     for (k, ch) in start.chars().enumerate() {
-        insert(&mut seq, &mut allocs[0], &mut stats, k, ch, after_left);
+        insert(&mut seq, &mut allocs[0], &mut stats, &mut last, k, ch, after_left);
     }
     for (t, txn) in trace["txns"].as_array().expect("txns").iter().enumerate() {
         let who = if swap == 0 { 0 } else { (t / swap) % 2 };
@@ -301,7 +311,15 @@ fn sequential(trace: &serde_json::Value, swap: usize, after_left: bool) -> (Stat
                 seq.delete_live(pos);
             }
             for (k, ch) in text.chars().enumerate() {
-                insert(&mut seq, &mut allocs[who], &mut stats, pos + k, ch, after_left);
+                insert(
+                    &mut seq,
+                    &mut allocs[who],
+                    &mut stats,
+                    &mut last,
+                    pos + k,
+                    ch,
+                    after_left,
+                );
             }
         }
     }
@@ -312,14 +330,21 @@ fn sequential(trace: &serde_json::Value, swap: usize, after_left: bool) -> (Stat
 fn concurrent(trace: &serde_json::Value, after_left: bool) -> (Stats, Seq) {
     let txns = trace["txns"].as_array().expect("txns");
     let agents = trace["numAgents"].as_u64().expect("numAgents") as usize;
-    let mut reps: Vec<(Seq, Allocator, HashSet<usize>)> = (0..agents)
-        .map(|a| (Seq::new(), Allocator::new(a as u8 + 1, 1, 0).unwrap(), HashSet::new()))
+    let mut reps: Vec<(Seq, Allocator, HashSet<usize>, Option<Pid>)> = (0..agents)
+        .map(|a| {
+            (
+                Seq::new(),
+                Allocator::new(a as u8 + 1, 1, 0).unwrap(),
+                HashSet::new(),
+                None,
+            )
+        })
         .collect();
     let mut ops: Vec<Vec<Op>> = Vec::with_capacity(txns.len());
     let mut stats = Stats::default();
     for (t, txn) in txns.iter().enumerate() {
         let agent = txn["agent"].as_u64().expect("agent") as usize;
-        let (seq, alloc, seen) = &mut reps[agent];
+        let (seq, alloc, seen, last) = &mut reps[agent];
         // Merge every ancestor not seen yet, in transaction order.
         let mut todo: Vec<usize> = txn["parents"]
             .as_array()
@@ -352,7 +377,7 @@ fn concurrent(trace: &serde_json::Value, after_left: bool) -> (Stats, Seq) {
                 mine.push(Op::Delete(seq.delete_live(pos)));
             }
             for (k, ch) in text.chars().enumerate() {
-                mine.push(insert(seq, alloc, &mut stats, pos + k, ch, after_left));
+                mine.push(insert(seq, alloc, &mut stats, last, pos + k, ch, after_left));
             }
         }
         seen.insert(t);
@@ -365,7 +390,7 @@ fn concurrent(trace: &serde_json::Value, after_left: bool) -> (Stats, Seq) {
             out.apply(op);
         }
     }
-    for (seq, _, seen) in &mut reps {
+    for (seq, _, seen, _) in &mut reps {
         for (t, txn_ops) in ops.iter().enumerate() {
             if !seen.contains(&t) {
                 for op in txn_ops {

@@ -105,6 +105,12 @@ impl Doc {
             .count()
     }
 
+    /// The id of char `index` of the text (`None` past the end): what a
+    /// test or an app needs to tell which run a char belongs to.
+    pub fn char_id(&self, index: usize) -> Option<Pid> {
+        self.locate_char(index).map(|l| self.entry(l).pid.clone())
+    }
+
     pub fn contains(&self, pid: &Pid) -> bool {
         self.find(pid).is_ok()
     }

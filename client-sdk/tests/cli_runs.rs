@@ -48,9 +48,8 @@ fn offline_paragraphs_at_one_spot_stay_whole_in_both_folders() {
     // Both offline: each appends at the end and inserts after the intro.
     let (pa, ma) = (paragraph("alice"), paragraph("amber"));
     let (pb, mb) = (paragraph("bob"), paragraph("brown"));
-    let edited = |middle: &str, end: &str| {
-        format!("# Shared\n\nintro line\n{middle}\nclosing line\n{end}")
-    };
+    let edited =
+        |middle: &str, end: &str| format!("# Shared\n\nintro line\n{middle}\nclosing line\n{end}");
     fs::write(a.join("shared.md"), edited(&ma, &pa)).unwrap();
     fs::write(b.join("shared.md"), edited(&mb, &pb)).unwrap();
 
@@ -61,8 +60,14 @@ fn offline_paragraphs_at_one_spot_stay_whole_in_both_folders() {
     let fb = md_files(&b)["shared.md"].clone();
     assert_eq!(fa, fb, "the folders converge");
     for p in [&pa, &ma, &pb, &mb] {
-        assert!(fa.contains(p.as_str()), "a paragraph was cut:\n{fa}\nmissing:\n{p}");
+        assert!(
+            fa.contains(p.as_str()),
+            "a paragraph was cut:\n{fa}\nmissing:\n{p}"
+        );
     }
     assert!(fa.starts_with("# Shared\n\nintro line\n"), "{fa}");
-    assert_eq!(fa.len(), base.len() + pa.len() + ma.len() + pb.len() + mb.len());
+    assert_eq!(
+        fa.len(),
+        base.len() + pa.len() + ma.len() + pb.len() + mb.len()
+    );
 }

@@ -117,7 +117,12 @@ impl World {
         let at = match t.anchor {
             None => rng.below(rep.doc.len_chars() + 1),
             Some(a) => {
-                let i = rep.doc.text().chars().position(|c| c == a).expect("own char");
+                let i = rep
+                    .doc
+                    .text()
+                    .chars()
+                    .position(|c| c == a)
+                    .expect("own char");
                 if t.forward { i + 1 } else { i }
             }
         };
@@ -176,7 +181,8 @@ impl World {
             }));
             pids.sort();
             assert!(
-                pids.windows(2).all(|w| w[0].offset(1).as_ref() == Some(w[1])),
+                pids.windows(2)
+                    .all(|w| w[0].offset(1).as_ref() == Some(w[1])),
                 "an offline run is one run: {pids:?}"
             );
         }
@@ -216,9 +222,7 @@ fn split_run(runs: &[Option<usize>], touched: &[HashSet<usize>]) -> Option<(usiz
             let more: Vec<usize> = inside
                 .iter()
                 .copied()
-                .filter(|b| {
-                    !allowed.contains(b) && touched[*b].iter().any(|t| allowed.contains(t))
-                })
+                .filter(|b| !allowed.contains(b) && touched[*b].iter().any(|t| allowed.contains(t)))
                 .collect();
             if more.is_empty() {
                 break;

@@ -20,7 +20,10 @@ use notesync_protocol::{Allocator, AtomListBuilder, ClientFrame, DocName, PidLis
 /// consecutive ids (up to 65,535 bytes), or an atom.
 // TODO(WIRE): encode the real frame 4 once the codec has it.
 fn v3_upsert_bytes(v2_bytes: usize, inserts: &[notesync_protocol::Atom]) -> usize {
-    let atom_bytes: usize = inserts.iter().map(|a| a.pid().wire_len() + 1 + a.data().len()).sum();
+    let atom_bytes: usize = inserts
+        .iter()
+        .map(|a| a.pid().wire_len() + 1 + a.data().len())
+        .sum();
     let mut item_bytes = 0;
     let mut i = 0;
     while i < inserts.len() {

@@ -302,10 +302,18 @@ fn sequential(trace: &serde_json::Value, swap: usize, after_left: bool) -> (Stat
     let mut last = None;
     let start = trace["startContent"].as_str().unwrap_or("");
     for (k, ch) in start.chars().enumerate() {
-        insert(&mut seq, &mut allocs[0], &mut stats, &mut last, k, ch, after_left);
+        insert(
+            &mut seq,
+            &mut allocs[0],
+            &mut stats,
+            &mut last,
+            k,
+            ch,
+            after_left,
+        );
     }
     for (t, txn) in trace["txns"].as_array().expect("txns").iter().enumerate() {
-        let who = if swap == 0 { 0 } else { (t / swap) % 2 };
+        let who = t.checked_div(swap).map_or(0, |k| k % 2);
         for (pos, del, text) in patches(txn) {
             for _ in 0..del {
                 seq.delete_live(pos);
@@ -377,7 +385,15 @@ fn concurrent(trace: &serde_json::Value, after_left: bool) -> (Stats, Seq) {
                 mine.push(Op::Delete(seq.delete_live(pos)));
             }
             for (k, ch) in text.chars().enumerate() {
-                mine.push(insert(seq, alloc, &mut stats, last, pos + k, ch, after_left));
+                mine.push(insert(
+                    seq,
+                    alloc,
+                    &mut stats,
+                    last,
+                    pos + k,
+                    ch,
+                    after_left,
+                ));
             }
         }
         seen.insert(t);

@@ -24,10 +24,14 @@
 //!   the region, is not empty, in the *middle* of that room, so it can grow
 //!   both ways;
 //! - with no room at a depth, it **descends** as the right child of the
-//!   left neighbour (copying its level), except when typing backwards
-//!   before an own char, when it nests as the left child of the right
-//!   neighbour (filler `(ident of its level, site 0)`, just below it), so a
-//!   backward run stays next to the char it grows from.
+//!   left neighbour (copying its level), except before an own char, where
+//!   it nests as the left child of the right neighbour (filler `(ident of
+//!   its last level, site 0)`, just below it), so a run typed backwards
+//!   stays next to the char it grows from, even when that char is itself a
+//!   forward extension of the left neighbour. Under a left neighbour that
+//!   is a prefix of the right one, the first child `(0, 0)`: never at an
+//!   ident of another site's level, which could sit inside its run when
+//!   this replica has not seen all of it (ops may arrive in any order).
 //!
 //! Everything is a function of the two neighbours and the site: no
 //! randomness, so every replica (and a third-party client) computes the
@@ -183,7 +187,11 @@ impl Allocator {
             if n == 1 {
                 return Ok(p);
             }
-            let first = p.last().ident.checked_sub(n - 1).filter(|&i| self.in_region(i));
+            let first = p
+                .last()
+                .ident
+                .checked_sub(n - 1)
+                .filter(|&i| self.in_region(i));
             if let Some(p) = first.map(|i| p.with_last_ident(i)) {
                 if left.is_none_or(|l| p > *l) {
                     return Ok(p);
@@ -324,7 +332,10 @@ mod tests {
                 // Another site's char just below ours, and own left child.
                 (Some(pid(&[(r0, 0), (9, 3)])), Some(pid(&[(r0, site)]))),
                 (Some(pid(&[(r0, 0)])), Some(pid(&[(r0, site)]))),
-                (Some(pid(&[(r0, site)])), Some(pid(&[(r0, site), (0, 0), (1, 1)]))),
+                (
+                    Some(pid(&[(r0, site)])),
+                    Some(pid(&[(r0, site), (0, 0), (1, 1)])),
+                ),
             ];
             for (l, r) in cases {
                 check(&mut a, l.as_ref(), r.as_ref());
@@ -420,9 +431,6 @@ mod tests {
         let mut b = Allocator::new(9, 77, 12345).unwrap();
         let l = pid(&[(12, 1), (99, 4)]);
         let r = pid(&[(12, 1), (99, 4), (3, 8)]);
-        assert_eq!(
-            a.between(Some(&l), Some(&r)),
-            b.between(Some(&l), Some(&r))
-        );
+        assert_eq!(a.between(Some(&l), Some(&r)), b.between(Some(&l), Some(&r)));
     }
 }

@@ -181,7 +181,12 @@ pub fn split_run(runs: &[Option<usize>], touched: &[HashSet<usize>]) -> Option<(
         let (Some(&lo), Some(&hi)) = (pos.first(), pos.last()) else {
             continue;
         };
-        let inside: HashSet<usize> = runs[lo..=hi].iter().flatten().copied().filter(|&b| b != a).collect();
+        let inside: HashSet<usize> = runs[lo..=hi]
+            .iter()
+            .flatten()
+            .copied()
+            .filter(|&b| b != a)
+            .collect();
         let mut allowed: HashSet<usize> = HashSet::from([a]);
         loop {
             let more: Vec<usize> = inside
@@ -245,4 +250,3 @@ fn two_appends_at_one_spot_do_not_interleave() {
     let text: String = all.iter().map(|x| x.1).collect();
     assert_eq!(text, "hello from alicegreetings bob");
 }
-

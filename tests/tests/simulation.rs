@@ -509,11 +509,14 @@ impl<'a> World<'a> {
             let at = self.rng.below(len + 1);
             let run = self.touched.len();
             let doc = &self.replicas[i].doc;
-            let near: HashSet<usize> = [at.checked_sub(1).and_then(|k| doc.char_id(k)), doc.char_id(at)]
-                .into_iter()
-                .flatten()
-                .filter_map(|p| self.run_of.get(&p).copied())
-                .collect();
+            let near: HashSet<usize> = [
+                at.checked_sub(1).and_then(|k| doc.char_id(k)),
+                doc.char_id(at),
+            ]
+            .into_iter()
+            .flatten()
+            .filter_map(|p| self.run_of.get(&p).copied())
+            .collect();
             if self.trace {
                 println!("run {run}: replica {i} inserts {text:?} at {at} (next to runs {near:?})");
             }
@@ -604,7 +607,12 @@ impl<'a> World<'a> {
         // Coalescing re-makes never-sent chars in order, one char per atom
         // (the op log forgot the deleted ones): each new id takes the run
         // of the char it replaces.
-        assert_eq!(removed.len(), added.len(), "seed {}: coalesced chars", self.seed);
+        assert_eq!(
+            removed.len(),
+            added.len(),
+            "seed {}: coalesced chars",
+            self.seed
+        );
         // (A new id may be one a removed char had: never sent, so free.)
         let runs: Vec<Option<usize>> = removed.iter().map(|p| self.run_of.remove(p)).collect();
         for (run, new) in runs.into_iter().zip(&added) {
@@ -1174,7 +1182,8 @@ impl<'a> World<'a> {
         }
         // Every run's chars are contiguous in the merged text, unless a run
         // typed next to them (or next to such a run, ...) came between.
-        let text_runs: Vec<Option<usize>> = chars.keys().map(|p| self.run_of.get(p).copied()).collect();
+        let text_runs: Vec<Option<usize>> =
+            chars.keys().map(|p| self.run_of.get(p).copied()).collect();
         if let Some((a, b)) = split_run(&text_runs, &self.touched) {
             let span: Vec<String> = chars
                 .iter()
@@ -1246,9 +1255,7 @@ fn split_run(runs: &[Option<usize>], touched: &[HashSet<usize>]) -> Option<(usiz
             let more: Vec<usize> = inside
                 .iter()
                 .copied()
-                .filter(|b| {
-                    !allowed.contains(b) && touched[*b].iter().any(|t| allowed.contains(t))
-                })
+                .filter(|b| !allowed.contains(b) && touched[*b].iter().any(|t| allowed.contains(t)))
                 .collect();
             if more.is_empty() {
                 break;

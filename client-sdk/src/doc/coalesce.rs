@@ -143,10 +143,7 @@ mod tests {
         assert_eq!(a.atom_count(), 6);
         let (removed, added) = a.coalesce(&mut al, |_| true, false).unwrap();
         assert_eq!((removed.len(), added.len()), (6, 6));
-        assert_eq!(
-            added.iter().map(|x| x.data()).collect::<String>(),
-            "abcdef"
-        );
+        assert_eq!(added.iter().map(|x| x.data()).collect::<String>(), "abcdef");
         for w in added.windows(2) {
             assert_eq!(w[0].pid().offset(1).as_ref(), Some(w[1].pid()), "{added:?}");
         }

@@ -6,6 +6,10 @@
 //! data, no chars of its own) plus one *virtual* entry per char, at
 //! `P ++ [(creator, j)]`. So an edit never splits an atom: deleting a char
 //! deletes its (virtual) id, and new text goes between two adjacent entries.
+//! Local text is always made as *runs* (PROTOCOL.md 1.4): one one-char atom
+//! per char, at consecutive ids under one prefix (the version-3 rule), so
+//! concurrent runs never interleave; multi-char atoms come only from older
+//! clients and files.
 //!
 //! Invariants:
 //! - Entries are sorted by position id across all chunks; ids are unique.
@@ -223,8 +227,11 @@ impl Doc {
         }
         let left_char = self.loc_before(at).map(|l| &self.entry(l).pid);
         let right_char = self.pid_at(next);
-        let extends =
-            |l: &Loc| alloc.forward_extension(self.pid_before(*l), self.pid_at(*l)).is_some();
+        let extends = |l: &Loc| {
+            alloc
+                .forward_extension(self.pid_before(*l), self.pid_at(*l))
+                .is_some()
+        };
         match &self.last_insert {
             Some((_, last)) if left_char == Some(last) => at,
             Some((first, _)) if right_char == Some(first) => next,

@@ -1169,7 +1169,13 @@ async fn resync_keeps_pending(ctx: ClientCtx) -> Outcome {
     // The edited note's upsert and the other's pull were both answered with
     // a resync: both texts now equal the server's, the edit included.
     // One atom or a run of one-char atoms (1.4): each id once, the edit's text.
-    let mut sent: Vec<Atom> = s.server.traffic().inserts(edited).into_iter().map(|(_, a)| a).collect();
+    let mut sent: Vec<Atom> = s
+        .server
+        .traffic()
+        .inserts(edited)
+        .into_iter()
+        .map(|(_, a)| a)
+        .collect();
     sent.sort_by(|a, b| a.pid().cmp(b.pid()));
     assert!(
         sent.windows(2).all(|w| w[0].pid() != w[1].pid())

@@ -15,16 +15,36 @@ use super::{ClientCtx, Setup, full_sequence, setup};
 /// A run of `text` by `alloc`, typed forwards after the `at`-th entry of
 /// the world's full sequence (`None`: at the start), or backwards before
 /// it, without seeing what the client typed.
-fn remote_run(s: &Setup, doc: DocId, alloc: &mut Allocator, at: usize, text: &str, forward: bool) -> Vec<Atom> {
+fn remote_run(
+    s: &Setup,
+    doc: DocId,
+    alloc: &mut Allocator,
+    at: usize,
+    text: &str,
+    forward: bool,
+) -> Vec<Atom> {
     let seq = full_sequence(&s.world(), doc);
-    let (left, right) = (at.checked_sub(1).map(|i| seq[i].clone()), seq.get(at).cloned());
+    let (left, right) = (
+        at.checked_sub(1).map(|i| seq[i].clone()),
+        seq.get(at).cloned(),
+    );
     let mut atoms: Vec<Atom> = Vec::new();
     let mut bounds = (left, right);
-    let chars: Vec<char> = if forward { text.chars().collect() } else { text.chars().rev().collect() };
+    let chars: Vec<char> = if forward {
+        text.chars().collect()
+    } else {
+        text.chars().rev().collect()
+    };
     for ch in chars {
-        let p = alloc.between(bounds.0.as_ref(), bounds.1.as_ref()).expect("room");
+        let p = alloc
+            .between(bounds.0.as_ref(), bounds.1.as_ref())
+            .expect("room");
         atoms.push(Atom::new(ch.to_string(), p.clone()).expect("one char"));
-        bounds = if forward { (Some(p), bounds.1) } else { (bounds.0, Some(p)) };
+        bounds = if forward {
+            (Some(p), bounds.1)
+        } else {
+            (bounds.0, Some(p))
+        };
     }
     atoms
 }
@@ -74,7 +94,12 @@ pub(super) async fn runs_stay_whole(ctx: ClientCtx) -> Outcome {
     s.world().remote_insert(doc, &ra);
     s.world().remote_insert(doc, &rb);
     s.sync_ok("sync after typing forwards").await;
-    assert_whole(&s, doc, &[mine, "greetings from three", "and two hundred"], "forward runs at one spot");
+    assert_whole(
+        &s,
+        doc,
+        &[mine, "greetings from three", "and two hundred"],
+        "forward runs at one spot",
+    );
 
     // Backwards, before "end" (typing each char before the previous one,
     // as at the start of a line), against a remote backward run there.
@@ -90,10 +115,18 @@ pub(super) async fn runs_stay_whole(ctx: ClientCtx) -> Outcome {
         .find(|p| base.iter().any(|a| a.pid() == *p && a.data() == "e"))
         .cloned()
         .expect("the base's 'e'");
-    let before_end = seq.iter().position(|p| *p == end_id).expect("in the sequence");
+    let before_end = seq
+        .iter()
+        .position(|p| *p == end_id)
+        .expect("in the sequence");
     let rc = remote_run(&s, doc, &mut low, before_end, "also backwards", false);
     s.world().remote_insert(doc, &rc);
     s.sync_ok("sync after typing backwards").await;
-    assert_whole(&s, doc, &[back, "also backwards", mine], "backward runs at one spot");
+    assert_whole(
+        &s,
+        doc,
+        &[back, "also backwards", mine],
+        "backward runs at one spot",
+    );
     Ok(())
 }

@@ -1236,8 +1236,10 @@ impl<'a> World<'a> {
 }
 
 /// The first run split by another with no chain of "typed next to" to it
-/// among the runs inside its span (client-sdk/tests/doc_runs.rs has the
-/// same check): `None` if every run is whole.
+/// among the runs with no live char outside its span (those inside it, and
+/// those deleted whole: a run typed inside `a` and since deleted still
+/// explains text typed next to it; see client-sdk/tests/doc_runs.rs):
+/// `None` if every run is whole.
 fn split_run(runs: &[Option<usize>], touched: &[HashSet<usize>]) -> Option<(usize, usize)> {
     for a in 0..touched.len() {
         let pos: Vec<usize> = (0..runs.len()).filter(|&i| runs[i] == Some(a)).collect();
@@ -1250,9 +1252,18 @@ fn split_run(runs: &[Option<usize>], touched: &[HashSet<usize>]) -> Option<(usiz
             .copied()
             .filter(|&b| b != a)
             .collect();
+        let outside: HashSet<usize> = runs[..lo]
+            .iter()
+            .chain(&runs[hi + 1..])
+            .flatten()
+            .copied()
+            .collect();
+        let links: Vec<usize> = (0..touched.len())
+            .filter(|r| !outside.contains(r))
+            .collect();
         let mut allowed: HashSet<usize> = HashSet::from([a]);
         loop {
-            let more: Vec<usize> = inside
+            let more: Vec<usize> = links
                 .iter()
                 .copied()
                 .filter(|b| !allowed.contains(b) && touched[*b].iter().any(|t| allowed.contains(t)))

@@ -412,6 +412,11 @@ struct World<'a> {
     sdk_ack_rule: bool,
     /// `NOTESYNC_SIM_TRACE=1`: print what happens to sessions and catch-ups.
     trace: bool,
+    /// Run integrity (PROTOCOL.md 1.4): every insert is a run; the run of
+    /// each id, and the runs whose chars were next to the cursor when a
+    /// run was typed.
+    run_of: BTreeMap<Pid, usize>,
+    touched: Vec<HashSet<usize>>,
 }
 
 impl<'a> World<'a> {
@@ -469,6 +474,8 @@ impl<'a> World<'a> {
             stats: Stats::default(),
             sdk_ack_rule: std::env::var("NOTESYNC_SIM_SDK_ACK_RULE").is_ok_and(|v| v == "1"),
             trace: std::env::var("NOTESYNC_SIM_TRACE").is_ok_and(|v| v == "1"),
+            run_of: BTreeMap::new(),
+            touched: Vec::new(),
         }
     }
 
@@ -500,8 +507,28 @@ impl<'a> World<'a> {
         } else {
             let text = self.text_of();
             let at = self.rng.below(len + 1);
+            let run = self.touched.len();
+            let doc = &self.replicas[i].doc;
+            let near: HashSet<usize> = [
+                at.checked_sub(1).and_then(|k| doc.char_id(k)),
+                doc.char_id(at),
+            ]
+            .into_iter()
+            .flatten()
+            .filter_map(|p| self.run_of.get(&p).copied())
+            .collect();
+            if self.trace {
+                println!("run {run}: replica {i} inserts {text:?} at {at} (next to runs {near:?})");
+            }
+            self.touched.push(near);
             let r = &mut self.replicas[i];
-            r.doc.insert(&mut r.alloc, at, &text).expect("insert")
+            let ops = r.doc.insert(&mut r.alloc, at, &text).expect("insert");
+            for op in &ops {
+                if let LocalOp::Insert(a) = op {
+                    self.run_of.insert(a.pid().clone(), run);
+                }
+            }
+            ops
         };
         self.replicas[i].record(ops);
     }
@@ -562,6 +589,7 @@ impl<'a> World<'a> {
         if !removed.is_empty() {
             pending.swap_coalesced(&removed, &added);
         }
+
         pending.mark_sent();
         let (inserts, deletes, _) = pending.snapshot();
         r.in_flight = true;
@@ -576,6 +604,22 @@ impl<'a> World<'a> {
         self.note_sent(i, &req.inserts, &req.deletes);
         self.inbox.push(req);
         self.stats.requests += 1;
+        // Coalescing re-makes never-sent chars in order, one char per atom
+        // (the op log forgot the deleted ones): each new id takes the run
+        // of the char it replaces.
+        assert_eq!(
+            removed.len(),
+            added.len(),
+            "seed {}: coalesced chars",
+            self.seed
+        );
+        // (A new id may be one a removed char had: never sent, so free.)
+        let runs: Vec<Option<usize>> = removed.iter().map(|p| self.run_of.remove(p)).collect();
+        for (run, new) in runs.into_iter().zip(&added) {
+            if let Some(run) = run {
+                self.run_of.insert(new.pid().clone(), run);
+            }
+        }
     }
 
     /// Request `k` reaches the server; its reply is read to the end, and
@@ -1136,6 +1180,25 @@ impl<'a> World<'a> {
                 r.session_mode
             );
         }
+        // Every run's chars are contiguous in the merged text, unless a run
+        // typed next to them (or next to such a run, ...) came between.
+        let text_runs: Vec<Option<usize>> =
+            chars.keys().map(|p| self.run_of.get(p).copied()).collect();
+        if let Some((a, b)) = split_run(&text_runs, &self.touched) {
+            let span: Vec<String> = chars
+                .iter()
+                .zip(&text_runs)
+                .filter(|(_, r)| **r == Some(a) || **r == Some(b))
+                .map(|((p, c), r)| format!("{r:?} {c:?} {p:?}"))
+                .collect();
+            panic!(
+                "seed {seed}: run {a} is split by run {b}, which was typed elsewhere ({when}); \
+                 runs typed next to them: {:?}, {:?}; their chars in order:\n{}",
+                self.touched[a],
+                self.touched[b],
+                span.join("\n")
+            );
+        }
         for (p, d) in &live {
             assert_eq!(
                 self.sent_ids.get(p),
@@ -1170,6 +1233,51 @@ impl<'a> World<'a> {
             );
         }
     }
+}
+
+/// The first run split by another with no chain of "typed next to" to it
+/// among the runs with no live char outside its span (those inside it, and
+/// those deleted whole: a run typed inside `a` and since deleted still
+/// explains text typed next to it; see client-sdk/tests/doc_runs.rs):
+/// `None` if every run is whole.
+fn split_run(runs: &[Option<usize>], touched: &[HashSet<usize>]) -> Option<(usize, usize)> {
+    for a in 0..touched.len() {
+        let pos: Vec<usize> = (0..runs.len()).filter(|&i| runs[i] == Some(a)).collect();
+        let (Some(&lo), Some(&hi)) = (pos.first(), pos.last()) else {
+            continue;
+        };
+        let inside: HashSet<usize> = runs[lo..=hi]
+            .iter()
+            .flatten()
+            .copied()
+            .filter(|&b| b != a)
+            .collect();
+        let outside: HashSet<usize> = runs[..lo]
+            .iter()
+            .chain(&runs[hi + 1..])
+            .flatten()
+            .copied()
+            .collect();
+        let links: Vec<usize> = (0..touched.len())
+            .filter(|r| !outside.contains(r))
+            .collect();
+        let mut allowed: HashSet<usize> = HashSet::from([a]);
+        loop {
+            let more: Vec<usize> = links
+                .iter()
+                .copied()
+                .filter(|b| !allowed.contains(b) && touched[*b].iter().any(|t| allowed.contains(t)))
+                .collect();
+            if more.is_empty() {
+                break;
+            }
+            allowed.extend(more);
+        }
+        if let Some(&b) = inside.iter().find(|b| !allowed.contains(b)) {
+            return Some((a, b));
+        }
+    }
+    None
 }
 
 fn run_seed(seed: u64, nth: u64, io: &Runtime, server: &mut LiveServer) -> Stats {

@@ -1,22 +1,31 @@
-//! Coalescing: the never-sent atoms of a document rewritten as few large
-//! ones before an upsert (the seed's rule: bytes sent proportional to the
-//! new text), or re-made with a real site when a provisional note gets one.
+//! Coalescing: the never-sent atoms of a document re-made as one run
+//! (consecutive one-char atoms at consecutive idents of one prefix,
+//! PROTOCOL.md 1.4) before an upsert, or re-made with a real site when a
+//! provisional note gets one.
+//!
+//! Why runs and not 255-byte atoms: a run is what the version-3 rule makes
+//! for forward typing, so an offline paragraph is one run whatever order it
+//! was typed in, it costs one prefix and a count on the wire (frame 4), and
+//! the text typed after it, online, extends the same run. A multi-char atom
+//! would also be contiguous, but typing after it starts a new, deeper run
+//! (its virtual ids leave no room for an extension).
 
-use notesync_protocol::{Allocator, Atom, MAX_ATOM_BYTES, Pid};
+use notesync_protocol::{Allocator, Atom, Pid};
 
 use super::entries::Kind;
 use super::{Doc, EditError, parent};
 
 impl Doc {
-    /// Replaces runs of adjacent atoms whose ids satisfy `unsent` (never
-    /// left the device) by as few atoms as possible (up to 255 bytes each,
-    /// never splitting a char), with fresh ids in the same gap. A run is a
-    /// stretch of entries that are all such atoms or their chars (deleted
-    /// chars included: rewriting drops them, and the deletes the log holds
-    /// for them). Returns (old ids removed, new atoms), for the op log to
-    /// swap. A run is rewritten when that makes fewer atoms or drops
-    /// deleted chars; `force` rewrites every run (to re-make provisional
-    /// ids with a real site).
+    /// Replaces stretches of adjacent atoms whose ids satisfy `unsent`
+    /// (never left the device) by one run of one-char atoms each, with
+    /// fresh ids in the gap of the stretch's first atom. A stretch is a run
+    /// of entries that are all such atoms or their chars (deleted chars
+    /// included: rewriting drops them, and the deletes the log holds for
+    /// them) or tombstones of other ids (which stay where they are). Returns (old
+    /// ids removed, new atoms), for the op log to swap. A stretch is
+    /// rewritten unless it already is one run of live one-char atoms;
+    /// `force` rewrites every stretch (to re-make provisional ids with a
+    /// real site).
     pub fn coalesce(
         &mut self,
         alloc: &mut Allocator,
@@ -33,6 +42,10 @@ impl Doc {
             /// rewritten atom takes all of its chars with it).
             chars_seen: std::collections::HashMap<Pid, usize>,
             dead_chars: bool,
+            /// Every atom so far is a live one-char atom at the id after
+            /// the previous one's.
+            one_run: bool,
+            last: Option<Pid>,
         }
         let mut runs: Vec<(Vec<Pid>, String)> = Vec::new();
         let mut cur = Run::default();
@@ -47,8 +60,7 @@ impl Doc {
                 doc.find(p)
                     .is_ok_and(|l| doc.entry(l).data.chars().count() == seen)
             });
-            let fewer = run.atoms.len() > run.text.len().div_ceil(MAX_ATOM_BYTES);
-            if whole && (force || run.dead_chars || fewer) {
+            if whole && (force || run.dead_chars || !run.one_run) {
                 runs.push((run.atoms, run.text));
             }
         };
@@ -57,6 +69,11 @@ impl Doc {
                 // A deleted never-sent atom (the op log forgets them, so
                 // only a doc used without one has them) is dropped.
                 Kind::Atom if unsent(&e.pid) => {
+                    cur.one_run = match &cur.last {
+                        None => cur.atoms.is_empty(),
+                        Some(p) => cur.one_run && p.offset(1).as_ref() == Some(&e.pid),
+                    };
+                    cur.last = Some(e.pid.clone());
                     cur.atoms.push(e.pid.clone());
                     if e.live {
                         cur.text.push_str(&e.data);
@@ -65,6 +82,7 @@ impl Doc {
                     }
                 }
                 Kind::Header if unsent(&e.pid) => {
+                    cur.one_run = false;
                     cur.atoms.push(e.pid.clone());
                     cur.chars_seen.insert(e.pid.clone(), 0);
                 }
@@ -76,6 +94,11 @@ impl Doc {
                         cur.dead_chars = true;
                     }
                 }
+                // A tombstone of a sent or remote id shows nothing: the
+                // stretch goes on across it (the text is re-made in the gap
+                // of its first atom, which moves no visible char), so text
+                // typed around a deleted char still leaves as one run.
+                _ if !e.live && !cur.atoms.is_empty() => {}
                 _ => close(&mut cur, &mut runs, self),
             }
         }
@@ -105,16 +128,25 @@ mod tests {
     use crate::doc::Doc;
 
     #[test]
-    fn coalesce_merges_unsent_runs_and_parts_round_trip() {
+    fn coalesce_remakes_unsent_text_as_one_run_and_parts_round_trip() {
         let mut a = Doc::new(1, DocName::default());
         let mut al = Allocator::new(1, 1, 1).unwrap();
-        for (i, ch) in "abcdef".chars().enumerate() {
+        // Typed forwards: already one run, nothing to rewrite.
+        for (i, ch) in "abc".chars().enumerate() {
             a.insert(&mut al, i, &ch.to_string()).unwrap();
         }
+        assert_eq!(a.coalesce(&mut al, |_| true, false).unwrap().0.len(), 0);
+        // Typed out of order (backwards, then in the middle): rewritten.
+        a.insert(&mut al, 3, "f").unwrap();
+        a.insert(&mut al, 3, "d").unwrap();
+        a.insert(&mut al, 4, "e").unwrap();
         assert_eq!(a.atom_count(), 6);
         let (removed, added) = a.coalesce(&mut al, |_| true, false).unwrap();
-        assert_eq!((removed.len(), added.len()), (6, 1));
-        assert_eq!(added[0].data(), "abcdef");
+        assert_eq!((removed.len(), added.len()), (6, 6));
+        assert_eq!(added.iter().map(|x| x.data()).collect::<String>(), "abcdef");
+        for w in added.windows(2) {
+            assert_eq!(w[0].pid().offset(1).as_ref(), Some(w[1].pid()), "{added:?}");
+        }
         assert_eq!(a.text(), "abcdef");
         a.delete(&mut al, 2..3).unwrap();
         let (atoms, deleted) = a.to_parts();

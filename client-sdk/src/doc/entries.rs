@@ -86,6 +86,17 @@ impl Doc {
             .find_map(|ch| ch.entries.last().map(|e| &e.pid))
     }
 
+    /// The entry before `loc`, if any.
+    pub(super) fn loc_before(&self, (c, i): Loc) -> Option<Loc> {
+        if i > 0 {
+            return Some((c, i - 1));
+        }
+        (0..c)
+            .rev()
+            .find(|&k| !self.chunks[k].entries.is_empty())
+            .map(|k| (k, self.chunks[k].entries.len() - 1))
+    }
+
     /// The id of the entry at `loc` (an insertion point) or the next one.
     pub(super) fn pid_at(&self, (c, i): Loc) -> Option<&Pid> {
         if let Some(e) = self.chunks[c].entries.get(i) {

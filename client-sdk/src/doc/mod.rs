@@ -6,6 +6,10 @@
 //! data, no chars of its own) plus one *virtual* entry per char, at
 //! `P ++ [(creator, j)]`. So an edit never splits an atom: deleting a char
 //! deletes its (virtual) id, and new text goes between two adjacent entries.
+//! Local text is always made as *runs* (PROTOCOL.md 1.4): one one-char atom
+//! per char, at consecutive ids under one prefix (the version-3 rule), so
+//! concurrent runs never interleave; multi-char atoms come only from older
+//! clients and files.
 //!
 //! Invariants:
 //! - Entries are sorted by position id across all chunks; ids are unique.
@@ -30,7 +34,7 @@ use std::ops::Range;
 
 use notesync_protocol::{AllocError, Allocator, Atom, DocId, DocName, Level, MAX_ATOM_BYTES, Pid};
 
-use entries::{Chunk, Entry, Kind};
+use entries::{Chunk, Entry, Kind, Loc};
 
 /// An op made by a local edit, to be sent to the server.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,6 +65,10 @@ pub struct Doc {
     pub name: DocName,
     chunks: Vec<Chunk>,
     live_chars: usize,
+    /// The first and last id of the last local insert: tells typing on
+    /// after it, or backwards before it, from a jump (see `insert`). Not
+    /// persisted: after a restart every insert is a jump.
+    last_insert: Option<(Pid, Pid)>,
 }
 
 /// The virtual id of char `j` of the atom `pid`.
@@ -77,6 +85,7 @@ impl Doc {
             name,
             chunks: vec![Chunk::default()],
             live_chars: 0,
+            last_insert: None,
         }
     }
 
@@ -98,6 +107,12 @@ impl Doc {
         self.entries()
             .filter(|e| matches!(e.kind, Kind::Atom | Kind::Header))
             .count()
+    }
+
+    /// The id of char `index` of the text (`None` past the end): what a
+    /// test or an app needs to tell which run a char belongs to.
+    pub fn char_id(&self, index: usize) -> Option<Pid> {
+        self.locate_char(index).map(|l| self.entry(l).pid.clone())
     }
 
     pub fn contains(&self, pid: &Pid) -> bool {
@@ -174,19 +189,60 @@ impl Doc {
                 len: self.live_chars,
             });
         }
-        // Before the next live char, after any tombstones before it: after a
-        // backspace the next keystroke lands in the wide gap past them, which
-        // keeps ids short (measured on the traces).
-        let at = self.locate_char(index).unwrap_or_else(|| self.end());
+        let next = self.locate_char(index).unwrap_or_else(|| self.end());
+        let at = self.insertion_point(alloc, next);
         let left = self.pid_before(at).cloned();
         let right = self.pid_at(at).cloned();
         let mut atoms = Vec::new();
         self.place_text(alloc, left, right.as_ref(), text, &mut atoms)?;
+        if let (Some(f), Some(l)) = (atoms.first(), atoms.last()) {
+            self.last_insert = Some((f.pid().clone(), l.pid().clone()));
+        }
         Ok(atoms.into_iter().map(LocalOp::Insert).collect())
     }
 
-    /// Places `text` as new atoms between two adjacent entries; pushes them
-    /// to `atoms`.
+    /// Where in the gap before the live entry at `next` (a gap of entries
+    /// that show no char: tombstones, headers) new text goes. Every point
+    /// of the gap gives the same text; the point decides which runs the
+    /// new ids continue (PROTOCOL.md 1.4):
+    /// - typing on after the last insert: right after the char just typed
+    ///   (the allocator extends or nests there), never past a tombstone,
+    ///   which may hold text another replica typed after it concurrently;
+    /// - typing before the first char of the last insert (backwards):
+    ///   right before it (the allocator extends or nests under it);
+    /// - otherwise (a jump, or retyping after a backspace): the rightmost
+    ///   point that allows a forward extension (after an own tombstone the
+    ///   run goes on), else right before `next` (past the tombstones, the
+    ///   widest gap, which keeps ids short: measured on the traces).
+    fn insertion_point(&self, alloc: &Allocator, next: Loc) -> Loc {
+        // The gap's points, right to left.
+        let mut points = vec![next];
+        let mut at = next;
+        while let Some(p) = self.loc_before(at) {
+            if self.entry(p).live_chars() != 0 {
+                break;
+            }
+            at = p;
+            points.push(at);
+        }
+        let left_char = self.loc_before(at).map(|l| &self.entry(l).pid);
+        let right_char = self.pid_at(next);
+        let extends = |l: &Loc| {
+            alloc
+                .forward_extension(self.pid_before(*l), self.pid_at(*l))
+                .is_some()
+        };
+        match &self.last_insert {
+            Some((_, last)) if left_char == Some(last) => at,
+            Some((first, _)) if right_char == Some(first) => next,
+            _ => points.iter().find(|l| extends(l)).copied().unwrap_or(next),
+        }
+    }
+
+    /// Places `text` as a run of one-char atoms between two adjacent
+    /// entries: consecutive ids under one prefix, allocated as a block
+    /// (PROTOCOL.md 1.4), so a paste or a coalesced paragraph is one run;
+    /// pushes them to `atoms`.
     fn place_text(
         &mut self,
         alloc: &mut Allocator,
@@ -195,18 +251,22 @@ impl Doc {
         text: &str,
         atoms: &mut Vec<Atom>,
     ) -> Result<(), EditError> {
-        for piece in split_atoms(text) {
-            let pid = alloc.between(prev.as_ref(), right)?;
-            let atom =
-                Atom::new(piece, pid.clone()).expect("split_atoms makes 1..=255-byte pieces");
-            self.add_atom(piece, &pid, true);
-            // The next piece goes after this one's last entry.
-            prev = Some(if piece.chars().count() == 1 {
-                pid
-            } else {
-                virtual_id(&pid, piece.chars().count() - 1)
-            });
-            atoms.push(atom);
+        let chars: Vec<char> = text.chars().collect();
+        let mut buf = [0u8; 4];
+        // Blocks far below the smallest region (2^21 idents): a huge paste
+        // is a few runs, each allocated on its own, rather than an error.
+        for block in chars.chunks(1 << 16) {
+            let first = alloc.run_between(prev.as_ref(), right, block.len() as u32)?;
+            for (j, &ch) in block.iter().enumerate() {
+                let pid = first
+                    .offset(j as u32)
+                    .expect("run_between leaves room for the whole block");
+                let piece: &str = ch.encode_utf8(&mut buf);
+                let atom = Atom::new(piece, pid.clone()).expect("one char is 1..=4 bytes");
+                self.add_atom(piece, &pid, true);
+                prev = Some(pid);
+                atoms.push(atom);
+            }
         }
         Ok(())
     }
@@ -486,8 +546,8 @@ mod tests {
         let mut a = Doc::new(1, DocName::default());
         let mut b = Doc::new(1, DocName::default());
         let mut al = alloc(1);
-        let mut ops = a.insert(&mut al, 0, "hello world").unwrap();
-        assert_eq!(ops.len(), 1, "one atom");
+        // A multi-char atom, as an old client or file makes it.
+        let mut ops = vec![old_atom(&mut a, "hello world")];
         ops.extend(a.insert(&mut al, 5, ",").unwrap());
         let del = a.delete(&mut al, 1..3).unwrap();
         assert!(
@@ -511,6 +571,34 @@ mod tests {
         assert_eq!(a.text(), "");
     }
 
+    #[test]
+    fn a_paste_is_one_run_and_retyping_after_a_backspace_extends_it() {
+        let mut a = Doc::new(1, DocName::default());
+        let mut al = alloc(1);
+        let mut ops = a.insert(&mut al, 0, "héllo").unwrap();
+        ops.extend(a.delete(&mut al, 4..5).unwrap());
+        ops.extend(a.insert(&mut al, 4, "o!").unwrap());
+        assert_eq!(a.text(), "héllo!");
+        let pids: Vec<Pid> = ops
+            .iter()
+            .filter_map(|op| match op {
+                LocalOp::Insert(x) => Some(x.pid().clone()),
+                LocalOp::Delete(_) => None,
+            })
+            .collect();
+        assert_eq!(pids.len(), 7);
+        for w in pids.windows(2) {
+            assert_eq!(w[0].offset(1).as_ref(), Some(&w[1]), "{pids:?}");
+        }
+    }
+
+    /// Applies a multi-char atom of site 9 at the end of `doc`.
+    fn old_atom(doc: &mut Doc, text: &str) -> LocalOp {
+        let pid = Pid::from_levels(&[Level::new(1 << 30, 9)]);
+        doc.apply_insert(text, &pid);
+        LocalOp::Insert(Atom::new(text, pid).unwrap())
+    }
+
     fn ops_first_pid(ops: &[LocalOp]) -> Pid {
         match &ops[0] {
             LocalOp::Insert(a) => a.pid().clone(),
@@ -523,7 +611,7 @@ mod tests {
         let mut al = alloc(1);
         let mut bl = alloc(2);
         let mut a = Doc::new(1, DocName::default());
-        let base = a.insert(&mut al, 0, "hello world").unwrap();
+        let base = vec![old_atom(&mut a, "hello world")];
         let mut b = Doc::new(1, DocName::default());
         apply_all(&mut b, &base);
         let mut oa = a.insert(&mut al, 5, " AAA").unwrap();
@@ -548,8 +636,7 @@ mod tests {
     #[test]
     fn delete_before_insert_stays_deleted_chars_too() {
         let mut a = Doc::new(1, DocName::default());
-        let mut al = alloc(1);
-        let ops = a.insert(&mut al, 0, "xy").unwrap();
+        let ops = [old_atom(&mut a, "xy")];
         let LocalOp::Insert(atom) = &ops[0] else {
             panic!()
         };

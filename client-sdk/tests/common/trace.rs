@@ -3,12 +3,16 @@
 use std::io::Read;
 use std::path::PathBuf;
 
-/// The trace `name` from ../shared/traces (never copied into the repo).
-/// Outside CI a missing trace skips with a message; under CI=true it fails.
+/// The trace `name` from ../shared/traces (never copied into the repo), or
+/// from the folder `NOTESYNC_TRACES` names (a checkout elsewhere, e.g. a
+/// git worktree). Outside CI a missing trace skips with a message; under
+/// CI=true it fails.
 pub fn load_trace(name: &str) -> Option<serde_json::Value> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../shared/traces")
-        .join(name);
+    let dir = std::env::var_os("NOTESYNC_TRACES").map_or_else(
+        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/traces"),
+        PathBuf::from,
+    );
+    let path = dir.join(name);
     let Ok(file) = std::fs::File::open(&path) else {
         assert!(
             std::env::var("CI").is_err(),

@@ -9,43 +9,36 @@ use common::trace::load_trace as load;
 
 use notesync_client::Doc;
 use notesync_client::oplog::Pending;
-use notesync_protocol::{Allocator, AtomListBuilder, ClientFrame, DocName, PidListBuilder, Upsert};
+use notesync_protocol::{
+    Allocator, AtomListBuilder, ClientFrame, Coalesced, DocName, ItemListBuilder, PidListBuilder,
+    RangeListBuilder, RunCoalescer, Upsert, UpsertRuns,
+};
 
-/// Bytes of frame 4 (`sync_doc_upsert_runs`, protocol version 3, RUNS.md B)
-/// carrying `inserts`, given the same upsert as frame 2 (`v2_bytes`): the
-/// layout is frame 2's with `list<item>` for `list<atom>` and an empty
-/// `list<range>` for the empty `list<pid>`, so only the list entries
-/// differ. An atom is `pid, u8 len, data`; an item is `u8 kind`, then a run
-/// (`pid first, u16 len, text`) for each stretch of one-char atoms at
-/// consecutive ids (up to 65,535 bytes), or an atom.
-// TODO(WIRE): encode the real frame 4 once the codec has it.
-fn v3_upsert_bytes(v2_bytes: usize, inserts: &[notesync_protocol::Atom]) -> usize {
-    let atom_bytes: usize = inserts
-        .iter()
-        .map(|a| a.pid().wire_len() + 1 + a.data().len())
-        .sum();
-    let mut item_bytes = 0;
-    let mut i = 0;
-    while i < inserts.len() {
-        let a = &inserts[i];
-        if a.data().chars().count() != 1 {
-            item_bytes += 1 + a.pid().wire_len() + 1 + a.data().len();
-            i += 1;
-            continue;
-        }
-        let (mut j, mut len) = (i + 1, a.data().len());
-        while j < inserts.len()
-            && inserts[j].data().chars().count() == 1
-            && inserts[j - 1].pid().offset(1).as_ref() == Some(inserts[j].pid())
-            && len + inserts[j].data().len() <= 65_535
-        {
-            len += inserts[j].data().len();
-            j += 1;
-        }
-        item_bytes += 1 + a.pid().wire_len() + 2 + len;
-        i = j;
+/// Frame 4 (`sync_doc_upsert_runs`, protocol version 3) carrying
+/// `inserts` as the SDK sends them: one-char atoms at consecutive ids as
+/// runs (PROTOCOL.md 1.5), other atoms as items of their own. Returns its
+/// encoded bytes.
+fn v3_upsert_bytes(doc: u128, name: &DocName, inserts: &[notesync_protocol::Atom]) -> usize {
+    let mut items = ItemListBuilder::new();
+    let mut push = |c: Coalesced| match c {
+        Coalesced::Run(first, text) => items.push_run(&first, &text).expect("a valid run"),
+        Coalesced::Atom(data, pid) => items.push_atom(&data, &pid).expect("a valid atom"),
+        Coalesced::Range(..) => unreachable!("no deletes are coalesced here"),
+    };
+    let mut co = RunCoalescer::new();
+    for a in inserts {
+        co.insert(a.data(), a.pid()).into_iter().flatten().for_each(&mut push);
     }
-    v2_bytes - atom_bytes + item_bytes
+    co.take_run().into_iter().for_each(&mut push);
+    ClientFrame::UpsertRuns(UpsertRuns {
+        doc,
+        name: name.clone(),
+        since: 0,
+        inserts: items.finish(),
+        deletes: RangeListBuilder::new().finish(),
+    })
+    .to_bytes()
+    .len()
 }
 
 /// Types the trace offline, then builds the upsert the SDK would send.
@@ -111,7 +104,7 @@ fn offline_upsert(trace: &serde_json::Value) -> (usize, usize, usize) {
     sorted.sort_by(|a, b| a.pid().cmp(b.pid()));
     let v2 = frame.to_bytes().len();
     println!("frame 2 (versions 1 and 2) would be {v2} bytes");
-    (v3_upsert_bytes(v2, &sorted), end.len(), inserts.len())
+    (v3_upsert_bytes(doc_id, &doc.name, &sorted), end.len(), inserts.len())
 }
 
 fn check(name: &str) {

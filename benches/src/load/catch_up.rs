@@ -28,7 +28,7 @@ async fn pull(
     let mut frames = Vec::new();
     let sync_time = loop {
         match c.recv().await? {
-            f @ ServerFrame::DocResponse(_) => frames.push(f),
+            f @ (ServerFrame::DocResponse(_) | ServerFrame::DocResponseRuns(_)) => frames.push(f),
             ServerFrame::DocSync { sync_time, .. } => break sync_time,
             other => bail!("pull: unexpected {other:?}"),
         }
@@ -38,13 +38,24 @@ async fn pull(
     let bytes = frames.iter().map(|f| f.to_bytes().len()).sum::<usize>() + 26;
     if let Some(d) = doc {
         for f in &frames {
-            if let ServerFrame::DocResponse(r) = f {
-                for a in r.inserts.iter() {
-                    d.apply_insert(a.data, &a.pid.to_pid());
+            match f {
+                ServerFrame::DocResponse(r) => {
+                    for a in r.inserts.iter() {
+                        d.apply_insert(a.data, &a.pid.to_pid());
+                    }
+                    for p in r.deletes.iter() {
+                        d.apply_delete(&p.to_pid());
+                    }
                 }
-                for p in r.deletes.iter() {
-                    d.apply_delete(&p.to_pid());
+                ServerFrame::DocResponseRuns(r) => {
+                    for (data, pid) in r.inserts.atoms() {
+                        d.apply_insert(data, &pid);
+                    }
+                    for pid in r.deletes.ids() {
+                        d.apply_delete(&pid);
+                    }
                 }
+                _ => {}
             }
         }
     }
@@ -89,6 +100,23 @@ pub async fn run(opts: &Opts) -> Result<Report> {
     let (Some(mut doc), Some(mut reader)) = (model, reader) else {
         bail!("no pull ran");
     };
+    // The same pulls on protocol version 3 (runs and ranges, PROTOCOL.md
+    // 1.5), where the server speaks it: a new replica each time.
+    let mut v3_ms = Vec::new();
+    let mut v3_bytes = None;
+    for rep in 0..reps {
+        let replica = Some(id | (rep as u128 + 0x1_0000));
+        let Ok(mut c) = Conn::connect_version(addr, replica, 3).await else {
+            break; // a server without version 3 refuses the hello
+        };
+        let mut d = Doc::new(doc_id, DocName::default());
+        let (ms, b, _, _) = pull(&mut c, doc_id, 0, Some(&mut d)).await?;
+        if d.text() != made.text {
+            bail!("the version 3 pull's text differs from the document's");
+        }
+        v3_ms.push(ms);
+        v3_bytes = Some(b);
+    }
     // The same replica again since 0: no site to allocate.
     let mut known_ms = Vec::new();
     for _ in 0..reps {
@@ -173,7 +201,28 @@ pub async fn run(opts: &Opts) -> Result<Report> {
         bytes as f64,
         "bytes",
     )
-    .num("text_bytes", "final text", text_bytes as f64, "bytes")
+    .num("text_bytes", "final text", text_bytes as f64, "bytes");
+    if let Some(b) = v3_bytes {
+        r.num(
+            "full_pull_v3_ms",
+            "full pull on version 3, new replica (median)",
+            median(&v3_ms),
+            "ms",
+        )
+        .num(
+            "full_pull_v3_bytes",
+            "full pull on version 3, bytes received",
+            b as f64,
+            "bytes",
+        )
+        .num(
+            "full_pull_v3_bytes_per_text_byte",
+            "version 3 bytes received / text bytes",
+            b as f64 / text_bytes.max(1) as f64,
+            "",
+        );
+    }
+    r
     .num(
         "full_pull_bytes_per_text_byte",
         "bytes received / text bytes",

@@ -40,7 +40,20 @@ pub struct Started {
 }
 
 impl Conn {
+    /// A connection that says protocol version 2 in its hello, so every
+    /// scenario reads the frames both the old and the new server send
+    /// (A/B runs against binaries without version 3); `catch-up` measures
+    /// version 3 pulls through [`Conn::connect_version`].
     pub async fn connect(addr: SocketAddr, replica: Option<u128>) -> Result<Conn> {
+        Self::connect_version(addr, replica, 2).await
+    }
+
+    /// A connection whose hello says `version`.
+    pub async fn connect_version(
+        addr: SocketAddr,
+        replica: Option<u128>,
+        version: u8,
+    ) -> Result<Conn> {
         let s = tokio::time::timeout(REPLY_TIMEOUT, TcpStream::connect(addr))
             .await
             .map_err(|_| "connect timed out")??;
@@ -54,8 +67,9 @@ impl Conn {
             server_time: 0,
         };
         if let Some(r) = replica {
-            c.send(&ClientFrame::Hello(Hello::new(r, Bytes::new())?))
-                .await?;
+            let mut hello = Hello::new(r, Bytes::new())?;
+            hello.version = version;
+            c.send(&ClientFrame::Hello(hello)).await?;
             match c.recv().await? {
                 ServerFrame::Welcome { server_time, .. } => c.server_time = server_time,
                 other => bail!("expected welcome, got {other:?}"),

@@ -27,7 +27,10 @@ fn v3_upsert_bytes(doc: u128, name: &DocName, inserts: &[notesync_protocol::Atom
     };
     let mut co = RunCoalescer::new();
     for a in inserts {
-        co.insert(a.data(), a.pid()).into_iter().flatten().for_each(&mut push);
+        co.insert(a.data(), a.pid())
+            .into_iter()
+            .flatten()
+            .for_each(&mut push);
     }
     co.take_run().into_iter().for_each(&mut push);
     ClientFrame::UpsertRuns(UpsertRuns {
@@ -104,7 +107,11 @@ fn offline_upsert(trace: &serde_json::Value) -> (usize, usize, usize) {
     sorted.sort_by(|a, b| a.pid().cmp(b.pid()));
     let v2 = frame.to_bytes().len();
     println!("frame 2 (versions 1 and 2) would be {v2} bytes");
-    (v3_upsert_bytes(doc_id, &doc.name, &sorted), end.len(), inserts.len())
+    (
+        v3_upsert_bytes(doc_id, &doc.name, &sorted),
+        end.len(),
+        inserts.len(),
+    )
 }
 
 fn check(name: &str) {

@@ -222,8 +222,7 @@ pub async fn run(opts: &Opts) -> Result<Report> {
             "",
         );
     }
-    r
-    .num(
+    r.num(
         "full_pull_bytes_per_text_byte",
         "bytes received / text bytes",
         bytes as f64 / text_bytes.max(1) as f64,

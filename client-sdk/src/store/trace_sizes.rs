@@ -1,12 +1,6 @@
 //! The bytes of a note's `.md.structure` and `.md.latest_ops` for a real
-//! editing trace (issue 12's client-store figure), in both formats: with
-//! today's ids (`Doc::insert` and the seed allocator) and with ids made as
-//! the version-3 rule makes them for typing (a char typed after or before
-//! an own char takes the next or previous ident, so a typed run is
-//! consecutive idents). The version-3 allocator is not used (it is being
-//! written beside this): extensions are made here, and the first id of a
-//! new run comes from today's `Allocator::between`, so its depth is
-//! today's.
+//! editing trace (issue 12's client-store figure), in both formats, with
+//! the ids `Doc::insert` makes (the version-3 rule, PROTOCOL.md 1.4).
 //!
 //! Run: `NOTESYNC_TRACES=/work/shared/traces cargo test -p
 //! notesync-client --lib trace_sizes -- --ignored --nocapture` (without
@@ -17,7 +11,7 @@ use std::collections::BTreeSet;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use notesync_protocol::{Allocator, Atom, DocName, Pid};
+use notesync_protocol::{Allocator, DocName, Pid};
 
 use super::structure::tests::write_structure_v1;
 use super::structure::{read_structure, write_structure};
@@ -25,7 +19,6 @@ use crate::doc::{Doc, LocalOp};
 use crate::oplog::{Pending, Record, appended_len, encode_records, encode_records_v1};
 
 const SITE: u8 = 7;
-const CHUNK: usize = 512;
 
 /// The trace from `$NOTESYNC_TRACES`, else ../shared/traces beside the
 /// repository (as the trace tests find it).
@@ -43,152 +36,6 @@ fn load(name: &str) -> Option<serde_json::Value> {
     Some(serde_json::from_str(&json).expect("trace json"))
 }
 
-/// A replica's entries in position order (tombstones too), chunked, with
-/// the version-3 rule's extensions.
-struct Sim {
-    chunks: Vec<Vec<(Pid, char, bool)>>,
-    /// Live chars per chunk: a char index is found in O(chunks + chunk).
-    live: Vec<usize>,
-    alloc: Allocator,
-}
-
-impl Sim {
-    /// The place of live char `index` (or the end), and the entries
-    /// either side of it: the Doc's rule (before the next live char, after
-    /// any tombstones before it).
-    fn locate(&self, index: usize) -> (usize, usize) {
-        let mut left = index;
-        for (c, chunk) in self.chunks.iter().enumerate() {
-            if left >= self.live[c] {
-                left -= self.live[c];
-                continue;
-            }
-            for (i, e) in chunk.iter().enumerate() {
-                if e.2 {
-                    if left == 0 {
-                        return (c, i);
-                    }
-                    left -= 1;
-                }
-            }
-        }
-        let last = self.chunks.len() - 1;
-        (last, self.chunks[last].len())
-    }
-
-    fn before(&self, (c, i): (usize, usize)) -> Option<&Pid> {
-        if i > 0 {
-            return Some(&self.chunks[c][i - 1].0);
-        }
-        self.chunks[..c]
-            .iter()
-            .rev()
-            .find_map(|ch| ch.last())
-            .map(|e| &e.0)
-    }
-
-    fn at(&self, (c, i): (usize, usize)) -> Option<&Pid> {
-        if let Some(e) = self.chunks[c].get(i) {
-            return Some(&e.0);
-        }
-        self.chunks[c + 1..]
-            .iter()
-            .find_map(|ch| ch.first())
-            .map(|e| &e.0)
-    }
-
-    /// The version-3 id between two adjacent entries: forward extension,
-    /// else backward, else a new run.
-    fn new_id(&mut self, l: Option<&Pid>, r: Option<&Pid>) -> Pid {
-        if let Some(next) = l.filter(|l| l.creator() == SITE).and_then(|l| l.offset(1))
-            && r.is_none_or(|r| next < *r)
-        {
-            return next;
-        }
-        if let Some(prev) = r
-            .filter(|r| r.creator() == SITE && r.last().ident > 0)
-            .map(|r| r.with_last_ident(r.last().ident - 1))
-            && l.is_none_or(|l| *l < prev)
-        {
-            return prev;
-        }
-        self.alloc.between(l, r).expect("room")
-    }
-
-    fn insert(&mut self, index: usize, text: &str) -> Vec<LocalOp> {
-        let mut at = self.locate(index);
-        let mut ops = Vec::new();
-        for ch in text.chars() {
-            let (l, r) = (self.before(at).cloned(), self.at(at).cloned());
-            let pid = self.new_id(l.as_ref(), r.as_ref());
-            self.chunks[at.0].insert(at.1, (pid.clone(), ch, true));
-            self.live[at.0] += 1;
-            ops.push(LocalOp::Insert(
-                Atom::new(ch.to_string(), pid).expect("atom"),
-            ));
-            at.1 += 1;
-            if self.chunks[at.0].len() > 2 * CHUNK {
-                let tail = self.chunks[at.0].split_off(CHUNK);
-                let moved = tail.iter().filter(|e| e.2).count();
-                self.live[at.0] -= moved;
-                self.live.insert(at.0 + 1, moved);
-                self.chunks.insert(at.0 + 1, tail);
-                if at.1 >= CHUNK {
-                    at = (at.0 + 1, at.1 - CHUNK);
-                }
-            }
-        }
-        ops
-    }
-
-    fn delete(&mut self, index: usize, n: usize) -> Vec<LocalOp> {
-        let (mut c, mut i) = self.locate(index);
-        let mut ops = Vec::new();
-        while ops.len() < n {
-            if i == self.chunks[c].len() {
-                (c, i) = (c + 1, 0);
-                continue;
-            }
-            let e = &mut self.chunks[c][i];
-            if e.2 {
-                e.2 = false;
-                self.live[c] -= 1;
-                ops.push(LocalOp::Delete(e.0.clone()));
-            }
-            i += 1;
-        }
-        ops
-    }
-
-    /// Removes cancelled ids (entries are in position order: a chunk by
-    /// its last id, then a binary search).
-    fn forget(&mut self, pids: &[Pid]) {
-        for pid in pids {
-            let c = self
-                .chunks
-                .iter()
-                .position(|ch| ch.last().is_some_and(|e| e.0 >= *pid))
-                .expect("a known id");
-            let i = self.chunks[c]
-                .binary_search_by(|e| e.0.cmp(pid))
-                .expect("a known id");
-            if self.chunks[c].remove(i).2 {
-                self.live[c] -= 1;
-            }
-        }
-    }
-
-    fn doc(&self) -> Doc {
-        let entries = self.chunks.iter().flatten();
-        let atoms = entries
-            .clone()
-            .map(|e| (e.0.clone(), e.1.to_string()))
-            .collect();
-        let deleted = entries.filter(|e| !e.2).map(|e| e.0.clone()).collect();
-        Doc::from_parts(1, DocName::new("paper").unwrap(), atoms, deleted)
-    }
-}
-
 /// The figures for one way of making ids.
 struct Sizes {
     /// Mean depth of the final text's ids.
@@ -203,26 +50,16 @@ struct Sizes {
 
 /// Replays `trace`: `sent` false is a note typed offline (a delete of a
 /// never-sent char cancels it), true a note typed in a live session (every
-/// op sent, none acknowledged yet). `v3`: the version-3 rule's ids, else
-/// today's `Doc::insert`.
-fn replay(trace: &serde_json::Value, sent: bool, v3: bool) -> Sizes {
+/// op sent, none acknowledged yet).
+fn replay(trace: &serde_json::Value, sent: bool) -> Sizes {
     let mut doc = Doc::new(1, DocName::new("paper").unwrap());
     let mut alloc = Allocator::new(SITE, 1, 1).unwrap();
-    let mut sim = Sim {
-        chunks: vec![Vec::new()],
-        live: vec![0],
-        alloc: Allocator::new(SITE, 1, 1).unwrap(),
-    };
     let mut pending = Pending::default();
     let mut batches: Vec<Vec<Record>> = Vec::new();
-    let mut edit = |ops: Vec<LocalOp>, doc: &mut Doc, sim: &mut Sim| {
+    let mut edit = |ops: Vec<LocalOp>, doc: &mut Doc| {
         let rec = pending.record(ops, sent);
-        if v3 {
-            sim.forget(&rec.forget);
-        } else {
-            for p in &rec.forget {
-                doc.forget(p);
-            }
+        for p in &rec.forget {
+            doc.forget(p);
         }
         batches.push(rec.records);
     };
@@ -237,24 +74,13 @@ fn replay(trace: &serde_json::Value, sent: bool, v3: bool) -> Sizes {
     }
     for (pos, del, text) in patches {
         if del > 0 {
-            let ops = if v3 {
-                sim.delete(pos, del)
-            } else {
-                doc.delete(&mut alloc, pos..pos + del).unwrap()
-            };
-            edit(ops, &mut doc, &mut sim);
+            let ops = doc.delete(&mut alloc, pos..pos + del).unwrap();
+            edit(ops, &mut doc);
         }
         if !text.is_empty() {
-            let ops = if v3 {
-                sim.insert(pos, &text)
-            } else {
-                doc.insert(&mut alloc, pos, &text).unwrap()
-            };
-            edit(ops, &mut doc, &mut sim);
+            let ops = doc.insert(&mut alloc, pos, &text).unwrap();
+            edit(ops, &mut doc);
         }
-    }
-    if v3 {
-        doc = sim.doc();
     }
     assert_eq!(doc.text(), trace["endContent"].as_str().unwrap());
     let none = BTreeSet::new();
@@ -295,7 +121,7 @@ fn trace_store_sizes() {
         println!("{name}: {text} bytes of final text");
         println!(
             "{:<26} {:>6} {:>10} {:>10} {:>11} {:>11} {:>10} {:>10}",
-            "ids, how typed",
+            "typed",
             "depth",
             "struct v1",
             "struct v2",
@@ -304,13 +130,8 @@ fn trace_store_sizes() {
             "compact v1",
             "compact v2"
         );
-        for (v3, sent, label) in [
-            (false, false, "today's, offline"),
-            (false, true, "today's, live (all sent)"),
-            (true, false, "v3 rule, offline"),
-            (true, true, "v3 rule, live (all sent)"),
-        ] {
-            let s = replay(&trace, sent, v3);
+        for (sent, label) in [(false, "offline"), (true, "live (all sent)")] {
+            let s = replay(&trace, sent);
             println!(
                 "{label:<26} {:>6.2} {:>10} {:>10} {:>11} {:>11} {:>10} {:>10}",
                 s.mean_depth,
@@ -321,11 +142,9 @@ fn trace_store_sizes() {
                 s.compacted_v1,
                 s.compacted_v2
             );
-            if v3 {
-                // Runs make the new formats several times smaller.
-                assert!(s.structure_v2 * 3 < s.structure_v1);
-                assert!(s.appended_v2 * 2 < s.appended_v1);
-            }
+            // Runs make the new formats several times smaller.
+            assert!(s.structure_v2 * 3 < s.structure_v1);
+            assert!(s.appended_v2 * 2 < s.appended_v1);
         }
     }
 }

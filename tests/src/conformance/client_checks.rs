@@ -254,11 +254,24 @@ async fn session_ops(
     s: &Setup,
     c: &mut FakeConn,
     doc: DocId,
+    ack: impl FnMut(usize, &ClientFrame) -> bool,
+    done: impl Fn(&World, &[ClientFrame]) -> bool,
+) -> Vec<ClientFrame> {
+    session_ops_after(s, c, doc, 0, ack, done).await
+}
+
+/// [`session_ops`] on a connection that already sent `before` ops (the
+/// count a 69 carries goes on from there).
+async fn session_ops_after(
+    s: &Setup,
+    c: &mut FakeConn,
+    doc: DocId,
+    before: u64,
     mut ack: impl FnMut(usize, &ClientFrame) -> bool,
     done: impl Fn(&World, &[ClientFrame]) -> bool,
 ) -> Vec<ClientFrame> {
     let mut ops = Vec::new();
-    let mut count = 0u64;
+    let mut count = before;
     while !done(&s.world(), &ops) {
         let f = c.recv("a session op").await;
         // A 70 or 71 is its chars or ids, and one op (1.5, 3.2).
@@ -699,12 +712,27 @@ async fn type_then_drop(
     let (mut c, t68) = accept_session(s, doc, Some(since), "session").await;
     let base = s.text(doc);
     let mut want = base.clone();
+    // One char at a time, each typed once the previous one's op arrived,
+    // so each is an op of its own even for a client that sends the chars
+    // it has queued as one run (a 70, 1.5): the first `acked` ops are the
+    // first `acked` chars.
+    let mut ops = Vec::new();
     for ch in chars.chars() {
         let n = want.chars().count();
         s.client.session_insert(doc, n, &ch.to_string());
         want.push(ch);
+        let before = ops.len();
+        let more = session_ops_after(
+            s,
+            &mut c,
+            doc,
+            before as u64,
+            |i, _| before + i < acked,
+            |w, _| w.text(doc) == want,
+        )
+        .await;
+        ops.extend(more);
     }
-    let ops = session_ops(s, &mut c, doc, |i, _| i < acked, |w, _| w.text(doc) == want).await;
     drop(c);
     (t68, ins_of(&ops))
 }
@@ -789,16 +817,15 @@ async fn drops_refused(ctx: ClientCtx) -> Outcome {
     s.client.open_session(doc);
     let (mut c, t68) = accept_session(&s, doc, Some(t1), "session").await;
     let mut want = s.text(doc);
+    // Op 1 acked, op 2 refused (read_only) before the ack that covers it,
+    // op 3 never acked; then the connection drops. Each char is typed once
+    // the previous one's op arrived, so each is an op of its own.
+    let mut ops = Vec::new();
+    let mut refused = None;
     for ch in ['a', 'b', 'c'] {
         let n = want.chars().count();
         s.client.session_insert(doc, n, &ch.to_string());
         want.push(ch);
-    }
-    // Op 1 acked, op 2 refused (read_only) before the ack that covers it,
-    // op 3 never acked; then the connection drops.
-    let mut ops = Vec::new();
-    let mut refused = None;
-    while ops.len() < 3 {
         let f = c.recv("a session op").await;
         let n = ops.len() as u64 + 1;
         match n {

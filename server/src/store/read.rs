@@ -174,11 +174,15 @@ impl Snapshot {
         let chunks = self.txn.open_table(CHUNKS)?;
         let range = DocAtoms::new(doc);
         if since == 0 {
-            // Since 0 the client holds nothing (a session's cursor is never
-            // 0): the rule leaves out tombstones of chars it never saw.
+            // Every chunk: a pull since 0 leaves out the tombstones of
+            // chars inserted and deleted (the client cannot hold them); a
+            // session since 0 sends them too (PROTOCOL.md 3.2), so that the
+            // replica knows every id taken, its own deleted ones included,
+            // and never makes one again (1.1 rule 3: the version-3 rule of
+            // 1.4 is deterministic, so it would).
             for entry in chunks.range::<&[u8]>(range.bounds())? {
                 let (_, v) = entry?;
-                emit_chunk(&Chunk::decode(v.value())?, 0, Rule::Pull, exclude, out)?;
+                emit_chunk(&Chunk::decode(v.value())?, 0, rule, exclude, out)?;
             }
             return Ok(());
         }

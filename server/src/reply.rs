@@ -299,30 +299,9 @@ impl DeltaSink for DocFrames {
     fn resync(&mut self) {
         DocFrames::resync(self);
     }
-
-    fn run(&mut self, first: &Pid, text: &str) -> Result<(), StoreError> {
-        // Char by char through the coalescer (v3) or as atoms (v1/2): the
-        // frame bounds are kept per char either way.
-        for (j, c) in (0u32..).zip(text.chars()) {
-            let pid = first.offset(j).ok_or(StoreError::Corrupt {
-                table: "runs",
-                what: "a run's ids overflow u32",
-            })?;
-            self.insert(c.encode_utf8(&mut [0; 4]), &pid)?;
-        }
-        Ok(())
-    }
-
-    fn delete_range(&mut self, first: &Pid, count: u32) -> Result<(), StoreError> {
-        for j in 0..count {
-            let pid = first.offset(j).ok_or(StoreError::Corrupt {
-                table: "runs",
-                what: "a range's ids overflow u32",
-            })?;
-            self.delete(&pid)?;
-        }
-        Ok(())
-    }
+    // `run` and `delete_range` keep the trait's bodies (char by char, id
+    // by id): through the coalescer for version 3, as atoms for 1 and 2,
+    // so the frame bounds hold per char either way.
 }
 
 #[cfg(test)]

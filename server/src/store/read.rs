@@ -60,9 +60,8 @@ pub trait DeltaSink {
     /// What follows is the full live state (PROTOCOL.md 3.6).
     fn resync(&mut self);
     /// Live one-char atoms at consecutive ids from `first` (a run,
-    /// PROTOCOL.md 1.4), one per char of `text`. By default one
-    /// [`insert`](Self::insert) per char; a sink that frames runs
-    /// overrides it.
+    /// PROTOCOL.md 1.5), one per char of `text`: one
+    /// [`insert`](Self::insert) per char unless a sink overrides it.
     fn run(&mut self, first: &Pid, text: &str) -> Result<(), StoreError> {
         for (j, c) in (0u32..).zip(text.chars()) {
             let pid = first.offset(j).ok_or(StoreError::Corrupt {

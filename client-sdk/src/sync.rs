@@ -438,24 +438,15 @@ async fn read_reply(
     let mut changes = Vec::new();
     let mut inserted = std::collections::HashSet::new();
     loop {
-        match conn.recv_raw().await? {
+        // A 37 is the 33 it stands for (PROTOCOL.md 1.5, 3.1).
+        let frame = match conn.recv_raw().await? {
+            ServerFrame::DocResponseRuns(r) => ServerFrame::DocResponse(r.expand()),
+            other => other,
+        };
+        match frame {
             ServerFrame::Resync { doc: d } if d == doc && !full && inserted.is_empty() => {
                 full = true;
                 report.resynced.push(doc);
-            }
-            // A 37 is the 33 it stands for (PROTOCOL.md 3.1).
-            ServerFrame::DocResponseRuns(r) if r.doc == doc => {
-                let r = r.expand();
-                inserted.extend(r.inserts.iter().map(|a| a.pid.to_pid()));
-                let mut s = lock(store);
-                if !s.contains(doc) {
-                    s.adopt_remote(doc, &r.name, 0)?;
-                    report.new_notes.push(doc);
-                }
-                changes.extend(s.apply_response(doc, &r.inserts, &r.deletes)?);
-                if carried_rename || !s.has_pending_rename(doc)? {
-                    s.apply_remote_name(doc, &r.name)?;
-                }
             }
             ServerFrame::DocResponse(r) if r.doc == doc => {
                 inserted.extend(r.inserts.iter().map(|a| a.pid.to_pid()));

@@ -970,41 +970,41 @@ impl UpsertRuns {
     /// The same upsert as a 2: runs as one-char atoms, ranges as single
     /// deletes (what a server that stores atoms applies).
     pub fn expand(&self) -> Upsert {
-        let mut inserts = AtomListBuilder::new();
-        for (data, pid) in self.inserts.atoms() {
-            inserts.push_unchecked(data, &pid);
-        }
-        let mut deletes = PidListBuilder::new();
-        for pid in self.deletes.ids() {
-            deletes.push_unchecked(&pid);
-        }
+        let (inserts, deletes) = expand_lists(&self.inserts, &self.deletes);
         Upsert {
             doc: self.doc,
             name: self.name.clone(),
             since: self.since,
-            inserts: inserts.finish(),
-            deletes: deletes.finish(),
+            inserts,
+            deletes,
         }
     }
+}
+
+/// Version-3 lists as their version-1 forms: each run's chars as
+/// one-char atoms, each range's ids as single deletes.
+fn expand_lists(items: &ItemList, ranges: &RangeList) -> (AtomList, PidList) {
+    let mut inserts = AtomListBuilder::new();
+    for (data, pid) in items.atoms() {
+        inserts.push_unchecked(data, &pid);
+    }
+    let mut deletes = PidListBuilder::new();
+    for pid in ranges.ids() {
+        deletes.push_unchecked(&pid);
+    }
+    (inserts.finish(), deletes.finish())
 }
 
 impl DocResponseRuns {
     /// The same response as a 33: runs as one-char atoms, ranges as single
     /// deletes (what a client that stores atoms applies).
     pub fn expand(&self) -> DocResponse {
-        let mut inserts = AtomListBuilder::new();
-        for (data, pid) in self.inserts.atoms() {
-            inserts.push_unchecked(data, &pid);
-        }
-        let mut deletes = PidListBuilder::new();
-        for pid in self.deletes.ids() {
-            deletes.push_unchecked(&pid);
-        }
+        let (inserts, deletes) = expand_lists(&self.inserts, &self.deletes);
         DocResponse {
             doc: self.doc,
             name: self.name.clone(),
-            inserts: inserts.finish(),
-            deletes: deletes.finish(),
+            inserts,
+            deletes,
         }
     }
 }

@@ -77,6 +77,9 @@ pub enum Field {
     ItemSeq,
     /// u64 count, then ranges (version 3).
     RangeSeq,
+    /// u64 count, then (u64 time, u128 document, u8 flags) entries
+    /// (version 4); flags other than bit 0 are malformed.
+    FeedSeq,
 }
 
 const MAX_FIELDS: usize = 5;
@@ -172,6 +175,10 @@ impl Fields<'_> {
         let (c, b) = self.list(i);
         SyncEntries::from_validated(c, b)
     }
+    fn feed(&self, i: usize) -> FeedEntries {
+        let (c, b) = self.list(i);
+        FeedEntries::from_validated(c, b)
+    }
 }
 
 use Field::*;
@@ -184,6 +191,7 @@ impl Frame for ClientFrame {
             header::SYNC_DOC_UPSERT => &[U128, Name, U64, AtomSeq, PidSeq],
             header::DOC_DELETE => &[U128],
             header::SYNC_DOC_UPSERT_RUNS => &[U128, Name, U64, ItemSeq, RangeSeq],
+            header::FEED_SUBSCRIBE => &[U64],
             header::SESSION_START => &[U64, U128],
             header::SESSION_INSERT => &[Site, OneAtom],
             header::SESSION_DELETE => &[U8, OnePid],
@@ -238,6 +246,7 @@ impl Frame for ClientFrame {
                 pid: f.pid(1),
             }),
             header::NAME_CHANGE => ClientFrame::Rename(f.name(0)),
+            header::FEED_SUBSCRIBE => ClientFrame::Subscribe { since: f.u64(0) },
             header::HELLO => ClientFrame::Hello(Hello {
                 version: f.u8(0),
                 replica: f.u128(1),
@@ -261,6 +270,8 @@ impl Frame for ServerFrame {
             header::DOC_DELETED => &[U128, U64],
             header::RESYNC => &[U128],
             header::SYNC_DOC_RESPONSE_RUNS => &[U128, Name, ItemSeq, RangeSeq],
+            header::FEED_CHANGES => &[FeedSeq],
+            header::FEED_HEARTBEAT => &[U64],
             header::SESSION_INSERT => &[Site, OneAtom],
             header::SESSION_DELETE => &[U8, OnePid],
             header::NAME_CHANGE => &[Name],
@@ -293,6 +304,8 @@ impl Frame for ServerFrame {
                 deleted_time: f.u64(1),
             },
             header::RESYNC => ServerFrame::Resync { doc: f.u128(0) },
+            header::FEED_CHANGES => ServerFrame::FeedChanges(f.feed(0)),
+            header::FEED_HEARTBEAT => ServerFrame::FeedHeartbeat { time: f.u64(0) },
             header::SYNC_DOC_RESPONSE_RUNS => ServerFrame::DocResponseRuns(DocResponseRuns {
                 doc: f.u128(0),
                 name: f.name(1),
@@ -519,7 +532,10 @@ fn shift_spans(
 
 impl Field {
     fn is_list(self) -> bool {
-        matches!(self, AtomSeq | PidSeq | EntrySeq | ItemSeq | RangeSeq)
+        matches!(
+            self,
+            AtomSeq | PidSeq | EntrySeq | ItemSeq | RangeSeq | FeedSeq
+        )
     }
 }
 
@@ -617,13 +633,14 @@ fn scan_field(scan: &mut Scan, buf: &[u8], limits: &Limits) -> Result<Step, Deco
             Ok(step)
         }
         OneRange => Ok(range(buf, pos, limits)?.0),
-        list @ (AtomSeq | PidSeq | EntrySeq | ItemSeq | RangeSeq) => {
+        list @ (AtomSeq | PidSeq | EntrySeq | ItemSeq | RangeSeq | FeedSeq) => {
             let (min_item, what) = match list {
                 AtomSeq => (1 + 1 + 1 + LEVEL_BYTES, "inserted atoms"),
                 PidSeq => (1 + LEVEL_BYTES, "deleted ids"),
                 // kind, then the smallest atom (a run is one byte longer).
                 ItemSeq => (1 + 1 + 1 + 1 + LEVEL_BYTES, "inserted atoms and run chars"),
                 RangeSeq => (1 + LEVEL_BYTES + 2, "deleted range ids"),
+                FeedSeq => (FEED_ENTRY_BYTES, "feed entries"),
                 _ => (SYNC_ENTRY_BYTES, "synclist entries"),
             };
             let mut at = pos;
@@ -660,6 +677,7 @@ fn scan_field(scan: &mut Scan, buf: &[u8], limits: &Limits) -> Result<Step, Deco
                     PidSeq => (pid(buf, at, "deleted id", limits)?, 1),
                     ItemSeq => item(buf, at, limits)?,
                     RangeSeq => range(buf, at, limits)?,
+                    FeedSeq => (feed_entry(buf, at, limits)?, 1),
                     _ => (fixed(buf, at, SYNC_ENTRY_BYTES, limits)?, 1),
                 };
                 match step {
@@ -758,6 +776,18 @@ fn check_span(first: u32, n: u64) -> Result<(), DecodeError> {
         return Err(DecodeError::IdentOverflow { first, count: n });
     }
     Ok(())
+}
+
+/// A feed entry at `pos`: u64 time, u128 document, u8 flags (only bit 0,
+/// deleted, may be set: a later version may give the others a meaning, so
+/// a receiver must not guess at them).
+fn feed_entry(buf: &[u8], pos: usize, limits: &Limits) -> Result<Step, DecodeError> {
+    need!(buf, pos + FEED_ENTRY_BYTES, limits);
+    let flags = buf[pos + FEED_ENTRY_BYTES - 1];
+    if flags & !FEED_FLAG_DELETED != 0 {
+        return Err(DecodeError::BadFeedFlags { flags });
+    }
+    Ok(Step::Done(pos + FEED_ENTRY_BYTES))
 }
 
 fn fixed(buf: &[u8], pos: usize, n: usize, limits: &Limits) -> Result<Step, DecodeError> {

@@ -129,6 +129,8 @@ pub enum DecodeError {
     IdentOverflow { first: u32, count: u64 },
     #[error("item kind {kind} is neither 0 (atom) nor 1 (run)")]
     BadItemKind { kind: u8 },
+    #[error("feed entry flags {flags:#04x} set bits other than bit 0 (deleted)")]
+    BadFeedFlags { flags: u8 },
     #[error("connection closed in the middle of a frame ({pending} bytes pending)")]
     Truncated { pending: usize },
     #[error("i/o error: {0}")]
@@ -166,6 +168,7 @@ impl DecodeError {
             DecodeError::EmptyRange => "empty_range",
             DecodeError::IdentOverflow { .. } => "ident_overflow",
             DecodeError::BadItemKind { .. } => "bad_item_kind",
+            DecodeError::BadFeedFlags { .. } => "bad_feed_flags",
             DecodeError::Truncated { .. } => "truncated",
             DecodeError::Io(_) => "io",
         }

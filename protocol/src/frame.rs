@@ -25,6 +25,8 @@ pub mod header {
     pub const DOC_DELETE: u8 = 3;
     /// Version 3.
     pub const SYNC_DOC_UPSERT_RUNS: u8 = 4;
+    /// Version 4.
+    pub const FEED_SUBSCRIBE: u8 = 5;
     pub const SYNCLIST_RESPONSE: u8 = 32;
     pub const SYNC_DOC_RESPONSE: u8 = 33;
     pub const DOC_SYNC: u8 = 34;
@@ -34,6 +36,10 @@ pub mod header {
     pub const RESYNC: u8 = 36;
     /// Version 3.
     pub const SYNC_DOC_RESPONSE_RUNS: u8 = 37;
+    /// Version 4.
+    pub const FEED_CHANGES: u8 = 38;
+    /// Version 4.
+    pub const FEED_HEARTBEAT: u8 = 39;
     pub const SESSION_START: u8 = 64;
     pub const SESSION_INSERT: u8 = 65;
     pub const SESSION_DELETE: u8 = 66;
@@ -68,7 +74,7 @@ pub fn is_tls_record_start(bytes: &[u8]) -> bool {
 
 /// The newest protocol version this crate speaks (sent in hello; a server
 /// answers the version the connection uses in welcome).
-pub const PROTOCOL_VERSION: u8 = 3;
+pub const PROTOCOL_VERSION: u8 = 4;
 /// The oldest protocol version a server still speaks (PROTOCOL.md 6).
 pub const MIN_PROTOCOL_VERSION: u8 = 1;
 /// The first version with document deletion (frames 3 and 35).
@@ -77,6 +83,8 @@ pub const VERSION_DELETION: u8 = 2;
 pub const VERSION_RESYNC: u8 = 2;
 /// The first version with runs and ranges (frames 4, 37, 70, 71).
 pub const VERSION_RUNS: u8 = 3;
+/// The first version with the change feed (frames 5, 38, 39).
+pub const VERSION_FEED: u8 = 4;
 /// Longest run text in bytes (its length is a u16).
 pub const MAX_RUN_BYTES: usize = u16::MAX as usize;
 /// Longest document name in bytes, terminator excluded.
@@ -416,6 +424,12 @@ wire_list!(
     SyncEntries, SyncEntriesBuilder, SyncEntryIter, SyncEntry, read_entry
 );
 
+wire_list!(
+    /// The entries of a feed_changes frame (version 4): (time, document,
+    /// deleted).
+    FeedEntries, FeedEntriesBuilder, FeedEntryIter, FeedEntry, read_feed_entry
+);
+
 /// One document in a synclist response.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SyncEntry {
@@ -429,6 +443,46 @@ fn read_entry(b: &[u8]) -> (SyncEntry, usize) {
     let modified = u64::from_be_bytes(b[..8].try_into().expect("8 bytes"));
     let doc = u128::from_be_bytes(b[8..24].try_into().expect("16 bytes"));
     (SyncEntry { modified, doc }, SYNC_ENTRY_BYTES)
+}
+
+/// One entry of the change feed (PROTOCOL.md 3.8): `doc`'s last change
+/// has time `time`; `deleted` if that change deleted it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FeedEntry {
+    pub time: Time,
+    pub doc: DocId,
+    pub deleted: bool,
+}
+
+pub(crate) const FEED_ENTRY_BYTES: usize = 8 + 16 + 1;
+/// The one flag of a feed entry; every other bit must be 0.
+pub(crate) const FEED_FLAG_DELETED: u8 = 1;
+
+fn read_feed_entry(b: &[u8]) -> (FeedEntry, usize) {
+    let time = u64::from_be_bytes(b[..8].try_into().expect("8 bytes"));
+    let doc = u128::from_be_bytes(b[8..24].try_into().expect("16 bytes"));
+    let deleted = b[24] & FEED_FLAG_DELETED != 0;
+    (FeedEntry { time, doc, deleted }, FEED_ENTRY_BYTES)
+}
+
+impl FeedEntriesBuilder {
+    pub fn push(&mut self, entry: FeedEntry) {
+        self.count += 1;
+        self.bytes.put_u64(entry.time);
+        self.bytes.put_u128(entry.doc);
+        self.bytes
+            .put_u8(if entry.deleted { FEED_FLAG_DELETED } else { 0 });
+    }
+}
+
+impl FromIterator<FeedEntry> for FeedEntries {
+    fn from_iter<I: IntoIterator<Item = FeedEntry>>(iter: I) -> Self {
+        let mut b = FeedEntriesBuilder::new();
+        for e in iter {
+            b.push(e);
+        }
+        b.finish()
+    }
 }
 
 impl AtomListBuilder {
@@ -1067,6 +1121,8 @@ pub enum ClientFrame {
     DeleteDoc { doc: DocId },
     /// 4 sync_doc_upsert_runs (version 3).
     UpsertRuns(UpsertRuns),
+    /// 5 feed_subscribe (version 4): the change feed from `since`.
+    Subscribe { since: Time },
     /// 64 session_start.
     SessionStart { since: Time, doc: DocId },
     /// 65 session_insert.
@@ -1106,6 +1162,11 @@ pub enum ServerFrame {
     Resync { doc: DocId },
     /// 37 sync_doc_response_runs (version 3).
     DocResponseRuns(DocResponseRuns),
+    /// 38 feed_changes (version 4): documents changed, ascending by time.
+    FeedChanges(FeedEntries),
+    /// 39 feed_heartbeat (version 4): every change at or below `time` has
+    /// been sent on this feed (a valid cursor).
+    FeedHeartbeat { time: Time },
     /// 65 session_insert, relayed from another session.
     Insert(SessionInsert),
     /// 66 session_delete, relayed.
@@ -1177,6 +1238,7 @@ impl ClientFrame {
             ClientFrame::Upsert(_) => SYNC_DOC_UPSERT,
             ClientFrame::DeleteDoc { .. } => DOC_DELETE,
             ClientFrame::UpsertRuns(_) => SYNC_DOC_UPSERT_RUNS,
+            ClientFrame::Subscribe { .. } => FEED_SUBSCRIBE,
             ClientFrame::SessionStart { .. } => SESSION_START,
             ClientFrame::Insert(_) => SESSION_INSERT,
             ClientFrame::Delete(_) => SESSION_DELETE,
@@ -1213,6 +1275,7 @@ impl ClientFrame {
                 u.inserts.write(out);
                 u.deletes.write(out);
             }
+            ClientFrame::Subscribe { since } => out.put_u64(*since),
             ClientFrame::SessionStart { since, doc } => {
                 out.put_u64(*since);
                 out.put_u128(*doc);
@@ -1268,6 +1331,8 @@ impl ServerFrame {
             ServerFrame::DocDeleted { .. } => DOC_DELETED,
             ServerFrame::Resync { .. } => RESYNC,
             ServerFrame::DocResponseRuns(_) => SYNC_DOC_RESPONSE_RUNS,
+            ServerFrame::FeedChanges(_) => FEED_CHANGES,
+            ServerFrame::FeedHeartbeat { .. } => FEED_HEARTBEAT,
             ServerFrame::Insert(_) => SESSION_INSERT,
             ServerFrame::Delete(_) => SESSION_DELETE,
             ServerFrame::Rename(_) => NAME_CHANGE,
@@ -1313,6 +1378,8 @@ impl ServerFrame {
                 r.inserts.write(out);
                 r.deletes.write(out);
             }
+            ServerFrame::FeedChanges(e) => e.write(out),
+            ServerFrame::FeedHeartbeat { time } => out.put_u64(*time),
             ServerFrame::Insert(i) => encode_insert(i, out),
             ServerFrame::Delete(d) => encode_delete(d, out),
             ServerFrame::Rename(n) => n.write(out),

@@ -147,6 +147,7 @@ impl Checked for ClientFrame {
     fn check_parts(&self, limits: &Limits) {
         match self {
             ClientFrame::Synclist { .. }
+            | ClientFrame::Subscribe { .. }
             | ClientFrame::Pull { .. }
             | ClientFrame::DeleteDoc { .. }
             | ClientFrame::SessionStart { .. } => {}
@@ -189,6 +190,11 @@ impl Checked for ServerFrame {
                 }
                 assert_eq!(&b.finish(), e, "synclist entries rebuilt differ");
             }
+            ServerFrame::FeedChanges(e) => {
+                assert!(e.len() as u64 <= limits.max_items_per_frame);
+                let rebuilt: FeedEntries = e.iter().collect();
+                assert_eq!(&rebuilt, e, "feed entries rebuilt differ");
+            }
             ServerFrame::DocResponse(r) => {
                 check_name(&r.name);
                 check_atoms(&r.inserts, limits);
@@ -213,6 +219,7 @@ impl Checked for ServerFrame {
             | ServerFrame::Resync { .. }
             | ServerFrame::SessionStarted { .. }
             | ServerFrame::SessionAck { .. }
+            | ServerFrame::FeedHeartbeat { .. }
             | ServerFrame::Welcome { .. } => {}
         }
     }

@@ -211,6 +211,12 @@ fn client_frames() -> Vec<(&'static str, ClientFrame)> {
                 range: IdRange::new(pid(&[(3, 7)]), 40).unwrap(),
             }),
         ),
+        (
+            "feed-subscribe",
+            ClientFrame::Subscribe {
+                since: 1_700_000_000_000_000,
+            },
+        ),
     ]
 }
 
@@ -320,6 +326,21 @@ fn server_frames() -> Vec<(&'static str, ServerFrame)> {
                 range: IdRange::new(pid(&[(1, 200), (9, 4)]), 2).unwrap(),
             }),
         ),
+        (
+            "feed-changes",
+            ServerFrame::FeedChanges(
+                [(1, 10, false), (2, 20, true), (u64::MAX, u128::MAX, false)]
+                    .into_iter()
+                    .map(|(time, doc, deleted)| FeedEntry { time, doc, deleted })
+                    .collect(),
+            ),
+        ),
+        (
+            "feed-heartbeat",
+            ServerFrame::FeedHeartbeat {
+                time: 1_700_000_000_000_000,
+            },
+        ),
     ]
 }
 
@@ -408,7 +429,7 @@ fn seeds() -> Vec<Seed> {
     out.push(seed(
         "client-unknown-header",
         cfg(false, &[]),
-        cat(&[&pull, &[5, 0, 0]]),
+        cat(&[&pull, &[6, 0, 0]]),
         1,
         Some("unknown_header"),
     ));
@@ -698,12 +719,12 @@ fn write_seeds() {
     }
 }
 
-/// A stable stand-in for a fuzz run over the version-3 frames: every
-/// version-3 seed with bytes flipped, inserted and dropped at
+/// A stable stand-in for a fuzz run over the version-3 and version-4
+/// frames: every such seed with bytes flipped, inserted and dropped at
 /// pseudo-random places (a fixed xorshift, so it is reproducible), through
 /// the same `decode_target` the fuzzer calls.
 #[test]
-fn mutated_version_3_seeds_hold() {
+fn mutated_version_3_and_4_seeds_hold() {
     let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
     let mut next = move || {
         x ^= x << 13;
@@ -716,6 +737,9 @@ fn mutated_version_3_seeds_hold() {
         header::SYNC_DOC_RESPONSE_RUNS,
         header::SESSION_INSERT_RUN,
         header::SESSION_DELETE_RANGE,
+        header::FEED_SUBSCRIBE,
+        header::FEED_CHANGES,
+        header::FEED_HEARTBEAT,
     ];
     let mut runs = 0;
     for s in seeds() {

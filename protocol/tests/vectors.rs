@@ -209,6 +209,9 @@ fn expected_client() -> Vec<(&'static str, ClientFrame)> {
         ("doc_delete.d", DeleteDoc { doc: D }),
         ("doc_delete.max", DeleteDoc { doc: u128::MAX }),
         ("hello.version_3", hello(3, b"")),
+        ("hello.version_4", hello(4, b"")),
+        ("feed_subscribe.never", Subscribe { since: 0 }),
+        ("feed_subscribe.since_t", Subscribe { since: T }),
         (
             "upsert_runs.empty",
             UpsertRuns(notesync_protocol::UpsertRuns {
@@ -267,6 +270,30 @@ fn expected_server() -> Vec<(&'static str, ServerFrame)> {
             "synclist_response.empty",
             SynclistResponse(vec![].into_iter().collect()),
         ),
+        (
+            "feed_changes.empty",
+            FeedChanges(vec![].into_iter().collect()),
+        ),
+        (
+            "feed_changes.two",
+            FeedChanges(
+                [
+                    FeedEntry {
+                        time: T,
+                        doc: D,
+                        deleted: false,
+                    },
+                    FeedEntry {
+                        time: T + 1,
+                        doc: R,
+                        deleted: true,
+                    },
+                ]
+                .into_iter()
+                .collect(),
+            ),
+        ),
+        ("feed_heartbeat.t", FeedHeartbeat { time: T }),
         (
             "synclist_response.two",
             SynclistResponse(
@@ -580,6 +607,7 @@ fn every_decode_error_kind_has_a_vector() {
         "empty_range",
         "ident_overflow",
         "bad_item_kind",
+        "bad_feed_flags",
         "truncated",
     ];
     assert_eq!(kinds, all.into_iter().collect::<BTreeSet<_>>());
@@ -659,6 +687,7 @@ fn spec_fields(line: usize, cells: &[&str]) -> Vec<Field> {
                 "list<pid>" => Field::PidSeq,
                 "list<item>" => Field::ItemSeq,
                 "list<range>" => Field::RangeSeq,
+                "list<change>" => Field::FeedSeq,
                 "run" => Field::OneRun,
                 "range" => Field::OneRange,
                 "atom" => Field::OneAtom,

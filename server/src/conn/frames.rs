@@ -60,6 +60,10 @@ pub(super) fn unauthorized(what: &str) -> Bytes {
     error_bytes(ErrorCode::UNAUTHORIZED, what)
 }
 
+pub(super) fn invalid_request_frame(what: &str) -> Bytes {
+    error_bytes(ErrorCode::INVALID_REQUEST, what)
+}
+
 pub(super) fn read_only_frame(what: &str) -> Bytes {
     error_bytes(
         ErrorCode::READ_ONLY,

@@ -46,7 +46,7 @@ use futures::StreamExt;
 use notesync_protocol::header::TLS_HANDSHAKE;
 use notesync_protocol::{
     ClientFrame, DecodeError, ErrorCode, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, ServerCodec,
-    ServerFrame, VERSION_DELETION, VERSION_RUNS, is_tls_record_start,
+    ServerFrame, VERSION_DELETION, VERSION_FEED, VERSION_RUNS, is_tls_record_start,
 };
 use tokio::sync::mpsc;
 use tokio::time::timeout;
@@ -291,6 +291,7 @@ impl Conn {
             | ClientFrame::Pull { .. }
             | ClientFrame::Upsert(_)
             | ClientFrame::UpsertRuns(_)
+            | ClientFrame::Subscribe { .. }
             | ClientFrame::DeleteDoc { .. } => self.sync_mode(first).await,
             ClientFrame::SessionStart { since, doc } => self.session_mode(since, doc).await,
             ClientFrame::Hello(_) => Some(wrong_mode(
@@ -315,6 +316,7 @@ impl Conn {
             ClientFrame::UpsertRuns(_) => (VERSION_RUNS, "sync_doc_upsert_runs (4)"),
             ClientFrame::InsertRun(_) => (VERSION_RUNS, "session_insert_run (70)"),
             ClientFrame::DeleteRange(_) => (VERSION_RUNS, "session_delete_range (71)"),
+            ClientFrame::Subscribe { .. } => (VERSION_FEED, "feed_subscribe (5)"),
             _ => return None,
         };
         (self.version < needs).then(|| {

@@ -106,6 +106,12 @@ impl Conn {
             // its atoms and run chars, and its range ids, to
             // max_items_per_frame per list.
             ClientFrame::UpsertRuns(u) => self.upsert_job(u.expand(), replica).await,
+            // Until the feed lands (issue 17): refused, the connection stays.
+            ClientFrame::Subscribe { .. } => Ok(Box::pin(async move {
+                Ok(vec![super::frames::invalid_request_frame(
+                    "feed_subscribe is not served by this build yet",
+                )])
+            })),
             ClientFrame::Upsert(u) => self.upsert_job(u, replica).await,
 
             ClientFrame::SessionStart { .. }

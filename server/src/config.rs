@@ -27,6 +27,12 @@ pub struct Config {
     /// A session that sends nothing for this long is closed (sessions that
     /// only watch a document are legitimately quiet, so this is long).
     pub session_idle_timeout: Duration,
+    /// A subscribed change feed that sent nothing for this long gets a
+    /// heartbeat (PROTOCOL.md 3.8: at most 15 s).
+    pub feed_heartbeat: Duration,
+    /// A subscribed connection whose outbound queue stays full this long
+    /// (it cannot take the feed's next frame) is closed as a `slow_reader`.
+    pub feed_max_lag: Duration,
     /// A write to the socket that makes no progress for this long closes
     /// the connection.
     pub write_timeout: Duration,
@@ -97,6 +103,10 @@ impl Config {
     pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
     pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
     pub const DEFAULT_SESSION_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+    pub const DEFAULT_FEED_HEARTBEAT: Duration = Duration::from_secs(10);
+    /// The protocol's bound on the heartbeat interval (PROTOCOL.md 3.8).
+    pub const MAX_FEED_HEARTBEAT: Duration = Duration::from_secs(15);
+    pub const DEFAULT_FEED_MAX_LAG: Duration = Duration::from_secs(30);
     pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
     pub const DEFAULT_MAX_OUTBOUND_BYTES: usize = 16 * 1024 * 1024;
     pub const DEFAULT_MAX_PIPELINE: usize = 64;
@@ -122,6 +132,8 @@ impl Config {
             handshake_timeout: Self::DEFAULT_HANDSHAKE_TIMEOUT,
             idle_timeout: Self::DEFAULT_IDLE_TIMEOUT,
             session_idle_timeout: Self::DEFAULT_SESSION_IDLE_TIMEOUT,
+            feed_heartbeat: Self::DEFAULT_FEED_HEARTBEAT,
+            feed_max_lag: Self::DEFAULT_FEED_MAX_LAG,
             write_timeout: Self::DEFAULT_WRITE_TIMEOUT,
             limits: Limits::default(),
             max_outbound_bytes: Self::DEFAULT_MAX_OUTBOUND_BYTES,
@@ -160,6 +172,8 @@ impl std::fmt::Debug for Config {
             .field("handshake_timeout", &self.handshake_timeout)
             .field("idle_timeout", &self.idle_timeout)
             .field("session_idle_timeout", &self.session_idle_timeout)
+            .field("feed_heartbeat", &self.feed_heartbeat)
+            .field("feed_max_lag", &self.feed_max_lag)
             .field("write_timeout", &self.write_timeout)
             .field("limits", &self.limits)
             .field("max_outbound_bytes", &self.max_outbound_bytes)

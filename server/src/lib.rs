@@ -44,6 +44,7 @@ pub mod auth;
 pub mod config;
 pub mod config_file;
 mod conn;
+mod feed;
 mod index;
 mod metrics;
 mod metrics_http;

@@ -112,6 +112,16 @@ struct Args {
     /// Seconds a session may stay silent (0: no limit).
     #[arg(long, value_name = "SECS", default_value_t = Config::DEFAULT_SESSION_IDLE_TIMEOUT.as_secs())]
     session_idle_timeout: u64,
+    /// Seconds without a change-feed frame before a heartbeat (1 to 15,
+    /// PROTOCOL.md 3.8).
+    #[arg(long, value_name = "SECS", default_value_t = Config::DEFAULT_FEED_HEARTBEAT.as_secs(),
+          value_parser = clap::value_parser!(u64).range(1..=Config::MAX_FEED_HEARTBEAT.as_secs()))]
+    feed_heartbeat: u64,
+    /// Seconds a subscribed connection's outbound queue may stay full before
+    /// it is closed as a slow reader (it then resumes from its cursor).
+    #[arg(long, value_name = "SECS", default_value_t = Config::DEFAULT_FEED_MAX_LAG.as_secs(),
+          value_parser = clap::value_parser!(u64).range(1..=u64::MAX))]
+    feed_max_lag: u64,
     /// Seconds a socket write may make no progress before the connection is closed.
     #[arg(long, value_name = "SECS", default_value_t = Config::DEFAULT_WRITE_TIMEOUT.as_secs())]
     write_timeout: u64,
@@ -192,6 +202,8 @@ impl Args {
         c.handshake_timeout = Duration::from_secs(self.handshake_timeout);
         c.idle_timeout = Duration::from_secs(self.idle_timeout);
         c.session_idle_timeout = Duration::from_secs(self.session_idle_timeout);
+        c.feed_heartbeat = Duration::from_secs(self.feed_heartbeat);
+        c.feed_max_lag = Duration::from_secs(self.feed_max_lag);
         c.write_timeout = Duration::from_secs(self.write_timeout);
         c.limits = Limits {
             max_frame_bytes: self.max_frame_bytes,

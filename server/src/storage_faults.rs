@@ -161,7 +161,11 @@ fn drive(backend: Faulty, upserts: std::ops::Range<u32>, arm: bool) -> (Vec<(u32
     backend.plan.armed.store(arm, Ordering::SeqCst);
     let db = Arc::new(opened.db);
     let clock = ServerClock::new(Arc::new(SystemClock), opened.clock);
-    let index = Arc::new(Index::rebuild(opened.doc_times, opened.clock));
+    let index = Arc::new(Index::rebuild(
+        opened.doc_times,
+        opened.deleted,
+        opened.clock,
+    ));
     let (tx, thread, _) = writer::spawn(db.clone(), clock, index, 16, 8).expect("writer");
     let mut out = Vec::new();
     for u in upserts {

@@ -29,6 +29,7 @@ use tokio::time::timeout;
 
 use crate::auth::{DEFAULT_NAMESPACE, valid_namespace};
 use crate::config::Config;
+use crate::feed::Feed;
 use crate::index::Index;
 use crate::store::{self, OpenError, ServerClock};
 use crate::writer::{self, Request, WriterStats};
@@ -80,6 +81,8 @@ pub(crate) struct Tenant {
     pub name: String,
     pub db: Arc<Database>,
     pub index: Arc<Index>,
+    /// The change feed's fan-out (PROTOCOL.md 3.8), fed by `index`.
+    pub feed: Feed,
     pub writer: mpsc::Sender<Request>,
     pub stats: Arc<WriterStats>,
     pub boot: u64,
@@ -121,7 +124,11 @@ impl Tenant {
         let started = Instant::now();
         let opened = store::open(&namespace_dir(&config.data_dir, name))?;
         let docs = opened.doc_times.len();
-        let index = Arc::new(Index::rebuild(opened.doc_times, opened.clock));
+        let index = Arc::new(Index::rebuild(
+            opened.doc_times,
+            opened.deleted,
+            opened.clock,
+        ));
         let db = Arc::new(opened.db);
         let clock = ServerClock::new(config.wall_clock.clone(), opened.clock);
         let (writer, thread, stats) = writer::spawn_with(
@@ -150,6 +157,7 @@ impl Tenant {
         Ok(Tenant {
             name: name.to_owned(),
             db,
+            feed: Feed::new(index.clone()),
             index,
             writer,
             stats,

@@ -11,11 +11,55 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use notesync_protocol::{ClientFrame, DocId, ServerFrame, Upsert};
+use notesync_protocol::{
+    ClientFrame, DocId, ErrorCode, FeedEntries, ServerFrame, Time, Upsert, VERSION_FEED,
+};
+use tokio::time::Instant;
 
-use super::frames::{Frames, read_only_frame, refusal, shutting_down, write_error, wrong_mode};
+use super::frames::{
+    Frames, invalid_request_frame, read_only_frame, refusal, shutting_down, write_error, wrong_mode,
+};
 use super::{Conn, Event, Job, read};
+use crate::feed::Subscription;
+use crate::rooms::error_bytes;
 use crate::writer::Request;
+
+/// A connection's change feed (PROTOCOL.md 3.8): its subscription and
+/// cursor. Nothing else: the entries it owes are the index's pages after
+/// `cursor`, read when the connection can take a frame.
+struct FeedState {
+    sub: Subscription,
+    /// Every change at or below it has been sent.
+    cursor: Time,
+    /// The number of the request (counted from 1) whose answer the feed
+    /// follows: its first 38 goes after every earlier reply.
+    after_request: u64,
+    /// Whether the first listing is complete (and its 39 sent).
+    caught_up: bool,
+    /// When the feed last sent a frame (the heartbeat counts from it).
+    last_sent: Instant,
+}
+
+/// Why the feed woke.
+enum FeedWake {
+    /// There may be entries to send.
+    News,
+    Heartbeat,
+}
+
+/// Waits until the feed has something to send.
+async fn feed_wait(feed: &mut Option<FeedState>, heartbeat: std::time::Duration) -> FeedWake {
+    let Some(st) = feed.as_mut() else {
+        return std::future::pending().await;
+    };
+    if !st.caught_up {
+        return FeedWake::News;
+    }
+    tokio::select! {
+        _ = st.sub.changed_after(st.cursor) => FeedWake::News,
+        _ = tokio::time::sleep_until(st.last_sent + heartbeat) => FeedWake::Heartbeat,
+    }
+}
 
 /// Polls the job if there is one; never completes otherwise.
 async fn poll_job(job: &mut Option<Job>) -> Result<Frames, Bytes> {
@@ -31,14 +75,27 @@ impl Conn {
         self.live = None;
         let max_pipeline = self.shared.config.max_pipeline.max(1);
         let idle = self.shared.config.idle_timeout;
+        let heartbeat = self.shared.config.feed_heartbeat;
         let mut queue: VecDeque<Job> = VecDeque::new();
         let mut head: Option<Job> = None;
         let mut next = Some(first);
         let mut end: Option<Option<Bytes>> = None;
+        // Requests queued and answered so far (the feed follows one).
+        let (mut queued, mut answered) = (0u64, 0u64);
+        let mut feed: Option<FeedState> = None;
         loop {
             if let Some(frame) = next.take() {
-                match self.sync_job(frame).await {
-                    Ok(job) => queue.push_back(job),
+                let job = match frame {
+                    ClientFrame::Subscribe { since } if self.version >= VERSION_FEED => {
+                        Ok(self.subscribe(&mut feed, since, queued + 1))
+                    }
+                    frame => self.sync_job(frame).await,
+                };
+                match job {
+                    Ok(job) => {
+                        queue.push_back(job);
+                        queued += 1;
+                    }
                     Err(close) => end = Some(close),
                 }
             }
@@ -51,10 +108,18 @@ impl Conn {
                 return close;
             }
             let reading = end.is_none() && queue.len() < max_pipeline;
+            let feeding = feed.as_ref().is_some_and(|f| answered >= f.after_request);
+            // A subscribed connection is kept busy by its heartbeats.
+            let idle = if feed.is_some() {
+                std::time::Duration::ZERO
+            } else {
+                idle
+            };
             tokio::select! {
                 biased;
                 r = poll_job(&mut head) => {
                     head = None;
+                    answered += 1;
                     match r {
                         Ok(frames) => {
                             for f in frames {
@@ -67,12 +132,96 @@ impl Conn {
                         Err(close) => return Some(close),
                     }
                 }
+                wake = feed_wait(&mut feed, heartbeat), if feeding => {
+                    let st = feed.as_mut().expect("feeding");
+                    if let Err(close) = self.feed_send(st, wake).await {
+                        return close;
+                    }
+                }
                 ev = self.next_frame(idle, "idle_timeout"), if reading => match ev {
                     Event::Frame(f) => next = Some(f),
                     Event::End(close) => end = Some(close),
                 },
             }
         }
+    }
+
+    /// 5 feed_subscribe (PROTOCOL.md 3.8): the feed starts once every
+    /// earlier request is answered; its job answers nothing itself. A
+    /// second one is `invalid_request` and the first goes on.
+    fn subscribe(&mut self, feed: &mut Option<FeedState>, since: Time, request: u64) -> Job {
+        if feed.is_some() {
+            return Box::pin(async move {
+                Ok(vec![invalid_request_frame(
+                    "this connection is subscribed to the change feed already (one feed_subscribe \
+                     per connection, PROTOCOL.md 3.8); its feed goes on from where it was",
+                )])
+            });
+        }
+        *feed = Some(FeedState {
+            sub: self.tenant.feed.subscribe(),
+            cursor: since,
+            after_request: request,
+            caught_up: false,
+            last_sent: Instant::now(),
+        });
+        Box::pin(async move { Ok(vec![]) })
+    }
+
+    /// Sends what the feed owes: the index's next page after the cursor
+    /// (a 38), a 39 when the first listing completes, or a heartbeat. The
+    /// page is read only once the queue has room, so a slow reader is
+    /// coalesced; a queue full for `feed_max_lag` closes the connection.
+    async fn feed_send(&mut self, st: &mut FeedState, wake: FeedWake) -> Result<(), Option<Bytes>> {
+        let Some(tx) = self.direct.clone() else {
+            return Err(None);
+        };
+        let lag = self.shared.config.feed_max_lag;
+        let permit = match tokio::time::timeout(lag, tx.reserve_owned()).await {
+            Ok(Ok(p)) => p,
+            Ok(Err(_)) => return Err(None),
+            Err(_) => {
+                return Err(Some(error_bytes(
+                    ErrorCode::SLOW_READER,
+                    format!(
+                        "the change feed could not be sent: this connection's outbound queue \
+                         stayed full for feed_max_lag ({}s); subscribe again from your cursor",
+                        lag.as_secs_f64()
+                    ),
+                )));
+            }
+        };
+        let cap = self.shared.config.max_synclist_entries.max(1);
+        let (page, complete) = st.sub.index.feed_page(st.cursor, cap);
+        let mut frames: Vec<Bytes> = Vec::with_capacity(2);
+        if let Some(last) = page.last() {
+            st.cursor = last.time;
+            frames.push(
+                ServerFrame::FeedChanges(page.into_iter().collect::<FeedEntries>()).to_bytes(),
+            );
+        }
+        if let Some(clock) = complete {
+            st.cursor = st.cursor.max(clock);
+        }
+        let listing_done = complete.is_some() && !st.caught_up;
+        if listing_done || (frames.is_empty() && matches!(wake, FeedWake::Heartbeat)) {
+            st.caught_up |= listing_done;
+            frames.push(ServerFrame::FeedHeartbeat { time: st.cursor }.to_bytes());
+        }
+        let mut frames = frames.into_iter();
+        match frames.next() {
+            Some(f) => {
+                permit.send(f);
+                st.last_sent = Instant::now();
+            }
+            None => return Ok(()),
+        }
+        for f in frames {
+            if !self.send_direct(f).await {
+                return Err(None);
+            }
+        }
+        Ok(())
     }
 
     /// Turns a request into its response job. Upserts go to the writer now.
@@ -106,12 +255,11 @@ impl Conn {
             // its atoms and run chars, and its range ids, to
             // max_items_per_frame per list.
             ClientFrame::UpsertRuns(u) => self.upsert_job(u.expand(), replica).await,
-            // Until the feed lands (issue 17): refused, the connection stays.
-            ClientFrame::Subscribe { .. } => Ok(Box::pin(async move {
-                Ok(vec![super::frames::invalid_request_frame(
-                    "feed_subscribe is not served by this build yet",
-                )])
-            })),
+            // `sync_mode` takes a 5 on a version-4 connection, and
+            // `later_version_frame` above closes any other.
+            ClientFrame::Subscribe { .. } => Err(Some(wrong_mode(
+                "feed_subscribe (5) needs a connection whose hello announced version 4",
+            ))),
             ClientFrame::Upsert(u) => self.upsert_job(u, replica).await,
 
             ClientFrame::SessionStart { .. }
@@ -121,8 +269,8 @@ impl Conn {
             | ClientFrame::InsertRun(_)
             | ClientFrame::DeleteRange(_) => Err(Some(wrong_mode(
                 "this connection is in sync mode (its first request was below 64): only 0, 1 and 2 \
-                 are accepted, 3 on a connection whose hello announced version 2 or 3, and 4 on \
-                 one that announced version 3",
+                 are accepted, 3 on a connection whose hello announced version 2 or later, 4 on \
+                 one that announced version 3 or later, and 5 on one that announced version 4",
             ))),
             ClientFrame::Hello(_) => Err(Some(wrong_mode(
                 "hello is accepted only as the first frame of a connection",

@@ -41,6 +41,8 @@ pub struct Opened {
     pub boot: u64,
     /// Every document's last-modified time, ascending.
     pub doc_times: Vec<(Time, DocId)>,
+    /// The deleted documents (the change feed says so, PROTOCOL.md 3.8).
+    pub deleted: Vec<DocId>,
 }
 
 /// Opens (or creates) the database in `dir`, checks its schema version,
@@ -78,13 +80,14 @@ pub(crate) fn open_database(db: Database, path: PathBuf) -> Result<Opened, OpenE
     if from_3 {
         migrate_3_to_4(&db, MIGRATE_STEP_ATOMS, usize::MAX).map_err(store_err)?;
     }
-    let (clock, doc_times) = load(&db).map_err(store_err)?;
+    let (clock, doc_times, deleted) = load(&db).map_err(store_err)?;
     Ok(Opened {
         db,
         path,
         clock,
         boot,
         doc_times,
+        deleted,
     })
 }
 
@@ -280,7 +283,9 @@ fn migrate(txn: &WriteTransaction, from: u64) -> Result<(), StoreError> {
     Ok(())
 }
 
-fn load(db: &Database) -> Result<(Time, Vec<(Time, DocId)>), StoreError> {
+type Loaded = (Time, Vec<(Time, DocId)>, Vec<DocId>);
+
+fn load(db: &Database) -> Result<Loaded, StoreError> {
     let txn = db.begin_read()?;
     let clock = txn
         .open_table(META)?
@@ -293,7 +298,16 @@ fn load(db: &Database) -> Result<(Time, Vec<(Time, DocId)>), StoreError> {
         let (k, _) = entry?;
         out.push(split_time_key(k.value()));
     }
-    Ok((clock, out))
+    // One sequential scan of the (small) records; the feed needs to tell a
+    // deletion from an edit without a read per entry.
+    let mut deleted = Vec::new();
+    for entry in txn.open_table(DOCUMENTS)?.range::<u128>(..)? {
+        let (k, v) = entry?;
+        if DocRecord::decode(v.value())?.deleted != 0 {
+            deleted.push(k.value());
+        }
+    }
+    Ok((clock, out, deleted))
 }
 
 #[cfg(test)]

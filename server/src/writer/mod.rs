@@ -36,7 +36,7 @@ use notesync_protocol::{DocId, DocName, ErrorCode, SessionDelete, SessionInsert,
 use redb::Database;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::index::Index;
+use crate::index::{Index, Update};
 use crate::rooms::{Rooms, Sub, error_bytes};
 use crate::store::{ServerClock, Snapshot, StoreError};
 
@@ -373,11 +373,16 @@ impl Writer {
 
     /// After a successful commit: index, fan-out, acks, replies, sessions.
     fn publish(&mut self, requests: Vec<Request>, mut batch: Batch) -> bool {
-        let updates: Vec<(DocId, Option<Time>, Time)> = batch
+        let updates: Vec<Update> = batch
             .docs
             .iter()
             .filter(|(_, e)| e.stored_modified != Some(e.rec.modified))
-            .map(|(&d, e)| (d, e.stored_modified, e.rec.modified))
+            .map(|(&doc, e)| Update {
+                doc,
+                old: e.stored_modified,
+                modified: e.rec.modified,
+                deleted: e.rec.deleted != 0,
+            })
             .collect();
         if !updates.is_empty() || batch.wrote {
             self.index.publish(updates, self.clock.last());

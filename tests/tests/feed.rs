@@ -1,0 +1,242 @@
+//! The change feed (PROTOCOL.md 3.8) against the server binary: what a
+//! device relies on across restarts, kills and a slow network, which the
+//! conformance kit cannot arrange from outside (a kill -9, a small
+//! `--feed-max-lag`, a subscriber that stops reading).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use notesync_protocol::{ClientFrame, DocId, ErrorCode, FeedEntry, ServerFrame, Time};
+use notesync_tests::conn::Event;
+use notesync_tests::{Conn, ServerProcess, upsert_frame};
+
+/// A subscribed connection (hello version 4, then 5 from `since`).
+async fn subscriber(server: &ServerProcess, since: Time) -> Conn {
+    let mut c = server.connect().await.with_label("subscriber");
+    c.hello_version(rand_id(), &[], 4).await;
+    c.send(ClientFrame::Subscribe { since }).await;
+    c
+}
+
+/// Ids unique across tests and runs (each test has its own server anyway).
+fn rand_id() -> u128 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(1);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    (nanos << 32) ^ u128::from(N.fetch_add(1, Ordering::Relaxed))
+}
+
+/// Reads feed frames until a 39 at or after `until` (the listing or the
+/// feed caught up with it); returns the entries and the last cursor.
+async fn read_until(c: &mut Conn, until: Time) -> (Vec<FeedEntry>, Time) {
+    let mut got = Vec::new();
+    let mut cursor = 0;
+    loop {
+        match c.recv().await {
+            ServerFrame::FeedChanges(e) => {
+                for x in &e {
+                    assert!(
+                        x.time > cursor,
+                        "feed times only go up: {x:?} after {cursor}"
+                    );
+                    cursor = x.time;
+                    got.push(x);
+                }
+            }
+            ServerFrame::FeedHeartbeat { time } => {
+                assert!(time >= cursor, "a heartbeat covers what was listed");
+                cursor = time;
+                if time >= until {
+                    return (got, cursor);
+                }
+            }
+            f => panic!("unexpected frame on a feed: {f:?}"),
+        }
+    }
+}
+
+/// Renames each doc (a change: the rename knows the name it replaces,
+/// since it is sent since the doc's last 34, PROTOCOL.md 3.1); returns
+/// each doc's last change time as synclist lists it.
+async fn touch(w: &mut Conn, docs: &[DocId], round: usize) -> BTreeMap<DocId, Time> {
+    let since = |d: &DocId| LAST.with(|m| m.borrow().get(d).copied().unwrap_or(0));
+    w.send_many(
+        docs.iter()
+            .map(|d| upsert_frame(*d, &format!("note {round}"), since(d), &[], &[])),
+    )
+    .await;
+    for &d in docs {
+        let (_, s) = w.recv_doc_reply(d, "touch").await.expect("stored");
+        LAST.with(|m| m.borrow_mut().insert(d, s.sync_time));
+    }
+    listed(w, docs).await
+}
+
+thread_local! {
+    /// Each doc's last 34 time (tests run on their own threads; the
+    /// runtime's workers only poll what the test's thread awaits).
+    static LAST: std::cell::RefCell<BTreeMap<DocId, Time>> = Default::default();
+}
+
+/// `docs`' last change times, from synclist(0).
+async fn listed(w: &mut Conn, docs: &[DocId]) -> BTreeMap<DocId, Time> {
+    w.synclist_all(0)
+        .await
+        .into_iter()
+        .filter(|e| docs.contains(&e.doc))
+        .map(|e| (e.doc, e.modified))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_feed_lists_then_pushes_each_change_once_and_marks_deletions() {
+    let server = ServerProcess::start();
+    let mut w = server.connect().await.with_label("writer");
+    w.hello(rand_id()).await;
+    let docs: Vec<DocId> = (0..5).map(|_| rand_id()).collect();
+    let first = touch(&mut w, &docs, 0).await;
+    let mut s = subscriber(&server, 0).await;
+    let (listed, cursor) = read_until(&mut s, 0).await;
+    let listed: BTreeMap<DocId, Time> = listed.iter().map(|e| (e.doc, e.time)).collect();
+    assert_eq!(listed, first, "the first listing is synclist(0)");
+    assert!(cursor >= *first.values().max().unwrap());
+
+    // Later changes are pushed without a request, at their latest time.
+    let second = touch(&mut w, &docs[..2], 1).await;
+    let mut pushed = BTreeMap::new();
+    while pushed.len() < 2 {
+        match s.recv().await {
+            ServerFrame::FeedChanges(e) => pushed.extend(e.iter().map(|x| (x.doc, x.time))),
+            ServerFrame::FeedHeartbeat { .. } => {}
+            f => panic!("unexpected {f:?}"),
+        }
+    }
+    assert_eq!(pushed, second);
+
+    // A deletion is an entry with the flag, at the deletion time.
+    let mut d = server.connect().await.with_label("deleter");
+    d.hello_version(rand_id(), &[], 4).await;
+    d.send(ClientFrame::DeleteDoc { doc: docs[4] }).await;
+    let at = match d.recv().await {
+        ServerFrame::DocDeleted { deleted_time, .. } => deleted_time,
+        f => panic!("expected 35, got {f:?}"),
+    };
+    let entry = loop {
+        if let ServerFrame::FeedChanges(e) = s.recv().await
+            && let Some(x) = e.iter().find(|x| x.doc == docs[4])
+        {
+            break x;
+        }
+    };
+    assert_eq!((entry.time, entry.deleted), (at, true));
+
+    // One feed per connection: a second 5 is refused, the first goes on.
+    s.send(ClientFrame::Subscribe { since: 0 }).await;
+    s.expect_error(ErrorCode::INVALID_REQUEST).await;
+    let third = touch(&mut d, &docs[..1], 2).await;
+    loop {
+        if let ServerFrame::FeedChanges(e) = s.recv().await
+            && e.iter()
+                .any(|x| x.doc == docs[0] && x.time == third[&docs[0]])
+        {
+            break;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_feed_resumed_from_its_cursor_after_kill_9_misses_nothing() {
+    let mut server = ServerProcess::start();
+    let docs: Vec<DocId> = (0..20).map(|_| rand_id()).collect();
+    let mut w = server.connect().await.with_label("writer");
+    w.hello(rand_id()).await;
+    touch(&mut w, &docs, 0).await;
+    let mut s = subscriber(&server, 0).await;
+    let (_, cursor) = read_until(&mut s, 0).await;
+    // Changes the subscriber never sees before the kill.
+    let acked = touch(&mut w, &docs[..7], 1).await;
+    server.kill9();
+    server.restart();
+    let mut w = server.connect().await.with_label("writer after");
+    w.hello(rand_id()).await;
+    let after = touch(&mut w, &docs[5..9], 2).await;
+    let mut s = subscriber(&server, cursor).await;
+    let (got, _) = read_until(&mut s, 0).await;
+    let got: BTreeMap<DocId, Time> = got.iter().map(|e| (e.doc, e.time)).collect();
+    let mut want = acked;
+    want.extend(after);
+    assert_eq!(
+        got, want,
+        "every change after the cursor, at its latest time"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_subscriber_is_coalesced_then_dropped_then_resumes_with_nothing_missed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = ServerProcess::try_start_with(&tmp.path().join("data"), &["--feed-max-lag", "2"])
+        .expect("server starts");
+    let docs: Vec<DocId> = (0..50).map(|_| rand_id()).collect();
+    let mut w = server.connect().await.with_label("writer");
+    w.hello(rand_id()).await;
+    touch(&mut w, &docs, 0).await;
+    let mut s = subscriber(&server, 0).await;
+    let (_, cursor) = read_until(&mut s, 0).await;
+
+    // The subscriber stops reading while the docs change over and over:
+    // more changes than its socket buffers could hold as 38s, one per
+    // change.
+    let mut last = BTreeMap::new();
+    for round in 1..=400 {
+        last = touch(&mut w, &docs, round).await;
+    }
+    // Coalesced: reading now, it gets fewer entries than there were
+    // changes (one per document per page at most, whatever is buffered
+    // before its socket filled), ending at each one's latest time, unless
+    // the lag bound (2 s) dropped it first.
+    let mut seen: BTreeMap<DocId, Time> = BTreeMap::new();
+    let mut entries = 0usize;
+    let mut dropped = false;
+    let mut feed_cursor = cursor;
+    loop {
+        match s.next_event_within(Duration::from_secs(10)).await {
+            Event::Frame(ServerFrame::FeedChanges(e)) => {
+                for x in &e {
+                    entries += 1;
+                    feed_cursor = x.time;
+                    seen.insert(x.doc, x.time);
+                }
+            }
+            Event::Frame(ServerFrame::FeedHeartbeat { time }) => {
+                feed_cursor = time;
+                if seen == last {
+                    break;
+                }
+            }
+            Event::Frame(ServerFrame::Error(e)) => {
+                assert_eq!(e.code, ErrorCode::SLOW_READER, "{}", e.message);
+                dropped = true;
+                break;
+            }
+            Event::Closed => {
+                dropped = true;
+                break;
+            }
+            e => panic!("unexpected {e:?}"),
+        }
+    }
+    assert!(
+        entries < 400 * docs.len(),
+        "the feed is coalesced: {entries} entries for {} changes",
+        400 * docs.len()
+    );
+    // Whether it was dropped or not, resuming from its cursor gives every
+    // document's latest change.
+    let mut s = subscriber(&server, feed_cursor).await;
+    let (got, _) = read_until(&mut s, 0).await;
+    seen.extend(got.iter().map(|e| (e.doc, e.time)));
+    assert_eq!(seen, last, "nothing missed (dropped: {dropped})");
+}

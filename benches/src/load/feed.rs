@@ -121,19 +121,26 @@ async fn writer(
 ) -> Result<Vec<(u32, Time, u64)>> {
     let Conn { mut rd, mut wr, .. } = c;
     let mine: Vec<usize> = (k..docs).step_by(WRITERS).collect();
+    // The writer's final count, once known; the reader stops at it.
+    let (total_tx, mut total_rx) = tokio::sync::watch::channel(u64::MAX);
     let reader = tokio::spawn(async move {
         let mut out = Vec::new();
-        loop {
-            match net::recv(&mut rd, net::REPLY_TIMEOUT).await {
+        while (out.len() as u64) < *total_rx.borrow_and_update() {
+            let f = tokio::select! {
+                _ = total_rx.changed() => continue,
+                f = net::recv(&mut rd, net::REPLY_TIMEOUT) => f,
+            };
+            match f {
                 Ok(ServerFrame::DocSync { doc, sync_time, .. }) => {
                     let d = (doc ^ doc_id(salt, 0)) as u32;
                     out.push((d, sync_time, now_us()));
                 }
                 Ok(ServerFrame::DocResponse(_)) => {}
                 Ok(other) => bail!("writer: unexpected {other:?}"),
-                Err(_) => return Ok::<_, super::Error>(out),
+                Err(e) => bail!("writer: {e}"),
             }
         }
+        Ok::<_, super::Error>(out)
     });
     let start = Instant::now();
     let mut sent = 0u64;
@@ -161,12 +168,9 @@ async fn writer(
             buf.clear();
         }
     }
-    // Close the write half: the server answers what was sent, then ends
-    // the connection, which ends the reader.
+    total_tx.send_replace(sent);
+    let out = reader.await??;
     drop(wr);
-    let out = tokio::time::timeout(net::REPLY_TIMEOUT, reader)
-        .await
-        .map_err(|_| "writer: replies did not end")???;
     if (out.len() as u64) < sent {
         bail!("writer {k}: {} of {sent} upserts answered", out.len());
     }

@@ -62,7 +62,7 @@ fn smoke(name: &str) {
 
 #[test]
 fn every_scenario_is_tested() {
-    assert_eq!(SCENARIOS.len(), 7);
+    assert_eq!(SCENARIOS.len(), 8);
 }
 
 #[test]
@@ -98,4 +98,10 @@ fn cold_start() {
 #[test]
 fn offline() {
     smoke("offline");
+}
+
+#[test]
+#[ignore = "needs the server's change feed (issue 17, branch server); run with --ignored once merged"]
+fn feed() {
+    smoke("feed");
 }

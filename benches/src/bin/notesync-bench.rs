@@ -15,7 +15,7 @@ use notesync_benches::load::{self, Opts, SCENARIOS};
 #[command(name = "notesync-bench", about, long_about = None)]
 struct Args {
     /// live-trace, many-docs, catch-up, synclist-scale, connections,
-    /// cold-start, offline, or all.
+    /// cold-start, offline, feed, or all.
     scenario: String,
     /// Drive this server instead of starting target/release/notesync-server.
     #[arg(long, value_name = "ADDR")]
@@ -53,6 +53,15 @@ struct Args {
     /// Run each scenario this many times and report the medians.
     #[arg(long, value_name = "N", default_value_t = 1)]
     runs: usize,
+    /// feed: changes per second (with --size: subscribers).
+    #[arg(long, value_name = "N")]
+    rate: Option<u64>,
+    /// feed: documents the writers change (default 1,000).
+    #[arg(long, value_name = "N")]
+    docs: Option<usize>,
+    /// feed: seconds of the paced phase (default 10).
+    #[arg(long, value_name = "SECS")]
+    secs: Option<u64>,
     /// Give up after this many seconds.
     #[arg(long, value_name = "SECS", default_value_t = 1800)]
     deadline: u64,
@@ -71,6 +80,9 @@ fn main() -> ExitCode {
     opts.data = a.data;
     opts.reps = a.reps;
     opts.deadline = Duration::from_secs(a.deadline);
+    opts.rate = a.rate;
+    opts.docs = a.docs;
+    opts.secs = a.secs;
     let names: Vec<&str> = if a.scenario == "all" {
         SCENARIOS.to_vec()
     } else {

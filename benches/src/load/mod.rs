@@ -13,6 +13,7 @@
 pub mod catch_up;
 pub mod cold_start;
 pub mod connections;
+pub mod feed;
 pub mod live_trace;
 pub mod many_docs;
 pub mod net;
@@ -50,6 +51,7 @@ pub const SCENARIOS: &[&str] = &[
     "connections",
     "cold-start",
     "offline",
+    "feed",
 ];
 
 /// Options shared by every scenario (the command line, or the smoke test).
@@ -77,6 +79,12 @@ pub struct Opts {
     pub reps: usize,
     /// Upper bound on the whole scenario.
     pub deadline: Duration,
+    /// feed: changes per second (one shape with `size` subscribers).
+    pub rate: Option<u64>,
+    /// feed: documents changed.
+    pub docs: Option<usize>,
+    /// feed: seconds of the paced phase.
+    pub secs: Option<u64>,
 }
 
 impl Opts {
@@ -93,6 +101,9 @@ impl Opts {
             data: None,
             reps: 0,
             deadline: Duration::from_secs(1800),
+            rate: None,
+            docs: None,
+            secs: None,
         }
     }
 
@@ -132,6 +143,7 @@ pub async fn run(name: &str, opts: &Opts) -> Result<Report> {
             "connections" => connections::run(opts).await,
             "cold-start" => cold_start::run(opts).await,
             "offline" => offline::run(opts).await,
+            "feed" => feed::run(opts).await,
             other => bail!(
                 "unknown scenario {other:?}; one of: {}",
                 SCENARIOS.join(", ")

@@ -101,7 +101,6 @@ fn offline() {
 }
 
 #[test]
-#[ignore = "needs the server's change feed (issue 17, branch server); run with --ignored once merged"]
 fn feed() {
     smoke("feed");
 }

@@ -250,16 +250,22 @@ pub struct Conn {
 }
 
 impl Conn {
-    /// Connects with this crate's version (3); a server that answers
-    /// `unsupported_version` is tried once more with version 2, and the
-    /// connection then sends only version-2 frames (PROTOCOL.md 6).
+    /// Connects with this crate's version (4); a server that answers
+    /// `unsupported_version` is tried with each older version down to 2,
+    /// and the connection then sends only that version's frames
+    /// (PROTOCOL.md 6): a version-3 server still gets runs.
     pub async fn connect(cfg: &ServerConfig, replica: u128) -> Result<Conn, NetError> {
-        match Self::connect_version(cfg, replica, PROTOCOL_VERSION).await {
-            Err(NetError::Server { code, message }) if code == ErrorCode::UNSUPPORTED_VERSION => {
-                tracing::info!(%message, "the server does not speak version 3; using version 2");
-                Self::connect_version(cfg, replica, VERSION_RUNS - 1).await
+        let mut version = PROTOCOL_VERSION;
+        loop {
+            match Self::connect_version(cfg, replica, version).await {
+                Err(NetError::Server { code, message })
+                    if code == ErrorCode::UNSUPPORTED_VERSION && version > VERSION_RUNS - 1 =>
+                {
+                    tracing::info!(%message, "the server does not speak version {version}; trying {}", version - 1);
+                    version -= 1;
+                }
+                r => return r,
             }
-            r => r,
         }
     }
 

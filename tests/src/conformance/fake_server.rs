@@ -36,10 +36,10 @@ use std::time::Duration;
 use futures::{SinkExt, StreamExt};
 use notesync_protocol::{
     Atom, AtomListBuilder, ClientFrame, Coalesced, DecodeError, DocId, DocName, DocResponse,
-    DocResponseRuns, ErrorCode, ErrorFrame, Hello, IdRange, ItemListBuilder, Level, Pid,
+    DocResponseRuns, ErrorCode, ErrorFrame, FeedEntry, Hello, IdRange, ItemListBuilder, Level, Pid,
     PidListBuilder, RangeListBuilder, Run, RunCoalescer, ServerCodec, ServerFrame, SessionDelete,
-    SessionDeleteRange, SessionInsert, SessionInsertRun, SyncEntry, Time, Upsert, VERSION_RUNS,
-    extends, header,
+    SessionDeleteRange, SessionInsert, SessionInsertRun, SyncEntry, Time, Upsert, VERSION_FEED,
+    VERSION_RUNS, extends, header,
 };
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::codec::Framed;
@@ -96,6 +96,9 @@ pub struct Traffic {
     /// The header of every frame received, as sent (a 4 is in `received`
     /// as the 2 it stands for), by connection.
     pub raw: Vec<(usize, u8)>,
+    /// The largest time of every 38 and 39 sent, by connection (the
+    /// cursor a client following the feed keeps, 3.8).
+    pub feed_times: Vec<(usize, Time)>,
 }
 
 impl Traffic {
@@ -418,7 +421,12 @@ impl FakeConn {
     /// The next thing the client did, each frame checked against the
     /// client rules (a violation panics).
     pub async fn next_event(&mut self) -> ClientEvent {
-        let e = match tokio::time::timeout(self.wait, self.framed.next()).await {
+        self.next_event_within(self.wait).await
+    }
+
+    /// [`next_event`](Self::next_event), waiting at most `wait`.
+    pub async fn next_event_within(&mut self, wait: Duration) -> ClientEvent {
+        let e = match tokio::time::timeout(wait, self.framed.next()).await {
             Err(_) => ClientEvent::Timeout,
             Ok(None) => ClientEvent::Closed,
             Ok(Some(Ok(f))) => ClientEvent::Frame(f),
@@ -438,8 +446,8 @@ impl FakeConn {
                 match f {
                     ClientFrame::Hello(h) => {
                         assert!(
-                            (1..=3).contains(&h.version),
-                            "{}: the client's hello carries version 1, 2 or 3 (6), got {}",
+                            (1..=VERSION_FEED).contains(&h.version),
+                            "{}: the client's hello carries version 1 to 4 (6), got {}",
                             self.label,
                             h.version
                         );
@@ -472,6 +480,15 @@ impl FakeConn {
                 assert!(
                     self.version >= VERSION_RUNS,
                     "{}: a client sends {h} (a version 3 frame) only after a version 3 hello \
+                     that was welcomed (2.3, 6); this connection uses version {}",
+                    self.label,
+                    self.version
+                );
+            }
+            if h == header::FEED_SUBSCRIBE {
+                assert!(
+                    self.version >= VERSION_FEED,
+                    "{}: a client sends 5 (a version 4 frame) only after a version 4 hello \
                      that was welcomed (2.3, 6); this connection uses version {}",
                     self.label,
                     self.version
@@ -524,9 +541,11 @@ impl FakeConn {
             self.version = 1;
             return h;
         }
-        // The version the connection uses (6).
+        // The version the connection uses (6): the hello's (this server
+        // speaks 1 to 4).
+        self.version = h.version.min(VERSION_FEED);
         self.send(ServerFrame::Welcome {
-            version: h.version,
+            version: self.version,
             server_time: time,
         })
         .await;
@@ -592,6 +611,12 @@ impl FakeConn {
     fn note_sent(&self, f: &ServerFrame) {
         let mut t = self.traffic.lock().expect("traffic lock");
         match f {
+            ServerFrame::FeedChanges(e) => {
+                if let Some(last) = e.iter().map(|e| e.time).max() {
+                    t.feed_times.push((self.id, last));
+                }
+            }
+            ServerFrame::FeedHeartbeat { time } => t.feed_times.push((self.id, *time)),
             ServerFrame::DocSync { doc, site, .. } => {
                 t.sites.insert(*doc, *site);
             }
@@ -879,6 +904,27 @@ impl World {
         v
     }
 
+    /// What a feed since `since` lists (3.8): every document whose last
+    /// change is after `since`, at that change's time, in time order, each
+    /// with whether that change deleted it; the 38s of it, `synclist_cap`
+    /// entries each.
+    pub fn feed_frames(&self, since: Time) -> Vec<ServerFrame> {
+        let mut v: Vec<FeedEntry> = self
+            .docs
+            .iter()
+            .filter(|(_, d)| d.modified > since)
+            .map(|(&doc, d)| FeedEntry {
+                time: d.modified,
+                doc,
+                deleted: d.deleted == Some(d.modified),
+            })
+            .collect();
+        v.sort_by_key(|e| e.time);
+        v.chunks(self.synclist_cap.max(1))
+            .map(|c| ServerFrame::FeedChanges(c.iter().copied().collect()))
+            .collect()
+    }
+
     /// The 33s of a reply, split by `per_33`.
     pub fn responses(&self, doc: DocId, ins: &[(Pid, String)], del: &[Pid]) -> Vec<ServerFrame> {
         let name = DocName::new(self.docs[&doc].name.clone()).expect("valid name");
@@ -1133,10 +1179,24 @@ pub async fn serve_sync(
     mut lose: impl FnMut(&ClientFrame) -> bool,
 ) -> Vec<ClientFrame> {
     let mut answered = Vec::new();
+    // The feed of this connection once it sent a 5 (3.8): its cursor and
+    // when it last sent a feed frame.
+    let mut feed: Option<(Time, std::time::Instant)> = None;
+    let mut idle_since = std::time::Instant::now();
     loop {
-        let f = match conn.next_event().await {
+        let e = match feed {
+            Some(_) => conn.next_event_within(FEED_POLL).await,
+            None => conn.next_event().await,
+        };
+        let f = match e {
             ClientEvent::Frame(f) => f,
             ClientEvent::Closed => return answered,
+            // Subscribed: a quiet client is fine; push what changed (other
+            // clients' changes, the script's) or a heartbeat.
+            ClientEvent::Timeout if feed.is_some() && idle_since.elapsed() < conn.wait * 6 => {
+                push_feed(conn, world, &mut feed).await;
+                continue;
+            }
             other => panic!(
                 "{}: expected a sync request or the close, got {}",
                 conn.label,
@@ -1151,6 +1211,19 @@ pub async fn serve_sync(
                 )],
                 ClientFrame::Pull { doc, since } => w.pull(*doc, *since),
                 ClientFrame::Upsert(u) => w.upsert(u),
+                ClientFrame::Subscribe { since } => match feed {
+                    Some(_) => vec![ServerFrame::Error(ErrorFrame::new(
+                        ErrorCode::INVALID_REQUEST,
+                        "this connection is already subscribed to the feed",
+                    ))],
+                    None => {
+                        // The first listing, then a 39 once caught up.
+                        let mut out = w.feed_frames(*since);
+                        out.push(ServerFrame::FeedHeartbeat { time: w.now });
+                        feed = Some((w.now.max(*since), std::time::Instant::now()));
+                        out
+                    }
+                },
                 ClientFrame::DeleteDoc { doc } => {
                     assert!(
                         conn.version >= 2,
@@ -1191,8 +1264,52 @@ pub async fn serve_sync(
         if lost {
             return answered;
         }
+        idle_since = std::time::Instant::now();
         conn.send_many(reply).await;
+        // Between replies: what changed since (the connection's own
+        // changes come back through its feed too, 3.8).
+        push_feed(conn, world, &mut feed).await;
     }
+}
+
+/// How often a subscribed connection's feed looks for changes.
+const FEED_POLL: Duration = Duration::from_millis(20);
+/// The fake server's heartbeat interval (3.8: at most 15 s).
+const FEED_HEARTBEAT: Duration = Duration::from_secs(1);
+
+/// Pushes the 38s of what changed after the feed's cursor, or a 39 when
+/// nothing was sent for the heartbeat interval.
+async fn push_feed(
+    conn: &mut FakeConn,
+    world: &Arc<Mutex<World>>,
+    feed: &mut Option<(Time, std::time::Instant)>,
+) {
+    let Some((cursor, last)) = feed else {
+        return;
+    };
+    let (frames, now) = {
+        let w = world.lock().expect("world lock");
+        (w.feed_frames(*cursor), w.now)
+    };
+    if frames.is_empty() {
+        if last.elapsed() >= FEED_HEARTBEAT {
+            *cursor = now.max(*cursor);
+            *last = std::time::Instant::now();
+            let t = *cursor;
+            conn.send_many(vec![ServerFrame::FeedHeartbeat { time: t }])
+                .await;
+        }
+        return;
+    }
+    for f in &frames {
+        if let ServerFrame::FeedChanges(e) = f {
+            if let Some(t) = e.iter().map(|e| e.time).max() {
+                *cursor = t;
+            }
+        }
+    }
+    *last = std::time::Instant::now();
+    conn.send_many(frames).await;
 }
 
 /// Accepts one sync connection (hello, welcome) and serves it until the

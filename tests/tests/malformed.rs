@@ -189,8 +189,8 @@ fn cases() -> Vec<Case> {
     let deep: Vec<(u8, u32)> = (0..65).map(|i| (1, i)).collect();
     vec![
         Case::new(
-            "unknown header 5 (sync range, not a frame)",
-            vec![5, 0, 0, 0],
+            "unknown header 6 (sync range, not a frame)",
+            vec![6, 0, 0, 0],
             &[],
             ErrorCode::UNKNOWN_FRAME,
         ),
@@ -389,8 +389,8 @@ fn cases() -> Vec<Case> {
             ErrorCode::WRONG_MODE,
         ),
         Case::new(
-            "hello with protocol version 4",
-            hello(4),
+            "hello with protocol version 5",
+            hello(5),
             &[],
             ErrorCode::UNSUPPORTED_VERSION,
         ),

@@ -20,7 +20,7 @@ pub fn checks() -> Vec<Check<Ctx>> {
         Check::new(
             "hello-unsupported-version",
             "3, 6",
-            "hello with a version the server does not speak (0, 4, 255): unsupported_version, closed",
+            "hello with a version the server does not speak (0, 5, 255): unsupported_version, closed",
             unsupported_version,
         ),
         Check::new(
@@ -105,7 +105,7 @@ async fn hello_welcome_as(ctx: &Ctx, hello_version: u8) {
 }
 
 async fn unsupported_version(ctx: Ctx) -> Outcome {
-    for version in [0u8, 4, 255] {
+    for version in [0u8, 5, 255] {
         let bytes = hello_bytes(&ctx, ctx.replica(), version);
         closing_case(
             &ctx,
@@ -174,8 +174,9 @@ async fn unknown_every_header(ctx: Ctx) -> Outcome {
     let headers: Vec<u8> = (0..=255u8).filter(|&h| !accepted(h)).collect();
     assert_eq!(
         headers.len(),
-        256 - 12,
-        "a client sends 12 kinds of frame (2.3; 3 doc_delete from version 2; 4, 70, 71 from version 3)"
+        256 - 13,
+        "a client sends 13 kinds of frame (2.3; 3 doc_delete from version 2; 4, 70, 71 from version 3; \
+         5 feed_subscribe from version 4)"
     );
     // A few at a time: each on its own connection.
     let mut set = tokio::task::JoinSet::new();
@@ -231,7 +232,7 @@ async fn unknown_after_reply(ctx: Ctx) -> Outcome {
 }
 
 async fn unknown_in_session(ctx: Ctx) -> Outcome {
-    for h in [5u8, header::SYNC_DOC_RESPONSE, header::SESSION_ACK] {
+    for h in [6u8, header::SYNC_DOC_RESPONSE, header::SESSION_ACK] {
         let (prefix, mut replies) = auth_prefix(&ctx);
         replies.push(header::SESSION_STARTED);
         let start = frame_bytes(&ClientFrame::SessionStart {

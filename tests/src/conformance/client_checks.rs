@@ -187,7 +187,7 @@ impl Setup {
 /// Every client check.
 pub fn checks() -> Vec<Check<ClientCtx>> {
     vec![
-        Check::new("client-hello-first-same-replica", "1, 3", "every connection (sync, session) starts with hello version 1, 2 or 3, with one replica id", hello_first),
+        Check::new("client-hello-first-same-replica", "1, 3", "every connection (sync, session) starts with hello version 1 to 4, with one replica id", hello_first),
         Check::new("client-v3-upserts-runs", "1.5, 3.1", "on a version-3 connection text typed forward goes as 4s whose runs hold its chars (fewer items than chars), converging through 37 replies", v3_upserts_runs),
         Check::new("client-v3-session-runs", "1.5, 3.2", "a version-3 session: typed text goes as 70s (a 70 acked as one op), deletes of consecutive chars as 71s; relayed 70s and 71s apply", v3_session_runs),
         Check::new("client-falls-back-to-version-2", "6", "a server that refuses version 3 (unsupported_version) gets a version 2 hello next, and then no 4, 70 or 71", falls_back_to_v2),
@@ -1282,7 +1282,11 @@ async fn v3_session_runs(ctx: ClientCtx) -> Outcome {
     s.sync_ok("first sync (the site)").await;
     s.client.open_session(doc);
     let (mut c, _) = accept_session(&s, doc, None, "session").await;
-    assert_eq!(c.version, 3, "the reference client speaks version 3");
+    assert_eq!(
+        c.version,
+        notesync_protocol::PROTOCOL_VERSION,
+        "the reference client speaks its newest version (4)"
+    );
     s.client.session_insert(doc, 0, "a");
     s.client.session_insert(doc, 1, "b");
     s.client.session_insert(doc, 2, "c");
@@ -1341,26 +1345,39 @@ async fn v3_session_runs(ctx: ClientCtx) -> Outcome {
     Ok(())
 }
 
-/// One sync against a server that refuses version 3: the client's hello
-/// with 3 is refused, its retry with 2 is served.
+/// One sync against a server that speaks only versions 1 and 2: the
+/// client's hellos with 3 or later are refused, each retry asks for an
+/// older version, and the one with 2 is served.
 async fn sync_v2_only(s: &mut Setup, what: &str) {
     let (server, world) = (&s.server, &s.world);
     let (r, ()) = tokio::join!(s.client.sync(), async {
-        let mut first = server.accept("a version-3 hello").await;
-        let h = first.handshake(1).await;
+        let mut asked = Vec::new();
+        loop {
+            let mut conn = server.accept("a hello").await;
+            let now = world.lock().expect("world lock").now;
+            let h = conn.handshake(now).await;
+            asked.push(h.version);
+            if h.version < 3 {
+                assert_eq!(
+                    h.version, 2,
+                    "{what}: after unsupported_version the client retries with the next older \
+                     version, down to 2 (6); it asked {asked:?}"
+                );
+                serve_sync(&mut conn, world, |_| false).await;
+                break;
+            }
+            assert!(
+                asked.windows(2).all(|w| w[1] < w[0]) && asked.len() <= 3,
+                "{what}: each retry after unsupported_version asks for an older version (6); \
+                 it asked {asked:?}"
+            );
+            conn.expect_closed("after unsupported_version").await;
+        }
         assert_eq!(
-            h.version, 3,
-            "{what}: the reference client says version 3 first"
+            asked.first().copied(),
+            Some(notesync_protocol::PROTOCOL_VERSION),
+            "{what}: the reference client says its newest version first"
         );
-        first.expect_closed("after unsupported_version").await;
-        let mut second = server.accept("the retry").await;
-        let now = world.lock().expect("world lock").now;
-        let h = second.handshake(now).await;
-        assert_eq!(
-            h.version, 2,
-            "{what}: after unsupported_version for 3 the client retries with version 2 (6)"
-        );
-        serve_sync(&mut second, world, |_| false).await;
     });
     r.unwrap_or_else(|e| panic!("{what}: the sync against a version 2 server failed: {e}"));
 }

@@ -202,6 +202,19 @@ impl Ctx {
         (c, replica)
     }
 
+    /// A connection after a version-4 hello (the change feed, 3.8).
+    pub async fn client_v4(&self, label: &str) -> (Conn, u128) {
+        let replica = self.replica();
+        let mut c = self.raw_conn(label).await;
+        let w = c.hello_version(replica, self.target.token_bytes(), 4).await;
+        assert_eq!(
+            w.version, 4,
+            "{label}: a hello with version 4: expected welcome with version 4 (6), got {}",
+            w.version
+        );
+        (c, replica)
+    }
+
     /// A connection after hello as `replica`.
     pub async fn client_as(&self, label: &str, replica: u128) -> (Conn, Welcome) {
         let mut c = self.raw_conn(label).await;

@@ -230,6 +230,39 @@ async fn ok_vector(ctx: Ctx, v: Vector) -> Outcome {
         header::SESSION_INSERT | header::SESSION_DELETE | header::NAME_CHANGE => {
             session_op_vector(&ctx, &v, &what).await?;
         }
+        header::FEED_SUBSCRIBE => {
+            // A version 4 frame: after a version 4 hello, the feed's first
+            // listing (38s of times after `since`, ascending), then the 39
+            // that ends it, at or after every listed time (3.8).
+            let since = u64::from_be_bytes(bytes[1..9].try_into().unwrap());
+            let (mut c, _) = ctx.client_v4("vector feed_subscribe").await;
+            c.send_raw(&bytes).await;
+            let mut last = since;
+            loop {
+                match c.next_event().await {
+                    Event::Frame(ServerFrame::FeedChanges(e)) => {
+                        for x in e.iter() {
+                            assert!(
+                                x.time > last,
+                                "{what}: feed times go up and are after the cursor {since} \
+                                 (3.8): got {} after {last}",
+                                x.time
+                            );
+                            last = x.time;
+                        }
+                    }
+                    Event::Frame(ServerFrame::FeedHeartbeat { time }) => {
+                        assert!(
+                            time >= last,
+                            "{what}: the 39 that ends the first listing covers it (3.8): \
+                             {time} < {last}"
+                        );
+                        break;
+                    }
+                    other => panic!("{what}: expected 38s then a 39, got {other:?}"),
+                }
+            }
+        }
         header::SYNC_DOC_UPSERT_RUNS => {
             // A version 3 frame: after a version 3 hello. Its inserts (if
             // any) are of site 1: accepted if that is our site for the
@@ -300,11 +333,11 @@ async fn ok_vector(ctx: Ctx, v: Vector) -> Outcome {
             write_u128(&mut bytes, 2, replica);
             let version = bytes[1];
             let token = &bytes[19..];
-            let refused = if !(1..=3).contains(&version) {
+            let refused = if !(1..=4).contains(&version) {
                 Some((
                     ErrorCode::UNSUPPORTED_VERSION,
                     format!(
-                        "{what}: a server of versions 1, 2 and 3 cannot speak version {version} (3, 6)"
+                        "{what}: a server of versions 1 to 4 cannot speak version {version} (3, 6)"
                     ),
                 ))
             } else if ctx.target().token.as_ref().is_some_and(|t| t != token) {

@@ -191,25 +191,25 @@ impl Ctx {
     /// A connection after a version-3 hello (with the token) as a fresh
     /// replica.
     pub async fn client_v3(&self, label: &str) -> (Conn, u128) {
-        let replica = self.replica();
-        let mut c = self.raw_conn(label).await;
-        let w = c.hello_version(replica, self.target.token_bytes(), 3).await;
-        assert_eq!(
-            w.version, 3,
-            "{label}: a hello with version 3: expected welcome with version 3 (6), got {}",
-            w.version
-        );
-        (c, replica)
+        self.client_version(label, 3).await
     }
 
     /// A connection after a version-4 hello (the change feed, 3.8).
     pub async fn client_v4(&self, label: &str) -> (Conn, u128) {
+        self.client_version(label, 4).await
+    }
+
+    /// A connection after a hello announcing `version`; the server must
+    /// answer that version (6).
+    async fn client_version(&self, label: &str, version: u8) -> (Conn, u128) {
         let replica = self.replica();
         let mut c = self.raw_conn(label).await;
-        let w = c.hello_version(replica, self.target.token_bytes(), 4).await;
+        let w = c
+            .hello_version(replica, self.target.token_bytes(), version)
+            .await;
         assert_eq!(
-            w.version, 4,
-            "{label}: a hello with version 4: expected welcome with version 4 (6), got {}",
+            w.version, version,
+            "{label}: a hello with version {version}: expected welcome with version {version} (6), got {}",
             w.version
         );
         (c, replica)

@@ -28,10 +28,14 @@ pub struct Config {
     /// only watch a document are legitimately quiet, so this is long).
     pub session_idle_timeout: Duration,
     /// A subscribed change feed that sent nothing for this long gets a
-    /// heartbeat (PROTOCOL.md 3.8: at most 15 s).
+    /// heartbeat (PROTOCOL.md 3.8). Taken within 1 to 15 s (`feed_heartbeat()`):
+    /// 0 would send heartbeats without pause, more breaks the protocol's
+    /// promise.
     pub feed_heartbeat: Duration,
     /// A subscribed connection whose outbound queue stays full this long
     /// (it cannot take the feed's next frame) is closed as a `slow_reader`.
+    /// At least 1 s (`feed_max_lag()`): 0 would drop a reader at its first
+    /// full queue.
     pub feed_max_lag: Duration,
     /// A write to the socket that makes no progress for this long closes
     /// the connection.
@@ -97,6 +101,17 @@ pub struct TlsFiles {
 }
 
 impl Config {
+    /// `feed_heartbeat` within the bounds its doc names.
+    pub fn feed_heartbeat(&self) -> Duration {
+        self.feed_heartbeat
+            .clamp(Duration::from_secs(1), Self::MAX_FEED_HEARTBEAT)
+    }
+
+    /// `feed_max_lag`, at least 1 s.
+    pub fn feed_max_lag(&self) -> Duration {
+        self.feed_max_lag.max(Duration::from_secs(1))
+    }
+
     pub const DEFAULT_LISTEN: &'static str = "127.0.0.1:7420";
     pub const DEFAULT_DATA_DIR: &'static str = "./notesync-data";
     pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;

@@ -139,11 +139,14 @@ impl Index {
         self.read().by_time.len()
     }
 
-    /// Publishes one committed batch, then signals the feed (O(1)).
+    /// Publishes one committed batch, then signals the feed (O(1)) if it
+    /// changed a document.
     pub fn publish(&self, updates: impl IntoIterator<Item = Update>, clock: Time) {
+        let mut changed = false;
         {
             let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
             for u in updates {
+                changed = true;
                 if let Some(old) = u.old {
                     inner.by_time.remove(&(old, u.doc));
                 }
@@ -154,7 +157,9 @@ impl Index {
             }
             inner.clock = inner.clock.max(clock);
         }
-        if self.watchers.load(Ordering::Acquire) > 0 {
+        // A batch that changed no document (a site for a pull) has nothing
+        // to list: subscribers are not woken for it.
+        if changed && self.watchers.load(Ordering::Acquire) > 0 {
             // A permit is kept if the fan-out is busy: no publish is lost.
             self.published.notify_one();
         }

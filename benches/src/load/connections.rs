@@ -19,8 +19,14 @@ const CONCURRENCY: usize = 128;
 /// Documents the sessions are spread over.
 const SESSION_DOCS: usize = 100;
 
-async fn idle_sync(addr: std::net::SocketAddr, replica: u128) -> Result<Conn> {
-    let mut c = Conn::connect(addr, Some(replica)).await?;
+/// A connection that said hello `version` and did one synclist (answered
+/// with nothing): an idle sync-mode connection.
+pub(super) async fn idle_sync(
+    addr: std::net::SocketAddr,
+    replica: u128,
+    version: u8,
+) -> Result<Conn> {
+    let mut c = Conn::connect_version(addr, Some(replica), version).await?;
     c.send(&ClientFrame::Synclist {
         since: Time::MAX - 1,
     })
@@ -48,7 +54,7 @@ async fn measure(opts: &Opts, n: usize, sessions: bool) -> Result<Measured> {
     let addr = server.addr;
     let id = run_id();
     // Warm up (runtime threads, first allocations), then the baseline.
-    drop(idle_sync(addr, id).await?);
+    drop(idle_sync(addr, id, 2).await?);
     let base = settle(&server).await;
     let t = std::time::Instant::now();
     let conns: Vec<Conn> = bounded((0..n).collect(), CONCURRENCY, |k| async move {
@@ -59,7 +65,7 @@ async fn measure(opts: &Opts, n: usize, sessions: bool) -> Result<Measured> {
             c.start_session(doc, 0).await?;
             Ok(c)
         } else {
-            idle_sync(addr, replica).await
+            idle_sync(addr, replica, 2).await
         }
     })
     .await?;

@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use notesync_protocol::{ClientFrame, DocName, PidList, ServerFrame, Time, Upsert};
+use notesync_protocol::{ClientFrame, DocName, PidList, ServerFrame, Time, Upsert, VERSION_FEED};
 use tokio_util::sync::CancellationToken;
 
 use super::net::{self, Conn, Reader, bounded};
@@ -203,18 +203,6 @@ async fn settle(server: &ServerUnderTest) -> Option<Sample> {
     server.sample()
 }
 
-async fn idle_v4(addr: std::net::SocketAddr, replica: u128) -> Result<Conn> {
-    let mut c = Conn::connect_version(addr, Some(replica), 4).await?;
-    c.send(&ClientFrame::Synclist {
-        since: Time::MAX - 1,
-    })
-    .await?;
-    match c.recv().await? {
-        ServerFrame::SynclistResponse(_) => Ok(c),
-        other => bail!("synclist: unexpected {other:?}"),
-    }
-}
-
 async fn shape(
     opts: &Opts,
     s: &Shape,
@@ -238,10 +226,10 @@ async fn shape(
     })
     .await?;
     let cursor = p.last_time;
-    drop(idle_v4(addr, id | 2).await?);
+    drop(super::connections::idle_sync(addr, id | 2, VERSION_FEED).await?);
     let rss0 = settle(&server).await;
     let conns: Vec<Conn> = bounded((0..n).collect(), CONCURRENCY, |k| async move {
-        idle_v4(addr, id | ((k as u128 + 16) << 4)).await
+        super::connections::idle_sync(addr, id | ((k as u128 + 16) << 4), VERSION_FEED).await
     })
     .await?;
     let rss1 = settle(&server).await;
@@ -328,7 +316,6 @@ async fn shape(
         v.sort_unstable();
     }
     let mut hist = histogram();
-    let mut early = 0u64;
     let mut delivered = 0u64;
     let mut entries = 0u64;
     let mut drops = 0usize;
@@ -341,16 +328,12 @@ async fn shape(
         entries += res.got.len() as u64;
         // Per document: how many of its changes this subscriber has had.
         let mut covered = vec![0usize; docs];
-        for &(d, t, at) in &res.got {
+        for &(d, _, at) in &res.got {
             let v = &by_doc[d as usize];
             let c = &mut covered[d as usize];
-            let _ = t;
             while *c < v.len() && v[*c].1 < at {
-                let (_, t34) = v[*c];
-                if at < t34 {
-                    early += 1;
-                }
-                hist.saturating_record(at.saturating_sub(t34).max(1));
+                let (_, sent) = v[*c];
+                hist.saturating_record((at - sent).max(1));
                 delivered += 1;
                 *c += 1;
             }
@@ -397,12 +380,6 @@ async fn shape(
         } else {
             delivered as f64 / pairs as f64
         },
-        "",
-    )
-    .num(
-        &format!("{p}entry_before_34"),
-        &format!("{l} pairs whose entry beat the writer's 34"),
-        early as f64,
         "",
     )
     .num(

@@ -75,7 +75,7 @@ impl Conn {
         self.live = None;
         let max_pipeline = self.shared.config.max_pipeline.max(1);
         let idle = self.shared.config.idle_timeout;
-        let heartbeat = self.shared.config.feed_heartbeat;
+        let heartbeat = self.shared.config.feed_heartbeat();
         let mut queue: VecDeque<Job> = VecDeque::new();
         let mut head: Option<Job> = None;
         let mut next = Some(first);
@@ -176,7 +176,7 @@ impl Conn {
         let Some(tx) = self.direct.clone() else {
             return Err(None);
         };
-        let lag = self.shared.config.feed_max_lag;
+        let lag = self.shared.config.feed_max_lag();
         let permit = match tokio::time::timeout(lag, tx.reserve_owned()).await {
             Ok(Ok(p)) => p,
             Ok(Err(_)) => return Err(None),

@@ -177,8 +177,11 @@ async fn a_feed_resumed_from_its_cursor_after_kill_9_misses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_subscriber_is_coalesced_then_resumes_with_nothing_missed() {
     let tmp = tempfile::tempdir().unwrap();
-    let server = ServerProcess::try_start_with(&tmp.path().join("data"), &["--feed-max-lag", "2"])
-        .expect("server starts");
+    let server = ServerProcess::try_start_with(
+        &tmp.path().join("data"),
+        &["--feed-max-lag", "2", "--feed-heartbeat", "1"],
+    )
+    .expect("server starts");
     let docs: Vec<DocId> = (0..50).map(|_| rand_id()).collect();
     let mut w = server.connect().await.with_label("writer");
     w.hello(rand_id()).await;
@@ -196,7 +199,8 @@ async fn a_slow_subscriber_is_coalesced_then_resumes_with_nothing_missed() {
     // Coalesced: reading now, it gets fewer entries than there were
     // changes (one per document per page at most, whatever is buffered
     // before its socket filled), ending at each one's latest time, unless
-    // the lag bound (2 s) dropped it first.
+    // the lag bound (2 s) dropped it first (the test below makes sure of
+    // the drop). Heartbeats 1 s apart end the reading once it is complete.
     let mut seen: BTreeMap<DocId, Time> = BTreeMap::new();
     let mut entries = 0usize;
     let mut dropped = false;

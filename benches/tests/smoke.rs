@@ -19,6 +19,19 @@ fn server_bin() -> PathBuf {
     .clone()
 }
 
+fn cli_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(p) = std::env::var_os("NOTESYNC_CLI_BIN") {
+            return PathBuf::from(p);
+        }
+        let ws = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+        load::server::build_binary(ws, "notesync-client", "notesync", false)
+            .expect("build notesync")
+    })
+    .clone()
+}
+
 fn opts() -> Option<Opts> {
     let trace = Opts::default_trace();
     if !trace.is_file() {
@@ -38,7 +51,10 @@ fn opts() -> Option<Opts> {
 }
 
 fn smoke(name: &str) {
-    let Some(o) = opts() else { return };
+    let Some(mut o) = opts() else { return };
+    if name == "devices" {
+        o.cli_bin = Some(cli_bin());
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -103,4 +119,9 @@ fn offline() {
 #[test]
 fn feed() {
     smoke("feed");
+}
+
+#[test]
+fn devices() {
+    smoke("devices");
 }

@@ -310,7 +310,7 @@ impl Task {
         batch
             .changed
             .into_iter()
-            .filter(|(doc, c)| !self.live.contains(*doc) && !(c.deleted && !s.contains(*doc)))
+            .filter(|(doc, c)| !self.live.contains(*doc) && (!c.deleted || s.contains(*doc)))
             .map(|(doc, c)| (doc, c.time))
             .collect()
     }

@@ -182,23 +182,25 @@ pub(crate) async fn sync_on(
         Listing::Synclist => (BTreeMap::new(), true),
         Listing::Given(docs) => (docs, false),
     };
-    while list {
-        conn.send(ClientFrame::Synclist { since: cursor }).await?;
-        let entries = match conn.recv().await? {
-            ServerFrame::SynclistResponse(e) => e,
-            other => {
-                return Err(NetError::Unexpected(format!(
-                    "expected synclist_response, got {other:?}"
-                ))
-                .into());
+    if list {
+        loop {
+            conn.send(ClientFrame::Synclist { since: cursor }).await?;
+            let entries = match conn.recv().await? {
+                ServerFrame::SynclistResponse(e) => e,
+                other => {
+                    return Err(NetError::Unexpected(format!(
+                        "expected synclist_response, got {other:?}"
+                    ))
+                    .into());
+                }
+            };
+            if entries.is_empty() {
+                break;
             }
-        };
-        if entries.is_empty() {
-            break;
-        }
-        for e in &entries {
-            listed.insert(e.doc, e.modified);
-            cursor = cursor.max(e.modified);
+            for e in &entries {
+                listed.insert(e.doc, e.modified);
+                cursor = cursor.max(e.modified);
+            }
         }
     }
 

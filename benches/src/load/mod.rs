@@ -8,11 +8,13 @@
 //!
 //! Module map: [`proc`] (/proc readings, fd limit), [`server`] (the server
 //! under test), [`net`] (raw pipelined connections), [`trace`] (editing
-//! traces), [`report`], and one module per scenario.
+//! traces), [`report`], and one module per scenario ([`devices`] drives
+//! the `notesync` CLI, not raw connections).
 
 pub mod catch_up;
 pub mod cold_start;
 pub mod connections;
+pub mod devices;
 pub mod feed;
 pub mod live_trace;
 pub mod many_docs;
@@ -52,6 +54,7 @@ pub const SCENARIOS: &[&str] = &[
     "cold-start",
     "offline",
     "feed",
+    "devices",
 ];
 
 /// Options shared by every scenario (the command line, or the smoke test).
@@ -85,6 +88,8 @@ pub struct Opts {
     pub docs: Option<usize>,
     /// feed: seconds of the paced phase.
     pub secs: Option<u64>,
+    /// devices: the `notesync` binary (default: the workspace's release build).
+    pub cli_bin: Option<PathBuf>,
 }
 
 impl Opts {
@@ -104,6 +109,7 @@ impl Opts {
             rate: None,
             docs: None,
             secs: None,
+            cli_bin: None,
         }
     }
 
@@ -144,6 +150,7 @@ pub async fn run(name: &str, opts: &Opts) -> Result<Report> {
             "cold-start" => cold_start::run(opts).await,
             "offline" => offline::run(opts).await,
             "feed" => feed::run(opts).await,
+            "devices" => devices::run(opts).await,
             other => bail!(
                 "unknown scenario {other:?}; one of: {}",
                 SCENARIOS.join(", ")

@@ -48,14 +48,17 @@ pub fn server_binary(opts: &Opts) -> Result<PathBuf> {
 /// `cargo build [--release] -p notesync-server --bin notesync-server`;
 /// returns the executable cargo reports.
 pub fn build_server(workspace: &Path, release: bool) -> Result<PathBuf> {
+    build_binary(workspace, "notesync-server", "notesync-server", release)
+}
+
+/// `cargo build [--release] -p PACKAGE --bin BIN`; returns the executable
+/// cargo reports.
+pub fn build_binary(workspace: &Path, package: &str, bin: &str, release: bool) -> Result<PathBuf> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(workspace)
-        .args(["build", "-p", "notesync-server", "--bin"]);
-    cmd.args([
-        "notesync-server",
-        "--message-format=json-render-diagnostics",
-    ]);
+        .args(["build", "-p", package, "--bin", bin])
+        .arg("--message-format=json-render-diagnostics");
     if release {
         cmd.arg("--release");
     }
@@ -65,20 +68,20 @@ pub fn build_server(workspace: &Path, release: bool) -> Result<PathBuf> {
         .output()
         .map_err(|e| format!("cannot run cargo: {e}"))?;
     if !out.status.success() {
-        bail!("building notesync-server failed ({})", out.status);
+        bail!("building {bin} failed ({})", out.status);
     }
     for line in String::from_utf8_lossy(&out.stdout).lines() {
         let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
             continue;
         };
         if v["reason"] == "compiler-artifact"
-            && v["target"]["name"] == "notesync-server"
+            && v["target"]["name"] == bin
             && let Some(exe) = v["executable"].as_str()
         {
             return Ok(PathBuf::from(exe));
         }
     }
-    bail!("cargo built notesync-server but did not report its executable")
+    bail!("cargo built {bin} but did not report its executable")
 }
 
 impl ServerUnderTest {

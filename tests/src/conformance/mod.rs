@@ -24,6 +24,7 @@ pub mod fake_server;
 
 mod checks_conn;
 mod checks_delete;
+mod checks_feed;
 mod checks_limits;
 mod checks_runs;
 mod checks_session;
@@ -300,6 +301,7 @@ pub fn server_checks() -> Vec<Check<Ctx>> {
     // Before the limits checks, whose large frames keep the writer busy.
     v.extend(checks_delete::checks());
     v.extend(checks_runs::checks());
+    v.extend(checks_feed::checks());
     v.extend(checks_limits::checks());
     assert_unique(&v);
     v

@@ -3,7 +3,7 @@
 //! by itself past a synclist page; 38s and 39s only between replies, and
 //! the first after the replies to every earlier request; followers of the
 //! feed's cursors, and a resubscription from one, miss nothing while
-//! others write.
+//! others write; read-only tokens may subscribe.
 //!
 //! A feed lists the whole namespace, and other checks write to it at the
 //! same time: every check here looks only at its own documents, but
@@ -53,6 +53,13 @@ pub fn checks() -> Vec<Check<Ctx>> {
             cursors,
         )
         .with_timeout(Duration::from_secs(120)),
+        Check::new(
+            "auth-read-only-token-may-subscribe",
+            "3.8, 3.7",
+            "a read-only token's version 4 connection subscribes: it gets the listing and its 39, \
+             a write on it is read_only, and its feed goes on with a later change",
+            read_only_subscribes,
+        ),
     ]
 }
 
@@ -625,5 +632,92 @@ async fn cursors(ctx: Ctx) -> Outcome {
         f.await
             .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
     }
+    Ok(())
+}
+
+// ---- read-only tokens ----
+
+async fn read_only_subscribes(ctx: Ctx) -> Outcome {
+    let Some(ro) = ctx.target().read_only_token.clone() else {
+        return Err(Skipped(
+            "no read-only token given (--read-only-token): nothing to subscribe with".into(),
+        ));
+    };
+    let (mut w, _, t0) = create_doc(&ctx, "writer", ctx.doc(), "").await;
+    let doc = ctx.doc();
+    let (_, s) = w.upsert(doc, "read by a feed", 0, &[], &[]).await;
+    let listed = list_all(&mut w, t0, "synclist")
+        .await
+        .into_iter()
+        .find(|e| e.doc == doc)
+        .expect("synclist lists the new document")
+        .modified;
+    let label = "read-only subscriber";
+    let mut c = ctx.raw_conn(label).await;
+    let welcome = c.hello_version(ctx.replica(), &ro, 4).await;
+    assert_eq!(
+        welcome.version, 4,
+        "a hello with version 4: expected welcome with version 4 (6)"
+    );
+    c.send(ClientFrame::Subscribe { since: t0 }).await;
+    let mut log = FeedLog::new(label, t0);
+    while log.heartbeats.is_empty() {
+        next_feed_frame(
+            &mut c,
+            &mut log,
+            "a read-only token's feed (a feed is a read)",
+        )
+        .await;
+    }
+    assert!(
+        log.listed_at(doc, listed),
+        "a read-only token's first listing lists the namespace's documents (3.8): {doc:#x} at \
+         {listed} is not among {} entries",
+        log.entries.len()
+    );
+    // The token really is read-only (or this check would say nothing of
+    // read-only tokens): a write on the subscribed connection is refused,
+    // and the connection stays (3.7).
+    c.send(upsert_frame(ctx.doc(), "", 0, &[], &[])).await;
+    loop {
+        match c.next_event_within(FEED_WAIT).await {
+            Event::Frame(f) if log.take(&f) => {}
+            Event::Frame(ServerFrame::Error(e)) if e.code == ErrorCode::READ_ONLY => break,
+            other => panic!(
+                "{label}: an upsert with a read-only token: expected error read_only (3.7), got {}",
+                show(&other)
+            ),
+        }
+    }
+    // And its feed goes on: a later change is pushed.
+    let (_, s2) = w
+        .upsert(
+            doc,
+            "read by a feed",
+            s.sync_time,
+            &[atom1("x", 1, s.site)],
+            &[],
+        )
+        .await;
+    let deadline = Instant::now() + FEED_WAIT;
+    while !log.entries.iter().any(|e| e.doc == doc && e.time > listed) {
+        assert!(
+            Instant::now() < deadline,
+            "{label}: a 38 is pushed whenever documents change (3.8): no entry for {doc:#x} \
+             within {FEED_WAIT:?} of its change at {}",
+            s2.sync_time
+        );
+        next_feed_frame(&mut c, &mut log, "a change after the read_only refusal").await;
+    }
+    let e = log
+        .entries
+        .iter()
+        .rfind(|e| e.doc == doc)
+        .expect("just listed");
+    assert!(
+        e.time <= s2.sync_time && !e.deleted,
+        "the change is listed at its time, which its 34 ({}) covers, not deleted: got {e:?}",
+        s2.sync_time
+    );
     Ok(())
 }

@@ -64,6 +64,10 @@ pub struct Target {
     /// Sent in every hello. Given: the server requires authentication, so
     /// checks of connections without hello are skipped.
     pub token: Option<Vec<u8>>,
+    /// A read-only token of `token`'s namespace (3.7). Given, the checks
+    /// of what read-only credentials may do run; otherwise they are
+    /// skipped.
+    pub read_only_token: Option<Vec<u8>>,
     /// The server's decoder limits (PROTOCOL.md section 5).
     pub limits: Limits,
     /// The bound on every wait for one frame.
@@ -76,6 +80,7 @@ impl Target {
         Target {
             addr,
             token: None,
+            read_only_token: None,
             limits: Limits::default(),
             wait: WAIT,
         }

@@ -15,6 +15,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::doc::TextChange;
+use crate::feed::{LiveNotes, SyncLoop};
 use crate::net::{Conn, NetError, ServerConfig};
 use crate::oplog::{OpKey, PendingOp};
 use crate::store::{NoteInfo, RemoteDeletion, Store, StoreError};
@@ -25,6 +26,11 @@ use crate::sync::{SyncError, SyncReport, pull_full, sync_once};
 pub struct Client {
     store: Arc<Mutex<Store>>,
     server: ServerConfig,
+    /// Notes with a session open here (the background sync leaves them to it).
+    live: LiveNotes,
+    /// The background sync's wake-up, once started: local edits ask it to
+    /// send them.
+    sync_wake: Arc<Mutex<Option<mpsc::Sender<()>>>>,
 }
 
 fn lock(store: &Mutex<Store>) -> MutexGuard<'_, Store> {
@@ -40,7 +46,19 @@ impl Client {
         Ok(Client {
             store: Arc::new(Mutex::new(Store::open(dir)?)),
             server,
+            live: LiveNotes::default(),
+            sync_wake: Arc::default(),
         })
+    }
+
+    /// Asks the background sync, if one runs, to send local edits soon.
+    fn edited<T>(&self, r: Result<T, StoreError>) -> Result<T, StoreError> {
+        if r.is_ok()
+            && let Some(wake) = &*self.sync_wake.lock().unwrap_or_else(|e| e.into_inner())
+        {
+            let _ = wake.try_send(());
+        }
+        r
     }
 
     pub fn list(&self) -> Vec<NoteInfo> {
@@ -49,27 +67,27 @@ impl Client {
 
     /// Creates a note (offline too); returns its id.
     pub fn create(&self, name: &str) -> Result<DocId, StoreError> {
-        lock(&self.store).create(name)
+        self.edited(lock(&self.store).create(name))
     }
 
     pub fn rename(&self, id: DocId, name: &str) -> Result<(), StoreError> {
-        lock(&self.store).rename(id, name, false)
+        self.edited(lock(&self.store).rename(id, name, false))
     }
 
     /// Deletes a note, here now and on the server (and so on every device)
     /// at the next sync. Works offline. Close its session first.
     pub fn delete_note(&self, id: DocId) -> Result<(), StoreError> {
-        lock(&self.store).delete_note(id)
+        self.edited(lock(&self.store).delete_note(id))
     }
 
     /// Inserts text at a char index; durable when it returns.
     pub fn insert(&self, id: DocId, index: usize, text: &str) -> Result<(), StoreError> {
-        lock(&self.store).insert(id, index, text, false).map(drop)
+        self.edited(lock(&self.store).insert(id, index, text, false).map(drop))
     }
 
     /// Deletes a char range; durable when it returns.
     pub fn delete(&self, id: DocId, range: Range<usize>) -> Result<(), StoreError> {
-        lock(&self.store).delete(id, range, false).map(drop)
+        self.edited(lock(&self.store).delete(id, range, false).map(drop))
     }
 
     pub fn text(&self, id: DocId) -> Result<String, StoreError> {
@@ -95,26 +113,23 @@ impl Client {
         sync_once(&self.store, &self.server).await
     }
 
-    /// Syncs every `every` until `cancel`; failures are logged and retried
-    /// with backoff (up to a minute).
-    pub fn sync_loop(&self, every: Duration, cancel: CancellationToken) -> JoinHandle<()> {
-        let client = self.clone();
-        tokio::spawn(async move {
-            let mut wait = every;
-            loop {
-                match client.sync_now().await {
-                    Ok(_) => wait = every,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "sync failed; will retry");
-                        wait = (wait * 2).min(Duration::from_secs(60));
-                    }
-                }
-                tokio::select! {
-                    _ = cancel.cancelled() => return,
-                    _ = tokio::time::sleep(wait) => {}
-                }
-            }
-        })
+    /// Starts the background sync: it follows the server's change feed
+    /// (PROTOCOL.md 3.8) and pulls each changed note as its entry arrives;
+    /// on a server without the feed it syncs every `every` instead. Edits
+    /// through this client are sent soon after they are made. Failures are
+    /// retried with backoff (up to a minute). Its events must be read
+    /// ([`SyncLoop::next_event`]): the loop waits for a reader that is
+    /// behind. One per client: a second replaces the first's wake-ups.
+    pub fn sync_loop(&self, every: Duration) -> SyncLoop {
+        let (tx, rx) = mpsc::channel(1);
+        *self.sync_wake.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx.clone());
+        SyncLoop::start(
+            self.store.clone(),
+            self.server.clone(),
+            self.live.clone(),
+            every,
+            (tx, rx),
+        )
     }
 
     /// Starts a live session on a note (the note is created on the server
@@ -126,6 +141,7 @@ impl Client {
         let (event_tx, event_rx) = mpsc::unbounded_channel();
         let connected = Arc::new(AtomicBool::new(false));
         let cancel = CancellationToken::new();
+        self.live.open(id);
         let task = tokio::spawn(run_session(SessionTask {
             resync: false,
             store: self.store.clone(),
@@ -144,6 +160,7 @@ impl Client {
             connected,
             cancel,
             task: Some(task),
+            live: self.live.clone(),
         })
     }
 }
@@ -179,6 +196,9 @@ pub struct Session {
     connected: Arc<AtomicBool>,
     cancel: CancellationToken,
     task: Option<JoinHandle<()>>,
+    /// Tells the background sync this note is left to the session until
+    /// the session is dropped.
+    live: LiveNotes,
 }
 
 impl Session {
@@ -250,6 +270,7 @@ impl Session {
 impl Drop for Session {
     fn drop(&mut self) {
         self.cancel.cancel();
+        self.live.close(self.doc);
     }
 }
 

@@ -4,19 +4,26 @@
 //! 2.1) and named, so the user learns which flag to change: a TLS record in
 //! reply to a plain hello is `ServerSpeaksTls`, a ClientHello answered with
 //! bytes that are no TLS record is `NotTls`.
+//!
+//! Once subscribed to the change feed (PROTOCOL.md 3.8), a connection
+//! sets aside the feed's 38s and 39s that fall between replies, in its
+//! [`FeedInbox`], so the sync code reading a reply never sees them and the
+//! feed loses none.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
-use futures::{SinkExt, StreamExt};
+use futures::{FutureExt, SinkExt, StreamExt};
 use notesync_protocol::{
-    ClientCodec, ClientFrame, DecodeError, ErrorCode, ErrorFrame, Hello, PROTOCOL_VERSION,
-    ServerFrame, Time, VERSION_RUNS, ValueError, is_tls_record_start,
+    ClientCodec, ClientFrame, DecodeError, DocId, ErrorCode, ErrorFrame, Hello, PROTOCOL_VERSION,
+    ServerFrame, Time, VERSION_FEED, VERSION_RUNS, ValueError, is_tls_record_start,
 };
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::rustls;
 use tokio_util::codec::Framed;
@@ -154,6 +161,10 @@ pub enum NetError {
     Closed,
     #[error("no reply from the server within {0:?}")]
     Timeout(Duration),
+    /// A subscribed connection heard nothing, not even a heartbeat, for
+    /// this long (PROTOCOL.md 3.8: heartbeats come at most 15 s apart).
+    #[error("the change feed was silent for {0:?}: the connection is taken for dead")]
+    FeedSilent(Duration),
     #[error("server error {code}: {message}")]
     Server { code: ErrorCode, message: String },
     #[error("unexpected reply from the server: {0}")]
@@ -247,6 +258,83 @@ pub struct Conn {
     pub server_time: Time,
     /// The protocol version the server answered in welcome.
     version: u8,
+    /// Set by [`Conn::subscribe`]: the feed's frames read so far.
+    feed: Option<FeedInbox>,
+    /// When the server last sent anything (the feed's liveness).
+    last_heard: Instant,
+}
+
+/// The change feed's entries a subscribed connection has read and not yet
+/// handed out, coalesced per document as the server coalesces them
+/// (PROTOCOL.md 3.8), so that what waits here is bounded by the number of
+/// documents however long a sync keeps the feed from being read.
+#[derive(Debug, Default)]
+pub struct FeedInbox {
+    changed: BTreeMap<DocId, FeedChange>,
+    /// The greatest time the feed has covered: every change up to it has
+    /// been listed (a 38's last time, or a 39's).
+    covered: Time,
+    /// Whether the first listing has ended (a 39 came).
+    caught_up: bool,
+}
+
+/// A document's latest change as the feed listed it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FeedChange {
+    pub time: Time,
+    pub deleted: bool,
+}
+
+/// What the feed listed since the last [`Conn::take_feed`].
+#[derive(Debug, Default)]
+pub struct FeedBatch {
+    pub changed: BTreeMap<DocId, FeedChange>,
+    /// Every change up to this time is in this batch or an earlier one: a
+    /// cursor to resubscribe from once they are all pulled.
+    pub covered: Time,
+    /// Whether the first listing (what synclist would have given) is
+    /// complete.
+    pub caught_up: bool,
+}
+
+impl FeedInbox {
+    /// Keeps a feed frame; any other frame is given back.
+    fn put(&mut self, frame: ServerFrame) -> Option<ServerFrame> {
+        match frame {
+            ServerFrame::FeedChanges(entries) => {
+                for e in entries.iter() {
+                    self.covered = self.covered.max(e.time);
+                    let change = FeedChange {
+                        time: e.time,
+                        deleted: e.deleted,
+                    };
+                    self.changed
+                        .entry(e.doc)
+                        .and_modify(|c| {
+                            if c.time < e.time {
+                                *c = change
+                            }
+                        })
+                        .or_insert(change);
+                }
+                None
+            }
+            ServerFrame::FeedHeartbeat { time } => {
+                self.covered = self.covered.max(time);
+                self.caught_up = true;
+                None
+            }
+            other => Some(other),
+        }
+    }
+
+    fn take(&mut self) -> FeedBatch {
+        FeedBatch {
+            changed: std::mem::take(&mut self.changed),
+            covered: self.covered,
+            caught_up: self.caught_up,
+        }
+    }
 }
 
 impl Conn {
@@ -277,6 +365,72 @@ impl Conn {
     /// Whether runs and ranges (frames 4, 37, 70, 71) may be sent.
     pub fn speaks_runs(&self) -> bool {
         self.version >= VERSION_RUNS
+    }
+
+    /// Whether the change feed (frame 5) may be asked for.
+    pub fn speaks_feed(&self) -> bool {
+        self.version >= VERSION_FEED
+    }
+
+    /// Subscribes to the change feed from `since` (a 5). From now on the
+    /// feed's frames are set aside as they arrive, between the replies to
+    /// later requests as well, until [`Conn::take_feed`].
+    pub async fn subscribe(&mut self, since: Time) -> Result<(), NetError> {
+        if !self.speaks_feed() {
+            return Err(NetError::Unexpected(format!(
+                "the change feed needs protocol version {VERSION_FEED}; this server speaks {}",
+                self.version
+            )));
+        }
+        self.send(ClientFrame::Subscribe { since }).await?;
+        self.feed.get_or_insert_with(FeedInbox::default);
+        Ok(())
+    }
+
+    /// Waits for the feed's next frame (at once if frames are set aside
+    /// already), then reads whatever else has already arrived, so that
+    /// many entries arriving together are taken as one batch. A feed
+    /// silent for `silence` (no frame at all since the last one) is an
+    /// error, as is any frame that is not the feed's.
+    pub async fn next_feed(&mut self, silence: Duration) -> Result<(), NetError> {
+        let Some(inbox) = &self.feed else {
+            return Err(NetError::Unexpected(
+                "not subscribed to the change feed".into(),
+            ));
+        };
+        if inbox.changed.is_empty() {
+            let next = tokio::time::timeout_at(self.last_heard + silence, self.framed.next())
+                .await
+                .map_err(|_| NetError::FeedSilent(silence))?;
+            self.feed_frame(next)?;
+        }
+        // What has already been received joins this batch.
+        while let Some(next) = self.framed.next().now_or_never() {
+            self.feed_frame(next)?;
+        }
+        Ok(())
+    }
+
+    /// One frame read while waiting for the feed: set aside, or an error.
+    fn feed_frame(
+        &mut self,
+        next: Option<Result<ServerFrame, DecodeError>>,
+    ) -> Result<(), NetError> {
+        let frame = next.ok_or(NetError::Closed)??;
+        self.last_heard = Instant::now();
+        let inbox = self.feed.as_mut().expect("subscribed");
+        match inbox.put(frame) {
+            None => Ok(()),
+            Some(ServerFrame::Error(e)) => Err(e.into()),
+            Some(other) => Err(NetError::Unexpected(format!(
+                "expected the change feed's 38 or 39 between replies, got {other:?}"
+            ))),
+        }
+    }
+
+    /// The feed's entries read so far (empty before a subscribe).
+    pub fn take_feed(&mut self) -> FeedBatch {
+        self.feed.as_mut().map(FeedInbox::take).unwrap_or_default()
     }
 
     /// Connects announcing `version` in hello.
@@ -318,6 +472,8 @@ impl Conn {
             timeout: cfg.reply_timeout,
             server_time: 0,
             version,
+            feed: None,
+            last_heard: Instant::now(),
         };
         let mut hello = Hello::new(replica, cfg.token.clone()).map_err(NetError::Hello)?;
         hello.version = version;
@@ -369,12 +525,23 @@ impl Conn {
         }
     }
 
-    /// The next frame, error frames included.
+    /// The next frame, error frames included (the feed's set aside).
     pub async fn recv_raw(&mut self) -> Result<ServerFrame, NetError> {
-        match tokio::time::timeout(self.timeout, self.framed.next()).await {
-            Err(_) => Err(NetError::Timeout(self.timeout)),
-            Ok(None) => Err(NetError::Closed),
-            Ok(Some(r)) => Ok(r?),
+        loop {
+            let frame = match tokio::time::timeout(self.timeout, self.framed.next()).await {
+                Err(_) => return Err(NetError::Timeout(self.timeout)),
+                Ok(None) => return Err(NetError::Closed),
+                Ok(Some(r)) => r?,
+            };
+            self.last_heard = Instant::now();
+            match &mut self.feed {
+                Some(inbox) => {
+                    if let Some(frame) = inbox.put(frame) {
+                        return Ok(frame);
+                    }
+                }
+                None => return Ok(frame),
+            }
         }
     }
 

@@ -106,13 +106,34 @@ fn lock(store: &Mutex<Store>) -> std::sync::MutexGuard<'_, Store> {
     store.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Syncs every note once.
+/// Syncs every note once, on a connection of its own.
 pub async fn sync_once(
     store: &Arc<Mutex<Store>>,
     cfg: &ServerConfig,
 ) -> Result<SyncReport, SyncError> {
     let replica = lock(store).replica_id();
     let mut conn = Conn::connect(cfg, replica).await?;
+    Ok(sync_on(&mut conn, store, Listing::Synclist).await?.0)
+}
+
+/// Which remote changes a sync pulls, beside sending every local one.
+pub(crate) enum Listing {
+    /// What synclist lists from the store's cursor; the cursor then moves
+    /// to the last listed time if every listed note was pulled.
+    Synclist,
+    /// These documents at these times (the change feed listed them); the
+    /// caller moves the cursor.
+    Given(BTreeMap<DocId, Time>),
+}
+
+/// One two-way sync on an open connection. Returns what it did and
+/// whether every listed note was pulled (a refusal leaves the cursor
+/// where it was, so the note is listed again).
+pub(crate) async fn sync_on(
+    conn: &mut Conn,
+    store: &Arc<Mutex<Store>>,
+    listing: Listing,
+) -> Result<(SyncReport, bool), SyncError> {
     let mut report = SyncReport::default();
 
     // 1. Provisional notes get their site first (PROTOCOL.md 1.3).
@@ -136,7 +157,7 @@ pub async fn sync_once(
             })
         };
         conn.send(empty).await?;
-        match read_reply(&mut conn, store, id, false, false, &mut report).await? {
+        match read_reply(conn, store, id, false, false, &mut report).await? {
             Ok(Reply::Deleted) => deleted(store, id, &mut report)?,
             Ok(Reply::Synced(site, sync_time)) => {
                 let mut s = lock(store);
@@ -156,9 +177,12 @@ pub async fn sync_once(
     }
 
     // 2. What changed since the cursor.
-    let mut listed: BTreeMap<DocId, Time> = BTreeMap::new();
     let mut cursor = lock(store).last_sync_time();
-    loop {
+    let (mut listed, list) = match listing {
+        Listing::Synclist => (BTreeMap::new(), true),
+        Listing::Given(docs) => (docs, false),
+    };
+    while list {
         conn.send(ClientFrame::Synclist { since: cursor }).await?;
         let entries = match conn.recv().await? {
             ServerFrame::SynclistResponse(e) => e,
@@ -194,9 +218,7 @@ pub async fn sync_once(
                 inserts,
                 deletes,
                 rename,
-            } => match read_reply(&mut conn, store, doc, rename.is_some(), false, &mut report)
-                .await?
-            {
+            } => match read_reply(conn, store, doc, rename.is_some(), false, &mut report).await? {
                 // Deleted before these ops reached it: none was applied.
                 Ok(Reply::Deleted) => deleted(store, doc, &mut report)?,
                 Ok(Reply::Synced(site, sync_time)) => {
@@ -211,7 +233,7 @@ pub async fn sync_once(
                 Err((code, msg)) => report.refused.push((doc, code, msg)),
             },
             Request::Pull { doc } => {
-                match read_reply(&mut conn, store, doc, false, false, &mut report).await? {
+                match read_reply(conn, store, doc, false, false, &mut report).await? {
                     Ok(Reply::Deleted) => deleted(store, doc, &mut report)?,
                     Ok(Reply::Synced(site, sync_time)) => {
                         let mut s = lock(store);
@@ -227,7 +249,7 @@ pub async fn sync_once(
                     }
                 }
             }
-            Request::Delete { doc } => match read_delete_reply(&mut conn, doc).await? {
+            Request::Delete { doc } => match read_delete_reply(conn, doc).await? {
                 // Deleted (by this request or before it), or never there.
                 Ok(()) | Err((ErrorCode::UNKNOWN_DOCUMENT, _)) => {
                     lock(store).delete_confirmed(doc)?;
@@ -239,14 +261,16 @@ pub async fn sync_once(
     }
     let mut s = lock(store);
     s.flush()?;
-    if all_pulled {
+    if all_pulled && list {
         s.set_last_sync_time(cursor)?;
     }
-    Ok(report)
+    Ok((report, all_pulled))
 }
 
 /// Builds the upserts (for notes with pending ops, marked sent first) and
-/// the pulls (for listed notes without). `runs`: upserts go as 4s, with
+/// the pulls (for listed notes without, unless this device's last sync of
+/// the note already covers the listed time: its own upserts come back
+/// listed, PROTOCOL.md 3.8, and a 34's sync time covers its 33s). `runs`: upserts go as 4s, with
 /// consecutive one-char atoms at consecutive ids as runs and consecutive
 /// deleted ids as ranges (version 3); else as 2s.
 fn plan(
@@ -312,13 +336,17 @@ fn plan(
             }
         }
     }
-    for &doc in listed.keys() {
+    for (&doc, &time) in listed {
         // A note deleted here or known deleted: nothing to pull (it would
         // come back as a new note).
-        if !with_ops.contains(&doc) && !s.is_deleted(doc) {
+        if with_ops.contains(&doc) || s.is_deleted(doc) {
+            continue;
+        }
+        match s.note_sync_time(doc) {
+            Ok(since) if since >= time => {}
+            Ok(since) => out.push((Request::Pull { doc }, ClientFrame::Pull { doc, since })),
             // A note new to this device: everything.
-            let since = s.note_sync_time(doc).unwrap_or(0);
-            out.push((Request::Pull { doc }, ClientFrame::Pull { doc, since }));
+            Err(_) => out.push((Request::Pull { doc }, ClientFrame::Pull { doc, since: 0 })),
         }
     }
     Ok(out)

@@ -352,6 +352,78 @@ fn watch_brings_changes_in_and_sends_file_edits_out() {
     );
 }
 
+/// What the change feed promises a person with two devices: an edit saved
+/// in one folder reaches the other's file in seconds, not at the next
+/// poll. Both watch with the default 30 s interval, so only the feed can
+/// bring an edit within the bound (a loose one, for a loaded machine; the
+/// latency figure is the benchmark's).
+const FEED_LIMIT: Duration = Duration::from_secs(10);
+
+#[test]
+fn watch_on_two_folders_brings_each_edit_across_through_the_feed() {
+    let server = TestServer::start_temp();
+    let root = tempfile::tempdir().unwrap();
+    let (a, b) = (root.path().join("a"), root.path().join("b"));
+    for d in [&a, &b] {
+        fs::create_dir(d).unwrap();
+    }
+    let (watch_a, log_a) = start_watch(&a, &server.addr, "30");
+    let (watch_b, log_b) = start_watch(&b, &server.addr, "30");
+    let logs = || {
+        format!(
+            "A:\n{}\nB:\n{}",
+            fs::read_to_string(&log_a).unwrap(),
+            fs::read_to_string(&log_b).unwrap()
+        )
+    };
+    let across = |what: &str, dir: &Path, file: &str, want: &str| {
+        let start = Instant::now();
+        while !has(dir, file, want) {
+            assert!(
+                start.elapsed() < FEED_LIMIT,
+                "{what}: not there after {FEED_LIMIT:?}\n{}",
+                logs()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    };
+
+    // A new note, then an edit each way, then an edit through A's live
+    // session (the note's second change there) that B, without one,
+    // learns of from the feed.
+    fs::write(a.join("shared.md"), "from A\n").unwrap();
+    across("a new note from A", &b, "shared.md", "from A\n");
+    fs::write(b.join("shared.md"), "from A\nand B\n").unwrap();
+    across("B's edit", &a, "shared.md", "from A\nand B\n");
+    fs::write(a.join("shared.md"), "from A\nand B\nA again\n").unwrap();
+    across(
+        "A's second edit",
+        &b,
+        "shared.md",
+        "from A\nand B\nA again\n",
+    );
+
+    // A deletion goes across as well.
+    fs::write(b.join("other.md"), "short-lived\n").unwrap();
+    across("a note from B", &a, "other.md", "short-lived\n");
+    fs::remove_file(b.join("other.md")).unwrap();
+    let start = Instant::now();
+    while a.join("other.md").exists() {
+        assert!(
+            start.elapsed() < FEED_LIMIT,
+            "B's deletion did not reach A\n{}",
+            logs()
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+
+    interrupt(watch_a, &log_a);
+    interrupt(watch_b, &log_b);
+    assert_eq!(md_files(&a), md_files(&b));
+    assert!(pending(&a).values().all(|&n| n == 0), "{:?}", pending(&a));
+    assert!(pending(&b).values().all(|&n| n == 0), "{:?}", pending(&b));
+}
+
 /// Run by `the_store_survives_sigkill_mid_insert` in a child process.
 #[test]
 #[ignore = "a helper: run by the_store_survives_sigkill_mid_insert"]

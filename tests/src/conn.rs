@@ -89,6 +89,42 @@ impl Conn {
         }
     }
 
+    /// Connects with a receive buffer of about `bytes` (the kernel's
+    /// autotuning off) and a small segment size, so that a reader that
+    /// stops reading stops the server's writes after kilobytes, not
+    /// megabytes: on loopback (MTU 64 KB) the server's send buffer is sized
+    /// from the segment size the client announces.
+    pub async fn connect_small_window(addr: SocketAddr, bytes: u32) -> Conn {
+        use std::os::fd::AsRawFd;
+        let socket = tokio::net::TcpSocket::new_v4().expect("a socket");
+        socket.set_recv_buffer_size(bytes).expect("SO_RCVBUF");
+        let mss: libc::c_int = 536;
+        // SAFETY: a valid socket and a c_int option of the right size.
+        let r = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_MAXSEG,
+                (&mss as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(r, 0, "TCP_MAXSEG: {}", std::io::Error::last_os_error());
+        let stream = match tokio::time::timeout(WAIT, socket.connect(addr)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => panic!("cannot connect to {addr}: {e}"),
+            Err(_) => panic!("connecting to {addr} took over {WAIT:?}"),
+        };
+        stream.set_nodelay(true).expect("set TCP_NODELAY");
+        let label = format!("conn {}", stream.local_addr().expect("local addr"));
+        Conn {
+            framed: Framed::new(stream, ClientCodec::new(Limits::default())),
+            addr,
+            label,
+            wait: WAIT,
+        }
+    }
+
     /// Names this connection in failure messages.
     pub fn with_label(mut self, label: impl Into<String>) -> Self {
         self.label = label.into();

@@ -175,10 +175,13 @@ async fn a_feed_resumed_from_its_cursor_after_kill_9_misses_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_slow_subscriber_is_coalesced_then_dropped_then_resumes_with_nothing_missed() {
+async fn a_slow_subscriber_is_coalesced_then_resumes_with_nothing_missed() {
     let tmp = tempfile::tempdir().unwrap();
-    let server = ServerProcess::try_start_with(&tmp.path().join("data"), &["--feed-max-lag", "2"])
-        .expect("server starts");
+    let server = ServerProcess::try_start_with(
+        &tmp.path().join("data"),
+        &["--feed-max-lag", "2", "--feed-heartbeat", "1"],
+    )
+    .expect("server starts");
     let docs: Vec<DocId> = (0..50).map(|_| rand_id()).collect();
     let mut w = server.connect().await.with_label("writer");
     w.hello(rand_id()).await;
@@ -196,7 +199,8 @@ async fn a_slow_subscriber_is_coalesced_then_dropped_then_resumes_with_nothing_m
     // Coalesced: reading now, it gets fewer entries than there were
     // changes (one per document per page at most, whatever is buffered
     // before its socket filled), ending at each one's latest time, unless
-    // the lag bound (2 s) dropped it first.
+    // the lag bound (2 s) dropped it first (the test below makes sure of
+    // the drop). Heartbeats 1 s apart end the reading once it is complete.
     let mut seen: BTreeMap<DocId, Time> = BTreeMap::new();
     let mut entries = 0usize;
     let mut dropped = false;
@@ -239,4 +243,67 @@ async fn a_slow_subscriber_is_coalesced_then_dropped_then_resumes_with_nothing_m
     let (got, _) = read_until(&mut s, 0).await;
     seen.extend(got.iter().map(|e| (e.doc, e.time)));
     assert_eq!(seen, last, "nothing missed (dropped: {dropped})");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_that_stops_reading_is_dropped_at_the_lag_bound_and_resumes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = ServerProcess::try_start_with(&tmp.path().join("data"), &["--feed-max-lag", "1"])
+        .expect("server starts");
+    let docs: Vec<DocId> = (0..1000).map(|_| rand_id()).collect();
+    let mut w = server.connect().await.with_label("writer");
+    w.hello(rand_id()).await;
+    touch(&mut w, &docs, 0).await;
+    // A small receive window: once it stops reading, the server's socket
+    // takes kilobytes, and the feed's pages (up to one entry per document)
+    // fill its queue within a second or two of changes.
+    let mut s = Conn::connect_small_window(server.addr(), 4096)
+        .await
+        .with_label("subscriber");
+    s.hello_version(rand_id(), &[], 4).await;
+    s.send(ClientFrame::Subscribe { since: 0 }).await;
+    let (_, cursor) = read_until(&mut s, 0).await;
+
+    // It stops reading during ten seconds of changes: far past the 1 s
+    // bound once its queue is full.
+    let mut last = BTreeMap::new();
+    let flood = std::time::Instant::now();
+    let mut round = 1;
+    while flood.elapsed() < Duration::from_secs(10) {
+        last = touch(&mut w, &docs, round).await;
+        round += 1;
+    }
+    // Reading again: what was queued, then the close; slow_reader comes
+    // last, if it fit in the queue that was full (the server's log says
+    // so either way, since the frame may not get through).
+    let mut feed_cursor = cursor;
+    let mut seen: BTreeMap<DocId, Time> = BTreeMap::new();
+    loop {
+        match s.next_event_within(Duration::from_secs(30)).await {
+            Event::Frame(ServerFrame::FeedChanges(e)) => {
+                for x in &e {
+                    feed_cursor = x.time;
+                    seen.insert(x.doc, x.time);
+                }
+            }
+            Event::Frame(ServerFrame::FeedHeartbeat { time }) => feed_cursor = time,
+            Event::Frame(ServerFrame::Error(e)) => {
+                assert_eq!(e.code, ErrorCode::SLOW_READER, "{}", e.message);
+                assert!(e.message.contains("feed_max_lag"), "{}", e.message);
+            }
+            Event::Closed => break,
+            e => panic!("expected the feed, then the close; got {e:?}"),
+        }
+    }
+    let log = server.stderr();
+    assert!(
+        log.contains("change feed subscriber dropped as a slow_reader"),
+        "the connection was closed for another reason than the lag bound:\n{log}"
+    );
+    // Resuming from the last cursor it read gives every document's latest
+    // change: nothing was lost with the connection.
+    let mut s = subscriber(&server, feed_cursor).await;
+    let (got, _) = read_until(&mut s, 0).await;
+    seen.extend(got.iter().map(|e| (e.doc, e.time)));
+    assert_eq!(seen, last, "nothing missed after {round} rounds");
 }

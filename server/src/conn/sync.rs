@@ -181,6 +181,13 @@ impl Conn {
             Ok(Ok(p)) => p,
             Ok(Err(_)) => return Err(None),
             Err(_) => {
+                crate::metrics::slow_reader();
+                // Said here: the error frame itself may never get through
+                // a queue that is full.
+                tracing::info!(
+                    peer = %self.peer,
+                    "change feed subscriber dropped as a slow_reader: its queue stayed full for feed_max_lag"
+                );
                 return Err(Some(error_bytes(
                     ErrorCode::SLOW_READER,
                     format!(

@@ -77,8 +77,10 @@ const WATCH_HELP: &str = "\
 Keep DIR in sync until Ctrl-C.
 
 Edited and new files are picked up as they are saved (once the folder has
-been quiet for 200 ms) and synced at once; changes made elsewhere are
-fetched every --interval seconds and written into the files. A note whose
+been quiet for 200 ms) and synced at once; changes made elsewhere arrive
+through the server's change feed within a moment and are written into the
+files (a server older than protocol version 4 has no feed: then they are
+fetched every --interval seconds). A note whose
 file changes twice within --live-window seconds (10) gets a live session: its edits go out as
 they are picked up and edits made elsewhere arrive as they are made; the
 session closes after 30 s without changes. A file you edited is never
@@ -116,7 +118,8 @@ enum Cmd {
         dir: PathBuf,
         #[command(flatten)]
         server: ServerArgs,
-        /// Seconds between syncs that fetch changes made elsewhere
+        /// Seconds between syncs that fetch changes made elsewhere, when
+        /// the server has no change feed (before protocol version 4)
         #[arg(long, value_name = "SECS", default_value_t = 30,
               value_parser = clap::value_parser!(u64).range(1..))]
         interval: u64,

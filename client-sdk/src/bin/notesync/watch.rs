@@ -1,7 +1,8 @@
 //! `notesync watch`: the event loop that keeps a folder in sync until
-//! Ctrl-C. File changes (debounced) are picked up and synced; remote
-//! changes come in by periodic syncs and by the live sessions that
-//! [`Liveness`] opens for busy notes.
+//! Ctrl-C. File changes (debounced) are picked up and handed to the
+//! client's background sync ([`SyncLoop`]); remote changes come in by its
+//! change feed (or its periodic syncs, on a server without one) and by the
+//! live sessions that [`Liveness`] opens for busy notes.
 //!
 //! May touch: the folder (through [`Folder`] and its client), stdout and
 //! stderr, the process's signal handlers.
@@ -12,7 +13,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use notesync_client::folder::{Folder, is_note_file};
-use notesync_client::{Session, SessionEvent};
+use notesync_client::{Session, SessionEvent, SyncEvent, SyncLoop, SyncReport};
 use notesync_protocol::DocId;
 use notify::EventKind;
 use notify::event::{AccessKind, AccessMode};
@@ -41,7 +42,7 @@ enum Wake {
     Fs(Option<notify::Result<notify::Event>>),
     Files,
     Remote,
-    Tick,
+    Sync(Option<SyncEvent>),
     Housekeeping,
     Session(DocId, Option<SessionEvent>),
 }
@@ -53,8 +54,11 @@ struct Watcher {
     unremembered: Option<Resolved>,
     sessions: HashMap<DocId, Session>,
     live: Liveness,
+    sync: SyncLoop,
     /// Whether the last sync failed (to report a failure streak once).
     failing: bool,
+    /// Seconds between polls, for a server without the change feed.
+    every: Duration,
 }
 
 pub(crate) async fn watch(
@@ -66,7 +70,7 @@ pub(crate) async fn watch(
     let quit = shutdown_signal()?;
     tokio::pin!(quit);
     let conn = server.resolve(dir)?;
-    let (folder, _lock) = open_folder(dir, true, conn.config.clone())?;
+    let (mut folder, _lock) = open_folder(dir, true, conn.config.clone())?;
     let dir = folder.dir().to_owned();
     // Watch before the first sync, so that no change slips between.
     let (tx, mut fs_rx) = tokio::sync::mpsc::unbounded_channel();
@@ -76,24 +80,26 @@ pub(crate) async fn watch(
     .map_err(|e| Fail::new(format!("cannot watch {}: {e}", dir.display())))?;
     notify::Watcher::watch(&mut fs_watch, &dir, notify::RecursiveMode::NonRecursive)
         .map_err(|e| Fail::new(format!("cannot watch {}: {e}", dir.display())))?;
+    // What changed while nothing watched goes out with the first sync.
+    let picked = folder.pick_up(None, &HashMap::new())?;
+    print_pick_up(&folder, &picked, false);
+    let sync = folder.client().sync_loop(every);
     let mut w = Watcher {
         folder,
         addr: conn.conn.server.clone(),
         unremembered: Some(conn),
         sessions: HashMap::new(),
         live: Liveness::new(live_window, LIVE_QUIET),
+        sync,
         failing: false,
+        every,
     };
-    w.full_cycle().await?;
     println!(
-        "watching {} (syncing with {} every {}s; Ctrl-C stops)",
+        "watching {} (syncing with {}; Ctrl-C stops)",
         dir.display(),
-        w.addr,
-        every.as_secs()
+        w.addr
     );
 
-    let mut tick = tokio::time::interval_at(Instant::now() + every, every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut housekeeping = tokio::time::interval(Duration::from_secs(1));
     let mut changed: HashSet<String> = HashSet::new();
     let mut files_due = Instant::now();
@@ -106,7 +112,7 @@ pub(crate) async fn watch(
             ev = fs_rx.recv() => Wake::Fs(ev),
             _ = tokio::time::sleep_until(files_due), if !changed.is_empty() => Wake::Files,
             _ = tokio::time::sleep_until(remote_at + REMOTE_BATCH), if !remote.is_empty() => Wake::Remote,
-            _ = tick.tick() => Wake::Tick,
+            ev = w.sync.next_event() => Wake::Sync(ev),
             _ = housekeeping.tick() => Wake::Housekeeping,
             (id, ev) = next_session_event(&mut w.sessions) => Wake::Session(id, ev),
         };
@@ -116,9 +122,9 @@ pub(crate) async fn watch(
                 return Err(Fail::new("the file watcher stopped"));
             }
             Wake::Fs(Some(Err(e))) => {
-                // Events may have been lost: the next periodic sync reads
-                // every file anyway.
+                // Events may have been lost: read every file.
                 eprintln!("warning: watching files: {e}");
+                w.full_cycle().await?;
             }
             Wake::Fs(Some(Ok(ev))) => {
                 if ev.need_rescan() {
@@ -160,7 +166,8 @@ pub(crate) async fn watch(
                 let wrote = w.folder.write_back(Some(&ids), &w.sessions)?;
                 print_write_back(&wrote, true);
             }
-            Wake::Tick => w.full_cycle().await?,
+            Wake::Sync(None) => return Err(Fail::new("the background sync stopped")),
+            Wake::Sync(Some(ev)) => w.sync_event(ev).await?,
             Wake::Housekeeping => w.close_quiet_sessions().await,
             Wake::Session(id, None) => {
                 w.sessions.remove(&id);
@@ -205,6 +212,7 @@ pub(crate) async fn watch(
     for (_, s) in w.sessions.drain() {
         s.close().await;
     }
+    w.sync.stop().await;
     w.folder.client().flush()?;
     let wrote = w.folder.write_back(None, &HashMap::new())?;
     print_write_back(&wrote, true);
@@ -222,7 +230,8 @@ pub(crate) async fn watch(
 }
 
 impl Watcher {
-    /// Reads every file, syncs, writes every file.
+    /// Reads every file and asks for a sync (its files are written when
+    /// it is done).
     async fn full_cycle(&mut self) -> Result<(), Fail> {
         let picked = self.folder.pick_up(None, &self.sessions)?;
         print_pick_up(&self.folder, &picked, false);
@@ -232,54 +241,75 @@ impl Watcher {
                 self.live.closed(*id);
             }
         }
-        self.sync_and_write().await
+        self.sync.sync_soon();
+        Ok(())
     }
 
-    async fn sync_and_write(&mut self) -> Result<(), Fail> {
-        let synced = self.folder.client().sync_now().await;
-        self.folder.client().flush()?;
-        match &synced {
-            Ok(r) => {
-                if let Some(conn) = self.unremembered.take() {
-                    conn.remember(self.folder.dir())?;
-                }
+    /// What the background sync did: said when it matters, and its
+    /// changes written into the files.
+    async fn sync_event(&mut self, ev: SyncEvent) -> Result<(), Fail> {
+        match ev {
+            SyncEvent::Connected { feed } => {
                 if self.failing {
                     println!("reached {} again", self.addr);
                     self.failing = false;
                 }
-                // Quiet unless something moved.
-                if r.upserted
-                    + r.changes.len()
-                    + r.new_notes.len()
-                    + r.refused.len()
-                    + r.deleted.len()
-                    + r.deletes_sent.len()
-                    + r.resynced.len()
-                    > 0
-                {
-                    println!("synced: {}", sync_line(r));
+                if !feed {
+                    println!(
+                        "{} has no change feed (a server before protocol version 4): \
+                         fetching changes every {}s",
+                        self.addr,
+                        self.every.as_secs()
+                    );
                 }
-                print_refused(&self.folder, r);
-                for d in &r.deleted {
-                    if let Some(s) = self.sessions.remove(&d.id) {
-                        s.close().await;
-                        self.live.closed(d.id);
-                    }
-                }
-                let gone = self.folder.apply_remote_deletions(&r.deleted)?;
-                print_remote_deletions(&gone);
+                Ok(())
             }
-            Err(e) => {
+            SyncEvent::Synced(r) => self.synced(&r).await,
+            SyncEvent::Failed { error, retry_in } => {
                 if !self.failing {
                     eprintln!(
-                        "warning: sync with {} failed: {e}; edits are kept in the op logs, \
-                         retrying at the next change or interval",
-                        self.addr
+                        "warning: sync with {} failed: {error}; edits are kept in the op logs, \
+                         retrying in {}s and at the next change",
+                        self.addr,
+                        retry_in.as_secs()
                     );
                     self.failing = true;
                 }
+                Ok(())
             }
         }
+    }
+
+    async fn synced(&mut self, r: &SyncReport) -> Result<(), Fail> {
+        self.folder.client().flush()?;
+        if let Some(conn) = self.unremembered.take() {
+            conn.remember(self.folder.dir())?;
+        }
+        if self.failing {
+            println!("reached {} again", self.addr);
+            self.failing = false;
+        }
+        // Quiet unless something moved.
+        if r.upserted
+            + r.changes.len()
+            + r.new_notes.len()
+            + r.refused.len()
+            + r.deleted.len()
+            + r.deletes_sent.len()
+            + r.resynced.len()
+            > 0
+        {
+            println!("synced: {}", sync_line(r));
+        }
+        print_refused(&self.folder, r);
+        for d in &r.deleted {
+            if let Some(s) = self.sessions.remove(&d.id) {
+                s.close().await;
+                self.live.closed(d.id);
+            }
+        }
+        let gone = self.folder.apply_remote_deletions(&r.deleted)?;
+        print_remote_deletions(&gone);
         let wrote = self.folder.write_back(None, &self.sessions)?;
         print_write_back(&wrote, true);
         Ok(())
@@ -321,14 +351,13 @@ impl Watcher {
             need_sync = true;
         }
         if need_sync {
-            self.sync_and_write().await
+            // Its files are written when the sync is done.
+            self.sync.sync_soon();
         } else if !touched.is_empty() {
             let wrote = self.folder.write_back(Some(&touched), &self.sessions)?;
             print_write_back(&wrote, true);
-            Ok(())
-        } else {
-            Ok(())
         }
+        Ok(())
     }
 
     async fn close_quiet_sessions(&mut self) {

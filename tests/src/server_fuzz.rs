@@ -15,6 +15,13 @@
 //!             bit 1: then a valid session_start on document byte 2
 //!             bit 2: the hello announces version 2 instead (4, 70, 71
 //!                    are unknown_frame)
+//!             bit 3: the hello announces version 4 instead (also 5
+//!                    feed_subscribe accepted, so 38 and 39 may come); bit 2
+//!                    wins over it. Added after the corpus of bits 0-2: no
+//!                    input of it has bit 3 without bit 2, so each still
+//!                    means what it did (version 3 stays pinned: from
+//!                    f8d2446 to this bit it was `Hello::new`'s version,
+//!                    which had become 4).
 //! byte 1, 2   as above (present whatever the flags)
 //! byte 3      n = value % 8 piece sizes follow (each value + 1; n = 0: one
 //!             write)
@@ -51,9 +58,15 @@ pub fn server_frames_target(addr: SocketAddr, data: &[u8]) {
     let mut bytes = BytesMut::new();
     if flags & 1 == 1 {
         let mut hello = Hello::new(replica as u128 + 1, bytes::Bytes::new()).expect("hello");
-        if flags & 4 == 4 {
-            hello.version = 2;
-        }
+        // Pinned, not `Hello::new`'s current version: an input keeps the
+        // version it was found with when the protocol's version goes up.
+        hello.version = if flags & 4 == 4 {
+            2
+        } else if flags & 8 == 8 {
+            4
+        } else {
+            3
+        };
         ClientFrame::Hello(hello).encode(&mut bytes);
     }
     if flags & 2 == 2 {

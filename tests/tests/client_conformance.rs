@@ -23,6 +23,17 @@ struct Sdk {
     sessions: HashMap<DocId, Session>,
     /// Where the SDK kept the text of notes deleted elsewhere.
     kept: HashMap<DocId, std::path::PathBuf>,
+    /// The task that runs the background sync and reads its events (the
+    /// loop waits for a reader that is behind); aborting it drops the loop.
+    feed: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Sdk {
+    fn drop(&mut self) {
+        if let Some(t) = self.feed.take() {
+            t.abort();
+        }
+    }
 }
 
 impl ClientUnderTest for Sdk {
@@ -75,6 +86,15 @@ impl ClientUnderTest for Sdk {
         let path = self.kept.get(&doc)?;
         Some(std::fs::read_to_string(path).expect("read the kept text"))
     }
+    fn follow_feed(&mut self) -> bool {
+        // The interval is the poll of a server without the feed; the fake
+        // server has one.
+        let mut sync = self.client.sync_loop(Duration::from_secs(3600));
+        self.feed = Some(tokio::spawn(async move {
+            while sync.next_event().await.is_some() {}
+        }));
+        true
+    }
     fn close_session(&mut self, doc: DocId) -> BoxFuture<'_, ()> {
         let s = self.sessions.remove(&doc);
         Box::pin(async move {
@@ -95,6 +115,7 @@ impl ClientFactory for SdkFactory {
             client: Client::open(dir, cfg).expect("open the SDK's store"),
             sessions: HashMap::new(),
             kept: HashMap::new(),
+            feed: None,
         })
     }
 }

@@ -59,6 +59,11 @@ async fn notesync_server_with_tokens_passes_every_conformance_check() {
         .trim()
         .as_bytes()
         .to_vec();
+    let read_only =
+        notesync_tests::token_command(&data, &["add", "--namespace", "kit", "--read-only"])
+            .trim()
+            .as_bytes()
+            .to_vec();
     // The auth checks fail on purpose; keep the address's budget out of it.
     let server = ServerProcess::try_start_with(&data, &["--max-failed-auth", "1000"])
         .unwrap_or_else(|e| panic!("{e}"));
@@ -66,6 +71,7 @@ async fn notesync_server_with_tokens_passes_every_conformance_check() {
     let seed = random_seed();
     let mut target = Target::new(server.addr());
     target.token = Some(token);
+    target.read_only_token = Some(read_only);
     let report = run_server_checks(target, &server_checks(), seed, 2, |_| {}).await;
     eprintln!("{}", report.table());
     let ran_auth = report
@@ -73,7 +79,10 @@ async fn notesync_server_with_tokens_passes_every_conformance_check() {
         .iter()
         .filter(|r| r.name.starts_with("auth-") && matches!(r.status, Status::Pass))
         .count();
-    assert_eq!(ran_auth, 2, "the auth checks run with a token");
+    assert_eq!(
+        ran_auth, 3,
+        "the auth checks run with a token (and a read-only one)"
+    );
     let failed: Vec<&str> = report.failures().map(|r| r.name.as_str()).collect();
     assert!(
         failed.is_empty(),

@@ -554,6 +554,53 @@ fn write_server_frames_seeds() {
         ("session-runs", 3, enc(&session_runs())),
         ("upsert-runs-v2", 5, enc(&[runs_upsert()])),
         ("session-runs-v2", 7, enc(&session_runs())),
+        // Version 4 (bit 3): a 5 alone; a 5 then pulls and an upsert (their
+        // replies between the feed's frames); a second 5 (invalid_request,
+        // the feed goes on); a 5 from u64::MAX (nothing is after it); and
+        // a 5 after a version 3 hello (unknown_frame), and in a version 4
+        // session (wrong_mode).
+        (
+            "feed-subscribe",
+            9,
+            enc(&[ClientFrame::Subscribe { since: 0 }]),
+        ),
+        (
+            "feed-then-pulls",
+            9,
+            enc(&[
+                ClientFrame::Subscribe { since: 0 },
+                upsert_frame(0xF0_0005, "fed", 0, &atoms[..2], &[]),
+                ClientFrame::Pull {
+                    doc: 0xF0_0005,
+                    since: 0,
+                },
+                ClientFrame::Pull {
+                    doc: 0xF0_0001,
+                    since: 0,
+                },
+                ClientFrame::Synclist { since: 0 },
+            ]),
+        ),
+        (
+            "feed-second-subscribe",
+            9,
+            enc(&[
+                ClientFrame::Subscribe { since: 0 },
+                ClientFrame::Synclist { since: 0 },
+                ClientFrame::Subscribe { since: 1 },
+            ]),
+        ),
+        (
+            "feed-huge-since",
+            9,
+            enc(&[ClientFrame::Subscribe { since: u64::MAX }]),
+        ),
+        ("feed-v3", 1, enc(&[ClientFrame::Subscribe { since: 0 }])),
+        (
+            "feed-in-session",
+            11,
+            enc(&[ClientFrame::Subscribe { since: 0 }]),
+        ),
     ];
     for (i, (name, flags, body)) in seeds.into_iter().enumerate() {
         // Pieces: one write, or 1..7-byte writes.

@@ -2,6 +2,7 @@
 //!
 //!     notesync-conformance --server 127.0.0.1:7420
 //!     notesync-conformance --server HOST:PORT --token SECRET --only session-
+//!     notesync-conformance --server HOST:PORT --token SECRET --read-only-token RO
 //!     notesync-conformance --list
 //!
 //! Every check makes its own random document and replica ids, so the
@@ -34,6 +35,10 @@ struct Args {
     /// it (checks of connections without hello are skipped).
     #[arg(long)]
     token: Option<String>,
+    /// A read-only token of --token's namespace: the checks of what
+    /// read-only credentials may do (auth-read-only-*) run with it.
+    #[arg(long, requires = "token")]
+    read_only_token: Option<String>,
     /// Run only the checks with this name or name prefix (repeatable).
     #[arg(long = "only", value_name = "NAME")]
     only: Vec<String>,
@@ -123,6 +128,7 @@ fn main() -> ExitCode {
     let target = Target {
         addr,
         token: args.token.map(String::into_bytes),
+        read_only_token: args.read_only_token.map(String::into_bytes),
         limits: Limits {
             max_frame_bytes: args.max_frame_bytes,
             max_items_per_frame: args.max_items_per_frame,

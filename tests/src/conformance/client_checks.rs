@@ -29,6 +29,9 @@ use crate::rng::Rng;
 #[path = "client_checks_runs.rs"]
 mod runs;
 
+#[path = "client_checks_feed.rs"]
+mod feed;
+
 /// A client, as the checks drive it. Text positions are char indexes.
 pub trait ClientUnderTest: Send + Sync {
     /// Creates a note while offline; returns its document id.
@@ -56,6 +59,13 @@ pub trait ClientUnderTest: Send + Sync {
     /// The text the client kept of a note deleted elsewhere while it had
     /// edits of it the server never took (3.5), if it kept any.
     fn kept_text(&self, doc: DocId) -> Option<String>;
+    /// Starts the client's background sync, which follows the server's
+    /// change feed (PROTOCOL.md 3.8) and reconnects by itself when the
+    /// connection drops; false if the client has none (the feed checks are
+    /// then skipped).
+    fn follow_feed(&mut self) -> bool {
+        false
+    }
 }
 
 /// Makes a client with its state in `dir`, talking to `server`.
@@ -209,6 +219,7 @@ pub fn checks() -> Vec<Check<ClientCtx>> {
         Check::new("client-deletes-a-note", "3.5", "a note deleted on the client goes at once there, is deleted on the server by a 3 at the next sync (after a version 2 hello), once", deletes_a_note),
         Check::new("client-removes-a-note-deleted-elsewhere", "3.5", "a document the server answers with 35 is removed from the client and never pulled or upserted again", removes_deleted_elsewhere),
         Check::new("client-keeps-edits-of-a-deleted-note", "3.5", "edits the server never took of a note deleted elsewhere are kept (not silently lost) and do not bring it back", keeps_edits_of_deleted),
+        Check::new("client-feed-resubscribes-from-its-cursor", "3.8", "a client that followed the feed and lost its connection subscribes again from the last cursor it was given (or the last whose entries it had pulled), and misses nothing", feed::resubscribes_from_cursor),
         Check::new("client-runs-stay-whole", "1.4", "a run the client types where another site typed one concurrently (forwards, backwards) stays whole, and so does the other", runs::runs_stay_whole),
         Check::new("client-resync-replaces-and-keeps-pending", "3.6", "after a 36 the 33s replace the client's copy (atoms deleted meanwhile go, though no delete was sent), and its unacknowledged edits are kept and sent", resync_keeps_pending),
     ]

@@ -24,6 +24,7 @@ pub mod fake_server;
 
 mod checks_conn;
 mod checks_delete;
+mod checks_feed;
 mod checks_limits;
 mod checks_runs;
 mod checks_session;
@@ -63,6 +64,10 @@ pub struct Target {
     /// Sent in every hello. Given: the server requires authentication, so
     /// checks of connections without hello are skipped.
     pub token: Option<Vec<u8>>,
+    /// A read-only token of `token`'s namespace (3.7). Given, the checks
+    /// of what read-only credentials may do run; otherwise they are
+    /// skipped.
+    pub read_only_token: Option<Vec<u8>>,
     /// The server's decoder limits (PROTOCOL.md section 5).
     pub limits: Limits,
     /// The bound on every wait for one frame.
@@ -75,6 +80,7 @@ impl Target {
         Target {
             addr,
             token: None,
+            read_only_token: None,
             limits: Limits::default(),
             wait: WAIT,
         }
@@ -300,6 +306,7 @@ pub fn server_checks() -> Vec<Check<Ctx>> {
     // Before the limits checks, whose large frames keep the writer busy.
     v.extend(checks_delete::checks());
     v.extend(checks_runs::checks());
+    v.extend(checks_feed::checks());
     v.extend(checks_limits::checks());
     assert_unique(&v);
     v

@@ -14,6 +14,7 @@ use bytes::Bytes;
 use notesync_protocol::{
     ClientFrame, DocId, ErrorCode, FeedEntries, ServerFrame, Time, Upsert, VERSION_FEED,
 };
+use tokio::sync::mpsc::error::TrySendError;
 use tokio::time::Instant;
 
 use super::frames::{
@@ -177,19 +178,32 @@ impl Conn {
             return Err(None);
         };
         let lag = self.shared.config.feed_max_lag();
-        let permit = match tokio::time::timeout(lag, tx.reserve_owned()).await {
-            Ok(Ok(p)) => p,
-            Ok(Err(_)) => return Err(None),
-            Err(_) => {
-                return Err(Some(error_bytes(
-                    ErrorCode::SLOW_READER,
-                    format!(
-                        "the change feed could not be sent: this connection's outbound queue \
-                         stayed full for feed_max_lag ({}s); subscribe again from your cursor",
-                        lag.as_secs_f64()
-                    ),
-                )));
-            }
+        // A wake-up by the fan-out (not the first listing, not a heartbeat).
+        let in_round = st.caught_up && matches!(wake, FeedWake::News);
+        // Whether the frame could be queued at once (only then does this
+        // subscriber count towards the fan-out's pace, feed.rs).
+        let (tx, at_once) = match tx.try_reserve_owned() {
+            Ok(p) => (Ok(p), true),
+            Err(TrySendError::Full(tx)) => (Err(tx), false),
+            Err(TrySendError::Closed(_)) => return Err(None),
+        };
+        let permit = match tx {
+            Ok(p) => p,
+            Err(tx) => match tokio::time::timeout(lag, tx.reserve_owned()).await {
+                Ok(Ok(p)) => p,
+                Ok(Err(_)) => return Err(None),
+                Err(_) => {
+                    return Err(Some(error_bytes(
+                        ErrorCode::SLOW_READER,
+                        format!(
+                            "the change feed could not be sent: this connection's outbound \
+                             queue stayed full for feed_max_lag ({}s); subscribe again from your \
+                             cursor",
+                            lag.as_secs_f64()
+                        ),
+                    )));
+                }
+            },
         };
         let cap = self.shared.config.max_synclist_entries.max(1);
         let (page, complete) = st.sub.index.feed_page(st.cursor, cap);
@@ -207,6 +221,9 @@ impl Conn {
         if listing_done || (frames.is_empty() && matches!(wake, FeedWake::Heartbeat)) {
             st.caught_up |= listing_done;
             frames.push(ServerFrame::FeedHeartbeat { time: st.cursor }.to_bytes());
+        }
+        if at_once && in_round {
+            st.sub.took_round();
         }
         let mut frames = frames.into_iter();
         match frames.next() {

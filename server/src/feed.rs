@@ -23,17 +23,7 @@
 //! - The announced clock is the index's, read after the publish it
 //!   follows, so a subscriber that reads the index after the wake-up sees
 //!   at least what was announced (visibility, 3.4, is the index's).
-//! - The window adapts (`pace`): the next wake-up comes no sooner than
-//!   `PACE` times as long after the last one as its subscribers took to
-//!   take it (the latest `Subscription::took_round` after it), within
-//!   `WINDOW..=MAX_WINDOW`. With many subscribers a round of wake-ups,
-//!   pages and socket writes takes longer than `WINDOW`; back-to-back
-//!   rounds would keep every core busy and each round slower still, so
-//!   fewer, larger pages are sent instead. Only subscribers that could
-//!   take their frame at once count (a slow reader does not slow the
-//!   rounds of the others).
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -48,39 +38,6 @@ use crate::index::Index;
 /// milliseconds: well inside the feed's one-second promise, and it bounds
 /// the wake-ups of a namespace with many subscribers and many commits.
 pub const WINDOW: Duration = Duration::from_millis(25);
-/// Most time between two wake-ups while changes keep coming (the window
-/// grows towards it only while rounds take long, see `pace`).
-pub const MAX_WINDOW: Duration = Duration::from_millis(250);
-/// The window is at least this many times the last round's duration.
-const PACE: u32 = 2;
-
-/// When subscribers last took a round (see the module docs).
-struct Pace {
-    base: Instant,
-    /// Nanoseconds after `base` of the latest `took_round`.
-    done: AtomicU64,
-}
-
-impl Pace {
-    fn new() -> Self {
-        Pace {
-            base: Instant::now(),
-            done: AtomicU64::new(0),
-        }
-    }
-
-    fn took(&self) {
-        let ns = self.base.elapsed().as_nanos() as u64;
-        self.done.fetch_max(ns, Ordering::Relaxed);
-    }
-
-    /// How long after `since` a subscriber last took a round (zero if none
-    /// did since).
-    fn busy_since(&self, since: Instant) -> Duration {
-        let done = self.base + Duration::from_nanos(self.done.load(Ordering::Relaxed));
-        done.saturating_duration_since(since)
-    }
-}
 
 /// One announcement of the fan-out: the index changed up to `end`.
 #[derive(Clone)]
@@ -113,7 +70,6 @@ pub struct Feed {
     rx: watch::Receiver<Round>,
     /// Taken by the fan-out task when the first subscriber comes.
     tx: Mutex<Option<watch::Sender<Round>>>,
-    pace: Arc<Pace>,
     /// Most entries in a round's shared 38 (the connections' page cap).
     cap: usize,
 }
@@ -131,7 +87,6 @@ impl Feed {
             index,
             rx,
             tx: Mutex::new(Some(tx)),
-            pace: Arc::new(Pace::new()),
             cap: cap.max(1),
         }
     }
@@ -141,13 +96,12 @@ impl Feed {
     pub fn subscribe(&self) -> Subscription {
         let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(tx) = tx {
-            tokio::spawn(fan_out(self.index.clone(), tx, self.pace.clone(), self.cap));
+            tokio::spawn(fan_out(self.index.clone(), tx, self.cap));
         }
         self.index.watch();
         Subscription {
             index: self.index.clone(),
             rx: self.rx.clone(),
-            pace: self.pace.clone(),
         }
     }
 }
@@ -157,7 +111,6 @@ impl Feed {
 pub struct Subscription {
     pub index: Arc<Index>,
     rx: watch::Receiver<Round>,
-    pace: Arc<Pace>,
 }
 
 impl Subscription {
@@ -174,25 +127,12 @@ impl Subscription {
     pub fn round(&self) -> Round {
         self.rx.borrow().clone()
     }
-
-    /// Says that this subscriber took the announced change without
-    /// waiting for room in its queue (the fan-out paces its rounds by it).
-    pub fn took_round(&self) {
-        self.pace.took();
-    }
 }
 
 impl Drop for Subscription {
     fn drop(&mut self) {
         self.index.unwatch();
     }
-}
-
-/// When the round after one announced at `last` is due: `PACE` times as
-/// long after it as its subscribers have taken so far, within
-/// `WINDOW..=MAX_WINDOW`.
-fn due(last: Instant, pace: &Pace) -> Instant {
-    last + (pace.busy_since(last) * PACE).clamp(WINDOW, MAX_WINDOW)
 }
 
 /// The round after `start`: the index's page after it and its clock, read
@@ -219,17 +159,12 @@ fn read_round(index: &Index, start: Time, cap: usize) -> Round {
     }
 }
 
-async fn fan_out(index: Arc<Index>, tx: watch::Sender<Round>, pace: Arc<Pace>, cap: usize) {
-    let mut last = Instant::now() - MAX_WINDOW;
+async fn fan_out(index: Arc<Index>, tx: watch::Sender<Round>, cap: usize) {
+    let mut last = Instant::now() - WINDOW;
     loop {
         index.published().await;
-        // Re-checked after each sleep: while the last round is still being
-        // taken, its duration grows.
-        loop {
-            let due = due(last, &pace);
-            if Instant::now() >= due {
-                break;
-            }
+        let due = last + WINDOW;
+        if Instant::now() < due {
             tokio::time::sleep_until(due).await;
         }
         let start = tx.borrow().end;

@@ -14,7 +14,6 @@ use bytes::Bytes;
 use notesync_protocol::{
     ClientFrame, DocId, ErrorCode, FeedEntries, FeedEntry, ServerFrame, Time, Upsert, VERSION_FEED,
 };
-use tokio::sync::mpsc::error::TrySendError;
 use tokio::time::Instant;
 
 use super::frames::{
@@ -183,35 +182,24 @@ impl Conn {
             return Err(None);
         };
         let lag = self.shared.config.feed_max_lag();
-        // A wake-up by the fan-out (not the first listing, not a heartbeat).
-        let in_round = st.caught_up && matches!(wake, FeedWake::News);
-        // Whether the frame could be queued at once (only then does this
-        // subscriber count towards the fan-out's pace, feed.rs).
-        let (tx, at_once) = match tx.try_reserve_owned() {
-            Ok(p) => (Ok(p), true),
-            Err(TrySendError::Full(tx)) => (Err(tx), false),
-            Err(TrySendError::Closed(_)) => return Err(None),
-        };
-        let permit = match tx {
-            Ok(p) => p,
-            Err(tx) => match tokio::time::timeout(lag, tx.reserve_owned()).await {
-                Ok(Ok(p)) => p,
-                Ok(Err(_)) => return Err(None),
-                Err(_) => {
-                    return Err(Some(error_bytes(
-                        ErrorCode::SLOW_READER,
-                        format!(
-                            "the change feed could not be sent: this connection's outbound \
-                             queue stayed full for feed_max_lag ({}s); subscribe again from your \
-                             cursor",
-                            lag.as_secs_f64()
-                        ),
-                    )));
-                }
-            },
+        let permit = match tokio::time::timeout(lag, tx.reserve_owned()).await {
+            Ok(Ok(p)) => p,
+            Ok(Err(_)) => return Err(None),
+            Err(_) => {
+                return Err(Some(error_bytes(
+                    ErrorCode::SLOW_READER,
+                    format!(
+                        "the change feed could not be sent: this connection's outbound queue \
+                         stayed full for feed_max_lag ({}s); subscribe again from your cursor",
+                        lag.as_secs_f64()
+                    ),
+                )));
+            }
         };
         let cap = self.shared.config.max_synclist_entries.max(1);
         let mut frames: Vec<Bytes> = Vec::with_capacity(2);
+        // A wake-up by the fan-out (not the first listing, not a heartbeat).
+        let in_round = st.caught_up && matches!(wake, FeedWake::News);
         let round = in_round.then(|| st.sub.round());
         match round {
             // Woken by a round: its shared 38 if this feed is at its start,
@@ -251,9 +239,6 @@ impl Conn {
                     frames.push(ServerFrame::FeedHeartbeat { time: st.cursor }.to_bytes());
                 }
             }
-        }
-        if at_once && in_round {
-            st.sub.took_round();
         }
         let mut frames = frames.into_iter();
         match frames.next() {

@@ -232,7 +232,11 @@ mod tests {
         );
         assert_eq!(
             idx.feed_page_until(0, 45, 1),
-            (vec![e(40, 1, false)], false)
+            (vec![e(20, 2, true)], false)
+        );
+        assert_eq!(
+            idx.feed_page_until(0, 45, 2),
+            (vec![e(20, 2, true), e(40, 1, false)], true)
         );
         assert_eq!(idx.feed_page_until(40, 49, 10), (vec![], true));
         assert_eq!(idx.feed_page_until(50, 50, 10), (vec![], true));

@@ -8,13 +8,14 @@
 //! earlier request is answered, so reads see earlier upserts.
 
 use std::collections::VecDeque;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use notesync_protocol::{
     ClientFrame, DocId, ErrorCode, FeedEntries, FeedEntry, ServerFrame, Time, Upsert, VERSION_FEED,
 };
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 
 use super::frames::{
     Frames, invalid_request_frame, read_only_frame, refusal, shutting_down, write_error, wrong_mode,
@@ -38,6 +39,10 @@ struct FeedState {
     caught_up: bool,
     /// When the feed last sent a frame (the heartbeat counts from it).
     last_sent: Instant,
+    /// The heartbeat's timer. Set again only when it fires (from
+    /// `last_sent`), not at every frame: a busy feed arms it once per
+    /// heartbeat interval.
+    heartbeat: Pin<Box<Sleep>>,
 }
 
 /// Why the feed woke.
@@ -55,9 +60,19 @@ async fn feed_wait(feed: &mut Option<FeedState>, heartbeat: std::time::Duration)
     if !st.caught_up {
         return FeedWake::News;
     }
-    tokio::select! {
-        _ = st.sub.changed_after(st.cursor) => FeedWake::News,
-        _ = tokio::time::sleep_until(st.last_sent + heartbeat) => FeedWake::Heartbeat,
+    loop {
+        tokio::select! {
+            _ = st.sub.changed_after(st.cursor) => return FeedWake::News,
+            _ = st.heartbeat.as_mut() => {
+                let due = st.last_sent + heartbeat;
+                if Instant::now() >= due {
+                    // Sending moves `last_sent`; the next wait sets the
+                    // timer from it.
+                    return FeedWake::Heartbeat;
+                }
+                st.heartbeat.as_mut().reset(due);
+            }
+        }
     }
 }
 
@@ -169,6 +184,7 @@ impl Conn {
             after_request: request,
             caught_up: false,
             last_sent: Instant::now(),
+            heartbeat: Box::pin(tokio::time::sleep(self.shared.config.feed_heartbeat())),
         });
         Box::pin(async move { Ok(vec![]) })
     }

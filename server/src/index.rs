@@ -94,27 +94,6 @@ impl Index {
         (out, Some(inner.clock.max(since)))
     }
 
-    /// A page of the change feed up to `until` (a clock already
-    /// published): up to `cap` documents whose last change is after
-    /// `since` and at or below `until`, ascending, and whether that is all
-    /// of them. A document changed again after `until` is not listed here
-    /// (the next page after `until` lists it at its later time).
-    pub fn feed_page_until(&self, since: Time, until: Time, cap: usize) -> (Vec<FeedEntry>, bool) {
-        let inner = self.read();
-        let mut out = Vec::new();
-        if since < until {
-            let range = (since + 1, 0u128)..=(until, DocId::MAX);
-            for &(time, doc) in inner.by_time.range(range) {
-                if out.len() == cap.max(1) {
-                    return (out, false);
-                }
-                let deleted = inner.deleted.contains(&doc);
-                out.push(FeedEntry { time, doc, deleted });
-            }
-        }
-        (out, true)
-    }
-
     /// Counts a subscribed feed (`publish` signals while there is one).
     pub fn watch(&self) {
         self.watchers.fetch_add(1, Ordering::AcqRel);
@@ -225,21 +204,6 @@ mod tests {
         assert_eq!(idx.feed_page(45, 10), (vec![e(50, 3, true)], Some(50)));
         // A cursor beyond the clock stays a valid cursor.
         assert_eq!(idx.feed_page(60, 10), (vec![], Some(60)));
-        // Up to a clock: what is after `until` waits for the next page.
-        assert_eq!(
-            idx.feed_page_until(20, 40, 10),
-            (vec![e(40, 1, false)], true)
-        );
-        assert_eq!(
-            idx.feed_page_until(0, 45, 1),
-            (vec![e(20, 2, true)], false)
-        );
-        assert_eq!(
-            idx.feed_page_until(0, 45, 2),
-            (vec![e(20, 2, true), e(40, 1, false)], true)
-        );
-        assert_eq!(idx.feed_page_until(40, 49, 10), (vec![], true));
-        assert_eq!(idx.feed_page_until(50, 50, 10), (vec![], true));
     }
 
     fn entries(e: &SyncEntries) -> Vec<(Time, DocId)> {

@@ -157,7 +157,7 @@ impl Tenant {
         Ok(Tenant {
             name: name.to_owned(),
             db,
-            feed: Feed::new(index.clone(), config.max_synclist_entries),
+            feed: Feed::new(index.clone()),
             index,
             writer,
             stats,

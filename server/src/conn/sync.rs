@@ -8,20 +8,19 @@
 //! earlier request is answered, so reads see earlier upserts.
 
 use std::collections::VecDeque;
-use std::pin::Pin;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use notesync_protocol::{
-    ClientFrame, DocId, ErrorCode, FeedEntries, FeedEntry, ServerFrame, Time, Upsert, VERSION_FEED,
+    ClientFrame, DocId, ErrorCode, FeedEntries, ServerFrame, Time, Upsert, VERSION_FEED,
 };
-use tokio::time::{Instant, Sleep};
+use tokio::time::Instant;
 
 use super::frames::{
     Frames, invalid_request_frame, read_only_frame, refusal, shutting_down, write_error, wrong_mode,
 };
 use super::{Conn, Event, Job, read};
-use crate::feed::{Listing, Subscription};
+use crate::feed::Subscription;
 use crate::rooms::error_bytes;
 use crate::writer::Request;
 
@@ -39,10 +38,6 @@ struct FeedState {
     caught_up: bool,
     /// When the feed last sent a frame (the heartbeat counts from it).
     last_sent: Instant,
-    /// The heartbeat's timer. Set again only when it fires (from
-    /// `last_sent`), not at every frame: a busy feed arms it once per
-    /// heartbeat interval.
-    heartbeat: Pin<Box<Sleep>>,
 }
 
 /// Why the feed woke.
@@ -60,25 +55,10 @@ async fn feed_wait(feed: &mut Option<FeedState>, heartbeat: std::time::Duration)
     if !st.caught_up {
         return FeedWake::News;
     }
-    loop {
-        tokio::select! {
-            _ = st.sub.changed_after(st.cursor) => return FeedWake::News,
-            _ = st.heartbeat.as_mut() => {
-                let due = st.last_sent + heartbeat;
-                if Instant::now() >= due {
-                    // Sending moves `last_sent`; the next wait sets the
-                    // timer from it.
-                    return FeedWake::Heartbeat;
-                }
-                st.heartbeat.as_mut().reset(due);
-            }
-        }
+    tokio::select! {
+        _ = st.sub.changed_after(st.cursor) => FeedWake::News,
+        _ = tokio::time::sleep_until(st.last_sent + heartbeat) => FeedWake::Heartbeat,
     }
-}
-
-/// A 38 of `page`.
-fn feed_changes(page: Vec<FeedEntry>) -> Bytes {
-    ServerFrame::FeedChanges(page.into_iter().collect::<FeedEntries>()).to_bytes()
 }
 
 /// Polls the job if there is one; never completes otherwise.
@@ -184,7 +164,6 @@ impl Conn {
             after_request: request,
             caught_up: false,
             last_sent: Instant::now(),
-            heartbeat: Box::pin(tokio::time::sleep(self.shared.config.feed_heartbeat())),
         });
         Box::pin(async move { Ok(vec![]) })
     }
@@ -213,48 +192,21 @@ impl Conn {
             }
         };
         let cap = self.shared.config.max_synclist_entries.max(1);
+        let (page, complete) = st.sub.index.feed_page(st.cursor, cap);
         let mut frames: Vec<Bytes> = Vec::with_capacity(2);
-        // A wake-up by the fan-out (not the first listing, not a heartbeat).
-        let in_round = st.caught_up && matches!(wake, FeedWake::News);
-        let round = in_round.then(|| st.sub.round());
-        match round {
-            // Woken by a round: its shared 38 if this feed is at its start,
-            // else this feed's own page up to the round's clock (so that it
-            // is at the next round's start).
-            Some(r) if r.end > st.cursor => match (&r.listing, st.cursor == r.start) {
-                (Listing::Frame(f), true) => {
-                    frames.push(f.clone());
-                    st.cursor = r.end;
-                }
-                (Listing::Empty, true) => st.cursor = r.end,
-                _ => {
-                    let (page, complete) = st.sub.index.feed_page_until(st.cursor, r.end, cap);
-                    if let Some(last) = page.last() {
-                        st.cursor = last.time;
-                        frames.push(feed_changes(page));
-                    }
-                    if complete {
-                        st.cursor = r.end;
-                    }
-                }
-            },
-            // The first listing, a heartbeat (whose 39 needs the clock
-            // itself), or a cursor already past the round.
-            _ => {
-                let (page, complete) = st.sub.index.feed_page(st.cursor, cap);
-                if let Some(last) = page.last() {
-                    st.cursor = last.time;
-                    frames.push(feed_changes(page));
-                }
-                if let Some(clock) = complete {
-                    st.cursor = st.cursor.max(clock);
-                }
-                let listing_done = complete.is_some() && !st.caught_up;
-                if listing_done || (frames.is_empty() && matches!(wake, FeedWake::Heartbeat)) {
-                    st.caught_up |= listing_done;
-                    frames.push(ServerFrame::FeedHeartbeat { time: st.cursor }.to_bytes());
-                }
-            }
+        if let Some(last) = page.last() {
+            st.cursor = last.time;
+            frames.push(
+                ServerFrame::FeedChanges(page.into_iter().collect::<FeedEntries>()).to_bytes(),
+            );
+        }
+        if let Some(clock) = complete {
+            st.cursor = st.cursor.max(clock);
+        }
+        let listing_done = complete.is_some() && !st.caught_up;
+        if listing_done || (frames.is_empty() && matches!(wake, FeedWake::Heartbeat)) {
+            st.caught_up |= listing_done;
+            frames.push(ServerFrame::FeedHeartbeat { time: st.cursor }.to_bytes());
         }
         let mut frames = frames.into_iter();
         match frames.next() {

@@ -78,7 +78,7 @@ fn smoke(name: &str) {
 
 #[test]
 fn every_scenario_is_tested() {
-    assert_eq!(SCENARIOS.len(), 8);
+    assert_eq!(SCENARIOS.len(), 9);
 }
 
 #[test]

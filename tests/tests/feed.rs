@@ -92,62 +92,6 @@ async fn listed(w: &mut Conn, docs: &[DocId]) -> BTreeMap<DocId, Time> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_feed_lists_then_pushes_each_change_once_and_marks_deletions() {
-    let server = ServerProcess::start();
-    let mut w = server.connect().await.with_label("writer");
-    w.hello(rand_id()).await;
-    let docs: Vec<DocId> = (0..5).map(|_| rand_id()).collect();
-    let first = touch(&mut w, &docs, 0).await;
-    let mut s = subscriber(&server, 0).await;
-    let (listed, cursor) = read_until(&mut s, 0).await;
-    let listed: BTreeMap<DocId, Time> = listed.iter().map(|e| (e.doc, e.time)).collect();
-    assert_eq!(listed, first, "the first listing is synclist(0)");
-    assert!(cursor >= *first.values().max().unwrap());
-
-    // Later changes are pushed without a request, at their latest time.
-    let second = touch(&mut w, &docs[..2], 1).await;
-    let mut pushed = BTreeMap::new();
-    while pushed.len() < 2 {
-        match s.recv().await {
-            ServerFrame::FeedChanges(e) => pushed.extend(e.iter().map(|x| (x.doc, x.time))),
-            ServerFrame::FeedHeartbeat { .. } => {}
-            f => panic!("unexpected {f:?}"),
-        }
-    }
-    assert_eq!(pushed, second);
-
-    // A deletion is an entry with the flag, at the deletion time.
-    let mut d = server.connect().await.with_label("deleter");
-    d.hello_version(rand_id(), &[], 4).await;
-    d.send(ClientFrame::DeleteDoc { doc: docs[4] }).await;
-    let at = match d.recv().await {
-        ServerFrame::DocDeleted { deleted_time, .. } => deleted_time,
-        f => panic!("expected 35, got {f:?}"),
-    };
-    let entry = loop {
-        if let ServerFrame::FeedChanges(e) = s.recv().await
-            && let Some(x) = e.iter().find(|x| x.doc == docs[4])
-        {
-            break x;
-        }
-    };
-    assert_eq!((entry.time, entry.deleted), (at, true));
-
-    // One feed per connection: a second 5 is refused, the first goes on.
-    s.send(ClientFrame::Subscribe { since: 0 }).await;
-    s.expect_error(ErrorCode::INVALID_REQUEST).await;
-    let third = touch(&mut d, &docs[..1], 2).await;
-    loop {
-        if let ServerFrame::FeedChanges(e) = s.recv().await
-            && e.iter()
-                .any(|x| x.doc == docs[0] && x.time == third[&docs[0]])
-        {
-            break;
-        }
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_feed_resumed_from_its_cursor_after_kill_9_misses_nothing() {
     let mut server = ServerProcess::start();
     let docs: Vec<DocId> = (0..20).map(|_| rand_id()).collect();

@@ -14,7 +14,7 @@ pub fn checks() -> Vec<Check<Ctx>> {
         Check::new(
             "hello-welcome",
             "3, 6",
-            "hello is answered by 97 welcome with the hello's version (1, 2 or 3) and the server's time",
+            "hello is answered by 97 welcome with the hello's version (1, 2, 3 or 4) and the server's time",
             hello_welcome,
         ),
         Check::new(
@@ -72,7 +72,7 @@ pub fn checks() -> Vec<Check<Ctx>> {
 }
 
 async fn hello_welcome(ctx: Ctx) -> Outcome {
-    for hello_version in [1u8, 2, 3] {
+    for hello_version in [1u8, 2, 3, 4] {
         hello_welcome_as(&ctx, hello_version).await;
     }
     Ok(())

@@ -3,7 +3,8 @@
 //! by itself past a synclist page; 38s and 39s only between replies, and
 //! the first after the replies to every earlier request; followers of the
 //! feed's cursors, and a resubscription from one, miss nothing while
-//! others write; read-only tokens may subscribe.
+//! others write; pushes come unasked, at each change's time, deletions
+//! flagged; one feed per connection; read-only tokens may subscribe.
 //!
 //! A feed lists the whole namespace, and other checks write to it at the
 //! same time: every check here looks only at its own documents, but
@@ -53,6 +54,14 @@ pub fn checks() -> Vec<Check<Ctx>> {
             cursors,
         )
         .with_timeout(Duration::from_secs(120)),
+        Check::new(
+            "feed-pushes-changes-and-deletions-one-feed-per-connection",
+            "3.8, 3.5",
+            "after its 39 a subscriber that sends nothing gets an entry for a later upsert (covered \
+             by its 34) and one for a doc_delete (flagged deleted, at the 35's time); a second 5 \
+             is invalid_request and the first feed goes on",
+            pushes,
+        ),
         Check::new(
             "auth-read-only-token-may-subscribe",
             "3.8, 3.7",
@@ -155,6 +164,99 @@ async fn next_feed_frame(c: &mut Conn, log: &mut FeedLog, what: &str) {
 
 /// Longer than 3.8's heartbeat bound (15 s).
 const FEED_WAIT: Duration = Duration::from_secs(20);
+
+// ---- pushes, deletions, one feed per connection ----
+
+/// Reads feed frames until an entry for `doc` comes; returns it.
+async fn entry_for(c: &mut Conn, log: &mut FeedLog, doc: DocId, what: &str) -> FeedEntry {
+    loop {
+        let seen = log.entries.len();
+        next_feed_frame(c, log, what).await;
+        if let Some(e) = log.entries[seen..].iter().find(|e| e.doc == doc) {
+            return *e;
+        }
+    }
+}
+
+async fn pushes(ctx: Ctx) -> Outcome {
+    let (mut w, site, t0) = create_doc(&ctx, "writer", ctx.doc(), "pushed").await;
+    let changed = ctx.doc();
+    let (_, s) = w.upsert(changed, "changed", 0, &[], &[]).await;
+    let doomed = ctx.doc();
+    w.upsert(doomed, "doomed", 0, &[], &[]).await;
+    let mut sub = subscriber(&ctx, "subscriber", s.sync_time.max(t0)).await;
+    let mut log = FeedLog::new("subscriber", s.sync_time.max(t0));
+    while log.heartbeats.is_empty() {
+        next_feed_frame(&mut sub, &mut log, "the first listing's 39").await;
+    }
+
+    // A change after the listing is pushed without a request.
+    let (_, after) = w
+        .upsert(changed, "changed", s.sync_time, &[atom1("x", 1, site)], &[])
+        .await;
+    let e = entry_for(&mut sub, &mut log, changed, "the upsert's entry").await;
+    assert!(
+        !e.deleted && e.time > s.sync_time && e.time <= after.sync_time,
+        "3.8: an upsert's entry is not flagged deleted and comes at a time its 34's sync_time \
+         ({}) covers, after the cursor ({}): got {e:?}",
+        after.sync_time,
+        s.sync_time
+    );
+
+    // A deletion is an entry flagged deleted, at the 35's time.
+    w.send(ClientFrame::DeleteDoc { doc: doomed }).await;
+    let at = match w.next_event().await {
+        Event::Frame(ServerFrame::DocDeleted { deleted_time, .. }) => deleted_time,
+        other => panic!(
+            "writer: expected a 35 for a doc_delete, got {}",
+            show(&other)
+        ),
+    };
+    let e = entry_for(&mut sub, &mut log, doomed, "the deletion's entry").await;
+    assert!(
+        e.deleted && e.time == at,
+        "3.8: a deletion's entry is flagged deleted at the 35's deleted_time ({at}): got {e:?}"
+    );
+
+    // One feed per connection: a second 5 is refused, the first goes on.
+    sub.send(ClientFrame::Subscribe { since: 0 }).await;
+    loop {
+        match sub.next_event_within(FEED_WAIT).await {
+            Event::Frame(ServerFrame::Error(e)) => {
+                assert_eq!(
+                    e.code,
+                    ErrorCode::INVALID_REQUEST,
+                    "3.8: a second 5 on a subscribed connection is invalid_request: {}",
+                    e.message
+                );
+                break;
+            }
+            Event::Frame(f) if log.take(&f) => {}
+            other => panic!(
+                "subscriber: after a second 5, expected feed frames then invalid_request, got {}",
+                show(&other)
+            ),
+        }
+    }
+    let (_, last) = w
+        .upsert(
+            changed,
+            "changed",
+            after.sync_time,
+            &[atom1("y", 2, site)],
+            &[],
+        )
+        .await;
+    let e = entry_for(&mut sub, &mut log, changed, "an entry after the second 5").await;
+    assert!(
+        e.time > after.sync_time && e.time <= last.sync_time,
+        "3.8: after a refused second 5 the first feed goes on from where it was: expected an \
+         entry after {} covered by {}, got {e:?}",
+        after.sync_time,
+        last.sync_time
+    );
+    Ok(())
+}
 
 // ---- 5 before version 4 ----
 

@@ -28,9 +28,9 @@ pub struct Client {
     server: ServerConfig,
     /// Notes with a session open here (the background sync leaves them to it).
     live: LiveNotes,
-    /// The background sync's wake-up, once started: local edits ask it to
-    /// send them.
-    sync_wake: Arc<Mutex<Option<mpsc::Sender<()>>>>,
+    /// The background sync's wake-up and stop, once started: local edits
+    /// ask it to send them; a new loop stops the old one.
+    sync_wake: Arc<Mutex<Option<(mpsc::Sender<()>, CancellationToken)>>>,
 }
 
 fn lock(store: &Mutex<Store>) -> MutexGuard<'_, Store> {
@@ -54,7 +54,7 @@ impl Client {
     /// Asks the background sync, if one runs, to send local edits soon.
     fn edited<T>(&self, r: Result<T, StoreError>) -> Result<T, StoreError> {
         if r.is_ok()
-            && let Some(wake) = &*self.sync_wake.lock().unwrap_or_else(|e| e.into_inner())
+            && let Some((wake, _)) = &*self.sync_wake.lock().unwrap_or_else(|e| e.into_inner())
         {
             let _ = wake.try_send(());
         }
@@ -119,17 +119,26 @@ impl Client {
     /// through this client are sent soon after they are made. Failures are
     /// retried with backoff (up to a minute). Its events must be read
     /// ([`SyncLoop::next_event`]): the loop waits for a reader that is
-    /// behind. One per client: a second replaces the first's wake-ups.
+    /// behind. One per client: starting another stops this one, so that
+    /// two never sync the store at once.
     pub fn sync_loop(&self, every: Duration) -> SyncLoop {
         let (tx, rx) = mpsc::channel(1);
-        *self.sync_wake.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx.clone());
-        SyncLoop::start(
+        let l = SyncLoop::start(
             self.store.clone(),
             self.server.clone(),
             self.live.clone(),
             every,
-            (tx, rx),
-        )
+            (tx.clone(), rx),
+        );
+        let before = self
+            .sync_wake
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .replace((tx, l.stopper()));
+        if let Some((_, stop)) = before {
+            stop.cancel();
+        }
+        l
     }
 
     /// Starts a live session on a note (the note is created on the server

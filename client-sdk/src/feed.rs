@@ -141,6 +141,11 @@ impl SyncLoop {
         }
     }
 
+    /// What stops this loop (its `Client` stops it when another starts).
+    pub(crate) fn stopper(&self) -> CancellationToken {
+        self.cancel.clone()
+    }
+
     /// Asks for a sync soon (local edits to send); many asks while one
     /// sync runs make one more sync.
     pub fn sync_soon(&self) {

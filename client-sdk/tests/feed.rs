@@ -271,3 +271,32 @@ async fn a_server_without_the_feed_is_polled_every_interval() {
     b.sync_now().await.unwrap();
     assert_eq!(b.text(id).unwrap(), "A: found by a poll");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_loop_stops_the_first() {
+    let (_server, [(_da, a)]) = TestServer::with_devices().await;
+    let mut first = a.sync_loop(HOUR);
+    assert!(matches!(
+        next(&mut first).await,
+        SyncEvent::Connected { feed: true }
+    ));
+    // Two loops would sync one store at once.
+    let mut second = a.sync_loop(HOUR);
+    let ended = tokio::time::timeout(PATIENCE, async {
+        while first.next_event().await.is_some() {}
+    })
+    .await;
+    assert!(ended.is_ok(), "the first loop goes on beside the second");
+    assert!(matches!(
+        next(&mut second).await,
+        SyncEvent::Connected { feed: true }
+    ));
+    // Edits now wake the second.
+    let id = a.create("after").unwrap();
+    a.insert(id, 0, "x").unwrap();
+    until(&mut second, "the edit to go out", |e| match e {
+        SyncEvent::Synced(r) => (r.upserted > 0).then_some(()),
+        _ => None,
+    })
+    .await;
+}

@@ -21,6 +21,9 @@ use crate::oplog::{OpKey, PendingOp};
 use crate::store::{NoteInfo, RemoteDeletion, Store, StoreError};
 use crate::sync::{SyncError, SyncReport, pull_full, sync_once};
 
+/// The running background sync's wake-up and stop.
+type LoopHandle = (mpsc::Sender<()>, CancellationToken);
+
 /// An app's handle on its notes.
 #[derive(Clone)]
 pub struct Client {
@@ -30,7 +33,7 @@ pub struct Client {
     live: LiveNotes,
     /// The background sync's wake-up and stop, once started: local edits
     /// ask it to send them; a new loop stops the old one.
-    sync_wake: Arc<Mutex<Option<(mpsc::Sender<()>, CancellationToken)>>>,
+    sync_wake: Arc<Mutex<Option<LoopHandle>>>,
 }
 
 fn lock(store: &Mutex<Store>) -> MutexGuard<'_, Store> {

@@ -74,7 +74,16 @@ impl Conn {
     /// Connects to `addr`, decoding the server's frames with `limits` (for
     /// a server configured with other limits than the defaults).
     pub async fn connect_with(addr: SocketAddr, limits: Limits) -> Conn {
-        let stream = match tokio::time::timeout(WAIT, TcpStream::connect(addr)).await {
+        Self::connected(addr, TcpStream::connect(addr), limits).await
+    }
+
+    /// The connection `connecting` makes (bounded by the wait).
+    async fn connected(
+        addr: SocketAddr,
+        connecting: impl Future<Output = std::io::Result<TcpStream>>,
+        limits: Limits,
+    ) -> Conn {
+        let stream = match tokio::time::timeout(WAIT, connecting).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => panic!("cannot connect to {addr}: {e}"),
             Err(_) => panic!("connecting to {addr} took over {WAIT:?}"),
@@ -110,19 +119,7 @@ impl Conn {
             )
         };
         assert_eq!(r, 0, "TCP_MAXSEG: {}", std::io::Error::last_os_error());
-        let stream = match tokio::time::timeout(WAIT, socket.connect(addr)).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => panic!("cannot connect to {addr}: {e}"),
-            Err(_) => panic!("connecting to {addr} took over {WAIT:?}"),
-        };
-        stream.set_nodelay(true).expect("set TCP_NODELAY");
-        let label = format!("conn {}", stream.local_addr().expect("local addr"));
-        Conn {
-            framed: Framed::new(stream, ClientCodec::new(Limits::default())),
-            addr,
-            label,
-            wait: WAIT,
-        }
+        Self::connected(addr, socket.connect(addr), Limits::default()).await
     }
 
     /// Names this connection in failure messages.

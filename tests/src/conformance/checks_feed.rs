@@ -162,6 +162,16 @@ async fn next_feed_frame(c: &mut Conn, log: &mut FeedLog, what: &str) {
     }
 }
 
+/// What synclist lists after `since` of `ours`: each one's last change.
+async fn listed_times(c: &mut Conn, since: Time, ours: &BTreeSet<DocId>) -> BTreeMap<DocId, Time> {
+    list_all(c, since, "synclist")
+        .await
+        .into_iter()
+        .filter(|e| ours.contains(&e.doc))
+        .map(|e| (e.doc, e.modified))
+        .collect()
+}
+
 /// Longer than 3.8's heartbeat bound (15 s).
 const FEED_WAIT: Duration = Duration::from_secs(20);
 
@@ -367,12 +377,7 @@ async fn first_listing(ctx: Ctx) -> Outcome {
         }
     }
     // What synclist(0) lists of ours: ours do not change from here on.
-    let listed: BTreeMap<DocId, Time> = list_all(&mut c, t0, "synclist")
-        .await
-        .into_iter()
-        .filter(|e| ours.contains(&e.doc))
-        .map(|e| (e.doc, e.modified))
-        .collect();
+    let listed = listed_times(&mut c, t0, &ours).await;
     assert_eq!(
         listed.len(),
         ours.len(),
@@ -702,12 +707,7 @@ async fn cursors(ctx: Ctx) -> Outcome {
     // The truth: each document's last change time, from a synclist on a
     // connection that took no part in the writing (from t0: ours are all
     // after it).
-    let finals: BTreeMap<DocId, Time> = list_all(&mut marker, t0, "synclist")
-        .await
-        .into_iter()
-        .filter(|e| ours.contains(&e.doc))
-        .map(|e| (e.doc, e.modified))
-        .collect();
+    let finals = listed_times(&mut marker, t0, &ours).await;
     assert_eq!(
         finals.len(),
         FEED_DOCS,

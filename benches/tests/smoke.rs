@@ -52,7 +52,7 @@ fn opts() -> Option<Opts> {
 
 fn smoke(name: &str) {
     let Some(mut o) = opts() else { return };
-    if name == "devices" {
+    if name == "devices" || name == "folder" {
         o.cli_bin = Some(cli_bin());
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -78,7 +78,7 @@ fn smoke(name: &str) {
 
 #[test]
 fn every_scenario_is_tested() {
-    assert_eq!(SCENARIOS.len(), 9);
+    assert_eq!(SCENARIOS.len(), 10);
 }
 
 #[test]
@@ -124,4 +124,9 @@ fn feed() {
 #[test]
 fn devices() {
     smoke("devices");
+}
+
+#[test]
+fn folder() {
+    smoke("folder");
 }

@@ -15,7 +15,7 @@ use notesync_benches::load::{self, Opts, SCENARIOS};
 #[command(name = "notesync-bench", about, long_about = None)]
 struct Args {
     /// live-trace, many-docs, catch-up, synclist-scale, connections,
-    /// cold-start, offline, feed, devices, or all.
+    /// cold-start, offline, feed, devices, folder, or all.
     scenario: String,
     /// Drive this server instead of starting target/release/notesync-server.
     #[arg(long, value_name = "ADDR")]
@@ -62,7 +62,7 @@ struct Args {
     /// feed: seconds of the paced phase (default 10).
     #[arg(long, value_name = "SECS")]
     secs: Option<u64>,
-    /// devices: the notesync CLI binary (default: the workspace's release build).
+    /// devices, folder: the notesync CLI binary (default: the workspace's release build).
     #[arg(long, value_name = "FILE")]
     cli_bin: Option<PathBuf>,
     /// Give up after this many seconds.

@@ -8,14 +8,15 @@
 //!
 //! Module map: [`proc`] (/proc readings, fd limit), [`server`] (the server
 //! under test), [`net`] (raw pipelined connections), [`trace`] (editing
-//! traces), [`report`], and one module per scenario ([`devices`] drives
-//! the `notesync` CLI, not raw connections).
+//! traces), [`report`], and one module per scenario ([`devices`] and
+//! [`folder`] drive the `notesync` CLI, not raw connections).
 
 pub mod catch_up;
 pub mod cold_start;
 pub mod connections;
 pub mod devices;
 pub mod feed;
+pub mod folder;
 pub mod live_trace;
 pub mod many_docs;
 pub mod net;
@@ -55,6 +56,7 @@ pub const SCENARIOS: &[&str] = &[
     "offline",
     "feed",
     "devices",
+    "folder",
 ];
 
 /// Options shared by every scenario (the command line, or the smoke test).
@@ -88,7 +90,7 @@ pub struct Opts {
     pub docs: Option<usize>,
     /// feed: seconds of the paced phase.
     pub secs: Option<u64>,
-    /// devices: the `notesync` binary (default: the workspace's release build).
+    /// devices, folder: the `notesync` binary (default: the workspace's release build).
     pub cli_bin: Option<PathBuf>,
 }
 
@@ -151,6 +153,7 @@ pub async fn run(name: &str, opts: &Opts) -> Result<Report> {
             "offline" => offline::run(opts).await,
             "feed" => feed::run(opts).await,
             "devices" => devices::run(opts).await,
+            "folder" => folder::run(opts).await,
             other => bail!(
                 "unknown scenario {other:?}; one of: {}",
                 SCENARIOS.join(", ")

@@ -26,7 +26,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use notesync_protocol::DocId;
+use notesync_protocol::{DocId, Time};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -310,7 +310,7 @@ impl Task {
 
     /// The batch's notes worth a pull: not held by a live session, and
     /// not a deletion of a note this device never had.
-    fn to_pull(&self, batch: FeedBatch) -> BTreeMap<DocId, notesync_protocol::Time> {
+    fn to_pull(&self, batch: FeedBatch) -> BTreeMap<DocId, Time> {
         let s = lock(&self.store);
         batch
             .changed

@@ -274,8 +274,9 @@ pub struct FeedInbox {
     /// The greatest time the feed has covered: every change up to it has
     /// been listed (a 38's last time, or a 39's).
     covered: Time,
-    /// Whether the first listing has ended (a 39 came).
-    caught_up: bool,
+    /// Whether a frame came since the last take (a 39 alone moves the
+    /// cursor, so it ends a wait too).
+    fresh: bool,
 }
 
 /// A document's latest change as the feed listed it.
@@ -292,9 +293,6 @@ pub struct FeedBatch {
     /// Every change up to this time is in this batch or an earlier one: a
     /// cursor to resubscribe from once they are all pulled.
     pub covered: Time,
-    /// Whether the first listing (what synclist would have given) is
-    /// complete.
-    pub caught_up: bool,
 }
 
 impl FeedInbox {
@@ -317,11 +315,12 @@ impl FeedInbox {
                         })
                         .or_insert(change);
                 }
+                self.fresh = true;
                 None
             }
             ServerFrame::FeedHeartbeat { time } => {
                 self.covered = self.covered.max(time);
-                self.caught_up = true;
+                self.fresh = true;
                 None
             }
             other => Some(other),
@@ -329,10 +328,10 @@ impl FeedInbox {
     }
 
     fn take(&mut self) -> FeedBatch {
+        self.fresh = false;
         FeedBatch {
             changed: std::mem::take(&mut self.changed),
             covered: self.covered,
-            caught_up: self.caught_up,
         }
     }
 }
@@ -398,7 +397,7 @@ impl Conn {
                 "not subscribed to the change feed".into(),
             ));
         };
-        if inbox.changed.is_empty() {
+        if !inbox.fresh {
             let next = tokio::time::timeout_at(self.last_heard + silence, self.framed.next())
                 .await
                 .map_err(|_| NetError::FeedSilent(silence))?;
@@ -548,5 +547,67 @@ impl Conn {
     /// The next frame with no timeout (a live session waiting for edits).
     pub async fn recv_idle(&mut self) -> Option<Result<ServerFrame, NetError>> {
         self.framed.next().await.map(|r| r.map_err(NetError::from))
+    }
+}
+
+#[cfg(test)]
+mod feed_inbox_tests {
+    use super::*;
+    use notesync_protocol::{FeedEntries, FeedEntry};
+
+    fn changes(entries: &[(Time, DocId, bool)]) -> ServerFrame {
+        ServerFrame::FeedChanges(
+            entries
+                .iter()
+                .map(|&(time, doc, deleted)| FeedEntry { time, doc, deleted })
+                .collect::<FeedEntries>(),
+        )
+    }
+
+    #[test]
+    fn the_inbox_keeps_each_documents_latest_change_and_the_cursor_it_covers() {
+        let mut inbox = FeedInbox::default();
+        assert!(
+            inbox
+                .put(changes(&[(5, 1, false), (6, 2, false)]))
+                .is_none()
+        );
+        assert!(inbox.put(changes(&[(9, 1, true)])).is_none());
+        assert!(inbox.put(ServerFrame::FeedHeartbeat { time: 12 }).is_none());
+        // Any other frame is a reply's, given back.
+        let reply = ServerFrame::DocDeleted {
+            doc: 3,
+            deleted_time: 4,
+        };
+        assert!(inbox.put(reply).is_some());
+        assert!(inbox.fresh);
+        let batch = inbox.take();
+        let want = BTreeMap::from([
+            (
+                1,
+                FeedChange {
+                    time: 9,
+                    deleted: true,
+                },
+            ),
+            (
+                2,
+                FeedChange {
+                    time: 6,
+                    deleted: false,
+                },
+            ),
+        ]);
+        assert_eq!(batch.changed, want);
+        assert_eq!(batch.covered, 12, "a 39 later than every entry covers them");
+        // Taken: nothing waits, and the cursor stays.
+        assert!(!inbox.fresh);
+        let again = inbox.take();
+        assert!(again.changed.is_empty());
+        assert_eq!(again.covered, 12);
+        // A 39 alone is news: it moves the cursor.
+        inbox.put(ServerFrame::FeedHeartbeat { time: 20 });
+        assert!(inbox.fresh);
+        assert_eq!(inbox.take().covered, 20);
     }
 }

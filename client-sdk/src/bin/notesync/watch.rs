@@ -285,10 +285,8 @@ impl Watcher {
         if let Some(conn) = self.unremembered.take() {
             conn.remember(self.folder.dir())?;
         }
-        if self.failing {
-            println!("reached {} again", self.addr);
-            self.failing = false;
-        }
+        // (A success after a failure was said at its `Connected`, which
+        // the loop sends first.)
         // Quiet unless something moved.
         if r.upserted
             + r.changes.len()

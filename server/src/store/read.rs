@@ -16,7 +16,7 @@ use super::layout::{
     chunk_time_key, site_key, split_chunk_time_key,
 };
 use super::runs::{
-    Body, CharState, Chunk, after, at_or_before, char_offset, pid_of, run_key, split_pid_key,
+    Body, Chunk, after, at_or_before, char_offset_in, pid_of, run_key, split_pid_key,
 };
 
 /// Which deletes a delta sends.
@@ -245,12 +245,15 @@ impl Snapshot {
             if sent.deletes.contains(pid_key) {
                 continue;
             }
-            let Some(st) = state_in(&chunks, doc, pid_key, &mut last)? else {
+            let Some((group, ident)) = split_pid_key(pid_key) else {
                 continue;
             };
-            if st.delete != 0
-                && delta_of(st.insert, st.delete, since, Rule::Pull) != Some(Delta::Delete)
-            {
+            let Some((insert, delete)) = chunk_for(&chunks, doc, &group, ident, &mut last)?
+                .and_then(|c| c.times(&group, ident))
+            else {
+                continue;
+            };
+            if delete != 0 && delta_of(insert, delete, since, Rule::Pull) != Some(Delta::Delete) {
                 let pid = Pid::from_key(pid_key).ok_or(corrupt("chunks", "position id key"))?;
                 out.delete(&pid)?;
             }
@@ -261,16 +264,33 @@ impl Snapshot {
 
 /// What an id holds in a snapshot's chunks; `last` keeps the last chunk
 /// decoded (consecutive ids are mostly in one chunk).
+#[cfg(test)]
 fn state_in(
     chunks: &ReadOnlyTable<&'static [u8], &'static [u8]>,
     doc: DocId,
     pid_key: &[u8],
     last: &mut Option<(Vec<u8>, Chunk)>,
-) -> Result<Option<CharState>, StoreError> {
+) -> Result<Option<super::runs::CharState>, StoreError> {
     let Some((group, ident)) = split_pid_key(pid_key) else {
         return Ok(None);
     };
-    let k = chunk_key(doc, &run_key(&group, ident));
+    Ok(chunk_for(chunks, doc, &group, ident, last)?.and_then(|c| c.state(&group, ident)))
+}
+
+/// The chunk that holds an id, if any: `last` when it covers the id (no
+/// two chunks cover one id, so no lookup is needed: an upsert's ids are
+/// mostly consecutive), else the last chunk keyed at or before it.
+fn chunk_for<'a>(
+    chunks: &ReadOnlyTable<&'static [u8], &'static [u8]>,
+    doc: DocId,
+    group: &[u8],
+    ident: u32,
+    last: &'a mut Option<(Vec<u8>, Chunk)>,
+) -> Result<Option<&'a Chunk>, StoreError> {
+    if last.as_ref().is_some_and(|(_, c)| c.covers(group, ident)) {
+        return Ok(last.as_ref().map(|(_, c)| c));
+    }
+    let k = chunk_key(doc, &run_key(group, ident));
     let lo = chunk_key(doc, &[]);
     let Some(entry) = chunks
         .range::<&[u8]>(lo.as_slice()..=k.as_slice())?
@@ -285,7 +305,7 @@ fn state_in(
     {
         *last = Some((key.value().to_vec(), Chunk::decode(v.value())?));
     }
-    Ok(last.as_ref().and_then(|(_, c)| c.state(&group, ident)))
+    Ok(last.as_ref().map(|(_, c)| c))
 }
 
 /// Hands to `out` what one chunk holds that a client synced up to `since`
@@ -315,8 +335,11 @@ fn emit_chunk(
                     if s.live() {
                         let r = after(s.ins, s.ins_step, s.len, since);
                         if !r.is_empty() {
-                            let text =
-                                &s.text[char_offset(&s.text, r.start)..char_offset(&s.text, r.end)];
+                            let (a, b) = (
+                                char_offset_in(&s.text, s.len, r.start),
+                                char_offset_in(&s.text, s.len, r.end),
+                            );
+                            let text = &s.text[a..b];
                             let text = std::str::from_utf8(text)
                                 .map_err(|_| corrupt("chunks", "text is not UTF-8"))?;
                             emit_run(&it.group, at + r.start, text, exclude, out)?;

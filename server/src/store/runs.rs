@@ -71,6 +71,17 @@ fn step_time(base: Time, step: i8, j: u32) -> Time {
 }
 
 /// Byte offset of char `k` of `text` (its length if `k` is the count).
+/// `chars`: how many chars `text` holds, when known: all-ASCII text (its
+/// bytes are its chars) is then indexed at once, not walked (the writer
+/// asks for every char of an upserted run in turn).
+pub(super) fn char_offset_in(text: &[u8], chars: u32, k: u32) -> usize {
+    if text.len() == chars as usize {
+        return (k as usize).min(text.len());
+    }
+    char_offset(text, k)
+}
+
+/// Byte offset of char `k` of `text` (its length if `k` is the count).
 pub(super) fn char_offset(text: &[u8], k: u32) -> usize {
     let mut seen = 0u32;
     for (i, &b) in text.iter().enumerate() {
@@ -127,7 +138,7 @@ impl Seg {
     /// Splits before char `k` (0 < k < len).
     pub fn split(&self, k: u32) -> (Seg, Seg) {
         let at = if self.live() {
-            char_offset(&self.text, k)
+            char_offset_in(&self.text, self.len, k)
         } else {
             0
         };
@@ -195,7 +206,10 @@ impl Seg {
 
     fn state(&self, j: u32) -> CharState {
         let text = if self.live() {
-            let (s, e) = (char_offset(&self.text, j), char_offset(&self.text, j + 1));
+            let (s, e) = (
+                char_offset_in(&self.text, self.len, j),
+                char_offset_in(&self.text, self.len, j + 1),
+            );
             self.text[s..e].to_vec()
         } else {
             Vec::new()
@@ -333,6 +347,34 @@ impl Chunk {
             Spot::In(i - 1)
         } else {
             Spot::Gap(i)
+        }
+    }
+
+    /// Whether an item of this chunk covers the id (live or a tombstone).
+    pub fn covers(&self, group: &[u8], ident: u32) -> bool {
+        matches!(self.spot(group, ident), Spot::In(_))
+    }
+
+    /// The id's insert and delete times (0: none), without its text:
+    /// [`Chunk::state`] finds a run's char by walking its text, which per
+    /// id of a long run is quadratic.
+    pub fn times(&self, group: &[u8], ident: u32) -> Option<(Time, Time)> {
+        let Spot::In(i) = self.spot(group, ident) else {
+            return None;
+        };
+        let it = &self.items[i];
+        match &it.body {
+            Body::Atom { insert, .. } => Some((*insert, 0)),
+            Body::Run(segs) => {
+                let mut off = ident - it.first;
+                for s in segs {
+                    if off < s.len {
+                        return Some((s.ins_at(off), s.del_at(off)));
+                    }
+                    off -= s.len;
+                }
+                None
+            }
         }
     }
 
@@ -896,6 +938,31 @@ mod tests {
         let back = Chunk::decode(&c.encode()).expect("decode");
         assert_eq!(back, c);
         assert_eq!(back.changed, 400);
+        // `times` and `covers` (the upsert reply's shortcuts) agree with
+        // `state` on every id, inside the run and around it.
+        for ident in 7..18 {
+            let st = c.state(&g, ident);
+            assert_eq!(c.covers(&g, ident), st.is_some(), "id {ident}");
+            assert_eq!(
+                c.times(&g, ident),
+                st.map(|s| (s.insert, s.delete)),
+                "id {ident}"
+            );
+        }
+    }
+
+    #[test]
+    fn char_offsets_of_ascii_and_of_multibyte_text_agree_with_the_walk() {
+        for text in ["hello", "héllo", "", "日本語x"] {
+            let chars = text.chars().count() as u32;
+            for k in 0..=chars + 1 {
+                assert_eq!(
+                    char_offset_in(text.as_bytes(), chars, k),
+                    char_offset(text.as_bytes(), k),
+                    "{text:?} char {k}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -73,6 +73,11 @@ impl Client {
         self.edited(lock(&self.store).create(name))
     }
 
+    /// [`Store::create_for_file`].
+    pub fn create_for_file(&self, name: &str) -> Result<DocId, StoreError> {
+        self.edited(lock(&self.store).create_for_file(name))
+    }
+
     pub fn rename(&self, id: DocId, name: &str) -> Result<(), StoreError> {
         self.edited(lock(&self.store).rename(id, name, false))
     }

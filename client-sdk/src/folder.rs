@@ -60,7 +60,9 @@ use crate::fsutil::{
     FileError, Read, Wrote, at, move_new, read_text, remove_if_unchanged, sync_dir,
 };
 use crate::net::ServerConfig;
-use crate::store::{NoteInfo, RemoteDeletion, StoreError, TRASH_DIR, free_trash_path};
+use crate::store::{
+    Deferral, DeferredState, NoteInfo, RemoteDeletion, StoreError, TRASH_DIR, free_trash_path,
+};
 
 /// Attempts at writing one file that keeps changing under us.
 const WRITE_TRIES: usize = 5;
@@ -208,11 +210,27 @@ impl Folder {
         only: Option<&HashSet<String>>,
         sessions: &HashMap<DocId, Session>,
     ) -> Result<PickUp, FolderError> {
+        // Many new files: state.json once, not once per note.
+        let store = self.client.store().clone();
+        let deferred = DeferredState::begin(&store, Deferral::Import);
+        let report = self.pick_up_files(only, sessions)?;
+        self.bases.sync()?;
+        deferred.end()?;
+        Ok(report)
+    }
+
+    fn pick_up_files(
+        &mut self,
+        only: Option<&HashSet<String>>,
+        sessions: &HashMap<DocId, Session>,
+    ) -> Result<PickUp, FolderError> {
         let in_scope = |name: &str| only.is_none_or(|s| s.contains(name));
         let notes = self.client.list();
         let mut report = PickUp::default();
         let mut claimed: HashSet<String> = HashSet::new();
         let mut missing: Vec<DocId> = Vec::new();
+        // By name: notes whose file was never written.
+        let mut unwritten: HashMap<String, Vec<DocId>> = HashMap::new();
         let total = notes.len();
         for (k, info) in notes.iter().enumerate() {
             let cur = file_name(&info.file);
@@ -225,6 +243,10 @@ impl Folder {
             let target = Target::new(&self.client, info.id, sessions);
             match self.pick_up_note(info, &target)? {
                 Found::Unchanged => {}
+                Found::Unwritten => unwritten
+                    .entry(info.name.clone())
+                    .or_default()
+                    .push(info.id),
                 Found::Edited => report.edited.push(info.id),
                 Found::Missing(f) => {
                     missing.push(info.id);
@@ -265,7 +287,23 @@ impl Folder {
                 self.bases.get(*id).is_some_and(|b| b.text == text)
                     || self.client.text(*id).is_ok_and(|t| t == text)
             });
-            let id = if let Some(i) = renamed_from {
+            // A note made from this very file (its name; its text, or none
+            // yet) whose file had not moved to the note's name when a crash
+            // came.
+            let made_from = unwritten.get_mut(stem).and_then(|ids| {
+                let i = ids.iter().position(|id| {
+                    self.client
+                        .text(*id)
+                        .is_ok_and(|t| t == text || t.is_empty())
+                })?;
+                Some(ids.remove(i))
+            });
+            let id = if let Some(id) = made_from {
+                if self.client.text(id)?.is_empty() && !text.is_empty() {
+                    self.client.insert(id, 0, &text)?;
+                }
+                id
+            } else if let Some(i) = renamed_from {
                 let id = missing.remove(i);
                 report.missing.retain(|m| m.0 != id);
                 let target = Target::new(&self.client, id, sessions);
@@ -285,19 +323,15 @@ impl Folder {
                         .push((name, "its name cannot be a note's name".into()));
                     continue;
                 }
-                let id = self.client.create(stem)?;
-                // The store avoids names of existing files; this file is the
-                // note's own, so take its name back (when it is a safe one).
-                if file_name(&self.info(id)?.file) != name && crate::store::safe_stem(stem) == stem
-                {
-                    self.client.rename(id, stem)?;
-                }
+                // This file is the note's own: its name may be taken.
+                let id = self.client.create_for_file(stem)?;
                 if !text.is_empty() {
                     self.client.insert(id, 0, &text)?;
                 }
                 report.created.push((id, name.clone()));
                 id
             };
+            let first = report.created.last().is_some_and(|c| c.0 == id);
             // The store may have made the name safe (`CON`, `a:b`) or
             // unique (`note (2)`): the file follows its note.
             let file = file_name(&self.info(id)?.file);
@@ -315,7 +349,11 @@ impl Folder {
                     continue;
                 }
             }
-            self.bases.set(id, &file, &text)?;
+            if first {
+                self.bases.set_first(id, &file, &text)?;
+            } else {
+                self.bases.set(id, &file, &text)?;
+            }
         }
         // Files a person deleted (not renamed, see above): a note the server
         // has is deleted; one that never synced is written again.
@@ -408,9 +446,11 @@ impl Folder {
         let text = match read_text(&path)? {
             Read::Text(t, _) => t,
             Read::Unusable(why) => return Ok(Found::Unusable(held, why)),
-            // Never written, or already moved to the new name: not a
-            // deletion.
-            Read::Missing if base.is_none() || (held != cur && info.file.exists()) => {
+            // Never written: not a deletion (its file may be under the
+            // name it came with, see `Found::Unwritten`).
+            Read::Missing if base.is_none() => return Ok(Found::Unwritten),
+            // Already moved to the new name: not a deletion.
+            Read::Missing if held != cur && info.file.exists() => {
                 return Ok(Found::Unchanged);
             }
             Read::Missing => return Ok(Found::Missing(held)),
@@ -419,7 +459,7 @@ impl Folder {
         let base_text = base.as_ref().map_or(&store, |b| &b.text);
         if text == *base_text {
             if base.is_none() {
-                self.bases.set(info.id, &held, &text)?;
+                self.bases.set_first(info.id, &held, &text)?;
             }
             return Ok(Found::Unchanged);
         }
@@ -436,6 +476,10 @@ impl Folder {
 
 enum Found {
     Unchanged,
+    /// The note's file was never written: a note from elsewhere not yet
+    /// written out, or one made from a file that was to move to the
+    /// note's (safe or free) name when a crash came first.
+    Unwritten,
     Edited,
     Missing(String),
     Unusable(String, String),

@@ -46,9 +46,23 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
             "path has no file name",
         ));
     }
+    replace_file(path, bytes)?;
+    sync_dir(parent(path))
+}
+
+/// [`write_atomic`] without the folder's fsync: after a crash the file
+/// holds its old contents or the new ones, never a mix, but the new ones
+/// are durable only once the caller has synced the folder
+/// ([`sync_dir`]): one folder fsync for a batch of files.
+pub fn replace_file(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    if path.file_name().is_none() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "path has no file name",
+        ));
+    }
     let tmp = write_temp(path, bytes)?;
     fs::rename(&tmp, path)?;
-    fsync_dir(parent(path))?;
     crash_point();
     Ok(())
 }

@@ -3,9 +3,10 @@
 //!
 //! Order: hello; give provisional notes a site (an empty upsert creates the
 //! document and allocates it); synclist from the store's cursor until it is
-//! empty; then, pipelined, a doc_delete for every note deleted here, an
-//! upsert for every note with pending ops and a pull for every other listed
-//! note; then read the replies in order. Ops leave a note's log only on the
+//! empty; then a doc_delete for every note deleted here, an upsert for every
+//! note with pending ops and a pull for every other listed note. Requests
+//! are pipelined, at most [`WINDOW`] awaiting their replies, which are read
+//! in order. Ops leave a note's log only on the
 //! 34 that answers the upsert that carried them. A 35 (the note was deleted
 //! on the server) removes the note here, keeping its text in the trash if
 //! it had edits the server never took (PROTOCOL.md 3.5). The global cursor
@@ -22,7 +23,7 @@ use notesync_protocol::{
 
 use crate::doc::TextChange;
 use crate::net::{Conn, NetError, ServerConfig};
-use crate::store::{Outgoing, RemoteDeletion, Store, StoreError};
+use crate::store::{Deferral, DeferredState, Outgoing, RemoteDeletion, Store, StoreError};
 
 /// An error of a sync or of a live session's connection: the network's,
 /// or the local store's (each kept whole, as its source).
@@ -75,6 +76,10 @@ const MAX_ATOMS_PER_UPSERT: usize = 100_000;
 const MAX_UPSERT_BYTES: usize = Limits::DEFAULT_MAX_FRAME_BYTES / 4;
 
 enum Request {
+    /// A provisional note's empty upsert (its 34 gives the site).
+    Site {
+        doc: DocId,
+    },
     /// An upsert and the ops it carries (acknowledged by its 34).
     Upsert {
         doc: DocId,
@@ -134,47 +139,30 @@ pub(crate) async fn sync_on(
     store: &Arc<Mutex<Store>>,
     listing: Listing,
 ) -> Result<(SyncReport, bool), SyncError> {
+    // state.json is written once at the end, not once per new note or site
+    // (see `Store::defer_state_saves`), whether or not the sync got there.
+    let deferred = DeferredState::begin(store, Deferral::Sync);
+    let done = sync_steps(conn, store, listing).await;
+    let saved = deferred.end();
+    let done = done?;
+    saved?;
+    Ok(done)
+}
+
+async fn sync_steps(
+    conn: &mut Conn,
+    store: &Arc<Mutex<Store>>,
+    listing: Listing,
+) -> Result<(SyncReport, bool), SyncError> {
     let mut report = SyncReport::default();
 
     // 1. Provisional notes get their site first (PROTOCOL.md 1.3).
     let provisional = lock(store).provisional_notes();
-    for (id, name) in provisional {
-        let empty = if conn.speaks_runs() {
-            ClientFrame::UpsertRuns(UpsertRuns {
-                doc: id,
-                name,
-                since: 0,
-                inserts: ItemListBuilder::new().finish(),
-                deletes: RangeListBuilder::new().finish(),
-            })
-        } else {
-            ClientFrame::Upsert(Upsert {
-                doc: id,
-                name,
-                since: 0,
-                inserts: AtomListBuilder::new().finish(),
-                deletes: PidListBuilder::new().finish(),
-            })
-        };
-        conn.send(empty).await?;
-        match read_reply(conn, store, id, false, false, &mut report).await? {
-            Ok(Reply::Deleted) => deleted(store, id, &mut report)?,
-            Ok(Reply::Synced(site, sync_time)) => {
-                let mut s = lock(store);
-                if site == 0 {
-                    report.refused.push((
-                        id,
-                        ErrorCode::SITES_EXHAUSTED,
-                        "the server gave no site".into(),
-                    ));
-                    continue;
-                }
-                s.set_site(id, site)?;
-                s.set_note_sync(id, sync_time)?;
-            }
-            Err((code, msg)) => report.refused.push((id, code, msg)),
-        }
-    }
+    let jobs = provisional
+        .into_iter()
+        .map(|(doc, name)| Job::Site { doc, name });
+    let mut all_pulled = true;
+    pipeline(conn, store, jobs, &mut report, &mut all_pulled).await?;
 
     // 2. What changed since the cursor.
     let mut cursor = lock(store).last_sync_time();
@@ -204,63 +192,9 @@ pub(crate) async fn sync_on(
         }
     }
 
-    // 3. Pipelined upserts and pulls.
-    let requests = plan(store, &listed, conn.speaks_runs())?;
-    for (_, frame) in &requests {
-        conn.feed(frame.clone()).await?;
-    }
-    conn.flush().await?;
-
-    // 4. Replies, in request order.
-    let mut all_pulled = true;
-    for (req, _) in requests {
-        match req {
-            Request::Upsert {
-                doc,
-                inserts,
-                deletes,
-                rename,
-            } => match read_reply(conn, store, doc, rename.is_some(), false, &mut report).await? {
-                // Deleted before these ops reached it: none was applied.
-                Ok(Reply::Deleted) => deleted(store, doc, &mut report)?,
-                Ok(Reply::Synced(site, sync_time)) => {
-                    let mut s = lock(store);
-                    report.upserted += 1;
-                    report.acknowledged_ops +=
-                        inserts.len() + deletes.len() + rename.is_some() as usize;
-                    s.acknowledge(doc, &inserts, &deletes, rename.as_ref())?;
-                    s.set_site(doc, site)?;
-                    s.set_note_sync(doc, sync_time)?;
-                }
-                Err((code, msg)) => report.refused.push((doc, code, msg)),
-            },
-            Request::Pull { doc } => {
-                match read_reply(conn, store, doc, false, false, &mut report).await? {
-                    Ok(Reply::Deleted) => deleted(store, doc, &mut report)?,
-                    Ok(Reply::Synced(site, sync_time)) => {
-                        let mut s = lock(store);
-                        report.pulled += 1;
-                        s.set_site(doc, site)?;
-                        s.set_note_sync(doc, sync_time)?;
-                    }
-                    // Listed, then gone: nothing to pull.
-                    Err((ErrorCode::UNKNOWN_DOCUMENT, _)) => {}
-                    Err((code, msg)) => {
-                        all_pulled = false;
-                        report.refused.push((doc, code, msg));
-                    }
-                }
-            }
-            Request::Delete { doc } => match read_delete_reply(conn, doc).await? {
-                // Deleted (by this request or before it), or never there.
-                Ok(()) | Err((ErrorCode::UNKNOWN_DOCUMENT, _)) => {
-                    lock(store).delete_confirmed(doc)?;
-                    report.deletes_sent.push(doc);
-                }
-                Err((code, msg)) => report.refused.push((doc, code, msg)),
-            },
-        }
-    }
+    // 3. Deletes, upserts and pulls, pipelined; replies read in order.
+    let jobs = plan(store, &listed)?;
+    pipeline(conn, store, jobs.into_iter(), &mut report, &mut all_pulled).await?;
     let mut s = lock(store);
     s.flush()?;
     if all_pulled && list {
@@ -269,75 +203,187 @@ pub(crate) async fn sync_on(
     Ok((report, all_pulled))
 }
 
-/// Builds the upserts (for notes with pending ops, marked sent first) and
-/// the pulls (for listed notes without, unless this device's last sync of
-/// the note already covers the listed time: its own upserts come back
-/// listed, PROTOCOL.md 3.8, and a 34's sync time covers its 33s). `runs`: upserts go as 4s, with
-/// consecutive one-char atoms at consecutive ids as runs and consecutive
-/// deleted ids as ranges (version 3); else as 2s.
-fn plan(
+/// At most this many requests in flight on a sync's connection: what is
+/// built and awaited at once (a pull's reply may be a whole note) grows
+/// with the window, not with the folder, while round trips still overlap.
+/// Below the server's default pipeline bound (64, `--max-pipeline`), so it
+/// reads every request we have fed while we are not yet reading replies.
+const WINDOW: usize = 32;
+
+/// What a sync asks of the server about one note; its frames are built
+/// only as the window lets it go out (an upsert's ops are marked sent then).
+enum Job {
+    /// An empty upsert that creates a provisional note's document and
+    /// gives it its site.
+    Site {
+        doc: DocId,
+        name: DocName,
+    },
+    Delete(DocId),
+    Upsert(DocId),
+    Pull {
+        doc: DocId,
+        since: Time,
+    },
+}
+
+/// Sends the jobs' frames with at most [`WINDOW`] replies awaited, and
+/// handles each reply in request order.
+async fn pipeline(
+    conn: &mut Conn,
     store: &Mutex<Store>,
-    listed: &BTreeMap<DocId, Time>,
+    mut jobs: impl Iterator<Item = Job>,
+    report: &mut SyncReport,
+    all_pulled: &mut bool,
+) -> Result<(), SyncError> {
+    let runs = conn.speaks_runs();
+    let mut ready = std::collections::VecDeque::new();
+    let mut waiting = std::collections::VecDeque::new();
+    loop {
+        // Refill at half: a write carries many frames, not one per reply.
+        if waiting.len() <= WINDOW / 2 {
+            let mut fed = false;
+            while waiting.len() < WINDOW {
+                if ready.is_empty() {
+                    let Some(job) = jobs.next() else { break };
+                    ready.extend(frames_for(store, job, runs)?);
+                    continue;
+                }
+                let (req, frame) = ready.pop_front().expect("not empty");
+                conn.feed(frame).await?;
+                waiting.push_back(req);
+                fed = true;
+            }
+            if fed {
+                conn.flush().await?;
+            }
+        }
+        let Some(req) = waiting.pop_front() else {
+            return Ok(());
+        };
+        answer(conn, store, req, report, all_pulled).await?;
+    }
+}
+
+/// A job's frames, each with the request its reply answers.
+fn frames_for(
+    store: &Mutex<Store>,
+    job: Job,
     runs: bool,
 ) -> Result<Vec<(Request, ClientFrame)>, SyncError> {
-    let mut s = lock(store);
-    let mut out = Vec::new();
-    for doc in s.pending_deletes() {
-        out.push((Request::Delete { doc }, ClientFrame::DeleteDoc { doc }));
-    }
-    let with_ops = s.notes_to_upsert();
-    for &id in &with_ops {
-        let Outgoing {
+    Ok(match job {
+        Job::Site { doc, name } => {
+            let empty = if runs {
+                ClientFrame::UpsertRuns(UpsertRuns {
+                    doc,
+                    name,
+                    since: 0,
+                    inserts: ItemListBuilder::new().finish(),
+                    deletes: RangeListBuilder::new().finish(),
+                })
+            } else {
+                ClientFrame::Upsert(Upsert {
+                    doc,
+                    name,
+                    since: 0,
+                    inserts: AtomListBuilder::new().finish(),
+                    deletes: PidListBuilder::new().finish(),
+                })
+            };
+            vec![(Request::Site { doc }, empty)]
+        }
+        Job::Delete(doc) => vec![(Request::Delete { doc }, ClientFrame::DeleteDoc { doc })],
+        Job::Pull { doc, since } => vec![(Request::Pull { doc }, ClientFrame::Pull { doc, since })],
+        Job::Upsert(doc) => {
+            let out = lock(store).outgoing(doc)?;
+            if runs {
+                upserts_with_runs(doc, out)
+            } else {
+                upserts_with_atoms(doc, out)
+            }
+        }
+    })
+}
+
+/// Handles the reply to one request.
+async fn answer(
+    conn: &mut Conn,
+    store: &Mutex<Store>,
+    req: Request,
+    report: &mut SyncReport,
+    all_pulled: &mut bool,
+) -> Result<(), SyncError> {
+    match req {
+        Request::Site { doc } => match read_reply(conn, store, doc, false, false, report).await? {
+            Ok(Reply::Deleted) => deleted(store, doc, report)?,
+            Ok(Reply::Synced(0, _)) => report.refused.push((
+                doc,
+                ErrorCode::SITES_EXHAUSTED,
+                "the server gave no site".into(),
+            )),
+            Ok(Reply::Synced(site, sync_time)) => {
+                let mut s = lock(store);
+                s.set_site(doc, site)?;
+                s.set_note_sync(doc, sync_time)?;
+            }
+            Err((code, msg)) => report.refused.push((doc, code, msg)),
+        },
+        Request::Upsert {
+            doc,
             inserts,
             deletes,
             rename,
-            name,
-            since,
-        } = s.outgoing(id)?;
-        if runs {
-            for (req, frame) in upserts_with_runs(id, &name, since, inserts, deletes, &rename) {
-                out.push((req, frame));
+        } => match read_reply(conn, store, doc, rename.is_some(), false, report).await? {
+            // Deleted before these ops reached it: none was applied.
+            Ok(Reply::Deleted) => deleted(store, doc, report)?,
+            Ok(Reply::Synced(site, sync_time)) => {
+                let mut s = lock(store);
+                report.upserted += 1;
+                report.acknowledged_ops +=
+                    inserts.len() + deletes.len() + rename.is_some() as usize;
+                s.acknowledge(doc, &inserts, &deletes, rename.as_ref())?;
+                s.set_site(doc, site)?;
+                s.set_note_sync(doc, sync_time)?;
             }
-            continue;
-        }
-        // Split so no frame nears the limits (each upsert is idempotent).
-        let mut ins = inserts.into_iter().peekable();
-        let mut dels = deletes.into_iter().peekable();
-        loop {
-            let (mut ib, mut db) = (AtomListBuilder::new(), PidListBuilder::new());
-            let (mut ids_i, mut ids_d) = (Vec::new(), Vec::new());
-            while let Some(a) =
-                ins.next_if(|_| ib.len() < MAX_ATOMS_PER_UPSERT && ib.byte_len() < MAX_UPSERT_BYTES)
-            {
-                ib.push(&a);
-                ids_i.push(a.pid().clone());
+            Err((code, msg)) => report.refused.push((doc, code, msg)),
+        },
+        Request::Pull { doc } => match read_reply(conn, store, doc, false, false, report).await? {
+            Ok(Reply::Deleted) => deleted(store, doc, report)?,
+            Ok(Reply::Synced(site, sync_time)) => {
+                let mut s = lock(store);
+                report.pulled += 1;
+                s.set_site(doc, site)?;
+                s.set_note_sync(doc, sync_time)?;
             }
-            while let Some(p) = dels
-                .next_if(|_| db.len() < MAX_ATOMS_PER_UPSERT && db.byte_len() < MAX_UPSERT_BYTES)
-            {
-                db.push(&p).expect("pending ids are valid");
-                ids_d.push(p);
+            // Listed, then gone: nothing to pull.
+            Err((ErrorCode::UNKNOWN_DOCUMENT, _)) => {}
+            Err((code, msg)) => {
+                *all_pulled = false;
+                report.refused.push((doc, code, msg));
             }
-            let last = ins.peek().is_none() && dels.peek().is_none();
-            let frame = ClientFrame::Upsert(Upsert {
-                doc: id,
-                name: name.clone(),
-                since,
-                inserts: ib.finish(),
-                deletes: db.finish(),
-            });
-            let req = Request::Upsert {
-                doc: id,
-                inserts: ids_i,
-                deletes: ids_d,
-                rename: if last { rename.clone() } else { None },
-            };
-            out.push((req, frame));
-            if last {
-                break;
+        },
+        Request::Delete { doc } => match read_delete_reply(conn, doc).await? {
+            // Deleted (by this request or before it), or never there.
+            Ok(()) | Err((ErrorCode::UNKNOWN_DOCUMENT, _)) => {
+                lock(store).delete_confirmed(doc)?;
+                report.deletes_sent.push(doc);
             }
-        }
+            Err((code, msg)) => report.refused.push((doc, code, msg)),
+        },
     }
+    Ok(())
+}
+
+/// The jobs of step 3: a doc_delete for every note deleted here, an
+/// upsert for every note with pending ops, and a pull for every listed
+/// note without, unless this device's last sync of the note already
+/// covers the listed time (its own upserts come back listed, PROTOCOL.md
+/// 3.8, and a 34's sync time covers its 33s).
+fn plan(store: &Mutex<Store>, listed: &BTreeMap<DocId, Time>) -> Result<Vec<Job>, SyncError> {
+    let s = lock(store);
+    let mut out: Vec<Job> = s.pending_deletes().into_iter().map(Job::Delete).collect();
+    let with_ops = s.notes_to_upsert();
+    out.extend(with_ops.iter().map(|&id| Job::Upsert(id)));
     for (&doc, &time) in listed {
         // A note deleted here or known deleted: nothing to pull (it would
         // come back as a new note).
@@ -346,24 +392,73 @@ fn plan(
         }
         match s.note_sync_time(doc) {
             Ok(since) if since >= time => {}
-            Ok(since) => out.push((Request::Pull { doc }, ClientFrame::Pull { doc, since })),
+            Ok(since) => out.push(Job::Pull { doc, since }),
             // A note new to this device: everything.
-            Err(_) => out.push((Request::Pull { doc }, ClientFrame::Pull { doc, since: 0 })),
+            Err(_) => out.push(Job::Pull { doc, since: 0 }),
         }
     }
     Ok(out)
 }
 
+/// A note's outgoing ops as 2s (before version 3), split so no frame
+/// nears the limits (each upsert is idempotent).
+fn upserts_with_atoms(doc: DocId, out: Outgoing) -> Vec<(Request, ClientFrame)> {
+    let Outgoing {
+        inserts,
+        deletes,
+        rename,
+        name,
+        since,
+    } = out;
+    let mut frames = Vec::new();
+    let mut ins = inserts.into_iter().peekable();
+    let mut dels = deletes.into_iter().peekable();
+    loop {
+        let (mut ib, mut db) = (AtomListBuilder::new(), PidListBuilder::new());
+        let (mut ids_i, mut ids_d) = (Vec::new(), Vec::new());
+        while let Some(a) =
+            ins.next_if(|_| ib.len() < MAX_ATOMS_PER_UPSERT && ib.byte_len() < MAX_UPSERT_BYTES)
+        {
+            ib.push(&a);
+            ids_i.push(a.pid().clone());
+        }
+        while let Some(p) =
+            dels.next_if(|_| db.len() < MAX_ATOMS_PER_UPSERT && db.byte_len() < MAX_UPSERT_BYTES)
+        {
+            db.push(&p).expect("pending ids are valid");
+            ids_d.push(p);
+        }
+        let last = ins.peek().is_none() && dels.peek().is_none();
+        let frame = ClientFrame::Upsert(Upsert {
+            doc,
+            name: name.clone(),
+            since,
+            inserts: ib.finish(),
+            deletes: db.finish(),
+        });
+        let req = Request::Upsert {
+            doc,
+            inserts: ids_i,
+            deletes: ids_d,
+            rename: if last { rename.clone() } else { None },
+        };
+        frames.push((req, frame));
+        if last {
+            return frames;
+        }
+    }
+}
+
 /// A note's outgoing ops as 4s: runs and ranges, split so no frame nears
 /// the limits (atoms plus run chars, range ids, and bytes per frame).
-fn upserts_with_runs(
-    doc: DocId,
-    name: &DocName,
-    since: Time,
-    inserts: Vec<notesync_protocol::Atom>,
-    deletes: Vec<Pid>,
-    rename: &Option<DocName>,
-) -> Vec<(Request, ClientFrame)> {
+fn upserts_with_runs(doc: DocId, out: Outgoing) -> Vec<(Request, ClientFrame)> {
+    let Outgoing {
+        inserts,
+        deletes,
+        rename,
+        name,
+        since,
+    } = out;
     /// One frame's lists in progress.
     #[derive(Default)]
     struct Part {

@@ -181,3 +181,119 @@ fn a_sync_killed_at_any_step_loses_nothing_and_doubles_nothing() {
     assert!(k > 10, "only {} durable steps", k - 1);
     assert!(takes_finished >= 6, "{takes_finished} crashes mid-take");
 }
+
+/// Notes in the import crash test: enough that a crash lands inside the
+/// batches (the import's pick-up, the site allocations, the pipelined
+/// upserts, the flush), few enough for one run per crash point tried.
+const IMPORTED: usize = 24;
+
+/// The folder a person starts with: `IMPORTED` notes of distinct text,
+/// one with a name the store must make safe.
+fn notes_to_import() -> BTreeMap<String, String> {
+    (0..IMPORTED)
+        .map(|i| {
+            let name = if i == 7 {
+                "CON.md".to_owned()
+            } else {
+                format!("note {i:02}.md")
+            };
+            let text = format!("# Note {i}\n\n{}\n", "words of this note ".repeat(20 + i));
+            (name, text)
+        })
+        .collect()
+}
+
+/// A first sync of a folder of notes, killed at step `k`, then run again
+/// to the end: every file is a note on the server exactly once, with its
+/// text, and the folder is as it was.
+fn import_crash_at(k: usize) -> Run {
+    let server = TestServer::start_temp();
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("notes");
+    fs::create_dir(&dir).unwrap();
+    let files = notes_to_import();
+    for (name, text) in &files {
+        fs::write(dir.join(name), text).unwrap();
+    }
+    let run = sync_killed_at(&dir, &server.addr, k);
+    sync(&dir, &server.addr);
+
+    // The store made CON safe: its file moved to the note's name.
+    let mut want = files.clone();
+    let con = want.remove("CON.md").unwrap();
+    want.insert("_CON.md".to_owned(), con);
+    let folder = md_files(&dir);
+    let wrong: Vec<&String> = want
+        .iter()
+        .filter(|(name, text)| folder.get(*name) != Some(*text))
+        .map(|(name, _)| name)
+        .collect();
+    assert!(
+        wrong.is_empty() && folder.len() == want.len(),
+        "the folder, after a crash at step {k}: {} files, these wrong: {wrong:?}",
+        folder.len()
+    );
+    let other = Client::open(
+        root.path().join("other"),
+        ServerConfig::new(server.addr.clone()),
+    )
+    .unwrap();
+    runtime().block_on(other.sync_now()).unwrap();
+    let mut on_server: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for n in other.list() {
+        on_server
+            .entry(format!("{}.md", n.name))
+            .or_default()
+            .push(other.text(n.id).unwrap());
+    }
+    let doubled: Vec<_> = on_server.iter().filter(|(_, t)| t.len() > 1).collect();
+    assert!(doubled.is_empty(), "step {k}: notes doubled: {doubled:?}");
+    let on_server: BTreeMap<String, String> = on_server
+        .into_iter()
+        .map(|(name, mut t)| (name, t.pop().unwrap()))
+        .collect();
+    let wrong: Vec<(&String, Option<usize>)> = files
+        .iter()
+        .filter(|(name, text)| on_server.get(*name) != Some(*text))
+        .map(|(name, _)| (name, on_server.get(name).map(String::len)))
+        .collect();
+    assert!(
+        wrong.is_empty() && on_server.len() == files.len(),
+        "the server, after a crash at step {k}: {} notes, these wrong (name, length there): {wrong:?}",
+        on_server.len()
+    );
+    let mine = Client::open(&dir, ServerConfig::new(server.addr.clone())).unwrap();
+    let pending: usize = mine.list().iter().map(|n| n.pending_ops).sum();
+    assert_eq!(pending, 0, "step {k}: edits left unsent");
+    run
+}
+
+#[test]
+fn an_import_killed_at_any_point_loses_no_note_and_doubles_none() {
+    // Every step early on (the first notes, the first batch boundaries),
+    // then steps spread over the rest by a seeded walk, to the end.
+    let mut k = 1;
+    let mut seed = 0x9e37_79b9_u64;
+    let mut tried = 0;
+    loop {
+        if let Run::Finished = import_crash_at(k) {
+            break;
+        }
+        tried += 1;
+        let stride = if k < 12 {
+            1
+        } else {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            1 + (seed >> 33) as usize % 20
+        };
+        k += stride;
+    }
+    eprintln!("import crash test: {tried} crash points, {k} steps");
+    assert!(
+        k > IMPORTED * 2,
+        "only {k} durable steps for {IMPORTED} notes"
+    );
+    assert!(tried >= 12, "{tried} crash points tried");
+}

@@ -142,3 +142,39 @@ async fn text_received_live_then_deleted_while_away_disappears_on_catch_up() {
     sb.close().await;
     sc.close().await;
 }
+
+#[tokio::test]
+async fn a_sync_of_more_notes_than_its_window_holds_sends_and_pulls_each_once() {
+    // More notes than a sync keeps in flight (32), against a server that
+    // reads no further ahead than that: site allocations, upserts and
+    // pulls each go out in several windows.
+    let server = TestServer::start_with(|dir| {
+        let mut c = notesync_server::Config::new(dir);
+        c.max_pipeline = 32;
+        c
+    })
+    .await;
+    let ((_da, a), (_db, b)) = (server.device(), server.device());
+    let mut want = std::collections::BTreeMap::new();
+    for i in 0..100 {
+        let name = format!("note {i}");
+        let text = format!("text of note {i}: {}", "x".repeat(i));
+        let id = a.create(&name).unwrap();
+        a.insert(id, 0, &text).unwrap();
+        want.insert(name, text);
+    }
+    let report = a.sync_now().await.unwrap();
+    assert_eq!((report.upserted, report.pulled), (100, 0));
+    assert!(a.list().iter().all(|n| n.pending_ops == 0 && n.site != 0));
+    let report = b.sync_now().await.unwrap();
+    assert_eq!(report.new_notes.len(), 100);
+    let got: std::collections::BTreeMap<_, _> = b
+        .list()
+        .into_iter()
+        .map(|n| (n.name, b.text(n.id).unwrap()))
+        .collect();
+    assert_eq!(got, want);
+    // Its own upserts come back listed: not pulled again.
+    let report = a.sync_now().await.unwrap();
+    assert_eq!((report.upserted, report.pulled), (0, 0));
+}

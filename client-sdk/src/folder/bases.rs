@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use notesync_protocol::DocId;
 
 use super::is_note_file;
-use crate::fsutil::{FileError, at, sync_dir, write_atomic};
+use crate::fsutil::{FileError, at, replace_file, sync_dir, write_atomic};
 
 /// Where the bases live, inside the store's own folder.
 const BASE_DIR: &str = ".notesync/cli";
@@ -50,6 +50,9 @@ pub(super) struct Take {
 pub(super) struct Bases {
     dir: PathBuf,
     bases: HashMap<DocId, Base>,
+    /// [`Bases::set_first`] renamed base files into place and the folder
+    /// was not synced since.
+    unsynced: bool,
 }
 
 impl Bases {
@@ -62,7 +65,14 @@ impl Bases {
         let entries = match fs::read_dir(&dir) {
             Ok(e) => e,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return Ok((Bases { dir, bases }, takes));
+                return Ok((
+                    Bases {
+                        dir,
+                        bases,
+                        unsynced: false,
+                    },
+                    takes,
+                ));
             }
             Err(e) => return Err(at(&dir)(e)),
         };
@@ -99,7 +109,15 @@ impl Bases {
                 });
             }
         }
-        Ok((Bases { dir, bases }, takes))
+        let unsynced = false;
+        Ok((
+            Bases {
+                dir,
+                bases,
+                unsynced,
+            },
+            takes,
+        ))
     }
 
     pub fn get(&self, id: DocId) -> Option<&Base> {
@@ -114,13 +132,43 @@ impl Bases {
         self.dir.join(format!("{id:032x}.{kind}"))
     }
 
-    fn write(&self, id: DocId, kind: &str, parts: &[&str]) -> Result<(), FileError> {
+    fn write(
+        &mut self,
+        id: DocId,
+        kind: &str,
+        parts: &[&str],
+        replace: fn(&Path, &[u8]) -> io::Result<()>,
+    ) -> Result<(), FileError> {
         fs::create_dir_all(&self.dir).map_err(at(&self.dir))?;
         let path = self.path(id, kind);
-        write_atomic(&path, parts.concat().as_bytes()).map_err(at(&path))
+        replace(&path, parts.concat().as_bytes()).map_err(at(&path))
     }
 
     pub fn set(&mut self, id: DocId, file: &str, text: &str) -> Result<(), FileError> {
+        self.put(id, file, text, write_atomic)?;
+        // The folder's fsync covered the batch's renames too.
+        self.unsynced = false;
+        Ok(())
+    }
+
+    /// [`Bases::set`] for a note that has no base yet, durable only at
+    /// the next [`Bases::sync`] (one folder fsync for a batch): lost in a
+    /// crash, the note has no base again, and its file is then compared
+    /// with the note's own text, which is what this base holds.
+    pub fn set_first(&mut self, id: DocId, file: &str, text: &str) -> Result<(), FileError> {
+        debug_assert!(!self.bases.contains_key(&id), "a base is replaced durably");
+        self.put(id, file, text, replace_file)?;
+        self.unsynced = true;
+        Ok(())
+    }
+
+    fn put(
+        &mut self,
+        id: DocId,
+        file: &str,
+        text: &str,
+        replace: fn(&Path, &[u8]) -> io::Result<()>,
+    ) -> Result<(), FileError> {
         if self
             .bases
             .get(&id)
@@ -128,9 +176,18 @@ impl Bases {
         {
             return Ok(());
         }
-        self.write(id, "base", &[file, "\n", text])?;
+        self.write(id, "base", &[file, "\n", text], replace)?;
         let (file, text) = (file.to_owned(), text.to_owned());
         self.bases.insert(id, Base { file, text });
+        Ok(())
+    }
+
+    /// Makes the bases [`Bases::set_first`] wrote durable.
+    pub fn sync(&mut self) -> Result<(), FileError> {
+        if self.unsynced {
+            sync_dir(&self.dir).map_err(at(&self.dir))?;
+            self.unsynced = false;
+        }
         Ok(())
     }
 
@@ -141,16 +198,20 @@ impl Bases {
 
     /// Durably records that the file `file`, holding `text`, is being taken
     /// into its note, whose text is then `want`.
-    pub fn begin_take(&self, take: &Take) -> Result<(), FileError> {
+    pub fn begin_take(&mut self, take: &Take) -> Result<(), FileError> {
         let len = take.text.len().to_string();
         let parts = [&take.file, "\n", &len, "\n", &take.text, &take.want];
-        self.write(take.id, "take", &parts)
+        self.write(take.id, "take", &parts, write_atomic)?;
+        self.unsynced = false;
+        Ok(())
     }
 
     /// Durably forgets a take (done, or nothing left to do).
-    pub fn end_take(&self, id: DocId) -> Result<(), FileError> {
+    pub fn end_take(&mut self, id: DocId) -> Result<(), FileError> {
         remove_if_there(&self.path(id, "take"))?;
-        sync_dir(&self.dir).map_err(at(&self.dir))
+        sync_dir(&self.dir).map_err(at(&self.dir))?;
+        self.unsynced = false;
+        Ok(())
     }
 }
 

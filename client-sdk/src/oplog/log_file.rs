@@ -482,6 +482,9 @@ pub struct LogFile {
     /// What the file's last record leaves for the next append to continue
     /// (`None` when unknown: then the next append starts afresh).
     tail: Option<Tail>,
+    /// Records were written by [`LogFile::append_unsynced`] and not yet
+    /// fsynced (a `Cell`: syncing needs only `&self`).
+    unsynced: std::cell::Cell<bool>,
 }
 
 impl LogFile {
@@ -511,16 +514,73 @@ impl LogFile {
                 path: path.to_owned(),
                 file,
                 tail,
+                unsynced: Default::default(),
             },
             records,
         ))
     }
 
+    /// Creates an empty log for a note new to this device. A file already
+    /// at `path` belongs to no note the store knows (a crash before a new
+    /// note reached state.json: its edits were picked up from a file,
+    /// which is picked up again), so it is emptied: replayed into the new
+    /// note, its records would be another note's text.
+    pub fn create(path: &Path) -> io::Result<LogFile> {
+        let file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .truncate(false)
+            .open(path)?;
+        if file.metadata()?.len() > 0 {
+            tracing::info!(path = %path.display(), "emptied an op log no note owns");
+            file.set_len(0)?;
+            file.sync_data()?;
+        }
+        Ok(LogFile {
+            path: path.to_owned(),
+            file,
+            tail: None,
+            unsynced: Default::default(),
+        })
+    }
+
     /// Appends records and fsyncs: only then is an edit reported done.
     pub fn append(&mut self, records: &[Record]) -> io::Result<()> {
         if records.is_empty() {
+            return self.sync();
+        }
+        self.write(records)?;
+        self.file.sync_data()?;
+        self.unsynced.set(false);
+        crate::fsutil::crash_point();
+        Ok(())
+    }
+
+    /// Appends records without an fsync, for what may be lost in a crash
+    /// as long as nothing depends on it before the next [`LogFile::sync`]
+    /// or fsynced append (which makes these durable too: an fsync covers
+    /// every earlier write of the file, so the log never has a hole).
+    pub fn append_unsynced(&mut self, records: &[Record]) -> io::Result<()> {
+        if records.is_empty() {
             return Ok(());
         }
+        self.write(records)?;
+        self.unsynced.set(true);
+        Ok(())
+    }
+
+    /// Makes what [`LogFile::append_unsynced`] wrote durable.
+    pub fn sync(&self) -> io::Result<()> {
+        if self.unsynced.get() {
+            self.file.sync_data()?;
+            self.unsynced.set(false);
+            crate::fsutil::crash_point();
+        }
+        Ok(())
+    }
+
+    fn write(&mut self, records: &[Record]) -> io::Result<()> {
         let mut tail = self.tail.take();
         // Typing char by char appends one record per char: a char that
         // continues the last record's run takes a few bytes (kind 9).
@@ -529,22 +589,54 @@ impl LogFile {
         // failed write may have left part of one): `self.tail` stays None.
         self.file.write_all(&bytes)?;
         self.tail = tail;
-        self.file.sync_data()?;
-        crate::fsutil::crash_point();
         Ok(())
     }
 
-    /// Replaces the whole log atomically (compaction).
+    /// Replaces the whole log atomically (compaction). To nothing, the
+    /// file is truncated in place and fsynced (one fsync, not a temp
+    /// file's and its folder's), or left alone when it is empty already:
+    /// what every save of a note without pending ops does. The folder's
+    /// fsync of a non-empty rewrite is the caller's ([`LogFile::rewrite`]
+    /// through `write_atomic` syncs it; `rewrite_in_batch` leaves it).
     pub fn rewrite(&mut self, records: &[Record]) -> io::Result<()> {
+        self.rewrite_with(records, crate::fsutil::write_atomic)
+    }
+
+    /// [`LogFile::rewrite`], leaving a non-empty rewrite's folder fsync to
+    /// the caller (once for a batch of notes).
+    pub fn rewrite_in_batch(&mut self, records: &[Record]) -> io::Result<()> {
+        self.rewrite_with(records, crate::fsutil::replace_file)
+    }
+
+    fn rewrite_with(
+        &mut self,
+        records: &[Record],
+        replace: fn(&Path, &[u8]) -> io::Result<()>,
+    ) -> io::Result<()> {
+        if records.is_empty() {
+            if self.file.metadata()?.len() > 0 {
+                self.tail = None;
+                self.file.set_len(0)?;
+                // Durably: an old log showing again after a crash would
+                // make acknowledged inserts pending, and unsent ones could
+                // be re-made with new ids (text twice on the server).
+                self.file.sync_data()?;
+                crate::fsutil::crash_point();
+            }
+            self.tail = None;
+            self.unsynced.set(false);
+            return Ok(());
+        }
         let mut tail = None;
         let bytes = encode_after(records, &mut tail);
         self.tail = None;
-        crate::fsutil::write_atomic(&self.path, &bytes)?;
+        replace(&self.path, &bytes)?;
         self.file = OpenOptions::new()
             .append(true)
             .read(true)
             .open(&self.path)?;
         self.tail = tail;
+        self.unsynced.set(false);
         Ok(())
     }
 

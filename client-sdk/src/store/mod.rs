@@ -67,6 +67,7 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use notesync_protocol::{DocId, DocName, Time};
 
@@ -155,6 +156,20 @@ pub struct Store {
     deleted: BTreeSet<DocId>,
     /// Whether the store writes (and on renames removes) the `.md` files.
     write_md: bool,
+    /// While a sync or an import runs, new notes and sites mark state.json
+    /// dirty instead of rewriting it (a rewrite per note made an import of
+    /// N notes write O(N^2) bytes); see [`Deferral`]. How many deferrals
+    /// run, and how many of them are imports.
+    deferrals: u32,
+    imports: u32,
+    state_dirty: std::cell::Cell<bool>,
+    /// Notes added while saves were deferred whose files are in place but
+    /// whose folder was not synced yet: state.json is never saved before
+    /// it is (a note it lists must have its structure file).
+    dir_unsynced: std::cell::Cell<bool>,
+    /// Some note's log has unsynced records (a site's swap, see
+    /// `Note::swap_coalesced`): synced before state.json is saved.
+    logs_unsynced: std::cell::Cell<bool>,
 }
 
 /// A random u128 (replica ids, document ids) from the OS.
@@ -179,6 +194,11 @@ impl Store {
             pending_deletes: state.pending_deletes,
             deleted: state.deleted,
             write_md: true,
+            deferrals: 0,
+            imports: 0,
+            state_dirty: std::cell::Cell::new(false),
+            dir_unsynced: std::cell::Cell::new(false),
+            logs_unsynced: std::cell::Cell::new(false),
         };
         let mut known = HashSet::new();
         for n in state.notes {
@@ -251,36 +271,129 @@ impl Store {
                 }
                 continue;
             }
-            tracing::warn!(file = %path.display(), "adopting a note missing from state.json");
-            // Its site is unknown: provisional until the next sync tells it.
-            let note = Note::load(&self.dir, doc.id, name, stem.to_owned(), 0, false)?;
+            // A crash before state.json listed it (its saves are deferred
+            // during a sync or an import, see `defer_state_saves`).
+            tracing::info!(file = %path.display(), "adopting a note missing from state.json");
+            // Its site is unknown: provisional, so the next sync asks the
+            // server, which gives a (document, replica) pair the site it
+            // gave it before (PROTOCOL.md 1.3); only never-sent inserts are
+            // re-made then.
+            let note = Note::load(&self.dir, doc.id, name, stem.to_owned(), 0, true)?;
             self.notes.insert(doc.id, note);
         }
         Ok(())
     }
 
     /// Creates a note (works offline). Its ids are provisional until its
-    /// first sync gives it a site.
+    /// first sync gives it a site. Saved (and in state.json) on return.
     pub fn create(&mut self, name: &str) -> Result<DocId, StoreError> {
         let id = random_u128();
-        self.add_note(id, DocName::new(name)?, 0, true)?;
+        self.add_note(id, DocName::new(name)?, 0, true, false, false)?;
         Ok(id)
     }
 
-    /// Adds a note new to this device under a free file name, and saves it.
+    /// [`Store::create`] for an app that keeps the `.md` files
+    /// ([`Store::set_write_md`]) and makes a note of one of them: the note
+    /// may take the name of the existing `<name>.md` (it is the note's own
+    /// file; `name` must be a safe file stem for that), where `create`
+    /// avoids every existing file. During an import ([`Deferral::Import`])
+    /// the note is saved only at its end, when it keeps the file's name:
+    /// lost in a crash, it is picked up again from that file (a note
+    /// whose file must move, to a safe or a free name, is saved at once,
+    /// so that a crash after the move cannot make it a note of the new
+    /// name).
+    pub fn create_for_file(&mut self, name: &str) -> Result<DocId, StoreError> {
+        let id = random_u128();
+        let deferred = self.imports > 0;
+        self.add_note(id, DocName::new(name)?, 0, true, deferred, true)?;
+        Ok(id)
+    }
+
+    /// Adds a note new to this device under a free file name. Saved at
+    /// once, or (`deferred`, while saves are deferred) only in memory: its
+    /// files and state.json entry wait for the deferral's end or the next
+    /// flush.
     fn add_note(
         &mut self,
         id: DocId,
         name: DocName,
         site: u8,
         provisional: bool,
+        deferred: bool,
+        own_file: bool,
     ) -> Result<(), StoreError> {
-        let stem = self.free_stem(name.as_str(), None);
+        // Only the file named exactly `<name>.md` is the note's own; a
+        // name made safe (`CON` -> `_CON`) may name someone else's file.
+        let stem = if own_file && safe_stem(name.as_str()) == name.as_str() {
+            self.free_stem_among_notes(name.as_str())
+        } else {
+            self.free_stem(name.as_str(), None)
+        };
         let (_, _, log_path) = self.paths(&stem);
+        let keeps_name = stem == name.as_str();
         let note = Note::new(id, name, stem, site, provisional, &log_path)?;
         self.notes.insert(id, note);
-        self.save_note(id)?;
+        if deferred && self.deferrals > 0 && keeps_name {
+            // Its log file was created: state.json must not list the note
+            // before the folder's entry for it is durable.
+            self.dir_unsynced.set(true);
+            self.state_dirty.set(true);
+            return Ok(());
+        }
+        // state.json first (its log's folder entry synced before it), so a
+        // crash never leaves the note to be adopted from its structure file
+        // alone, under its file's name (`CON` as `_CON`); a listed note
+        // without a structure file loads as empty, with its log replayed.
+        self.dir_unsynced.set(true);
+        self.save_state()?;
+        self.save_note(id)
+    }
+
+    /// Starts a deferral of state.json saves (see [`Deferral`]); each
+    /// start is ended by [`Store::end_deferred_state`]. Everything else
+    /// (renames, deletions, the cursor) still saves at once, and writes
+    /// what was deferred with it.
+    pub fn defer_state_saves(&mut self, kind: Deferral) {
+        self.deferrals += 1;
+        if kind == Deferral::Import {
+            self.imports += 1;
+        }
+    }
+
+    /// Ends one [`Store::defer_state_saves`]; the last one saves state.json
+    /// if it changed (the notes' folder fsynced first).
+    pub fn end_deferred_state(&mut self, kind: Deferral) -> Result<(), StoreError> {
+        self.deferrals = self.deferrals.saturating_sub(1);
+        if kind == Deferral::Import {
+            self.imports = self.imports.saturating_sub(1);
+        }
+        if self.deferrals == 0 && (self.state_dirty.get() || self.dir_unsynced.get()) {
+            self.save_state()?;
+        }
+        Ok(())
+    }
+
+    /// Saves state.json now, or marks it dirty while saves are deferred.
+    fn save_state_soon(&self) -> Result<(), StoreError> {
+        if self.deferrals > 0 {
+            self.state_dirty.set(true);
+            return Ok(());
+        }
         self.save_state()
+    }
+
+    /// A file stem for `name` that no note uses (a file of that name may
+    /// exist: see [`Store::create_for_file`]).
+    fn free_stem_among_notes(&self, name: &str) -> String {
+        let base = safe_stem(name);
+        let taken = |s: &str| self.notes.values().any(|n| n.stem.eq_ignore_ascii_case(s));
+        if !taken(&base) {
+            return base;
+        }
+        (2..)
+            .map(|k| format!("{base} ({k})"))
+            .find(|s| !taken(s) && !self.dir.join(format!("{s}.md")).exists())
+            .expect("some suffix is free")
     }
 
     /// A file stem for `name` that no other note uses.
@@ -436,7 +549,10 @@ impl Store {
         self.note_mut(id)?.save(&st, md.as_deref())
     }
 
-    /// Saves every note with unsaved changes.
+    /// Saves every note with unsaved changes, as [`Store::save_note`] does
+    /// one (structure, text, then log), in two passes with one folder
+    /// fsync between them (and one after): a sync's flush of many notes
+    /// costs each a temp file's fsync (or two), not two more for folders.
     pub fn flush(&mut self) -> Result<(), StoreError> {
         let dirty: Vec<DocId> = self
             .notes
@@ -444,11 +560,89 @@ impl Store {
             .filter(|(_, n)| n.dirty)
             .map(|(id, _)| *id)
             .collect();
-        for id in dirty {
-            self.save_note(id)?;
+        for &id in &dirty {
+            let (md, st, _) = self.paths(&self.note(id)?.stem);
+            let md = Some(md).filter(|_| self.write_md);
+            let replace = crate::fsutil::replace_file;
+            self.note_mut(id)?.save_files(&st, md.as_deref(), replace)?;
+        }
+        if !dirty.is_empty() {
+            self.sync_dir()?;
+        }
+        for &id in &dirty {
+            self.note_mut(id)?.compact_log(true)?;
+        }
+        if !dirty.is_empty() {
+            self.sync_dir()?;
         }
         self.save_state()
     }
+
+    /// Makes the notes' folder's entries durable.
+    fn sync_dir(&self) -> Result<(), StoreError> {
+        crate::fsutil::sync_dir(&self.dir).map_err(io_err(&self.dir))?;
+        self.dir_unsynced.set(false);
+        Ok(())
+    }
+}
+
+/// What may wait for state.json while a deferral runs. Each is safe
+/// because a crash before the save loses nothing that is not recovered:
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Deferral {
+    /// A sync: a site given by the server (a note state.json still calls
+    /// provisional asks again, and the server gives a (document, replica)
+    /// pair the site it gave before, PROTOCOL.md 1.3; only never-sent
+    /// inserts are re-made then), and a note first seen from the server
+    /// (pulled again: the cursor moves only after the save).
+    Sync,
+    /// An import of files as new notes (the folder's pick-up): also
+    /// [`Store::create`], because a note lost whole is picked up again
+    /// from its file. Its ops cannot reach the server before the deferral
+    /// ends (a sync ends with state saved, and the import's notes are
+    /// then durable).
+    Import,
+}
+
+/// [`Store::defer_state_saves`] for as long as it lives: ended on drop
+/// too, so a sync or an import cut short (an error, or its future
+/// dropped) still saves. Never dropped while its store is locked.
+pub struct DeferredState<'a> {
+    store: &'a Mutex<Store>,
+    kind: Deferral,
+    ended: bool,
+}
+
+impl<'a> DeferredState<'a> {
+    pub fn begin(store: &'a Mutex<Store>, kind: Deferral) -> Self {
+        lock_store(store).defer_state_saves(kind);
+        DeferredState {
+            store,
+            kind,
+            ended: false,
+        }
+    }
+
+    pub fn end(mut self) -> Result<(), StoreError> {
+        self.ended = true;
+        lock_store(self.store).end_deferred_state(self.kind)
+    }
+}
+
+impl Drop for DeferredState<'_> {
+    fn drop(&mut self) {
+        if !self.ended
+            && let Err(e) = lock_store(self.store).end_deferred_state(self.kind)
+        {
+            tracing::warn!(error = %e, "state.json could not be saved after a sync or an import was cut short");
+        }
+    }
+}
+
+/// A store's lock; a panic while holding it leaves the store as its last
+/// completed call left it, so a poisoned lock is kept using.
+fn lock_store(store: &Mutex<Store>) -> std::sync::MutexGuard<'_, Store> {
+    store.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn remove_if_there(path: &Path) -> Result<(), StoreError> {

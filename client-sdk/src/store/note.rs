@@ -85,7 +85,7 @@ impl Note {
         provisional: bool,
         log_path: &Path,
     ) -> Result<Note, StoreError> {
-        let (log, _) = LogFile::open(log_path).map_err(io_err(log_path))?;
+        let log = LogFile::create(log_path).map_err(io_err(log_path))?;
         Ok(Note {
             doc: Doc::new(id, name),
             pending: Pending::default(),
@@ -202,19 +202,42 @@ impl Note {
     /// `.md` files), then compacts the log: in that order, so that the log
     /// replayed on whatever structure a crash left gives the latest state.
     pub(super) fn save(&mut self, st: &Path, md: Option<&Path>) -> Result<(), StoreError> {
-        write_atomic(
+        self.save_files(st, md, write_atomic)?;
+        self.compact_log(false)
+    }
+
+    /// The first half of [`Note::save`]: the structure, then the text,
+    /// each replaced atomically by `replace` (with or without the folder's
+    /// fsync: a batch syncs the folder once, before its logs are compacted).
+    pub(super) fn save_files(
+        &mut self,
+        st: &Path,
+        md: Option<&Path>,
+        replace: fn(&Path, &[u8]) -> io::Result<()>,
+    ) -> Result<(), StoreError> {
+        replace(
             st,
             &write_structure(&self.doc, self.last_sync, &self.live_since),
         )
         .map_err(io_err(st))?;
         if let Some(md) = md {
-            write_atomic(md, self.doc.text().as_bytes()).map_err(io_err(md))?;
+            replace(md, self.doc.text().as_bytes()).map_err(io_err(md))?;
         }
+        Ok(())
+    }
+
+    /// The second half of [`Note::save`], once the structure is durable:
+    /// the log keeps only what the structure does not hold. `in_batch`:
+    /// a non-empty log's folder fsync is the caller's.
+    pub(super) fn compact_log(&mut self, in_batch: bool) -> Result<(), StoreError> {
         self.pending.structure_saved();
         let records = self.pending.to_records();
-        self.log
-            .rewrite(&records)
-            .map_err(|e| io_err(self.log.path())(e))?;
+        let done = if in_batch {
+            self.log.rewrite_in_batch(&records)
+        } else {
+            self.log.rewrite(&records)
+        };
+        done.map_err(|e| io_err(self.log.path())(e))?;
         self.dirty = false;
         Ok(())
     }
@@ -247,10 +270,23 @@ impl Note {
         let (removed, added) = doc.coalesce(alloc, |p| pending.is_unsent_insert(p), force)?;
         if force || !removed.is_empty() {
             let records = self.pending.swap_coalesced(&removed, &added);
-            self.append(&records)?;
+            // Unsynced: the swapped ids never left the device, and the
+            // fsync of the MarkSent before they go out covers this record
+            // too. Lost in a crash, the note (still provisional, or with
+            // its inserts unmerged) swaps again; state.json, which would
+            // call it sited, is saved only after its log is synced
+            // (`Store::save_state`).
+            self.log
+                .append_unsynced(&records)
+                .map_err(|e| io_err(self.log.path())(e))?;
             self.dirty = true;
         }
         Ok(())
+    }
+
+    /// Makes the log's unsynced records durable.
+    pub(super) fn sync_log(&self) -> Result<(), StoreError> {
+        self.log.sync().map_err(|e| io_err(self.log.path())(e))
     }
 
     /// Before an upsert: coalesces the never-sent inserts (the seed's rule:

@@ -75,7 +75,7 @@ impl Store {
         name: &DocName,
         site: u8,
     ) -> Result<(), StoreError> {
-        self.add_note(id, name.clone(), site, false)
+        self.add_note(id, name.clone(), site, false, true, false)
     }
 
     /// The server confirmed a deletion (35), or has no such note.
@@ -139,7 +139,8 @@ impl Store {
     /// device).
     pub(crate) fn set_site(&mut self, id: DocId, site: u8) -> Result<(), StoreError> {
         if self.note_mut(id)?.set_site(site)? {
-            self.save_state()?;
+            self.logs_unsynced.set(true);
+            self.save_state_soon()?;
         }
         Ok(())
     }

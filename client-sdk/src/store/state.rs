@@ -138,6 +138,17 @@ pub(super) fn read(dir: &Path) -> Result<State, StoreError> {
 impl Store {
     /// Writes state.json (atomically) from the store as it is.
     pub(super) fn save_state(&self) -> Result<(), StoreError> {
+        if self.dir_unsynced.get() {
+            self.sync_dir()?;
+        }
+        // A site's swap is logged unsynced; state.json must not call a note
+        // sited while its log may still hold the provisional ids.
+        if self.logs_unsynced.get() {
+            for n in self.notes.values() {
+                n.sync_log()?;
+            }
+            self.logs_unsynced.set(false);
+        }
         let hex = |id: &DocId| format!("{id:032x}");
         let state = StateFile {
             format: STATE_FORMAT,
@@ -163,6 +174,8 @@ impl Store {
         };
         let path = state_path(&self.dir);
         let json = serde_json::to_vec_pretty(&state).expect("state serializes");
-        write_atomic(&path, &json).map_err(io_err(&path))
+        write_atomic(&path, &json).map_err(io_err(&path))?;
+        self.state_dirty.set(false);
+        Ok(())
     }
 }

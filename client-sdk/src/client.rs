@@ -3,7 +3,7 @@
 use std::collections::VecDeque;
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use notesync_protocol::{
@@ -18,7 +18,7 @@ use crate::doc::TextChange;
 use crate::feed::{LiveNotes, SyncLoop};
 use crate::net::{Conn, NetError, ServerConfig};
 use crate::oplog::{OpKey, PendingOp};
-use crate::store::{NoteInfo, RemoteDeletion, Store, StoreError};
+use crate::store::{NoteInfo, RemoteDeletion, Store, StoreError, lock};
 use crate::sync::{SyncError, SyncReport, pull_full, sync_once};
 
 /// The running background sync's wake-up and stop.
@@ -34,10 +34,6 @@ pub struct Client {
     /// The background sync's wake-up and stop, once started: local edits
     /// ask it to send them; a new loop stops the old one.
     sync_wake: Arc<Mutex<Option<LoopHandle>>>,
-}
-
-fn lock(store: &Mutex<Store>) -> MutexGuard<'_, Store> {
-    store.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Client {

@@ -32,7 +32,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::net::{Conn, FeedBatch, ServerConfig};
-use crate::store::Store;
+use crate::store::{Store, lock};
 use crate::sync::{Listing, SyncError, SyncReport, sync_on};
 
 /// A subscribed connection that hears nothing for this long is dropped and
@@ -222,10 +222,6 @@ async fn run(mut t: Task) {
             _ = tokio::time::sleep(wait) => {}
         }
     }
-}
-
-fn lock(store: &Mutex<Store>) -> std::sync::MutexGuard<'_, Store> {
-    store.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// One connection's life: connect, sync, then follow the feed until the

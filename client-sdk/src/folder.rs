@@ -291,15 +291,14 @@ impl Folder {
             // yet) whose file had not moved to the note's name when a crash
             // came.
             let made_from = unwritten.get_mut(stem).and_then(|ids| {
-                let i = ids.iter().position(|id| {
-                    self.client
-                        .text(*id)
-                        .is_ok_and(|t| t == text || t.is_empty())
+                let (i, empty) = ids.iter().enumerate().find_map(|(i, id)| {
+                    let t = self.client.text(*id).ok()?;
+                    (t == text || t.is_empty()).then_some((i, t.is_empty()))
                 })?;
-                Some(ids.remove(i))
+                Some((ids.remove(i), empty))
             });
-            let id = if let Some(id) = made_from {
-                if self.client.text(id)?.is_empty() && !text.is_empty() {
+            let id = if let Some((id, empty)) = made_from {
+                if empty && !text.is_empty() {
                     self.client.insert(id, 0, &text)?;
                 }
                 id
@@ -331,7 +330,6 @@ impl Folder {
                 report.created.push((id, name.clone()));
                 id
             };
-            let first = report.created.last().is_some_and(|c| c.0 == id);
             // The store may have made the name safe (`CON`, `a:b`) or
             // unique (`note (2)`): the file follows its note.
             let file = file_name(&self.info(id)?.file);
@@ -349,7 +347,7 @@ impl Folder {
                     continue;
                 }
             }
-            if first {
+            if self.bases.get(id).is_none() {
                 self.bases.set_first(id, &file, &text)?;
             } else {
                 self.bases.set(id, &file, &text)?;

@@ -40,12 +40,6 @@ const READ_TRIES: usize = 5;
 /// old contents or the new ones, never a mix: write a temp file beside it,
 /// fsync it, rename it over, fsync the folder (so the rename is durable).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    if path.file_name().is_none() {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "path has no file name",
-        ));
-    }
     replace_file(path, bytes)?;
     sync_dir(parent(path))
 }

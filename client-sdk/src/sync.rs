@@ -23,7 +23,7 @@ use notesync_protocol::{
 
 use crate::doc::TextChange;
 use crate::net::{Conn, NetError, ServerConfig};
-use crate::store::{Deferral, DeferredState, Outgoing, RemoteDeletion, Store, StoreError};
+use crate::store::{Deferral, DeferredState, Outgoing, RemoteDeletion, Store, StoreError, lock};
 
 /// An error of a sync or of a live session's connection: the network's,
 /// or the local store's (each kept whole, as its source).
@@ -102,13 +102,6 @@ enum Reply {
     Synced(u8, Time),
     /// 35: the document is deleted (at this time).
     Deleted,
-}
-
-fn lock(store: &Mutex<Store>) -> std::sync::MutexGuard<'_, Store> {
-    // A panic while holding the lock would leave the store as it was after
-    // its last completed call (every call writes its files before it
-    // returns), so a poisoned lock is safe to keep using.
-    store.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Syncs every note once, on a connection of its own.
@@ -403,16 +396,9 @@ fn plan(store: &Mutex<Store>, listed: &BTreeMap<DocId, Time>) -> Result<Vec<Job>
 /// A note's outgoing ops as 2s (before version 3), split so no frame
 /// nears the limits (each upsert is idempotent).
 fn upserts_with_atoms(doc: DocId, out: Outgoing) -> Vec<(Request, ClientFrame)> {
-    let Outgoing {
-        inserts,
-        deletes,
-        rename,
-        name,
-        since,
-    } = out;
     let mut frames = Vec::new();
-    let mut ins = inserts.into_iter().peekable();
-    let mut dels = deletes.into_iter().peekable();
+    let mut ins = out.inserts.into_iter().peekable();
+    let mut dels = out.deletes.into_iter().peekable();
     loop {
         let (mut ib, mut db) = (AtomListBuilder::new(), PidListBuilder::new());
         let (mut ids_i, mut ids_d) = (Vec::new(), Vec::new());
@@ -431,8 +417,8 @@ fn upserts_with_atoms(doc: DocId, out: Outgoing) -> Vec<(Request, ClientFrame)> 
         let last = ins.peek().is_none() && dels.peek().is_none();
         let frame = ClientFrame::Upsert(Upsert {
             doc,
-            name: name.clone(),
-            since,
+            name: out.name.clone(),
+            since: out.since,
             inserts: ib.finish(),
             deletes: db.finish(),
         });
@@ -440,7 +426,7 @@ fn upserts_with_atoms(doc: DocId, out: Outgoing) -> Vec<(Request, ClientFrame)> 
             doc,
             inserts: ids_i,
             deletes: ids_d,
-            rename: if last { rename.clone() } else { None },
+            rename: if last { out.rename.clone() } else { None },
         };
         frames.push((req, frame));
         if last {
@@ -452,13 +438,6 @@ fn upserts_with_atoms(doc: DocId, out: Outgoing) -> Vec<(Request, ClientFrame)> 
 /// A note's outgoing ops as 4s: runs and ranges, split so no frame nears
 /// the limits (atoms plus run chars, range ids, and bytes per frame).
 fn upserts_with_runs(doc: DocId, out: Outgoing) -> Vec<(Request, ClientFrame)> {
-    let Outgoing {
-        inserts,
-        deletes,
-        rename,
-        name,
-        since,
-    } = out;
     /// One frame's lists in progress.
     #[derive(Default)]
     struct Part {
@@ -508,7 +487,7 @@ fn upserts_with_runs(doc: DocId, out: Outgoing) -> Vec<(Request, ClientFrame)> {
         }
         parts.last_mut().expect("one part at least").put(c);
     };
-    for a in &inserts {
+    for a in &out.inserts {
         for c in co.insert(a.data(), a.pid()).into_iter().flatten() {
             put(&mut parts, c);
         }
@@ -516,7 +495,7 @@ fn upserts_with_runs(doc: DocId, out: Outgoing) -> Vec<(Request, ClientFrame)> {
     if let Some(c) = co.take_run() {
         put(&mut parts, c);
     }
-    for p in &deletes {
+    for p in &out.deletes {
         if let Some(c) = co.delete(p) {
             put(&mut parts, c);
         }
@@ -531,8 +510,8 @@ fn upserts_with_runs(doc: DocId, out: Outgoing) -> Vec<(Request, ClientFrame)> {
         .map(|(i, p)| {
             let frame = ClientFrame::UpsertRuns(UpsertRuns {
                 doc,
-                name: name.clone(),
-                since,
+                name: out.name.clone(),
+                since: out.since,
                 inserts: p.items.finish(),
                 deletes: p.ranges.finish(),
             });
@@ -540,7 +519,7 @@ fn upserts_with_runs(doc: DocId, out: Outgoing) -> Vec<(Request, ClientFrame)> {
                 doc,
                 inserts: p.ids_i,
                 deletes: p.ids_d,
-                rename: if i == last { rename.clone() } else { None },
+                rename: if i == last { out.rename.clone() } else { None },
             };
             (req, frame)
         })

@@ -56,6 +56,14 @@ pub(super) struct Bases {
 }
 
 impl Bases {
+    fn new(dir: PathBuf, bases: HashMap<DocId, Base>) -> Bases {
+        Bases {
+            dir,
+            bases,
+            unsynced: false,
+        }
+    }
+
     /// Loads the bases of the store in `store_dir`, and the takes that had
     /// begun and not ended.
     pub fn load(store_dir: &Path) -> Result<(Bases, Vec<Take>), FileError> {
@@ -65,14 +73,7 @@ impl Bases {
         let entries = match fs::read_dir(&dir) {
             Ok(e) => e,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return Ok((
-                    Bases {
-                        dir,
-                        bases,
-                        unsynced: false,
-                    },
-                    takes,
-                ));
+                return Ok((Bases::new(dir, bases), takes));
             }
             Err(e) => return Err(at(&dir)(e)),
         };
@@ -109,15 +110,7 @@ impl Bases {
                 });
             }
         }
-        let unsynced = false;
-        Ok((
-            Bases {
-                dir,
-                bases,
-                unsynced,
-            },
-            takes,
-        ))
+        Ok((Bases::new(dir, bases), takes))
     }
 
     pub fn get(&self, id: DocId) -> Option<&Base> {

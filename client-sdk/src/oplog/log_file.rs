@@ -615,7 +615,6 @@ impl LogFile {
     ) -> io::Result<()> {
         if records.is_empty() {
             if self.file.metadata()?.len() > 0 {
-                self.tail = None;
                 self.file.set_len(0)?;
                 // Durably: an old log showing again after a crash would
                 // make acknowledged inserts pending, and unsent ones could

@@ -597,8 +597,8 @@ pub enum Deferral {
     /// (pulled again: the cursor moves only after the save).
     Sync,
     /// An import of files as new notes (the folder's pick-up): also
-    /// [`Store::create`], because a note lost whole is picked up again
-    /// from its file. Its ops cannot reach the server before the deferral
+    /// [`Store::create_for_file`] of a note that keeps its file's name,
+    /// because a note lost whole is picked up again from that file. Its ops cannot reach the server before the deferral
     /// ends (a sync ends with state saved, and the import's notes are
     /// then durable).
     Import,
@@ -615,7 +615,7 @@ pub struct DeferredState<'a> {
 
 impl<'a> DeferredState<'a> {
     pub fn begin(store: &'a Mutex<Store>, kind: Deferral) -> Self {
-        lock_store(store).defer_state_saves(kind);
+        lock(store).defer_state_saves(kind);
         DeferredState {
             store,
             kind,
@@ -625,23 +625,24 @@ impl<'a> DeferredState<'a> {
 
     pub fn end(mut self) -> Result<(), StoreError> {
         self.ended = true;
-        lock_store(self.store).end_deferred_state(self.kind)
+        lock(self.store).end_deferred_state(self.kind)
     }
 }
 
 impl Drop for DeferredState<'_> {
     fn drop(&mut self) {
         if !self.ended
-            && let Err(e) = lock_store(self.store).end_deferred_state(self.kind)
+            && let Err(e) = lock(self.store).end_deferred_state(self.kind)
         {
             tracing::warn!(error = %e, "state.json could not be saved after a sync or an import was cut short");
         }
     }
 }
 
-/// A store's lock; a panic while holding it leaves the store as its last
-/// completed call left it, so a poisoned lock is kept using.
-fn lock_store(store: &Mutex<Store>) -> std::sync::MutexGuard<'_, Store> {
+/// A store's lock. A panic while holding it would leave the store as it
+/// was after its last completed call (every call writes its files before
+/// it returns), so a poisoned lock is safe to keep using.
+pub(crate) fn lock(store: &Mutex<Store>) -> std::sync::MutexGuard<'_, Store> {
     store.lock().unwrap_or_else(|e| e.into_inner())
 }
 

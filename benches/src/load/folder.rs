@@ -9,8 +9,9 @@
 //! Each step reports wall time and the CLI's peak RSS (from `wait4`).
 //! Also reported: what the folder holds beside the `.md` files, in apparent
 //! bytes against the notes' bytes. With `strace` on the machine (and not
-//! in smoke mode), a separate import of up to 500 notes is traced for
-//! its fsyncs and fdatasyncs per note.
+//! in smoke mode), a separate import of up to 500 notes, to a server of
+//! its own (with `--server`: the same one, which it then also downloads
+//! from), is traced for its fsyncs and fdatasyncs per note.
 //!
 //! B's files must equal A's after step 2, and step 3 must pull and upsert
 //! nothing; otherwise the run fails.
@@ -214,15 +215,20 @@ fn run_blocking(opts: &Opts) -> Result<Report> {
     }
     let (md, other) = sizes(&a)?;
 
-    // fsyncs per imported note, on a fresh folder of its own.
+    // fsyncs per imported note, on a fresh folder of its own and a fresh
+    // server of its own: on the first one, this sync would also download
+    // the N notes above, and count their writes as the import's.
     let syncs = if opts.smoke {
         None
     } else {
         let t = tmp.path().join("traced");
         let k = n.min(TRACED);
         make_folder(&t, k, 0x7ace)?;
-        traced_syncs(&sync(&cli, &t, &addr), &tmp.path().join("strace.txt"))?
-            .map(|s| s as f64 / k as f64)
+        let fresh = ServerUnderTest::start(opts, &[])?;
+        let traced = sync(&cli, &t, &fresh.addr.to_string());
+        let syncs = traced_syncs(&traced, &tmp.path().join("strace.txt"))?;
+        fresh.stop()?;
+        syncs.map(|s| s as f64 / k as f64)
     };
 
     let mut r = Report::new(

@@ -64,6 +64,11 @@ impl Client {
         lock(&self.store).list()
     }
 
+    /// One note's summary.
+    pub fn info(&self, id: DocId) -> Result<NoteInfo, StoreError> {
+        lock(&self.store).info(id)
+    }
+
     /// Creates a note (offline too); returns its id.
     pub fn create(&self, name: &str) -> Result<DocId, StoreError> {
         self.edited(lock(&self.store).create(name))
@@ -149,7 +154,7 @@ impl Client {
     /// if it is new). Edits made through the session are sent as they are
     /// made; remote edits arrive as [`SessionEvent`]s.
     pub fn session(&self, id: DocId) -> Result<Session, StoreError> {
-        lock(&self.store).note(id)?;
+        lock(&self.store).info(id)?;
         let (wake_tx, wake_rx) = mpsc::channel(1);
         let (event_tx, event_rx) = mpsc::unbounded_channel();
         let connected = Arc::new(AtomicBool::new(false));

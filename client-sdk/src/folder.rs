@@ -138,7 +138,7 @@ impl Folder {
             folder
                 .bases
                 .ids()
-                .filter(|id| store.is_deleted(*id) && store.note(*id).is_err())
+                .filter(|id| store.is_deleted(*id) && !store.contains(*id))
                 .collect()
         };
         for id in orphans {
@@ -177,11 +177,7 @@ impl Folder {
     }
 
     fn info(&self, id: DocId) -> Result<NoteInfo, FolderError> {
-        self.client
-            .list()
-            .into_iter()
-            .find(|n| n.id == id)
-            .ok_or(FolderError::Store(StoreError::UnknownNote(id)))
+        Ok(self.client.info(id)?)
     }
 
     /// The `.md` files in the folder that could be notes, by name.

@@ -21,7 +21,7 @@ use notesync_protocol::{
     UpsertRuns,
 };
 
-use crate::doc::TextChange;
+use crate::doc::{Changes, TextChange};
 use crate::net::{Conn, NetError, ServerConfig};
 use crate::store::{Deferral, DeferredState, Outgoing, RemoteDeletion, Store, StoreError, lock};
 
@@ -539,7 +539,7 @@ async fn read_reply(
     mut full: bool,
     report: &mut SyncReport,
 ) -> Result<Result<Reply, (ErrorCode, String)>, SyncError> {
-    let mut changes = Vec::new();
+    let mut changes = Changes::default();
     let mut inserted = std::collections::HashSet::new();
     loop {
         // A 37 is the 33 it stands for (PROTOCOL.md 1.5, 3.1).
@@ -579,7 +579,7 @@ async fn read_reply(
                     }
                 }
                 if !changes.is_empty() {
-                    report.changes.push((doc, changes));
+                    report.changes.push((doc, changes.into_vec()));
                 }
                 return Ok(Ok(Reply::Synced(site, sync_time)));
             }

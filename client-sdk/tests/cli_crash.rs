@@ -14,6 +14,7 @@ use std::thread;
 
 use notesync_client::folder::Folder;
 use notesync_client::fsutil::CRASH_AT_VAR;
+use notesync_client::store::MAX_LOADED_VAR;
 use notesync_client::{Client, ServerConfig};
 
 #[path = "support/blocking_server.rs"]
@@ -21,7 +22,7 @@ mod blocking_server;
 use blocking_server::BlockingServer as TestServer;
 #[path = "support/cli.rs"]
 mod cli_support;
-use cli_support::{COMMAND_LIMIT, md_files, start, sync};
+use cli_support::{COMMAND_LIMIT, md_files, start, sync, sync_env};
 
 const TRIP: &str = "# Trip\n\nDay one: the coast.\n\nDay two: the hills.\n";
 /// Typed on the other device, after the title.
@@ -57,6 +58,11 @@ enum Run {
 
 /// `notesync sync DIR`, killed with SIGKILL at its `k`-th durable step.
 fn sync_killed_at(dir: &Path, addr: &str, k: usize) -> Run {
+    sync_killed_at_env(dir, addr, k, &[])
+}
+
+/// [`sync_killed_at`] with these environment variables set as well.
+fn sync_killed_at_env(dir: &Path, addr: &str, k: usize, env: &[(&str, &str)]) -> Run {
     let args = [
         OsStr::new("sync"),
         dir.as_os_str(),
@@ -64,7 +70,10 @@ fn sync_killed_at(dir: &Path, addr: &str, k: usize) -> Run {
         OsStr::new(addr),
     ];
     // (Its stdout stays piped, unread: a sync prints a few lines.)
-    let mut g = start(&args, &[(CRASH_AT_VAR, &k.to_string())]);
+    let k_var = k.to_string();
+    let mut env = env.to_vec();
+    env.push((CRASH_AT_VAR, &k_var));
+    let mut g = start(&args, &env);
     let err = BufReader::new(g.0.stderr.take().unwrap());
     let (tx, rx) = mpsc::channel();
     thread::spawn(move || {
@@ -203,6 +212,11 @@ fn notes_to_import() -> BTreeMap<String, String> {
         .collect()
 }
 
+/// At most this many notes in memory during the import crash test, far
+/// below its notes: notes leave memory (saved, or with their logs alone) at
+/// every stage, as in an import of thousands.
+const LOADED: &str = "4";
+
 /// A first sync of a folder of notes, killed at step `k`, then run again
 /// to the end: every file is a note on the server exactly once, with its
 /// text, and the folder is as it was.
@@ -215,8 +229,9 @@ fn import_crash_at(k: usize) -> Run {
     for (name, text) in &files {
         fs::write(dir.join(name), text).unwrap();
     }
-    let run = sync_killed_at(&dir, &server.addr, k);
-    sync(&dir, &server.addr);
+    let bound = [(MAX_LOADED_VAR, LOADED)];
+    let run = sync_killed_at_env(&dir, &server.addr, k, &bound);
+    sync_env(&dir, &server.addr, &bound);
 
     // The store made CON safe: its file moved to the note's name.
     let mut want = files.clone();

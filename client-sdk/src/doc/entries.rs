@@ -59,6 +59,18 @@ impl Doc {
 
     /// Binary search: `Ok` where the id is, `Err` where it would go.
     pub(super) fn find(&self, pid: &Pid) -> Result<Loc, Loc> {
+        // Loading, pulling or typing at the end adds after the last entry:
+        // one comparison instead of two searches.
+        let last = self.chunks.len() - 1;
+        if let Some(e) = self.chunks[last].entries.last() {
+            match e.pid.cmp(pid) {
+                std::cmp::Ordering::Less => return Err((last, self.chunks[last].entries.len())),
+                std::cmp::Ordering::Equal => {
+                    return Ok((last, self.chunks[last].entries.len() - 1));
+                }
+                std::cmp::Ordering::Greater => {}
+            }
+        }
         let c = self
             .chunks
             .partition_point(|ch| ch.entries.last().is_some_and(|e| e.pid < *pid));
@@ -95,6 +107,16 @@ impl Doc {
             .rev()
             .find(|&k| !self.chunks[k].entries.is_empty())
             .map(|k| (k, self.chunks[k].entries.len() - 1))
+    }
+
+    /// The entry after `loc`, if any.
+    pub(super) fn loc_after(&self, (c, i): Loc) -> Option<Loc> {
+        if i + 1 < self.chunks[c].entries.len() {
+            return Some((c, i + 1));
+        }
+        (c + 1..self.chunks.len())
+            .find(|&k| !self.chunks[k].entries.is_empty())
+            .map(|k| (k, 0))
     }
 
     /// The id of the entry at `loc` (an insertion point) or the next one.

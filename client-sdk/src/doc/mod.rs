@@ -121,8 +121,10 @@ impl Doc {
 
     /// Adds an atom (not yet present) and, for two or more chars, its
     /// virtual entries; a virtual id already present (a tombstone that came
-    /// first) keeps its state. Returns the chars that became visible.
-    fn add_atom(&mut self, data: &str, pid: &Pid, live: bool) -> Vec<TextChange> {
+    /// first) keeps its state. Returns the chars that became visible, if
+    /// `report` (finding a char's index costs a walk of its chunk, which a
+    /// document being loaded or re-made does not need).
+    fn add_atom(&mut self, data: &str, pid: &Pid, live: bool, report: bool) -> Vec<TextChange> {
         let mut changes = Vec::new();
         let n = data.chars().count();
         let kind = if n == 1 { Kind::Atom } else { Kind::Header };
@@ -137,9 +139,9 @@ impl Doc {
             },
         );
         if n == 1 {
-            if live {
+            if live && report {
                 changes.push(TextChange::Inserted {
-                    at: self.char_index(self.find(pid).expect("just added")),
+                    at: self.char_index_of(pid),
                     text: data.to_owned(),
                 });
             }
@@ -166,14 +168,24 @@ impl Doc {
                             live,
                         },
                     );
-                    if live {
-                        let at = self.char_index(self.find(&vid).expect("just added"));
-                        push_insert(&mut changes, at, ch);
+                    if live && report {
+                        push_insert(&mut changes, self.char_index_of(&vid), ch);
                     }
                 }
             }
         }
         changes
+    }
+
+    /// The char index of the live char entry `pid`, which is present: O(1)
+    /// for the last entry (a document received or loaded in order grows at
+    /// its end).
+    fn char_index_of(&self, pid: &Pid) -> usize {
+        let loc = self.find(pid).expect("present");
+        if self.loc_after(loc).is_none() {
+            return self.live_chars - 1;
+        }
+        self.char_index(loc)
     }
 
     /// Inserts `text` at char `index`. Returns the ops to send.
@@ -263,7 +275,7 @@ impl Doc {
                     .expect("run_between leaves room for the whole block");
                 let piece: &str = ch.encode_utf8(&mut buf);
                 let atom = Atom::new(piece, pid.clone()).expect("one char is 1..=4 bytes");
-                self.add_atom(piece, &pid, true);
+                self.add_atom(piece, &pid, true, false);
                 prev = Some(pid);
                 atoms.push(atom);
             }
@@ -370,11 +382,11 @@ impl Doc {
                 // Deleted before its insert arrived: it stays deleted, but
                 // its chars' ids must be known (they are reserved).
                 self.remove(l);
-                self.add_atom(data, pid, false);
+                self.add_atom(data, pid, false, false);
                 Vec::new()
             }
             Ok(_) => Vec::new(),
-            Err(_) => self.add_atom(data, pid, true),
+            Err(_) => self.add_atom(data, pid, true, true),
         }
     }
 
@@ -462,7 +474,9 @@ impl Doc {
     ) -> Self {
         let mut doc = Doc::new(id, name);
         for (pid, data) in atoms {
-            doc.apply_insert(&data, &pid);
+            if !doc.contains(&pid) {
+                doc.add_atom(&data, &pid, true, false);
+            }
         }
         for pid in deleted {
             doc.apply_delete(&pid);
@@ -475,6 +489,61 @@ impl Doc {
 fn parent(vid: &Pid) -> Pid {
     let levels: Vec<Level> = vid.levels().collect();
     Pid::from_levels(&levels[..levels.len() - 1])
+}
+
+/// Text changes in the order they happened, an insert that continues the
+/// one before it (at the char after its end) merged into it, and a delete
+/// at the index of the delete before it: a note pulled whole is one change,
+/// not one per char (each with its own `String`).
+#[derive(Debug, Default)]
+pub struct Changes {
+    list: Vec<TextChange>,
+    /// The char index after the last change, if it is an insert.
+    insert_end: Option<usize>,
+}
+
+impl Changes {
+    pub fn push(&mut self, c: TextChange) {
+        if let (Some(end), TextChange::Inserted { at, text }) = (self.insert_end, &c)
+            && *at == end
+            && let Some(TextChange::Inserted { text: last, .. }) = self.list.last_mut()
+        {
+            last.push_str(text);
+            self.insert_end = Some(end + text.chars().count());
+            return;
+        }
+        if let TextChange::Deleted { at, text } = &c
+            && let Some(TextChange::Deleted {
+                at: last_at,
+                text: last,
+            }) = self.list.last_mut()
+            && at == last_at
+        {
+            last.push_str(text);
+            return;
+        }
+        self.insert_end = match &c {
+            TextChange::Inserted { at, text } => Some(at + text.chars().count()),
+            TextChange::Deleted { .. } => None,
+        };
+        self.list.push(c);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+
+    pub fn into_vec(self) -> Vec<TextChange> {
+        self.list
+    }
+}
+
+impl Extend<TextChange> for Changes {
+    fn extend<I: IntoIterator<Item = TextChange>>(&mut self, iter: I) {
+        for c in iter {
+            self.push(c);
+        }
+    }
 }
 
 fn push_insert(changes: &mut Vec<TextChange>, at: usize, ch: char) {
@@ -526,6 +595,51 @@ mod tests {
 
     fn alloc(site: u8) -> Allocator {
         Allocator::new(site, 1, site as u64).unwrap()
+    }
+
+    /// Applies text changes to a string of chars, as an app does.
+    fn replay(text: &str, changes: &[TextChange]) -> String {
+        let mut chars: Vec<char> = text.chars().collect();
+        for c in changes {
+            match c {
+                TextChange::Inserted { at, text } => {
+                    chars.splice(*at..*at, text.chars());
+                }
+                TextChange::Deleted { at, text } => {
+                    let n = text.chars().count();
+                    let gone: String = chars.drain(*at..*at + n).collect();
+                    assert_eq!(&gone, text);
+                }
+            }
+        }
+        chars.into_iter().collect()
+    }
+
+    #[test]
+    fn merged_changes_say_what_the_changes_one_by_one_say() {
+        let ins = |at, t: &str| TextChange::Inserted { at, text: t.into() };
+        let del = |at, t: &str| TextChange::Deleted { at, text: t.into() };
+        let steps = vec![
+            ins(0, "h"),
+            ins(1, "é"),
+            ins(2, "llo"),
+            ins(5, " w"),
+            ins(0, ">"),
+            del(1, "h"),
+            del(1, "é"),
+            del(1, "l"),
+            ins(3, "!"),
+            del(0, ">"),
+            ins(4, "x"),
+        ];
+        let mut merged = Changes::default();
+        merged.extend(steps.clone());
+        let merged = merged.into_vec();
+        assert_eq!(merged.len(), 6, "{merged:?}");
+        assert_eq!(merged[0], ins(0, "héllo w"));
+        assert_eq!(merged[2], del(1, "hél"));
+        assert_eq!(replay("", &steps), "lo! xw");
+        assert_eq!(replay("", &merged), "lo! xw");
     }
 
     fn apply_all(doc: &mut Doc, ops: &[LocalOp]) {

@@ -58,6 +58,7 @@
 mod names;
 mod note;
 mod remote;
+mod slots;
 mod state;
 mod structure;
 #[cfg(test)]
@@ -73,11 +74,13 @@ use notesync_protocol::{DocId, DocName, Time};
 
 use crate::doc::{EditError, LocalOp};
 use names::check_stem;
+use slots::{Cold, Slot};
 use state::STATE_DIR;
 
 pub(crate) use names::free_trash_path;
 pub use names::safe_stem;
 pub(crate) use note::{Note, Outgoing};
+pub use slots::MAX_LOADED_VAR;
 pub use structure::{read_structure, write_structure};
 
 /// Where the text of a note deleted elsewhere goes when this device has
@@ -149,7 +152,13 @@ pub struct Store {
     dir: PathBuf,
     replica_id: u128,
     last_sync_time: Time,
-    notes: HashMap<DocId, Note>,
+    notes: HashMap<DocId, Slot>,
+    /// Each note's file stem, lowercased (file names are compared without
+    /// case: the folder may be on a case-insensitive file system), to the
+    /// notes using it: a free name is found without a walk of every note.
+    stems: HashMap<String, Vec<DocId>>,
+    /// Counts uses of notes (which loaded note was used least recently).
+    clock: u64,
     /// Deleted here, not yet confirmed by the server.
     pending_deletes: BTreeSet<DocId>,
     /// Known deleted on the server.
@@ -191,6 +200,8 @@ impl Store {
             replica_id: state.replica_id,
             last_sync_time: state.last_sync_time,
             notes: HashMap::new(),
+            stems: HashMap::new(),
+            clock: 0,
             pending_deletes: state.pending_deletes,
             deleted: state.deleted,
             write_md: true,
@@ -203,8 +214,20 @@ impl Store {
         let mut known = HashSet::new();
         for n in state.notes {
             known.insert(n.stem.clone());
-            let note = Note::load(&store.dir, n.id, n.name, n.stem, n.site, n.provisional)?;
-            store.notes.insert(n.id, note);
+            // Only a note with a log to replay is read whole (and may leave
+            // memory again at once): the others' structure headers say
+            // what the store needs until something uses them.
+            let cold = Cold::from_disk(&store.dir, n.id, &n.name, &n.stem, n.site, n.provisional)?;
+            store.index_stem(n.id, &n.stem);
+            match cold {
+                Some(c) => {
+                    store.notes.insert(n.id, Slot::Cold(c));
+                }
+                None => {
+                    let note = Note::load(&store.dir, n.id, n.name, n.stem, n.site, n.provisional)?;
+                    store.insert_loaded(n.id, note)?;
+                }
+            }
         }
         store.adopt_orphans(&known)?;
         store.save_state()?;
@@ -279,7 +302,8 @@ impl Store {
             // gave it before (PROTOCOL.md 1.3); only never-sent inserts are
             // re-made then.
             let note = Note::load(&self.dir, doc.id, name, stem.to_owned(), 0, true)?;
-            self.notes.insert(doc.id, note);
+            self.index_stem(doc.id, stem);
+            self.insert_loaded(doc.id, note)?;
         }
         Ok(())
     }
@@ -332,7 +356,8 @@ impl Store {
         let (_, _, log_path) = self.paths(&stem);
         let keeps_name = stem == name.as_str();
         let note = Note::new(id, name, stem, site, provisional, &log_path)?;
-        self.notes.insert(id, note);
+        self.index_stem(id, &note.stem.clone());
+        self.insert_loaded(id, note)?;
         if deferred && self.deferrals > 0 && keeps_name {
             // Its log file was created: state.json must not list the note
             // before the folder's entry for it is durable.
@@ -382,11 +407,35 @@ impl Store {
         self.save_state()
     }
 
+    fn index_stem(&mut self, id: DocId, stem: &str) {
+        self.stems
+            .entry(stem.to_ascii_lowercase())
+            .or_default()
+            .push(id);
+    }
+
+    fn unindex_stem(&mut self, id: DocId, stem: &str) {
+        let key = stem.to_ascii_lowercase();
+        if let Some(ids) = self.stems.get_mut(&key) {
+            ids.retain(|x| *x != id);
+            if ids.is_empty() {
+                self.stems.remove(&key);
+            }
+        }
+    }
+
+    /// Whether a note other than `except` uses this stem (without case).
+    fn stem_taken(&self, stem: &str, except: Option<DocId>) -> bool {
+        self.stems
+            .get(&stem.to_ascii_lowercase())
+            .is_some_and(|ids| ids.iter().any(|id| Some(*id) != except))
+    }
+
     /// A file stem for `name` that no note uses (a file of that name may
     /// exist: see [`Store::create_for_file`]).
     fn free_stem_among_notes(&self, name: &str) -> String {
         let base = safe_stem(name);
-        let taken = |s: &str| self.notes.values().any(|n| n.stem.eq_ignore_ascii_case(s));
+        let taken = |s: &str| self.stem_taken(s, None);
         if !taken(&base) {
             return base;
         }
@@ -400,9 +449,7 @@ impl Store {
     fn free_stem(&self, name: &str, except: Option<DocId>) -> String {
         let base = safe_stem(name);
         let taken = |s: &str| {
-            self.notes
-                .iter()
-                .any(|(id, n)| Some(*id) != except && n.stem.eq_ignore_ascii_case(s))
+            self.stem_taken(s, except)
                 || (except.is_none() && self.dir.join(format!("{s}.md")).exists())
         };
         if !taken(&base) {
@@ -429,7 +476,7 @@ impl Store {
     /// Its edits not yet sent are dropped with it (deleting is the user's
     /// decision). Works offline.
     pub fn delete_note(&mut self, id: DocId) -> Result<(), StoreError> {
-        self.note(id)?;
+        self.slot(id)?;
         // Even a note that never synced: its first upsert may have reached
         // the server with its reply lost. The server answers
         // unknown_document when it has no such note.
@@ -442,8 +489,9 @@ impl Store {
     /// the next open, never adopted), then its files.
     fn remove_note(&mut self, id: DocId) -> Result<(), StoreError> {
         let note = self.notes.remove(&id).ok_or(StoreError::UnknownNote(id))?;
+        self.unindex_stem(id, note.stem());
         self.save_state()?;
-        let (md, st, log) = self.paths(&note.stem);
+        let (md, st, log) = self.paths(note.stem());
         drop(note);
         remove_if_there(&st)?;
         remove_if_there(&log)?;
@@ -453,37 +501,43 @@ impl Store {
         crate::fsutil::sync_dir(&self.dir).map_err(io_err(&self.dir))
     }
 
-    pub(crate) fn note(&self, id: DocId) -> Result<&Note, StoreError> {
+    /// What the store knows of a note, loaded or not.
+    fn slot(&self, id: DocId) -> Result<&Slot, StoreError> {
         self.notes.get(&id).ok_or(StoreError::UnknownNote(id))
-    }
-
-    fn note_mut(&mut self, id: DocId) -> Result<&mut Note, StoreError> {
-        self.notes.get_mut(&id).ok_or(StoreError::UnknownNote(id))
     }
 
     pub fn list(&self) -> Vec<NoteInfo> {
         let mut v: Vec<NoteInfo> = self
             .notes
             .iter()
-            .map(|(id, n)| NoteInfo {
-                id: *id,
-                name: n.doc.name.as_str().to_owned(),
-                file: self.dir.join(format!("{}.md", n.stem)),
-                pending_ops: n.pending.len(),
-                last_sync: n.last_sync,
-                site: n.site,
-            })
+            .map(|(id, n)| Self::info_of(&self.dir, *id, n))
             .collect();
         v.sort_by(|a, b| a.name.cmp(&b.name).then(a.id.cmp(&b.id)));
         v
     }
 
+    /// One note's summary (what [`Store::list`] says of it).
+    pub fn info(&self, id: DocId) -> Result<NoteInfo, StoreError> {
+        Ok(Self::info_of(&self.dir, id, self.slot(id)?))
+    }
+
+    fn info_of(dir: &Path, id: DocId, n: &Slot) -> NoteInfo {
+        NoteInfo {
+            id,
+            name: n.name().as_str().to_owned(),
+            file: dir.join(format!("{}.md", n.stem())),
+            pending_ops: n.pending_ops(),
+            last_sync: n.last_sync(),
+            site: n.site(),
+        }
+    }
+
     pub fn text(&self, id: DocId) -> Result<String, StoreError> {
-        Ok(self.note(id)?.doc.text())
+        self.with_note(id, |n| n.doc.text())
     }
 
     pub fn name(&self, id: DocId) -> Result<String, StoreError> {
-        Ok(self.note(id)?.doc.name.as_str().to_owned())
+        Ok(self.slot(id)?.name().as_str().to_owned())
     }
 
     /// Inserts text at a char index. Durable (logged and fsynced) on return.
@@ -517,7 +571,7 @@ impl Store {
 
     fn move_files(&mut self, id: DocId, name: &DocName) -> Result<(), StoreError> {
         let stem = self.free_stem(name.as_str(), Some(id));
-        let old = self.note(id)?.stem.clone();
+        let old = self.slot(id)?.stem().to_owned();
         if stem == old {
             return self.save_state();
         }
@@ -528,9 +582,11 @@ impl Store {
         {
             let note = self.note_mut(id)?;
             note.log.rename_to(&new_log).map_err(io_err(&new_log))?;
-            note.stem = stem;
-            note.dirty = true;
+            note.stem = stem.clone();
+            note.changed();
         }
+        self.unindex_stem(id, &old);
+        self.index_stem(id, &stem);
         self.save_note(id)?;
         self.save_state()?;
         let old_md = Some(old_md).filter(|_| self.write_md);
@@ -544,7 +600,7 @@ impl Store {
 
     /// Writes a note's structure and text, then compacts its log.
     pub fn save_note(&mut self, id: DocId) -> Result<(), StoreError> {
-        let (md, st, _) = self.paths(&self.note(id)?.stem);
+        let (md, st, _) = self.paths(self.slot(id)?.stem());
         let md = Some(md).filter(|_| self.write_md);
         self.note_mut(id)?.save(&st, md.as_deref())
     }
@@ -554,28 +610,39 @@ impl Store {
     /// fsync between them (and one after): a sync's flush of many notes
     /// costs each a temp file's fsync (or two), not two more for folders.
     pub fn flush(&mut self) -> Result<(), StoreError> {
-        let dirty: Vec<DocId> = self
+        let mut dirty: Vec<(bool, DocId)> = self
             .notes
             .iter()
-            .filter(|(_, n)| n.dirty)
-            .map(|(id, _)| *id)
+            .filter(|(_, n)| n.dirty())
+            .map(|(id, n)| (n.loaded().is_none(), *id))
             .collect();
-        for &id in &dirty {
-            let (md, st, _) = self.paths(&self.note(id)?.stem);
+        // Cold notes among them are loaded to be saved: after the loaded
+        // ones, a batch at a time, so memory stays bounded.
+        dirty.sort_unstable();
+        let dirty: Vec<DocId> = dirty.into_iter().map(|(_, id)| id).collect();
+        for batch in dirty.chunks(slots::bounds().1) {
+            self.save_batch(batch)?;
+        }
+        self.save_state()
+    }
+
+    /// Saves these notes as [`Store::save_note`] does one, in two passes
+    /// with one folder fsync after each.
+    fn save_batch(&mut self, ids: &[DocId]) -> Result<(), StoreError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        for &id in ids {
+            let (md, st, _) = self.paths(self.slot(id)?.stem());
             let md = Some(md).filter(|_| self.write_md);
             let replace = crate::fsutil::replace_file;
             self.note_mut(id)?.save_files(&st, md.as_deref(), replace)?;
         }
-        if !dirty.is_empty() {
-            self.sync_dir()?;
-        }
-        for &id in &dirty {
+        self.sync_dir()?;
+        for &id in ids {
             self.note_mut(id)?.compact_log(true)?;
         }
-        if !dirty.is_empty() {
-            self.sync_dir()?;
-        }
-        self.save_state()
+        self.sync_dir()
     }
 
     /// Makes the notes' folder's entries durable.
@@ -690,13 +757,13 @@ mod tests {
             s.insert(a, 0, "hello world", false).unwrap();
             s.delete(a, 2..4, false).unwrap();
             s.flush().unwrap();
-            let note = s.note(a).unwrap();
+            let note = s.note_mut(a).unwrap();
             let v1 = structure::tests::write_structure_v1(&note.doc, 12, &note.live_since);
             std::fs::write(&st, &v1).unwrap();
         }
         let mut s = Store::open(dir.path()).unwrap();
         assert_eq!(s.text(a).unwrap(), "heo world");
-        assert_eq!(s.note(a).unwrap().last_sync, 12);
+        assert_eq!(s.info(a).unwrap().last_sync, 12);
         assert!(!fs::read(&st).unwrap().starts_with(b"\x89NSSTRC\n"));
         s.insert(a, 0, "> ", false).unwrap();
         s.flush().unwrap();

@@ -15,7 +15,7 @@ use notesync_protocol::{
 
 use super::structure::{read_structure, write_structure};
 use super::{StoreError, io_err, note_paths};
-use crate::doc::{Doc, EditError, LocalOp, TextChange};
+use crate::doc::{Changes, Doc, EditError, LocalOp, TextChange};
 use crate::fsutil::write_atomic;
 use crate::oplog::{LogFile, OpKey, Pending, PendingOp, Record};
 
@@ -42,6 +42,10 @@ pub(crate) struct Note {
     alloc: Allocator,
     /// Unsaved changes to the structure or text files.
     pub(super) dirty: bool,
+    /// Some of those changes are in neither the structure nor the log (a
+    /// remote op, an acknowledgement, a new sync time): the note must be
+    /// saved before it may leave memory (see `slots.rs`).
+    pub(super) unlogged: bool,
 }
 
 /// A note's pending ops as an upsert carries them.
@@ -97,6 +101,7 @@ impl Note {
             live_since: BTreeSet::new(),
             alloc: make_alloc(id, site, provisional)?,
             dirty: true,
+            unlogged: false,
         })
     }
 
@@ -151,6 +156,7 @@ impl Note {
             live_since: live_since.into_iter().collect(),
             alloc,
             dirty: !records.is_empty(),
+            unlogged: false,
         })
     }
 
@@ -239,6 +245,7 @@ impl Note {
         };
         done.map_err(|e| io_err(self.log.path())(e))?;
         self.dirty = false;
+        self.unlogged = false;
         Ok(())
     }
 
@@ -279,9 +286,28 @@ impl Note {
             self.log
                 .append_unsynced(&records)
                 .map_err(|e| io_err(self.log.path())(e))?;
-            self.dirty = true;
+            self.changed();
         }
         Ok(())
+    }
+
+    /// A change the log does not hold: saved before the note may leave
+    /// memory.
+    pub(super) fn changed(&mut self) {
+        self.dirty = true;
+        self.unlogged = true;
+    }
+
+    /// The server acknowledged these ops (an upsert's 34); they leave the
+    /// log at the next save.
+    pub(super) fn acknowledge(
+        &mut self,
+        inserts: &[Pid],
+        deletes: &[Pid],
+        rename: Option<&DocName>,
+    ) {
+        self.pending.acknowledge(inserts, deletes, rename);
+        self.changed();
     }
 
     /// Makes the log's unsynced records durable.
@@ -326,7 +352,7 @@ impl Note {
         inserts: &AtomList,
         deletes: &PidList,
     ) -> Vec<TextChange> {
-        let mut changes = Vec::new();
+        let mut changes = Changes::default();
         for a in inserts {
             changes.extend(self.doc.apply_insert(a.data, &a.pid.to_pid()));
         }
@@ -334,9 +360,9 @@ impl Note {
             changes.extend(self.doc.apply_delete(&p.to_pid()));
         }
         if !inserts.is_empty() || !deletes.is_empty() {
-            self.dirty = true;
+            self.changed();
         }
-        changes
+        changes.into_vec()
     }
 
     /// Applies one insert received live (a session's 65), remembering its
@@ -344,14 +370,14 @@ impl Note {
     pub(super) fn apply_live_insert(&mut self, data: &str, pid: Pid) -> Vec<TextChange> {
         let c = self.doc.apply_insert(data, &pid);
         self.live_since.insert(pid);
-        self.dirty = true;
+        self.changed();
         c
     }
 
     /// Applies one remote delete (a live session's 66).
     pub(super) fn apply_remote_delete(&mut self, pid: &Pid) -> Vec<TextChange> {
         let c = self.doc.apply_delete(pid);
-        self.dirty = true;
+        self.changed();
         c
     }
 
@@ -364,7 +390,7 @@ impl Note {
                 changes.extend(self.doc.apply_delete(&pid));
             }
         }
-        self.dirty = true;
+        self.changed();
         changes
     }
 
@@ -388,7 +414,7 @@ impl Note {
     pub(super) fn set_sync(&mut self, t: Time) {
         if t > self.last_sync {
             self.last_sync = t;
-            self.dirty = true;
+            self.changed();
         }
     }
 
@@ -400,6 +426,7 @@ impl Note {
         caught_up: &HashSet<Pid>,
     ) {
         self.pending.acknowledge_one(key, rename);
+        self.changed();
         if let OpKey::Insert(p) = key
             && !caught_up.contains(p)
         {

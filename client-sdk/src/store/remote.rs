@@ -24,8 +24,8 @@ impl Store {
     pub(crate) fn provisional_notes(&self) -> Vec<(DocId, DocName)> {
         self.notes
             .iter()
-            .filter(|(_, n)| n.provisional)
-            .map(|(id, n)| (*id, n.doc.name.clone()))
+            .filter(|(_, n)| n.provisional())
+            .map(|(id, n)| (*id, n.name().clone()))
             .collect()
     }
 
@@ -33,29 +33,29 @@ impl Store {
     pub(crate) fn notes_to_upsert(&self) -> Vec<DocId> {
         self.notes
             .iter()
-            .filter(|(_, n)| !n.provisional && n.site != 0 && !n.pending.is_empty())
+            .filter(|(_, n)| !n.provisional() && n.site() != 0 && n.pending_ops() > 0)
             .map(|(id, _)| *id)
             .collect()
     }
 
     /// A note's sync time (its cursor: the `since` of a pull or session).
     pub(crate) fn note_sync_time(&self, id: DocId) -> Result<Time, StoreError> {
-        Ok(self.note(id)?.last_sync)
+        Ok(self.slot(id)?.last_sync())
     }
 
     /// Whether a note's ids are still provisional (none can be sent).
     pub(crate) fn is_provisional(&self, id: DocId) -> Result<bool, StoreError> {
-        Ok(self.note(id)?.provisional)
+        Ok(self.slot(id)?.provisional())
     }
 
     /// Whether a local rename of the note is not yet acknowledged.
     pub(crate) fn has_pending_rename(&self, id: DocId) -> Result<bool, StoreError> {
-        Ok(self.note(id)?.pending.pending_rename().is_some())
+        Ok(self.slot(id)?.pending_rename())
     }
 
     /// Ops of the note not yet acknowledged.
     pub(crate) fn pending_ops(&self, id: DocId) -> Result<usize, StoreError> {
-        Ok(self.note(id)?.pending.len())
+        Ok(self.slot(id)?.pending_ops())
     }
 
     /// A note's pending ops made after sequence number `after`, in order
@@ -65,7 +65,7 @@ impl Store {
         id: DocId,
         after: u64,
     ) -> Result<Vec<(u64, PendingOp)>, StoreError> {
-        Ok(self.note(id)?.ops_since(after))
+        self.with_note(id, |n| n.ops_since(after))
     }
 
     /// Adds a note first seen from the server (not provisional).
@@ -95,16 +95,18 @@ impl Store {
     ) -> Result<Option<RemoteDeletion>, StoreError> {
         self.pending_deletes.remove(&id);
         self.deleted.insert(id);
-        let Some(note) = self.notes.get(&id) else {
+        if !self.notes.contains_key(&id) {
             self.save_state()?;
             return Ok(None);
-        };
+        }
+        let dir = self.dir.clone();
+        let note = self.note_mut(id)?;
         let name = note.doc.name.as_str().to_owned();
-        let file = self.dir.join(format!("{}.md", note.stem));
+        let file = dir.join(format!("{}.md", note.stem));
         let kept = if note.pending.is_empty() {
             None
         } else {
-            let trash = self.dir.join(TRASH_DIR);
+            let trash = dir.join(TRASH_DIR);
             fs::create_dir_all(&trash).map_err(io_err(&trash))?;
             let path = free_trash_path(&trash, &note.stem, id);
             write_atomic(&path, note.doc.text().as_bytes()).map_err(io_err(&path))?;
@@ -130,7 +132,7 @@ impl Store {
             return Ok(());
         }
         note.doc.name = name.clone();
-        note.dirty = true;
+        note.changed();
         self.move_files(id, name)
     }
 
@@ -166,9 +168,7 @@ impl Store {
         deletes: &[Pid],
         rename: Option<&DocName>,
     ) -> Result<(), StoreError> {
-        self.note_mut(id)?
-            .pending
-            .acknowledge(inserts, deletes, rename);
+        self.note_mut(id)?.acknowledge(inserts, deletes, rename);
         Ok(())
     }
 

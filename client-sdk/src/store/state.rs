@@ -10,6 +10,7 @@ use notesync_protocol::{DocId, DocName, Time};
 use serde::{Deserialize, Serialize};
 
 use super::names::check_stem;
+use super::slots::Slot;
 use super::{Store, StoreError, io_err, random_u128};
 use crate::fsutil::write_atomic;
 
@@ -144,7 +145,7 @@ impl Store {
         // A site's swap is logged unsynced; state.json must not call a note
         // sited while its log may still hold the provisional ids.
         if self.logs_unsynced.get() {
-            for n in self.notes.values() {
+            for n in self.notes.values().filter_map(Slot::loaded) {
                 n.sync_log()?;
             }
             self.logs_unsynced.set(false);
@@ -161,10 +162,10 @@ impl Store {
                     (
                         hex(id),
                         NoteState {
-                            file: format!("{}.md", n.stem),
-                            name: n.doc.name.as_str().to_owned(),
-                            site: n.site,
-                            provisional: n.provisional,
+                            file: format!("{}.md", n.stem()),
+                            name: n.name().as_str().to_owned(),
+                            site: n.site(),
+                            provisional: n.provisional(),
                         },
                     )
                 })

@@ -12,7 +12,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 
 use bytes::{Buf, BufMut, BytesMut};
-use notesync_protocol::{DocName, FrameDecoder, Level, Pid, ServerFrame, Time};
+use notesync_protocol::{DocId, DocName, FrameDecoder, Level, Pid, ServerFrame, Time};
 
 use super::StoreError;
 use crate::doc::Doc;
@@ -23,7 +23,7 @@ use crate::doc::Doc;
 const MAGIC: [u8; 8] = *b"\x89NSSTRC\n";
 const VERSION: u8 = 2;
 /// Magic, version, document id, sync time.
-const HEADER: usize = 8 + 1 + 16 + 8;
+pub(super) const HEADER: usize = 8 + 1 + 16 + 8;
 
 /// Item tags of version 2's sections.
 const END: u8 = 0;
@@ -196,6 +196,18 @@ pub fn read_structure(
         parts.last_sync,
         parts.live_since,
     ))
+}
+
+/// The document id and sync time at the start of a structure file (its
+/// first [`HEADER`] bytes, or fewer), unchecked: what a note that is not
+/// loaded needs. `None` if they are cut short.
+pub(super) fn read_header(mut b: &[u8]) -> Option<(DocId, Time)> {
+    if b.len() >= HEADER && b.starts_with(&MAGIC) && b[8] == VERSION {
+        b = &b[9..];
+    } else if b.len() < 24 {
+        return None;
+    }
+    Some((b.get_u128(), b.get_u64()))
 }
 
 /// A bounded reader over a version-2 body: every read says what was cut

@@ -41,7 +41,12 @@ pub fn start<S: AsRef<OsStr>>(args: &[S], env: &[(&str, &str)]) -> Guard {
 
 /// Runs `notesync ARGS` to completion, within [`COMMAND_LIMIT`].
 pub fn notesync<S: AsRef<OsStr>>(args: &[S]) -> Output {
-    let mut g = start(args, &[]);
+    notesync_env(args, &[])
+}
+
+/// [`notesync`] with these environment variables set.
+pub fn notesync_env<S: AsRef<OsStr>>(args: &[S], env: &[(&str, &str)]) -> Output {
+    let mut g = start(args, env);
     let mut out = g.0.stdout.take().unwrap();
     let mut err = g.0.stderr.take().unwrap();
     let t_out = thread::spawn(move || {
@@ -78,12 +83,20 @@ pub fn text(b: &[u8]) -> String {
 /// `notesync sync DIR --server ADDR`, which must succeed; its stdout and
 /// stderr.
 pub fn sync(dir: &Path, addr: &str) -> (String, String) {
-    let out = notesync(&[
-        OsStr::new("sync"),
-        dir.as_os_str(),
-        OsStr::new("--server"),
-        OsStr::new(addr),
-    ]);
+    sync_env(dir, addr, &[])
+}
+
+/// [`sync`] with these environment variables set.
+pub fn sync_env(dir: &Path, addr: &str, env: &[(&str, &str)]) -> (String, String) {
+    let out = notesync_env(
+        &[
+            OsStr::new("sync"),
+            dir.as_os_str(),
+            OsStr::new("--server"),
+            OsStr::new(addr),
+        ],
+        env,
+    );
     assert!(
         out.status.success(),
         "sync {} failed: {}\n{}",

@@ -186,7 +186,7 @@ async fn sync_steps(
     }
 
     // 3. Deletes, upserts and pulls, pipelined; replies read in order.
-    let jobs = plan(store, &listed)?;
+    let jobs = plan(store, &listed, &report)?;
     pipeline(conn, store, jobs.into_iter(), &mut report, &mut all_pulled).await?;
     let mut s = lock(store);
     s.flush()?;
@@ -232,13 +232,18 @@ async fn pipeline(
     let runs = conn.speaks_runs();
     let mut ready = std::collections::VecDeque::new();
     let mut waiting = std::collections::VecDeque::new();
+    // Jobs a reply calls for (a new note's upsert once it has its site),
+    // before the next of `jobs`: the note is still in memory.
+    let mut follow = std::collections::VecDeque::new();
     loop {
         // Refill at half: a write carries many frames, not one per reply.
         if waiting.len() <= WINDOW / 2 {
             let mut fed = false;
             while waiting.len() < WINDOW {
                 if ready.is_empty() {
-                    let Some(job) = jobs.next() else { break };
+                    let Some(job) = follow.pop_front().or_else(|| jobs.next()) else {
+                        break;
+                    };
                     ready.extend(frames_for(store, job, runs)?);
                     continue;
                 }
@@ -254,7 +259,7 @@ async fn pipeline(
         let Some(req) = waiting.pop_front() else {
             return Ok(());
         };
-        answer(conn, store, req, report, all_pulled).await?;
+        follow.extend(answer(conn, store, req, report, all_pulled).await?);
     }
 }
 
@@ -298,14 +303,14 @@ fn frames_for(
     })
 }
 
-/// Handles the reply to one request.
+/// Handles the reply to one request; returns the job it calls for, if any.
 async fn answer(
     conn: &mut Conn,
     store: &Mutex<Store>,
     req: Request,
     report: &mut SyncReport,
     all_pulled: &mut bool,
-) -> Result<(), SyncError> {
+) -> Result<Option<Job>, SyncError> {
     match req {
         Request::Site { doc } => match read_reply(conn, store, doc, false, false, report).await? {
             Ok(Reply::Deleted) => deleted(store, doc, report)?,
@@ -318,6 +323,12 @@ async fn answer(
                 let mut s = lock(store);
                 s.set_site(doc, site)?;
                 s.set_note_sync(doc, sync_time)?;
+                // Its text goes now, while the note is loaded (an import's
+                // notes would otherwise leave memory, saved, and be read
+                // back for step 3).
+                if s.pending_ops(doc)? > 0 {
+                    return Ok(Some(Job::Upsert(doc)));
+                }
             }
             Err((code, msg)) => report.refused.push((doc, code, msg)),
         },
@@ -364,19 +375,31 @@ async fn answer(
             Err((code, msg)) => report.refused.push((doc, code, msg)),
         },
     }
-    Ok(())
+    Ok(None)
 }
 
 /// The jobs of step 3: a doc_delete for every note deleted here, an
-/// upsert for every note with pending ops, and a pull for every listed
-/// note without, unless this device's last sync of the note already
-/// covers the listed time (its own upserts come back listed, PROTOCOL.md
-/// 3.8, and a 34's sync time covers its 33s).
-fn plan(store: &Mutex<Store>, listed: &BTreeMap<DocId, Time>) -> Result<Vec<Job>, SyncError> {
+/// upsert for every note with pending ops (but one the server refused in
+/// this sync already), and a pull for every listed note without, unless
+/// this device's last sync of the note already covers the listed time (its
+/// own upserts come back listed, PROTOCOL.md 3.8, and a 34's sync time
+/// covers its 33s).
+fn plan(
+    store: &Mutex<Store>,
+    listed: &BTreeMap<DocId, Time>,
+    report: &SyncReport,
+) -> Result<Vec<Job>, SyncError> {
     let s = lock(store);
     let mut out: Vec<Job> = s.pending_deletes().into_iter().map(Job::Delete).collect();
+    let refused: std::collections::HashSet<DocId> =
+        report.refused.iter().map(|(doc, ..)| *doc).collect();
     let with_ops = s.notes_to_upsert();
-    out.extend(with_ops.iter().map(|&id| Job::Upsert(id)));
+    out.extend(
+        with_ops
+            .iter()
+            .filter(|doc| !refused.contains(doc))
+            .map(|&id| Job::Upsert(id)),
+    );
     for (&doc, &time) in listed {
         // A note deleted here or known deleted: nothing to pull (it would
         // come back as a new note).

@@ -19,7 +19,7 @@ use crate::feed::{LiveNotes, SyncLoop};
 use crate::net::{Conn, NetError, ServerConfig};
 use crate::oplog::{OpKey, PendingOp};
 use crate::store::{NoteInfo, RemoteDeletion, Store, StoreError, lock};
-use crate::sync::{SyncError, SyncReport, pull_full, sync_once};
+use crate::sync::{SyncError, SyncProgress, SyncReport, pull_full, sync_once};
 
 /// The running background sync's wake-up and stop.
 type LoopHandle = (mpsc::Sender<()>, CancellationToken);
@@ -119,7 +119,16 @@ impl Client {
 
     /// One two-way sync of every note.
     pub async fn sync_now(&self) -> Result<SyncReport, SyncError> {
-        sync_once(&self.store, &self.server).await
+        sync_once(&self.store, &self.server, &mut |_| {}).await
+    }
+
+    /// [`Client::sync_now`], telling `progress` after each note it is done
+    /// with.
+    pub async fn sync_now_reporting(
+        &self,
+        mut progress: impl FnMut(SyncProgress) + Send,
+    ) -> Result<SyncReport, SyncError> {
+        sync_once(&self.store, &self.server, &mut progress).await
     }
 
     /// Starts the background sync: it follows the server's change feed

@@ -24,4 +24,4 @@ pub use doc::{Doc, EditError, LocalOp, TextChange};
 pub use feed::{SyncEvent, SyncLoop};
 pub use net::{NetError, ServerConfig, TlsError, TlsSettings};
 pub use store::{NoteInfo, Store, StoreError};
-pub use sync::{SyncError, SyncReport};
+pub use sync::{SyncError, SyncProgress, SyncReport};

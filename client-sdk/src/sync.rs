@@ -96,6 +96,17 @@ enum Request {
     },
 }
 
+impl Request {
+    fn doc(&self) -> DocId {
+        match self {
+            Request::Site { doc }
+            | Request::Upsert { doc, .. }
+            | Request::Pull { doc }
+            | Request::Delete { doc } => *doc,
+        }
+    }
+}
+
 /// How the server answered a request about one document.
 enum Reply {
     /// 34: synced up to this time; this replica's site.
@@ -104,14 +115,31 @@ enum Reply {
     Deleted,
 }
 
+/// How far a sync is, in notes: what an app shows while a first sync of
+/// many notes runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SyncProgress {
+    /// Notes new to the server (their sites and first upserts), or the
+    /// rest (upserts, pulls, deletions).
+    pub new_notes: bool,
+    pub done: usize,
+    pub total: usize,
+}
+
+/// Where a sync reports its progress (after each note it is done with).
+pub type ProgressFn<'a> = &'a mut (dyn FnMut(SyncProgress) + Send);
+
 /// Syncs every note once, on a connection of its own.
 pub async fn sync_once(
     store: &Arc<Mutex<Store>>,
     cfg: &ServerConfig,
+    progress: ProgressFn<'_>,
 ) -> Result<SyncReport, SyncError> {
     let replica = lock(store).replica_id();
     let mut conn = Conn::connect(cfg, replica).await?;
-    Ok(sync_on(&mut conn, store, Listing::Synclist).await?.0)
+    Ok(sync_on_with(&mut conn, store, Listing::Synclist, progress)
+        .await?
+        .0)
 }
 
 /// Which remote changes a sync pulls, beside sending every local one.
@@ -132,10 +160,20 @@ pub(crate) async fn sync_on(
     store: &Arc<Mutex<Store>>,
     listing: Listing,
 ) -> Result<(SyncReport, bool), SyncError> {
+    sync_on_with(conn, store, listing, &mut |_| {}).await
+}
+
+/// [`sync_on`], reporting progress.
+async fn sync_on_with(
+    conn: &mut Conn,
+    store: &Arc<Mutex<Store>>,
+    listing: Listing,
+    progress: ProgressFn<'_>,
+) -> Result<(SyncReport, bool), SyncError> {
     // state.json is written once at the end, not once per new note or site
     // (see `Store::defer_state_saves`), whether or not the sync got there.
     let deferred = DeferredState::begin(store, Deferral::Sync);
-    let done = sync_steps(conn, store, listing).await;
+    let done = sync_steps(conn, store, listing, progress).await;
     let saved = deferred.end();
     let done = done?;
     saved?;
@@ -146,16 +184,27 @@ async fn sync_steps(
     conn: &mut Conn,
     store: &Arc<Mutex<Store>>,
     listing: Listing,
+    progress: ProgressFn<'_>,
 ) -> Result<(SyncReport, bool), SyncError> {
     let mut report = SyncReport::default();
 
     // 1. Provisional notes get their site first (PROTOCOL.md 1.3).
     let provisional = lock(store).provisional_notes();
+    let mut step = Step {
+        report: &mut report,
+        all_pulled: true,
+        progress: SyncProgress {
+            new_notes: true,
+            done: 0,
+            total: provisional.len(),
+        },
+        show: progress,
+    };
     let jobs = provisional
         .into_iter()
         .map(|(doc, name)| Job::Site { doc, name });
-    let mut all_pulled = true;
-    pipeline(conn, store, jobs, &mut report, &mut all_pulled).await?;
+    pipeline(conn, store, jobs, &mut step).await?;
+    let mut all_pulled = step.all_pulled;
 
     // 2. What changed since the cursor.
     let mut cursor = lock(store).last_sync_time();
@@ -187,7 +236,18 @@ async fn sync_steps(
 
     // 3. Deletes, upserts and pulls, pipelined; replies read in order.
     let jobs = plan(store, &listed, &report)?;
-    pipeline(conn, store, jobs.into_iter(), &mut report, &mut all_pulled).await?;
+    let mut step = Step {
+        report: &mut report,
+        all_pulled,
+        progress: SyncProgress {
+            new_notes: false,
+            done: 0,
+            total: jobs.len(),
+        },
+        show: progress,
+    };
+    pipeline(conn, store, jobs.into_iter(), &mut step).await?;
+    all_pulled = step.all_pulled;
     let mut s = lock(store);
     s.flush()?;
     if all_pulled && list {
@@ -220,14 +280,21 @@ enum Job {
     },
 }
 
+/// One pipelined step of a sync: what it found, and how far it is.
+struct Step<'a, 'p> {
+    report: &'a mut SyncReport,
+    all_pulled: bool,
+    progress: SyncProgress,
+    show: ProgressFn<'p>,
+}
+
 /// Sends the jobs' frames with at most [`WINDOW`] replies awaited, and
 /// handles each reply in request order.
 async fn pipeline(
     conn: &mut Conn,
     store: &Mutex<Store>,
     mut jobs: impl Iterator<Item = Job>,
-    report: &mut SyncReport,
-    all_pulled: &mut bool,
+    step: &mut Step<'_, '_>,
 ) -> Result<(), SyncError> {
     let runs = conn.speaks_runs();
     let mut ready = std::collections::VecDeque::new();
@@ -259,7 +326,18 @@ async fn pipeline(
         let Some(req) = waiting.pop_front() else {
             return Ok(());
         };
-        follow.extend(answer(conn, store, req, report, all_pulled).await?);
+        // A note is done with its last request: not a site whose upsert
+        // follows, nor an upsert with more of its frames queued.
+        let doc = req.doc();
+        let more = |r: Option<&Request>| r.is_some_and(|r| r.doc() == doc);
+        let split = matches!(req, Request::Upsert { .. })
+            && more(waiting.front().or(ready.front().map(|(r, _)| r)));
+        let next = answer(conn, store, req, step.report, &mut step.all_pulled).await?;
+        if next.is_none() && !split {
+            step.progress.done += 1;
+            (step.show)(step.progress);
+        }
+        follow.extend(next);
     }
 }
 

@@ -163,11 +163,25 @@ async fn a_sync_of_more_notes_than_its_window_holds_sends_and_pulls_each_once() 
         a.insert(id, 0, &text).unwrap();
         want.insert(name, text);
     }
-    let report = a.sync_now().await.unwrap();
+    // Progress goes note by note, to every note, once each.
+    let seen = |events: Vec<notesync_client::SyncProgress>, new_notes: bool| {
+        let done: Vec<usize> = events.iter().map(|p| p.done).collect();
+        assert_eq!(done, (1..=100).collect::<Vec<_>>(), "{events:?}");
+        assert!(
+            events
+                .iter()
+                .all(|p| p.total == 100 && p.new_notes == new_notes)
+        );
+    };
+    let mut events = Vec::new();
+    let report = a.sync_now_reporting(|p| events.push(p)).await.unwrap();
     assert_eq!((report.upserted, report.pulled), (100, 0));
     assert!(a.list().iter().all(|n| n.pending_ops == 0 && n.site != 0));
-    let report = b.sync_now().await.unwrap();
+    seen(events, true);
+    let mut events = Vec::new();
+    let report = b.sync_now_reporting(|p| events.push(p)).await.unwrap();
     assert_eq!(report.new_notes.len(), 100);
+    seen(events, false);
     let got: std::collections::BTreeMap<_, _> = b
         .list()
         .into_iter()

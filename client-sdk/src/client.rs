@@ -64,6 +64,12 @@ impl Client {
         lock(&self.store).list()
     }
 
+    /// Whether a note's text is `text` (without reading a note that is
+    /// not in memory, when its structure says its text's digest).
+    pub fn text_is(&self, id: DocId, text: &str) -> Result<bool, StoreError> {
+        lock(&self.store).text_is(id, text)
+    }
+
     /// One note's summary.
     pub fn info(&self, id: DocId) -> Result<NoteInfo, StoreError> {
         lock(&self.store).info(id)

@@ -449,12 +449,14 @@ impl Folder {
             }
             Read::Missing => return Ok(Found::Missing(held)),
         };
+        // The file as it was last read or written: the note is not read.
+        if base.as_ref().is_some_and(|b| b.text == text) {
+            return Ok(Found::Unchanged);
+        }
         let store = self.client.text(info.id)?;
         let base_text = base.as_ref().map_or(&store, |b| &b.text);
         if text == *base_text {
-            if base.is_none() {
-                self.bases.set_first(info.id, &held, &text)?;
-            }
+            self.bases.set_first(info.id, &held, &text)?;
             return Ok(Found::Unchanged);
         }
         // The file has the note's text already: nothing to take (a crash

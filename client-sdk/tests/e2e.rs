@@ -192,3 +192,52 @@ async fn a_sync_of_more_notes_than_its_window_holds_sends_and_pulls_each_once() 
     let report = a.sync_now().await.unwrap();
     assert_eq!((report.upserted, report.pulled), (0, 0));
 }
+
+#[tokio::test]
+async fn a_folder_synced_again_with_nothing_changed_reads_no_note() {
+    use std::collections::HashMap;
+
+    use notesync_client::folder::Folder;
+
+    let server = TestServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    for i in 0..100 {
+        let text = format!("# note {i}\n\n{}\n", "words ".repeat(i));
+        std::fs::write(dir.path().join(format!("n{i:03}.md")), text).unwrap();
+    }
+    let none = HashMap::new();
+    {
+        let mut f = Folder::open(dir.path(), server.config()).unwrap();
+        f.pick_up(None, &none).unwrap();
+        f.client().sync_now().await.unwrap();
+        f.client().flush().unwrap();
+        f.write_back(None, &none).unwrap();
+    }
+    let store = |f: &Folder| {
+        let s = f.client().store().lock().unwrap();
+        (s.notes_in_memory(), s.notes_read())
+    };
+    let mut f = Folder::open(dir.path(), server.config()).unwrap();
+    assert_eq!(store(&f), (0, 0), "opening reads headers only");
+    let picked = f.pick_up(None, &none).unwrap();
+    assert!(
+        picked.created.is_empty() && picked.edited.is_empty(),
+        "{picked:?}"
+    );
+    let r = f.client().sync_now().await.unwrap();
+    assert_eq!((r.upserted, r.pulled), (0, 0));
+    f.client().flush().unwrap();
+    let wrote = f.write_back(None, &none).unwrap();
+    assert!(wrote.written.is_empty(), "{wrote:?}");
+    assert_eq!(store(&f), (0, 0), "nothing changed, no note was read");
+
+    // One file edited: that note alone is read, and its edit goes out.
+    std::fs::write(dir.path().join("n007.md"), "# note 7\n\nedited\n").unwrap();
+    let picked = f.pick_up(None, &none).unwrap();
+    assert_eq!(picked.edited.len(), 1, "{picked:?}");
+    // (Compared, taken, then edited: read three times, the others never.)
+    let (loaded, read) = store(&f);
+    assert!(loaded == 1 && read <= 3, "{loaded} in memory, {read} reads");
+    let r = f.client().sync_now().await.unwrap();
+    assert_eq!(r.upserted, 1);
+}

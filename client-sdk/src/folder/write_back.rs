@@ -56,17 +56,18 @@ impl Folder {
         for _ in 0..WRITE_TRIES {
             let info = self.info(id)?;
             let cur = file_name(&info.file);
-            let store = self.client.text(id)?;
             let base = self.bases.get(id).cloned();
             let held = base.as_ref().map_or(cur.clone(), |b| b.file.clone());
             let held_path = self.path(&held)?;
-            if base
-                .as_ref()
-                .is_some_and(|b| b.file == cur && b.text == store)
+            // In step (the usual case): a note not in memory is not read.
+            if let Some(b) = &base
+                && b.file == cur
+                && self.client.text_is(id, &b.text)?
                 && held_path.exists()
             {
                 return Ok(());
             }
+            let store = self.client.text(id)?;
             let found = read_text(&held_path)?;
             match &found {
                 Read::Unusable(why) => {

@@ -10,9 +10,14 @@
 //!   .notesync/trash/         the text of notes deleted elsewhere while this
 //!                            device had edits of them not yet synced
 //!   <file>.md                the text (what editors and people read)
-//!   <file>.md.structure      version 2: 8 bytes 89 "NSSTRC" 0A, u8 version
-//!                            (2), u128 document_id, u64 last_modified (the
-//!                            note's last sync time, from the server); then
+//!   <file>.md.structure      version 3: 8 bytes 89 "NSSTRC" 0A, u8 version
+//!                            (3), u128 document_id, u64 last_modified (the
+//!                            note's last sync time, from the server), 16
+//!                            bytes: the first half of the SHA-256 of the
+//!                            note's text (so a sync that changes nothing
+//!                            reads each note's header, not its structure;
+//!                            version 2, read and rewritten as 3 at the next
+//!                            save, is the same without them); then
 //!                            the atoms, live or not, in the order of their
 //!                            (first) ids, as items until a 0 tag: 1 run: pid
 //!                            first (wire form), u16 len, len bytes of text
@@ -31,7 +36,7 @@
 //!                            which the next catch-up reconciles (PROTOCOL.md
 //!                            3.2.1); then u32 crc32 of everything before.
 //!                            At most 2^26 ids in all. Version 1 (read, never
-//!                            written; rewritten as version 2 at the next
+//!                            written; rewritten as version 3 at the next
 //!                            save): u128 document_id, u64 last_modified, u64
 //!                            count and every atom (u8 len, data, pid), u64
 //!                            count and the deleted ids, u64 count and the
@@ -74,7 +79,7 @@ use notesync_protocol::{DocId, DocName, Time};
 
 use crate::doc::{EditError, LocalOp};
 use names::check_stem;
-use slots::{Cold, Slot};
+use slots::{Cold, OnDisk, Slot};
 use state::STATE_DIR;
 
 pub(crate) use names::free_trash_path;
@@ -159,6 +164,8 @@ pub struct Store {
     stems: HashMap<String, Vec<DocId>>,
     /// Counts uses of notes (which loaded note was used least recently).
     clock: u64,
+    /// Notes read whole from their files after the store opened.
+    reads: std::cell::Cell<u64>,
     /// Deleted here, not yet confirmed by the server.
     pending_deletes: BTreeSet<DocId>,
     /// Known deleted on the server.
@@ -202,6 +209,7 @@ impl Store {
             notes: HashMap::new(),
             stems: HashMap::new(),
             clock: 0,
+            reads: Default::default(),
             pending_deletes: state.pending_deletes,
             deleted: state.deleted,
             write_md: true,
@@ -220,11 +228,15 @@ impl Store {
             let cold = Cold::from_disk(&store.dir, n.id, &n.name, &n.stem, n.site, n.provisional)?;
             store.index_stem(n.id, &n.stem);
             match cold {
-                Some(c) => {
+                OnDisk::Cold(c) => {
                     store.notes.insert(n.id, Slot::Cold(c));
                 }
-                None => {
-                    let note = Note::load(&store.dir, n.id, n.name, n.stem, n.site, n.provisional)?;
+                OnDisk::Load { rewrite } => {
+                    let mut note =
+                        Note::load(&store.dir, n.id, n.name, n.stem, n.site, n.provisional)?;
+                    // Saved at the next flush; until then it may leave
+                    // memory (its files are what it was loaded from).
+                    note.dirty |= rewrite;
                     store.insert_loaded(n.id, note)?;
                 }
             }

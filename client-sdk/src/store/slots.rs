@@ -22,7 +22,8 @@ use std::sync::OnceLock;
 use notesync_protocol::{DocId, DocName, Time};
 
 use super::note::Note;
-use super::{Store, StoreError, io_err, note_paths, structure};
+use super::structure::{self, Digest, digest};
+use super::{Store, StoreError, io_err, note_paths};
 
 /// Notes loaded at most, by default; past it, the least recently used
 /// leave memory down to three quarters of it. Above a sync's window (32
@@ -66,6 +67,9 @@ pub(super) struct Cold {
     pub last_sync: Time,
     pub pending_ops: usize,
     pub pending_rename: bool,
+    /// Its text's digest, if known without reading it (a version-2
+    /// structure has none).
+    pub digest: Option<Digest>,
     /// Its files lag its log (it left memory with local edits unsaved):
     /// the next flush loads and saves it.
     pub dirty: bool,
@@ -136,11 +140,19 @@ impl Slot {
     }
 }
 
+/// What opening the store does with a note it lists.
+pub(super) enum OnDisk {
+    Cold(Cold),
+    Load { rewrite: bool },
+}
+
 impl Cold {
     /// A note of state.json as it is on disk, if it can stay cold: its
     /// log is empty (nothing to replay or count) and its structure's
-    /// header names it. `None`: load it (a log to replay, or a header that
-    /// needs the full read to explain itself).
+    /// header names it and its text's digest. Otherwise it is to be loaded
+    /// (a log to replay, or a header that needs the full read to explain
+    /// itself) and, if its structure is of an older version, saved again
+    /// (as version 3, so that the next open leaves it cold).
     pub fn from_disk(
         dir: &Path,
         id: DocId,
@@ -148,29 +160,30 @@ impl Cold {
         stem: &str,
         site: u8,
         provisional: bool,
-    ) -> Result<Option<Cold>, StoreError> {
+    ) -> Result<OnDisk, StoreError> {
         let (_, st, log) = note_paths(dir, stem);
         match std::fs::metadata(&log) {
-            Ok(m) if m.len() > 0 => return Ok(None),
+            Ok(m) if m.len() > 0 => return Ok(OnDisk::Load { rewrite: false }),
             Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(io_err(&log)(e)),
             _ => {}
         }
-        let last_sync = match File::open(&st) {
+        let (last_sync, digest) = match File::open(&st) {
             Ok(f) => {
                 let mut head = Vec::with_capacity(structure::HEADER);
                 f.take(structure::HEADER as u64)
                     .read_to_end(&mut head)
                     .map_err(io_err(&st))?;
                 match structure::read_header(&head) {
-                    Some((doc, t)) if doc == id => t,
-                    _ => return Ok(None),
+                    Some(h) if h.id == id && h.digest.is_some() => (h.last_sync, h.digest),
+                    Some(h) if h.id == id => return Ok(OnDisk::Load { rewrite: true }),
+                    _ => return Ok(OnDisk::Load { rewrite: false }),
                 }
             }
             // Listed, never saved: an empty note.
-            Err(e) if e.kind() == io::ErrorKind::NotFound => 0,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => (0, Some(digest(""))),
             Err(e) => return Err(io_err(&st)(e)),
         };
-        Ok(Some(Cold {
+        Ok(OnDisk::Cold(Cold {
             name: name.clone(),
             stem: stem.to_owned(),
             site,
@@ -178,6 +191,7 @@ impl Cold {
             last_sync,
             pending_ops: 0,
             pending_rename: false,
+            digest,
             dirty: false,
         }))
     }
@@ -191,6 +205,7 @@ impl Cold {
             last_sync: n.last_sync,
             pending_ops: n.pending.len(),
             pending_rename: n.pending.pending_rename().is_some(),
+            digest: Some(digest(&n.doc.text())),
             dirty: n.dirty,
         }
     }
@@ -208,6 +223,7 @@ impl Store {
         };
         if let Some((name, stem, site, provisional)) = cold {
             self.trim(Some(id))?;
+            self.reads.set(self.reads.get() + 1);
             let note = Note::load(&self.dir, id, name, stem, site, provisional)?;
             self.notes.insert(id, Slot::Loaded(Box::new(note), now));
         }
@@ -231,6 +247,7 @@ impl Store {
             None => Err(StoreError::UnknownNote(id)),
             Some(Slot::Loaded(n, _)) => Ok(f(n)),
             Some(Slot::Cold(c)) => {
+                self.reads.set(self.reads.get() + 1);
                 let n = Note::load(
                     &self.dir,
                     id,
@@ -244,6 +261,17 @@ impl Store {
         }
     }
 
+    /// Whether a note's text is `text`: a cold note with a digest is not
+    /// read.
+    pub fn text_is(&self, id: DocId, text: &str) -> Result<bool, StoreError> {
+        match self.notes.get(&id) {
+            Some(Slot::Cold(Cold {
+                digest: Some(d), ..
+            })) => Ok(*d == digest(text)),
+            _ => self.with_note(id, |n| n.doc.text() == text),
+        }
+    }
+
     /// A note new to this device (it is loaded).
     pub(super) fn insert_loaded(&mut self, id: DocId, note: Note) -> Result<(), StoreError> {
         self.trim(Some(id))?;
@@ -251,6 +279,17 @@ impl Store {
         self.notes
             .insert(id, Slot::Loaded(Box::new(note), self.clock));
         Ok(())
+    }
+
+    /// How many notes are in memory (loaded whole).
+    pub fn notes_in_memory(&self) -> usize {
+        self.loaded_count()
+    }
+
+    /// How many times a note was read whole from its files since the
+    /// store opened (opening reads only the notes with logs to replay).
+    pub fn notes_read(&self) -> u64 {
+        self.reads.get()
     }
 
     fn loaded_count(&self) -> usize {
@@ -339,7 +378,9 @@ mod tests {
             // It was saved as it left memory.
             let (_, st, _) = s.paths("n1");
             let head = std::fs::read(st).unwrap();
-            assert_eq!(structure::read_header(&head), Some((ids[1], 101)));
+            let h = structure::read_header(&head).unwrap();
+            assert_eq!((h.id, h.last_sync), (ids[1], 101));
+            assert_eq!(h.digest, Some(digest("text of 1")));
             s.flush().unwrap();
             // Edits after the flush are in their logs alone.
             s.insert(ids[2], 0, "> ", false).unwrap();
@@ -380,5 +421,40 @@ mod tests {
             matches!(s.notes.get(&id), Some(Slot::Cold(_))),
             "reading keeps it cold"
         );
+    }
+
+    #[test]
+    fn a_version_2_structure_is_read_once_then_saved_as_version_3() {
+        let dir = tempfile::tempdir().unwrap();
+        let id;
+        let (_, st, _) = note_paths(dir.path(), "old");
+        {
+            let mut s = Store::open(dir.path()).unwrap();
+            id = s.create("old").unwrap();
+            s.insert(id, 0, "kept", false).unwrap();
+            // As if acknowledged: the log empties at the flush.
+            s.note_mut(id).unwrap().pending = Default::default();
+            s.set_note_sync(id, 9).unwrap();
+            s.flush().unwrap();
+        }
+        // As version 2 wrote it: no digest.
+        let v3 = std::fs::read(&st).unwrap();
+        let mut v2 = v3[..v3.len() - 4].to_vec();
+        v2.drain(structure::HEADER_V2..structure::HEADER);
+        v2[8] = 2;
+        let crc = crc32fast::hash(&v2);
+        v2.extend_from_slice(&crc.to_be_bytes());
+        std::fs::write(&st, &v2).unwrap();
+        let mut s = Store::open(dir.path()).unwrap();
+        assert!(matches!(s.notes.get(&id), Some(Slot::Loaded(..))));
+        assert_eq!(s.text(id).unwrap(), "kept");
+        s.flush().unwrap();
+        assert_eq!(std::fs::read(&st).unwrap(), v3, "saved as version 3");
+        drop(s);
+        let s = Store::open(dir.path()).unwrap();
+        assert!(matches!(s.notes.get(&id), Some(Slot::Cold(_))));
+        assert!(s.text_is(id, "kept").unwrap());
+        assert!(!s.text_is(id, "kept!").unwrap());
+        assert_eq!(s.notes_read(), 0, "the digest answered");
     }
 }

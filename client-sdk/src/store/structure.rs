@@ -2,11 +2,13 @@
 //! [`crate::store`]): a note's document, its sync time and the ids to
 //! reconcile, written and parsed. Pure: the caller does the file I/O.
 //!
-//! Version 2 (written since issue 12) stores a run of live one-char atoms
+//! Version 3 is version 2 with the text's digest in the header (read
+//! alone, it says whether a note's text is what a file holds). Version 2
+//! (issue 12) stores a run of live one-char atoms
 //! at consecutive ids (same prefix and site, last ident +1 each) as its
 //! first id and its text, and consecutive deleted ids as a range: a typed
 //! note costs about its text, not an id per char. Version 1 (the seed's
-//! layout, no header) still opens; the next save rewrites it as version 2.
+//! layout, no header) still opens; the next save rewrites it as version 3.
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
@@ -17,13 +19,31 @@ use notesync_protocol::{DocId, DocName, FrameDecoder, Level, Pid, ServerFrame, T
 use super::StoreError;
 use crate::doc::Doc;
 
-/// Starts every version-2 file. A version-1 file starts with its document
+/// Starts every version-2 and version-3 file. A version-1 file starts with its document
 /// id, which would have to begin with these 8 bytes to look like one (and
 /// a file that then fails to parse as version 2 is tried as version 1).
 const MAGIC: [u8; 8] = *b"\x89NSSTRC\n";
-const VERSION: u8 = 2;
-/// Magic, version, document id, sync time.
-pub(super) const HEADER: usize = 8 + 1 + 16 + 8;
+const VERSION: u8 = 3;
+/// Magic, version, document id, sync time, the text's digest.
+pub(super) const HEADER: usize = 8 + 1 + 16 + 8 + DIGEST;
+/// Version 2's header: no digest.
+pub(super) const HEADER_V2: usize = 8 + 1 + 16 + 8;
+/// Bytes of a text's digest.
+pub const DIGEST: usize = 16;
+
+/// A note's text digest: the first 16 bytes of its SHA-256. The header
+/// carries it so that whether a note's text is what a file holds is known
+/// without reading the note (a sync of a large folder where nothing
+/// changed reads each note's header only).
+pub type Digest = [u8; DIGEST];
+
+pub fn digest(text: &str) -> Digest {
+    use sha2::Digest as _;
+    let full = sha2::Sha256::digest(text.as_bytes());
+    let mut d = [0u8; DIGEST];
+    d.copy_from_slice(&full[..DIGEST]);
+    d
+}
 
 /// Item tags of version 2's sections.
 const END: u8 = 0;
@@ -123,6 +143,7 @@ pub fn write_structure(doc: &Doc, last_sync: Time, live_since: &BTreeSet<Pid>) -
     out.put_u8(VERSION);
     out.put_u128(doc.id);
     out.put_u64(last_sync);
+    out.put_slice(&digest(&doc.text()));
     for item in &items {
         match item {
             // A lone char is a byte shorter as an atom.
@@ -198,16 +219,33 @@ pub fn read_structure(
     ))
 }
 
-/// The document id and sync time at the start of a structure file (its
-/// first [`HEADER`] bytes, or fewer), unchecked: what a note that is not
-/// loaded needs. `None` if they are cut short.
-pub(super) fn read_header(mut b: &[u8]) -> Option<(DocId, Time)> {
-    if b.len() >= HEADER && b.starts_with(&MAGIC) && b[8] == VERSION {
-        b = &b[9..];
-    } else if b.len() < 24 {
-        return None;
-    }
-    Some((b.get_u128(), b.get_u64()))
+/// What the start of a structure file (its first [`HEADER`] bytes, or
+/// fewer) says, unchecked: what a note that is not loaded needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Header {
+    pub id: DocId,
+    pub last_sync: Time,
+    /// Its text's digest (version 3 on).
+    pub digest: Option<Digest>,
+}
+
+/// The header of a structure file; `None` if it is cut short.
+pub(super) fn read_header(b: &[u8]) -> Option<Header> {
+    let versioned = b.starts_with(&MAGIC) && b.len() > 8;
+    let (mut head, digest) = match versioned.then(|| b[8]) {
+        Some(3) if b.len() >= HEADER => {
+            let d = b[HEADER_V2..HEADER].try_into().expect("16 bytes");
+            (&b[9..HEADER_V2], Some(d))
+        }
+        Some(2) if b.len() >= HEADER_V2 => (&b[9..HEADER_V2], None),
+        _ if b.len() >= 24 => (b, None),
+        _ => return None,
+    };
+    Some(Header {
+        id: head.get_u128(),
+        last_sync: head.get_u64(),
+        digest,
+    })
 }
 
 /// A bounded reader over a version-2 body: every read says what was cut
@@ -293,22 +331,27 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// Parses a version-2 or version-3 file (the same but for the digest in
+/// the header).
 fn read_v2(b: &[u8]) -> Result<Parts, &'static str> {
-    if b.len() < HEADER + 4 {
+    if b.len() < HEADER_V2 + 4 {
         return Err("it is cut short inside its header");
     }
     let (body, crc) = b.split_at(b.len() - 4);
     if crc32fast::hash(body) != (&crc[..]).get_u32() {
         return Err("its checksum does not match (corrupt, or cut short)");
     }
-    if body[8] != VERSION {
-        return Err("it has a format version this build does not know");
-    }
-    let mut head = &body[9..HEADER];
+    let header = match body[8] {
+        2 => HEADER_V2,
+        3 if body.len() >= HEADER => HEADER,
+        3 => return Err("it is cut short inside its header"),
+        _ => return Err("it has a format version this build does not know"),
+    };
+    let mut head = &body[9..HEADER_V2];
     let id = head.get_u128();
     let last_sync = head.get_u64();
     let mut r = Reader {
-        b: &body[HEADER..],
+        b: &body[header..],
         ids: 0,
     };
     let mut atoms = Vec::new();
@@ -527,6 +570,37 @@ pub(super) mod tests {
     }
 
     #[test]
+    fn the_header_says_the_text_digest_and_a_version_2_file_still_opens() {
+        let (doc, live_since) = mixed();
+        let b = write_structure(&doc, 77, &live_since);
+        let h = read_header(&b[..HEADER]).unwrap();
+        assert_eq!(
+            h,
+            Header {
+                id: doc.id,
+                last_sync: 77,
+                digest: Some(digest(&doc.text()))
+            }
+        );
+        assert_eq!(
+            read_header(&b[..HEADER - 1]).map(|h| h.digest),
+            Some(None),
+            "cut: as v1"
+        );
+        // The same file as version 2 wrote it: no digest.
+        let mut v2 = b[..b.len() - 4].to_vec();
+        v2.drain(HEADER_V2..HEADER);
+        v2[8] = 2;
+        let crc = crc32fast::hash(&v2);
+        v2.extend_from_slice(&crc.to_be_bytes());
+        let h = read_header(&v2).unwrap();
+        assert_eq!((h.id, h.last_sync, h.digest), (doc.id, 77, None));
+        let (back, t, ls) = read(&v2).unwrap();
+        assert_eq!((kept(&back), t), (kept(&doc), 77));
+        assert_eq!(ls, live_since.iter().cloned().collect::<Vec<_>>());
+    }
+
+    #[test]
     fn an_empty_note_round_trips() {
         let doc = Doc::new(7, DocName::new("n").unwrap());
         let b = write_structure(&doc, 0, &BTreeSet::new());
@@ -629,7 +703,7 @@ pub(super) mod tests {
         let item = |tag: u8, rest: &[u8]| [&[tag][..], &pid, rest].concat();
         let cases: Vec<(Vec<u8>, &str)> = vec![
             (
-                v2_file(3, &[0, 0, 0]),
+                v2_file(4, &[0, 0, 0]),
                 "it has a format version this build does not know",
             ),
             (
@@ -756,10 +830,14 @@ pub(super) mod tests {
             proptest::prop_assert_eq!(kept(&back), kept(&doc));
             // In any order: the caller keeps them as a set.
             proptest::prop_assert_eq!(ls.into_iter().collect::<BTreeSet<_>>(), live_since.clone());
-            // At worst a byte more per item than version 1 (its tag).
+            // At worst a byte more per item than version 1 (its tag), and
+            // the digest in the header.
             let (a, d) = doc.to_parts();
             let v1 = write_structure_v1(&doc, last_sync, &live_since).len();
-            proptest::prop_assert!(b.len() <= v1 + a.len() + d.len() + live_since.len());
+            let items = a.len() + d.len() + live_since.len();
+            proptest::prop_assert!(b.len() <= v1 + items + DIGEST);
+            let h = read_header(&b).unwrap();
+            proptest::prop_assert_eq!(h.digest, Some(digest(&doc.text())));
         }
     }
 }

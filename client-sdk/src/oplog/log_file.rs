@@ -593,9 +593,9 @@ impl LogFile {
     }
 
     /// Replaces the whole log atomically (compaction). To nothing, the
-    /// file is truncated in place and fsynced (one fsync, not a temp
-    /// file's and its folder's), or left alone when it is empty already:
-    /// what every save of a note without pending ops does. The folder's
+    /// file is truncated in place without an fsync (see below), or left
+    /// alone when it is empty already: what every save of a note without
+    /// pending ops does. The folder's
     /// fsync of a non-empty rewrite is the caller's ([`LogFile::rewrite`]
     /// through `write_atomic` syncs it; `rewrite_in_batch` leaves it).
     pub fn rewrite(&mut self, records: &[Record]) -> io::Result<()> {
@@ -615,12 +615,21 @@ impl LogFile {
     ) -> io::Result<()> {
         if records.is_empty() {
             if self.file.metadata()?.len() > 0 {
+                // Not fsynced (one fsync per imported note fewer): it is
+                // called once the structure holds every op, so an empty
+                // log means every op was acknowledged or cancelled. If a
+                // power loss brings the old log back, it replays on that
+                // structure to the same text: its inserts are there
+                // already (replay is idempotent), its cancels drop ids
+                // the structure no longer has, and every acknowledged op
+                // it holds is marked sent in it (the MarkSent was fsynced
+                // before the op went out), so it is re-sent as it was,
+                // never cancelled or re-made, and the server takes a
+                // re-send as a no-op (PROTOCOL.md 3.1). The next fsync of
+                // this file (an append's) makes the truncation durable
+                // with it, so the log never has a hole; nothing else waits
+                // on it (`unsynced` stays for what does).
                 self.file.set_len(0)?;
-                // Durably: an old log showing again after a crash would
-                // make acknowledged inserts pending, and unsent ones could
-                // be re-made with new ids (text twice on the server).
-                self.file.sync_data()?;
-                crate::fsutil::crash_point();
             }
             self.tail = None;
             self.unsynced.set(false);

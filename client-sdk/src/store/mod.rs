@@ -758,6 +758,51 @@ mod tests {
         assert!(files.iter().all(|f| f.starts_with(dir.path())));
     }
 
+    /// A compaction to an empty log is not fsynced: a power loss may
+    /// bring the log back as it was at its last fsync (the MarkSent before
+    /// the upsert). Replayed on the saved structure it must give the same
+    /// text, with the acknowledged ops pending again as sent: re-sent with
+    /// their ids (a no-op on the server), never cancelled or re-made.
+    #[test]
+    fn an_old_log_back_after_its_compaction_changes_nothing_and_is_resent_as_it_was() {
+        let dir = tempfile::tempdir().unwrap();
+        let a;
+        let log;
+        let (old_log, sent);
+        {
+            let mut s = Store::open(dir.path()).unwrap();
+            a = s.create("note").unwrap();
+            s.insert(a, 0, "hello world", false).unwrap();
+            s.set_site(a, 3).unwrap();
+            let out = s.outgoing(a).unwrap();
+            sent = out
+                .inserts
+                .iter()
+                .map(|x| x.pid().clone())
+                .collect::<Vec<_>>();
+            assert_eq!(sent.len(), 11);
+            log = PathBuf::from(format!("{}.latest_ops", s.info(a).unwrap().file.display()));
+            old_log = fs::read(&log).unwrap();
+            s.acknowledge(a, &sent, &[], None).unwrap();
+            s.flush().unwrap();
+            assert_eq!(fs::metadata(&log).unwrap().len(), 0, "compacted");
+        }
+        fs::write(&log, &old_log).unwrap();
+        let mut s = Store::open(dir.path()).unwrap();
+        assert_eq!(s.text(a).unwrap(), "hello world");
+        let again = s.outgoing(a).unwrap();
+        let again: Vec<_> = again.inserts.iter().map(|x| x.pid().clone()).collect();
+        assert_eq!(again, sent, "the same ids, re-sent");
+        // Sent: deleting one of them is a delete to send, not a cancel.
+        s.delete(a, 0..1, false).unwrap();
+        assert_eq!(s.text(a).unwrap(), "ello world");
+        let out = s.outgoing(a).unwrap();
+        assert_eq!(
+            (out.inserts.len(), out.deletes),
+            (11, vec![sent[0].clone()])
+        );
+    }
+
     #[test]
     fn a_version_1_structure_opens_and_is_rewritten_at_the_next_save() {
         let dir = tempfile::tempdir().unwrap();

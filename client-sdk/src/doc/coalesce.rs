@@ -105,6 +105,16 @@ impl Doc {
         close(&mut cur, &mut runs, self);
         let mut removed = Vec::new();
         let mut added = Vec::new();
+        // One stretch that is every entry (a note made from a file, getting
+        // its site): re-made whole, not forgotten id by id.
+        if let [(run, _)] = runs.as_slice()
+            && run.len() == self.entry_count()
+        {
+            let (run, text) = runs.pop().expect("one");
+            self.clear();
+            self.place_text(alloc, None, None, &text, &mut added)?;
+            return Ok((run, added));
+        }
         for (run, text) in runs {
             let first = self.find(&run[0]).expect("run ids exist");
             let left = self.pid_before(first).cloned();
@@ -126,6 +136,32 @@ mod tests {
     use notesync_protocol::{Allocator, DocName};
 
     use crate::doc::Doc;
+
+    #[test]
+    fn a_document_that_is_all_unsent_is_remade_whole_as_one_run_of_the_new_site() {
+        let mut a = Doc::new(1, DocName::default());
+        let mut provisional = Allocator::new(255, 1, 1).unwrap();
+        a.insert(&mut provisional, 0, "hello").unwrap();
+        a.insert(&mut provisional, 0, "> ").unwrap();
+        let mut old: Vec<_> = (0..7).map(|i| a.char_id(i).unwrap()).collect();
+        let mut real = Allocator::new(3, 1, 1).unwrap();
+        let (mut removed, added) = a.coalesce(&mut real, |_| true, true).unwrap();
+        old.sort();
+        removed.sort();
+        assert_eq!(removed, old);
+        assert_eq!((a.text().as_str(), a.atom_count()), ("> hello", 7));
+        for (i, atom) in added.iter().enumerate() {
+            assert_eq!(a.char_id(i).as_ref(), Some(atom.pid()));
+            assert_eq!(atom.pid().creator(), 3);
+        }
+        for w in added.windows(2) {
+            assert_eq!(w[0].pid().offset(1).as_ref(), Some(w[1].pid()), "{added:?}");
+        }
+        // The document goes on as usual after it.
+        a.insert(&mut real, 7, "!").unwrap();
+        a.delete(&mut real, 0..2).unwrap();
+        assert_eq!(a.text(), "hello!");
+    }
 
     #[test]
     fn coalesce_remakes_unsent_text_as_one_run_and_parts_round_trip() {

@@ -196,6 +196,16 @@ impl Doc {
         (n == 1).then(|| e.data.clone())
     }
 
+    /// Removes every entry (a document re-made whole).
+    pub(super) fn clear(&mut self) {
+        self.chunks = vec![Chunk::default()];
+        self.live_chars = 0;
+    }
+
+    pub(super) fn entry_count(&self) -> usize {
+        self.chunks.iter().map(|c| c.entries.len()).sum()
+    }
+
     pub(super) fn remove(&mut self, (c, i): Loc) -> Entry {
         let ch = &mut self.chunks[c];
         let e = ch.entries.remove(i);

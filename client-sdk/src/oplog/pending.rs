@@ -260,9 +260,22 @@ impl Pending {
     /// Swaps coalesced inserts: `removed` (never sent) become `added`.
     pub fn swap_coalesced(&mut self, removed: &[Pid], added: &[Atom]) -> Vec<Record> {
         let mut records = Vec::with_capacity(removed.len() + added.len());
+        // Every pending op swapped (a note made from a file, getting its
+        // site): the maps are emptied, not taken apart id by id.
+        let all = self.deletes.is_empty()
+            && self.rename.is_none()
+            && removed.len() == self.inserts.len()
+            && removed.iter().all(|p| self.is_unsent_insert(p));
+        if all {
+            self.inserts.clear();
+            self.order.clear();
+            self.seq_of.clear();
+        }
         for p in removed {
-            self.inserts.remove(p);
-            self.dequeue(&OpKey::Insert(p.clone()));
+            if !all {
+                self.inserts.remove(p);
+                self.dequeue(&OpKey::Insert(p.clone()));
+            }
             self.cancels.push(p.clone());
             records.push(Record::Cancel { pid: p.clone() });
         }
@@ -341,6 +354,42 @@ mod tests {
         let r = p.record(vec![ins(3, "c"), LocalOp::Delete(pid(3))], false);
         assert!(r.to_send.is_empty());
         assert_eq!(p.len(), 1);
+    }
+
+    #[test]
+    fn swapping_every_pending_insert_leaves_only_the_new_ones_in_order() {
+        for keep_one in [false, true] {
+            let mut p = Pending::default();
+            p.record(vec![ins(1, "a"), ins(2, "b"), ins(3, "c")], false);
+            let removed: Vec<Pid> = (1..=3 - keep_one as u32).map(pid).collect();
+            let added = [
+                Atom::new("x", pid(10)).unwrap(),
+                Atom::new("y", pid(11)).unwrap(),
+            ];
+            let records = p.swap_coalesced(&removed, &added);
+            assert_eq!(records.len(), removed.len() + 2);
+            let mut want: Vec<Pid> = added.iter().map(|a| a.pid().clone()).collect();
+            if keep_one {
+                want.insert(0, pid(3));
+            }
+            let (inserts, _, _) = p.snapshot();
+            let got: Vec<Pid> = inserts.iter().map(|a| a.pid().clone()).collect();
+            assert_eq!(got, want);
+            let order: Vec<Pid> = p
+                .ops_since(0)
+                .into_iter()
+                .map(|(_, op)| match op {
+                    PendingOp::Insert(a) => a.pid().clone(),
+                    other => panic!("{other:?}"),
+                })
+                .collect();
+            assert_eq!(order, want, "in the order they were made");
+            let cancels = p
+                .to_records()
+                .into_iter()
+                .filter(|r| matches!(r, Record::Cancel { .. }));
+            assert_eq!(cancels.count(), removed.len());
+        }
     }
 
     #[test]

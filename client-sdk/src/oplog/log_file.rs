@@ -625,7 +625,10 @@ impl LogFile {
                 // it holds is marked sent in it (the MarkSent was fsynced
                 // before the op went out), so it is re-sent as it was,
                 // never cancelled or re-made, and the server takes a
-                // re-send as a no-op (PROTOCOL.md 3.1). The next fsync of
+                // re-send as a no-op (PROTOCOL.md 3.1) unless it comes
+                // more than the tombstone horizon after another device
+                // deleted the text (3.6's limit, which a lost reply hits
+                // the same way). The next fsync of
                 // this file (an append's) makes the truncation durable
                 // with it, so the log never has a hole; nothing else waits
                 // on it (`unsynced` stays for what does).

@@ -11,6 +11,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::error::ErrorCode;
 use crate::pid::{LEVEL_BYTES, Pid};
+use crate::small_text::SmallText;
 
 pub type DocId = u128;
 /// Microseconds since the Unix epoch, assigned by the server. 0: never synced.
@@ -171,15 +172,18 @@ fn check_pid(pid: &Pid) -> Result<(), ValueError> {
 /// An owned atom: 1 to 255 bytes of UTF-8 at a position.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Atom {
-    data: String,
+    data: SmallText,
     pid: Pid,
 }
 
 impl Atom {
-    pub fn new(data: impl Into<String>, pid: Pid) -> Result<Self, ValueError> {
-        let data = data.into();
-        check_atom(&data, &pid)?;
-        Ok(Atom { data, pid })
+    pub fn new(data: impl AsRef<str>, pid: Pid) -> Result<Self, ValueError> {
+        let data = data.as_ref();
+        check_atom(data, &pid)?;
+        Ok(Atom {
+            data: SmallText::new(data),
+            pid,
+        })
     }
 
     pub fn data(&self) -> &str {
@@ -191,7 +195,7 @@ impl Atom {
     }
 
     pub fn into_parts(self) -> (String, Pid) {
-        (self.data, self.pid)
+        (self.data.to_string(), self.pid)
     }
 
     pub fn wire_len(&self) -> usize {
@@ -273,7 +277,7 @@ pub struct AtomRef<'a> {
 impl AtomRef<'_> {
     pub fn to_atom(&self) -> Atom {
         Atom {
-            data: self.data.to_owned(),
+            data: SmallText::new(self.data),
             pid: self.pid.to_pid(),
         }
     }
@@ -1076,7 +1080,7 @@ impl SessionInsertRun {
         self.run.atoms().map(|(data, pid)| SessionInsert {
             site: self.site,
             atom: Atom {
-                data: data.to_owned(),
+                data: SmallText::new(data),
                 pid,
             },
         })

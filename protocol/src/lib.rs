@@ -13,6 +13,7 @@ pub mod frame;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
 pub mod pid;
+pub mod small_text;
 #[cfg(feature = "vectors")]
 pub mod vectors;
 
@@ -21,3 +22,4 @@ pub use codec::{ClientCodec, Codec, Field, Frame, FrameDecoder, Limits, ServerCo
 pub use error::{DecodeError, ErrorCode};
 pub use frame::*;
 pub use pid::{Level, Pid};
+pub use small_text::SmallText;

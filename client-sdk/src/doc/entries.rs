@@ -5,7 +5,7 @@
 //! first and last invariants of the module docs (sorted, unique ids; cached
 //! counts); the others are the edit rules' to keep.
 
-use notesync_protocol::Pid;
+use notesync_protocol::{Pid, SmallText};
 
 use super::Doc;
 
@@ -27,7 +27,7 @@ pub(super) enum Kind {
 pub(super) struct Entry {
     pub pid: Pid,
     /// The atom's data (Atom, Header), the char (Virtual), or empty.
-    pub data: String,
+    pub data: SmallText,
     pub kind: Kind,
     pub live: bool,
 }
@@ -193,7 +193,7 @@ impl Doc {
         e.live = false;
         ch.live_chars -= n;
         self.live_chars -= n;
-        (n == 1).then(|| e.data.clone())
+        (n == 1).then(|| e.data.to_string())
     }
 
     /// Removes every entry (a document re-made whole).

@@ -32,7 +32,9 @@ mod entries;
 
 use std::ops::Range;
 
-use notesync_protocol::{AllocError, Allocator, Atom, DocId, DocName, Level, MAX_ATOM_BYTES, Pid};
+use notesync_protocol::{
+    AllocError, Allocator, Atom, DocId, DocName, Level, MAX_ATOM_BYTES, Pid, SmallText,
+};
 
 use entries::{Chunk, Entry, Kind, Loc};
 
@@ -133,7 +135,7 @@ impl Doc {
             loc,
             Entry {
                 pid: pid.clone(),
-                data: data.to_owned(),
+                data: SmallText::new(data),
                 kind,
                 live,
             },
@@ -155,7 +157,7 @@ impl Doc {
                     if e.kind == Kind::Unknown {
                         // A delete of this char arrived before the atom.
                         e.kind = Kind::Virtual;
-                        e.data = ch.to_string();
+                        e.data = SmallText::from_char(ch);
                     }
                 }
                 Err(l) => {
@@ -163,7 +165,7 @@ impl Doc {
                         l,
                         Entry {
                             pid: vid.clone(),
-                            data: ch.to_string(),
+                            data: SmallText::from_char(ch),
                             kind: Kind::Virtual,
                             live,
                         },
@@ -408,7 +410,7 @@ impl Doc {
                     l,
                     Entry {
                         pid: pid.clone(),
-                        data: String::new(),
+                        data: SmallText::default(),
                         kind: Kind::Unknown,
                         live: false,
                     },
@@ -444,7 +446,7 @@ impl Doc {
 
     /// What to persist: every atom with its data (live or not), and every
     /// deleted id (atoms, chars, and ids known only as deleted).
-    pub fn to_parts(&self) -> (Vec<(Pid, String)>, Vec<Pid>) {
+    pub fn to_parts(&self) -> (Vec<(Pid, SmallText)>, Vec<Pid>) {
         let mut atoms = Vec::new();
         let mut deleted = Vec::new();
         for e in self.entries() {
@@ -469,13 +471,13 @@ impl Doc {
     pub fn from_parts(
         id: DocId,
         name: DocName,
-        atoms: Vec<(Pid, String)>,
+        atoms: Vec<(Pid, impl AsRef<str>)>,
         deleted: Vec<Pid>,
     ) -> Self {
         let mut doc = Doc::new(id, name);
         for (pid, data) in atoms {
             if !doc.contains(&pid) {
-                doc.add_atom(&data, &pid, true, false);
+                doc.add_atom(data.as_ref(), &pid, true, false);
             }
         }
         for pid in deleted {

@@ -337,7 +337,7 @@ fn decode_group(kind: u8, p: &[u8], tail: Option<&Tail>) -> Option<Vec<Record>> 
         }
         let mut chars = text.chars().peekable();
         while let Some(ch) = chars.next() {
-            let atom = Atom::new(ch.to_string(), pid.clone()).ok()?;
+            let atom = Atom::new(ch.encode_utf8(&mut [0; 4]), pid.clone()).ok()?;
             out.push(Record::Insert { atom, sent });
             if chars.peek().is_some() {
                 pid = step(&pid, backwards)?;

@@ -14,7 +14,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 
 use bytes::{Buf, BufMut, BytesMut};
-use notesync_protocol::{DocId, DocName, FrameDecoder, Level, Pid, ServerFrame, Time};
+use notesync_protocol::{DocId, DocName, FrameDecoder, Level, Pid, ServerFrame, SmallText, Time};
 
 use super::StoreError;
 use crate::doc::Doc;
@@ -68,7 +68,7 @@ enum AtomItem {
     /// Live one-char atoms at `first`, `first`+1, ...
     Run { first: Pid, text: String },
     /// Any other atom (two or more chars: a live or dead header), whole.
-    Atom { pid: Pid, data: String },
+    Atom { pid: Pid, data: SmallText },
 }
 
 /// Groups ids into maximal ranges of consecutive ids, in the order their
@@ -130,7 +130,7 @@ pub fn write_structure(doc: &Doc, last_sync: Time, live_since: &BTreeSet<Pid>) -
         let at = at.unwrap_or_else(|| {
             items.push(AtomItem::Run {
                 first: pid.clone(),
-                text: data,
+                text: data.to_string(),
             });
             items.len() - 1
         });
@@ -188,7 +188,7 @@ pub fn write_structure(doc: &Doc, last_sync: Time, live_since: &BTreeSet<Pid>) -
 struct Parts {
     id: u128,
     last_sync: Time,
-    atoms: Vec<(Pid, String)>,
+    atoms: Vec<(Pid, SmallText)>,
     deleted: Vec<Pid>,
     live_since: Vec<Pid>,
 }
@@ -373,7 +373,7 @@ fn read_v2(b: &[u8]) -> Result<Parts, &'static str> {
                         .ok()
                         .and_then(|j| start.checked_add(j))
                         .ok_or("a run in it runs past the last ident")?;
-                    atoms.push((first.with_last_ident(ident), ch.to_string()));
+                    atoms.push((first.with_last_ident(ident), SmallText::from_char(ch)));
                 }
             }
             ATOM => {
@@ -385,7 +385,7 @@ fn read_v2(b: &[u8]) -> Result<Parts, &'static str> {
                 }
                 let pid = r.pid()?;
                 r.count(1 + data.chars().count())?;
-                atoms.push((pid, data.to_owned()));
+                atoms.push((pid, SmallText::new(data)));
             }
             _ => return Err("an item in its atoms has an unknown tag"),
         }
@@ -451,7 +451,7 @@ fn read_v1(b: &[u8]) -> Result<Parts, &'static str> {
     let atoms = r
         .inserts
         .iter()
-        .map(|a| (a.pid.to_pid(), a.data.to_owned()))
+        .map(|a| (a.pid.to_pid(), SmallText::new(a.data)))
         .collect();
     let deleted = r.deletes.iter().map(|p| p.to_pid()).collect();
     Ok(Parts {
@@ -529,7 +529,7 @@ pub(super) mod tests {
 
     /// What survives a version-2 round trip: everything but the text of a
     /// dead one-char atom (its tombstone stays).
-    fn kept(doc: &Doc) -> (Vec<(Pid, String)>, Vec<Pid>) {
+    fn kept(doc: &Doc) -> (Vec<(Pid, SmallText)>, Vec<Pid>) {
         let (atoms, deleted) = doc.to_parts();
         let dead: std::collections::HashSet<&Pid> = deleted.iter().collect();
         let atoms = atoms

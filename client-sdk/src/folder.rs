@@ -210,9 +210,29 @@ impl Folder {
         let store = self.client.store().clone();
         let deferred = DeferredState::begin(&store, Deferral::Import);
         let report = self.pick_up_files(only, sessions)?;
-        self.bases.sync()?;
+        // A new note's first insert is not synced yet (its file holds the
+        // text): its base waits for its log, made durable by its upsert.
+        self.sync_bases(false)?;
         deferred.end()?;
         Ok(report)
+    }
+
+    /// Makes the bases set since the last call durable, in one append and
+    /// fsync of the journal; but never before their note's log: a base
+    /// says its note holds the file's text, and an import's first insert
+    /// is appended unsynced ([`crate::Store::sync_logs`]). `force`: sync
+    /// those logs now; otherwise their bases wait, in memory, for a later
+    /// call after the log was synced (by the MarkSent before its upsert).
+    fn sync_bases(&mut self, force: bool) -> Result<(), FolderError> {
+        let mut store = self
+            .client
+            .store()
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if force {
+            store.sync_logs(&self.bases.unsynced())?;
+        }
+        Ok(self.bases.sync(|id| store.log_synced(id))?)
     }
 
     fn pick_up_files(
@@ -343,11 +363,7 @@ impl Folder {
                     continue;
                 }
             }
-            if self.bases.get(id).is_none() {
-                self.bases.set_first(id, &file, &text)?;
-            } else {
-                self.bases.set(id, &file, &text)?;
-            }
+            self.bases.set(id, &file, &text);
         }
         // Files a person deleted (not renamed, see above): a note the server
         // has is deleted; one that never synced is written again.
@@ -361,7 +377,7 @@ impl Folder {
             let (_, file) = report.missing.remove(i);
             // A live session on it stops working: the caller closes it.
             self.client.delete_note(id)?;
-            self.bases.drop(id)?;
+            self.bases.drop(id);
             report.deleted.push((id, file));
         }
         Ok(report)
@@ -380,6 +396,7 @@ impl Folder {
         for d in deletions {
             out.push(self.remove_deleted_file(d.id, d.name.clone(), d.kept.clone())?);
         }
+        self.sync_bases(true)?;
         Ok(out)
     }
 
@@ -425,7 +442,7 @@ impl Folder {
                 }
             }
         }
-        self.bases.drop(id)?;
+        self.bases.drop(id);
         Ok(done)
     }
 
@@ -456,13 +473,13 @@ impl Folder {
         let store = self.client.text(info.id)?;
         let base_text = base.as_ref().map_or(&store, |b| &b.text);
         if text == *base_text {
-            self.bases.set_first(info.id, &held, &text)?;
+            self.bases.set(info.id, &held, &text);
             return Ok(Found::Unchanged);
         }
         // The file has the note's text already: nothing to take (a crash
         // after a write-back wrote the file and before its base was saved).
         if text == store {
-            self.bases.set(info.id, &held, &text)?;
+            self.bases.set(info.id, &held, &text);
             return Ok(Found::Unchanged);
         }
         self.take_edits(target, &held, base_text, &text)?;

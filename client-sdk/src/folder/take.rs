@@ -115,7 +115,8 @@ impl Folder {
             let before = store.text(id)?;
             let edits = merge(base, text, &before);
             if edits.is_empty() {
-                return Ok(bases.set(id, file, text)?);
+                bases.set(id, file, text);
+                return Ok(());
             }
             store.save_note(id)?;
             let take = Take {
@@ -126,7 +127,8 @@ impl Folder {
             };
             bases.begin_take(&take)?;
             apply(store, id, &edits, sent)?;
-            bases.set(id, file, text)?;
+            bases.set(id, file, text);
+            store.sync_logs(&bases.unsynced())?;
             Ok(bases.end_take(id)?)
         })
     }
@@ -146,9 +148,10 @@ impl Folder {
                 .unwrap_or_else(PoisonError::into_inner);
             if !over && let Ok(now) = store.text(take.id) {
                 apply(&mut store, take.id, &merge(&now, &take.want, &now), false)?;
-                self.bases.set(take.id, &take.file, &take.text)?;
+                self.bases.set(take.id, &take.file, &take.text);
             }
             // Over, or its note is gone (nothing to take it into).
+            store.sync_logs(&self.bases.unsynced())?;
             self.bases.end_take(take.id)?;
         }
         Ok(())
@@ -184,7 +187,8 @@ mod tests {
                 f.client().insert(id, 5, &typed[..taken]).unwrap();
                 if base_saved {
                     f.client().insert(id, 5 + taken, &typed[taken..]).unwrap();
-                    f.bases.set(id, "a.md", file).unwrap();
+                    f.bases.set(id, "a.md", file);
+                    f.bases.sync(|_| true).unwrap();
                 }
                 drop(f);
                 let mut f = offline(dir.path());
@@ -194,7 +198,7 @@ mod tests {
                 assert_eq!(f.client().text(id).unwrap(), file, "{taken} taken");
                 let left = fs::read_dir(dir.path().join(".notesync/cli")).unwrap();
                 let names: Vec<_> = left.map(|e| e.unwrap().file_name()).collect();
-                assert_eq!(names, [format!("{id:032x}.base").as_str()]);
+                assert_eq!(names, ["bases"]);
             }
         }
     }

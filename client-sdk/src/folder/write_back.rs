@@ -44,6 +44,7 @@ impl Folder {
                 self.report_progress(k + 1, total);
             }
         }
+        self.sync_bases(true)?;
         Ok(report)
     }
 
@@ -123,7 +124,8 @@ impl Folder {
                     remove_if_unchanged(&held_path, stamp)?;
                 }
             }
-            return Ok(self.bases.set(id, &cur, &store)?);
+            self.bases.set(id, &cur, &store);
+            return Ok(());
         }
         report.skipped.push((
             file_name(&self.info(id)?.file),

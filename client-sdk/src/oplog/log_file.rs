@@ -570,6 +570,18 @@ impl LogFile {
         Ok(())
     }
 
+    /// Whether records were appended unsynced and not yet fsynced.
+    pub fn is_unsynced(&self) -> bool {
+        self.unsynced.get()
+    }
+
+    /// Says that the file may hold writes not yet fsynced (made through
+    /// another handle of it, since dropped), so that the next
+    /// [`LogFile::sync`] fsyncs.
+    pub fn mark_unsynced(&self) {
+        self.unsynced.set(true);
+    }
+
     /// Makes what [`LogFile::append_unsynced`] wrote durable.
     pub fn sync(&self) -> io::Result<()> {
         if self.unsynced.get() {

@@ -367,7 +367,8 @@ impl Store {
         };
         let (_, _, log_path) = self.paths(&stem);
         let keeps_name = stem == name.as_str();
-        let note = Note::new(id, name, stem, site, provisional, &log_path)?;
+        let mut note = Note::new(id, name, stem, site, provisional, &log_path)?;
+        note.from_file = deferred && self.deferrals > 0 && keeps_name;
         self.index_stem(id, &note.stem.clone());
         self.insert_loaded(id, note)?;
         if deferred && self.deferrals > 0 && keeps_name {
@@ -403,6 +404,14 @@ impl Store {
         self.deferrals = self.deferrals.saturating_sub(1);
         if kind == Deferral::Import {
             self.imports = self.imports.saturating_sub(1);
+            if self.imports == 0 {
+                // Only an import's own first insert may go unsynced.
+                for slot in self.notes.values_mut() {
+                    if let Slot::Loaded(n, _) = slot {
+                        n.from_file = false;
+                    }
+                }
+            }
         }
         if self.deferrals == 0 && (self.state_dirty.get() || self.dir_unsynced.get()) {
             self.save_state()?;

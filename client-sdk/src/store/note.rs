@@ -46,6 +46,13 @@ pub(crate) struct Note {
     /// remote op, an acknowledgement, a new sync time): the note must be
     /// saved before it may leave memory (see `slots.rs`).
     pub(super) unlogged: bool,
+    /// Made from a file by an import, with no text yet: its first record
+    /// (the file's text) is appended unsynced, because until the note's
+    /// log is synced that file still holds the text, and a note lost or
+    /// found empty after a crash is picked up from it again (the fsync of
+    /// the MarkSent before its upsert, a save, or [`super::Store::sync_logs`]
+    /// before the folder records the file's base, makes it durable).
+    pub(super) from_file: bool,
 }
 
 /// A note's pending ops as an upsert carries them.
@@ -102,6 +109,7 @@ impl Note {
             alloc: make_alloc(id, site, provisional)?,
             dirty: true,
             unlogged: false,
+            from_file: false,
         })
     }
 
@@ -157,6 +165,7 @@ impl Note {
             alloc,
             dirty: !records.is_empty(),
             unlogged: false,
+            from_file: false,
         })
     }
 
@@ -192,7 +201,13 @@ impl Note {
         for p in &rec.forget {
             self.doc.forget(p);
         }
-        self.append(&rec.records)?;
+        if std::mem::take(&mut self.from_file) {
+            self.log
+                .append_unsynced(&rec.records)
+                .map_err(|e| io_err(self.log.path())(e))?;
+        } else {
+            self.append(&rec.records)?;
+        }
         self.dirty = true;
         Ok(rec.to_send)
     }

@@ -73,6 +73,9 @@ pub(super) struct Cold {
     /// Its files lag its log (it left memory with local edits unsaved):
     /// the next flush loads and saves it.
     pub dirty: bool,
+    /// Its log may hold unsynced appends (an import's first record, see
+    /// `Note::from_file`): [`Store::sync_logs`] still syncs it.
+    pub log_unsynced: bool,
 }
 
 impl Slot {
@@ -193,6 +196,7 @@ impl Cold {
             pending_rename: false,
             digest,
             dirty: false,
+            log_unsynced: false,
         }))
     }
 
@@ -207,6 +211,7 @@ impl Cold {
             pending_rename: n.pending.pending_rename().is_some(),
             digest: Some(digest(&n.doc.text())),
             dirty: n.dirty,
+            log_unsynced: n.log.is_unsynced(),
         }
     }
 }
@@ -219,12 +224,21 @@ impl Store {
         let cold = match self.notes.get(&id) {
             None => return Err(StoreError::UnknownNote(id)),
             Some(Slot::Loaded(..)) => None,
-            Some(Slot::Cold(c)) => Some((c.name.clone(), c.stem.clone(), c.site, c.provisional)),
+            Some(Slot::Cold(c)) => Some((
+                c.name.clone(),
+                c.stem.clone(),
+                c.site,
+                c.provisional,
+                c.log_unsynced,
+            )),
         };
-        if let Some((name, stem, site, provisional)) = cold {
+        if let Some((name, stem, site, provisional, log_unsynced)) = cold {
             self.trim(Some(id))?;
             self.reads.set(self.reads.get() + 1);
             let note = Note::load(&self.dir, id, name, stem, site, provisional)?;
+            if log_unsynced {
+                note.log.mark_unsynced();
+            }
             self.notes.insert(id, Slot::Loaded(Box::new(note), now));
         }
         match self.notes.get_mut(&id) {
@@ -269,6 +283,36 @@ impl Store {
                 digest: Some(d), ..
             })) => Ok(*d == digest(text)),
             _ => self.with_note(id, |n| n.doc.text() == text),
+        }
+    }
+
+    /// Makes these notes' logs durable (what an import appended unsynced,
+    /// see `Note::from_file`), before something that relies on their text
+    /// (a file's base) is made durable.
+    pub fn sync_logs(&mut self, ids: &[DocId]) -> Result<(), StoreError> {
+        for id in ids {
+            match self.notes.get_mut(id) {
+                Some(Slot::Loaded(n, _)) => n.sync_log()?,
+                Some(Slot::Cold(c)) if c.log_unsynced => {
+                    let (_, _, log) = note_paths(&self.dir, &c.stem);
+                    File::open(&log)
+                        .and_then(|f| f.sync_data())
+                        .map_err(io_err(&log))?;
+                    c.log_unsynced = false;
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether a note's log holds nothing unsynced (see
+    /// [`Store::sync_logs`]); a note the store does not know has none.
+    pub fn log_synced(&self, id: DocId) -> bool {
+        match self.notes.get(&id) {
+            Some(Slot::Loaded(n, _)) => !n.log.is_unsynced(),
+            Some(Slot::Cold(c)) => !c.log_unsynced,
+            None => true,
         }
     }
 
@@ -346,9 +390,46 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::Deferral;
 
     fn loaded(s: &Store) -> usize {
         s.loaded_count()
+    }
+
+    /// An import's first insert is the one append left unsynced; the note
+    /// says so in memory and once cold, until `sync_logs`; the import's
+    /// end leaves later edits fsynced as ever.
+    #[test]
+    fn an_imports_first_insert_waits_for_sync_logs_even_after_leaving_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(dir.path()).unwrap();
+        s.defer_state_saves(Deferral::Import);
+        let n = bounds().0 + 4;
+        let ids: Vec<DocId> = (0..n)
+            .map(|i| {
+                let id = s.create_for_file(&format!("n{i}")).unwrap();
+                s.insert(id, 0, "text", false).unwrap();
+                id
+            })
+            .collect();
+        assert!(ids.iter().all(|&id| !s.log_synced(id)));
+        assert!(
+            matches!(s.notes.get(&ids[0]), Some(Slot::Cold(_))),
+            "left memory"
+        );
+        s.sync_logs(&ids[..2]).unwrap();
+        assert!(s.log_synced(ids[0]) && s.log_synced(ids[1]) && !s.log_synced(ids[2]));
+        // Any later fsynced append of the log covers the first.
+        s.insert(ids[3], 4, "!", false).unwrap();
+        assert!(s.log_synced(ids[3]), "an fsynced append covers the first");
+        assert_eq!(s.text(ids[2]).unwrap(), "text");
+        s.end_deferred_state(Deferral::Import).unwrap();
+        let id = s.create_for_file("later").unwrap();
+        s.insert(id, 0, "typed", false).unwrap();
+        assert!(
+            s.log_synced(id),
+            "outside an import every append is fsynced"
+        );
     }
 
     #[test]

@@ -28,9 +28,9 @@
 //!
 //! May touch: that folder only.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::fs::{self, OpenOptions};
-use std::io::{self, Write};
+use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use notesync_protocol::DocId;
@@ -77,8 +77,9 @@ pub(super) struct Take {
 pub(super) struct Bases {
     dir: PathBuf,
     bases: HashMap<DocId, Base>,
-    /// Records not yet in the journal, in order, each with its note.
-    queued: Vec<(DocId, Vec<u8>)>,
+    /// Notes whose base changed since it was last written to the journal
+    /// (their record is made from `bases` when written: the latest wins).
+    queued: BTreeSet<DocId>,
     /// The length of the journal's valid part.
     journal_len: u64,
 }
@@ -92,7 +93,7 @@ impl Bases {
         let mut bases = Bases {
             dir,
             bases: HashMap::new(),
-            queued: Vec::new(),
+            queued: BTreeSet::new(),
             journal_len: 0,
         };
         let mut takes = Vec::new();
@@ -212,14 +213,7 @@ impl Bases {
         {
             return;
         }
-        let mut rec = Vec::new();
-        push_record(
-            &mut rec,
-            KIND_BASE,
-            id,
-            &[&encode_base(file), text.as_bytes()],
-        );
-        self.queued.push((id, rec));
+        self.queued.insert(id);
         let (file, text) = (file.to_owned(), text.to_owned());
         self.bases.insert(id, Base { file, text });
     }
@@ -227,32 +221,26 @@ impl Bases {
     /// Forgets a note's base, durably at the next [`Bases::sync`].
     pub fn drop(&mut self, id: DocId) {
         if self.bases.remove(&id).is_some() {
-            let mut rec = Vec::new();
-            push_record(&mut rec, KIND_GONE, id, &[]);
-            self.queued.push((id, rec));
+            self.queued.insert(id);
         }
     }
 
     /// The notes whose bases wait for [`Bases::sync`].
     pub fn unsynced(&self) -> Vec<DocId> {
-        let mut ids: Vec<DocId> = self.queued.iter().map(|(id, _)| *id).collect();
-        ids.sort_unstable();
-        ids.dedup();
-        ids
+        self.queued.iter().copied().collect()
     }
 
     /// Makes the queued records of the notes `ready` says may have them
     /// (their logs are durable) durable, in one append and one fsync; the
-    /// others stay queued, in order.
+    /// others stay queued.
     pub fn sync(&mut self, ready: impl Fn(DocId) -> bool) -> Result<(), FileError> {
-        let (now, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.queued)
+        let (now, later): (BTreeSet<DocId>, BTreeSet<DocId>) = std::mem::take(&mut self.queued)
             .into_iter()
-            .partition(|(id, _)| ready(*id));
+            .partition(|id| ready(*id));
         self.queued = later;
         if now.is_empty() {
             return Ok(());
         }
-        let bytes: Vec<u8> = now.into_iter().flat_map(|(_, r)| r).collect();
         let path = self.journal_path();
         let new = self.journal_len == 0;
         if new {
@@ -267,14 +255,33 @@ impl Bases {
         if f.metadata().map_err(at(&path))?.len() != self.journal_len {
             f.set_len(self.journal_len).map_err(at(&path))?;
         }
-        f.write_all(&bytes)
-            .and_then(|()| f.sync_data())
-            .map_err(at(&path))?;
+        // Record by record through a small buffer: the batch's texts are
+        // never copied whole.
+        let mut out = BufWriter::new(&mut f);
+        let mut rec = Vec::new();
+        let mut written = 0;
+        for id in now {
+            rec.clear();
+            match self.bases.get(&id) {
+                Some(b) => push_record(
+                    &mut rec,
+                    KIND_BASE,
+                    id,
+                    &[&encode_base(&b.file), b.text.as_bytes()],
+                ),
+                None => push_record(&mut rec, KIND_GONE, id, &[]),
+            }
+            out.write_all(&rec).map_err(at(&path))?;
+            written += rec.len();
+        }
+        out.flush().map_err(at(&path))?;
+        drop(out);
+        f.sync_data().map_err(at(&path))?;
         if new {
             sync_dir(&self.dir).map_err(at(&self.dir))?;
         }
         crash_point();
-        self.journal_len += bytes.len() as u64;
+        self.journal_len += written as u64;
         if self.wants_compacting() {
             self.compact()?;
         }

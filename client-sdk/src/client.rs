@@ -95,7 +95,8 @@ impl Client {
         self.edited(lock(&self.store).delete_note(id))
     }
 
-    /// Inserts text at a char index; durable when it returns.
+    /// Inserts text at a char index; durable when it returns (see
+    /// [`Store::insert`] for the one exception, an import's first insert).
     pub fn insert(&self, id: DocId, index: usize, text: &str) -> Result<(), StoreError> {
         self.edited(lock(&self.store).insert(id, index, text, false).map(drop))
     }

@@ -561,7 +561,11 @@ impl Store {
         Ok(self.slot(id)?.name().as_str().to_owned())
     }
 
-    /// Inserts text at a char index. Durable (logged and fsynced) on return.
+    /// Inserts text at a char index. Durable (logged and fsynced) on return,
+    /// but for the first insert into a note [`Store::create_for_file`] made
+    /// during an import: its file holds that text until the log is synced
+    /// (by the note's next fsynced append, its upsert's MarkSent, or
+    /// [`Store::sync_logs`]).
     /// `sent`: the ops go out right away in a live session.
     pub fn insert(
         &mut self,

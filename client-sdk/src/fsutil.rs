@@ -33,6 +33,27 @@ pub fn at(path: &Path) -> impl FnOnce(io::Error) -> FileError + '_ {
     }
 }
 
+/// Appends `payload` framed for an append-only file: `u32 len (BE) |
+/// payload | u32 crc32 (BE) of payload` (the op logs and the bases
+/// journal), so that a torn or corrupt last append is recognised by
+/// [`next_frame`] and dropped, never misread.
+pub(crate) fn put_frame(out: &mut impl bytes::BufMut, payload: &[u8]) {
+    let len = u32::try_from(payload.len()).expect("a framed record is under 4 GiB");
+    out.put_u32(len);
+    out.put_slice(payload);
+    out.put_u32(crc32fast::hash(payload));
+}
+
+/// The payload of the frame at `at` and where the next one begins; `None`
+/// at the end, or where a frame is cut short or fails its checksum.
+pub(crate) fn next_frame(bytes: &[u8], at: usize) -> Option<(&[u8], usize)> {
+    let len = u32::from_be_bytes(bytes.get(at..at.checked_add(4)?)?.try_into().ok()?) as usize;
+    let end = at.checked_add(4)?.checked_add(len)?;
+    let payload = bytes.get(at + 4..end)?;
+    let crc = u32::from_be_bytes(bytes.get(end..end.checked_add(4)?)?.try_into().ok()?);
+    (crc32fast::hash(payload) == crc).then_some((payload, end + 4))
+}
+
 /// Attempts at reading one file that keeps changing under us.
 const READ_TRIES: usize = 5;
 

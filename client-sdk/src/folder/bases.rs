@@ -36,7 +36,7 @@ use std::path::{Path, PathBuf};
 use notesync_protocol::DocId;
 
 use super::is_note_file;
-use crate::fsutil::{FileError, at, crash_point, sync_dir, write_atomic};
+use crate::fsutil::{FileError, at, crash_point, next_frame, put_frame, sync_dir, write_atomic};
 
 /// Where the bases live, inside the store's own folder.
 const BASE_DIR: &str = ".notesync/cli";
@@ -82,6 +82,8 @@ pub(super) struct Bases {
     queued: BTreeSet<DocId>,
     /// The length of the journal's valid part.
     journal_len: u64,
+    /// What the live bases take in the journal ([`record_len`] each).
+    live_len: u64,
 }
 
 impl Bases {
@@ -95,6 +97,7 @@ impl Bases {
             bases: HashMap::new(),
             queued: BTreeSet::new(),
             journal_len: 0,
+            live_len: 0,
         };
         let mut takes = Vec::new();
         let entries = match fs::read_dir(&bases.dir) {
@@ -123,7 +126,7 @@ impl Bases {
             };
             if kind == "base" {
                 let (file, text) = (file.to_owned(), rest.to_owned());
-                bases.bases.insert(id, Base { file, text });
+                bases.insert(id, Base { file, text });
             } else if let Some((len, rest)) = rest.split_once('\n')
                 && let Ok(len) = len.parse::<usize>()
                 && rest.is_char_boundary(len)
@@ -175,10 +178,10 @@ impl Bases {
             match kind {
                 KIND_BASE => {
                     let Some(base) = decode_base(body) else { break };
-                    self.bases.insert(id, base);
+                    self.insert(id, base);
                 }
                 KIND_GONE if body.is_empty() => {
-                    self.bases.remove(&id);
+                    self.remove(id);
                 }
                 _ => break,
             }
@@ -215,12 +218,27 @@ impl Bases {
         }
         self.queued.insert(id);
         let (file, text) = (file.to_owned(), text.to_owned());
-        self.bases.insert(id, Base { file, text });
+        self.insert(id, Base { file, text });
+    }
+
+    fn insert(&mut self, id: DocId, base: Base) {
+        self.live_len += record_len(&base);
+        if let Some(old) = self.bases.insert(id, base) {
+            self.live_len -= record_len(&old);
+        }
+    }
+
+    fn remove(&mut self, id: DocId) -> bool {
+        let old = self.bases.remove(&id);
+        if let Some(old) = &old {
+            self.live_len -= record_len(old);
+        }
+        old.is_some()
     }
 
     /// Forgets a note's base, durably at the next [`Bases::sync`].
     pub fn drop(&mut self, id: DocId) {
-        if self.bases.remove(&id).is_some() {
+        if self.remove(id) {
             self.queued.insert(id);
         }
     }
@@ -288,15 +306,8 @@ impl Bases {
         Ok(())
     }
 
-    fn live_len(&self) -> u64 {
-        self.bases
-            .values()
-            .map(|b| (FRAME + 1 + 16 + 4 + b.file.len() + b.text.len()) as u64)
-            .sum()
-    }
-
     fn wants_compacting(&self) -> bool {
-        self.journal_len > COMPACT_RATIO * self.live_len() + COMPACT_SLACK
+        self.journal_len > COMPACT_RATIO * self.live_len + COMPACT_SLACK
     }
 
     /// Rewrites the journal with the live bases only, atomically; only
@@ -317,6 +328,11 @@ impl Bases {
                 &[&encode_base(&b.file), b.text.as_bytes()],
             );
         }
+        debug_assert_eq!(
+            out.len() as u64,
+            self.live_len,
+            "record_len is each record's size"
+        );
         fs::create_dir_all(&self.dir).map_err(at(&self.dir))?;
         let path = self.journal_path();
         write_atomic(&path, &out).map_err(at(&path))?;
@@ -344,6 +360,11 @@ impl Bases {
     }
 }
 
+/// The bytes a base's record takes in the journal.
+fn record_len(b: &Base) -> u64 {
+    (FRAME + 1 + 16 + 4 + b.file.len() + b.text.len()) as u64
+}
+
 /// A base record's body before its text: the file name's length (BE) and
 /// the file name.
 fn encode_base(file: &str) -> Vec<u8> {
@@ -365,32 +386,22 @@ fn decode_base(body: &[u8]) -> Option<Base> {
 
 /// Appends one framed record: kind, id, then `parts` concatenated.
 fn push_record(out: &mut Vec<u8>, kind: u8, id: DocId, parts: &[&[u8]]) {
-    let start = out.len();
-    out.extend_from_slice(&[0; 4]);
-    out.push(kind);
-    out.extend_from_slice(&id.to_be_bytes());
+    let mut payload = Vec::with_capacity(17 + parts.iter().map(|p| p.len()).sum::<usize>());
+    payload.push(kind);
+    payload.extend_from_slice(&id.to_be_bytes());
     for p in parts {
-        out.extend_from_slice(p);
+        payload.extend_from_slice(p);
     }
-    let payload = &out[start + 4..];
-    let len = u32::try_from(payload.len()).expect("a base is under 4 GiB");
-    let crc = crc32fast::hash(payload);
-    out[start..start + 4].copy_from_slice(&len.to_be_bytes());
-    out.extend_from_slice(&crc.to_be_bytes());
+    put_frame(out, &payload);
 }
 
 /// The record at `at`: its kind, id, body and where the next begins;
 /// `None` at the end, or where a record is cut short or fails its check.
 fn next_record(bytes: &[u8], at: usize) -> Option<(u8, DocId, &[u8], usize)> {
-    let len = u32::from_be_bytes(bytes.get(at..at + 4)?.try_into().ok()?) as usize;
-    let payload = bytes.get(at + 4..(at + 4).checked_add(len)?)?;
-    let end = at + 4 + len;
-    let crc = u32::from_be_bytes(bytes.get(end..end + 4)?.try_into().ok()?);
-    if crc32fast::hash(payload) != crc || payload.len() < 17 {
-        return None;
-    }
-    let id = DocId::from_be_bytes(payload[1..17].try_into().ok()?);
-    Some((payload[0], id, &payload[17..], end + 4))
+    let (payload, next) = next_frame(bytes, at)?;
+    let (&kind, rest) = payload.split_first()?;
+    let id = DocId::from_be_bytes(rest.get(..16)?.try_into().ok()?);
+    Some((kind, id, &rest[16..], next))
 }
 
 /// `<32 hex digits>.base` or `.take`: the id and which.

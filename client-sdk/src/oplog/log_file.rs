@@ -11,6 +11,7 @@ use bytes::{Buf, BufMut, BytesMut};
 use notesync_protocol::{Atom, FrameDecoder, Level, Pid, ServerFrame};
 
 use super::Record;
+use crate::fsutil::{next_frame, put_frame};
 
 /// Payload kinds (the format is in the docs of [`crate::oplog`]).
 const INSERT: u8 = 1;
@@ -228,9 +229,7 @@ fn encode_after(records: &[Record], tail: &mut Option<Tail>) -> BytesMut {
         let (n, backwards, more) = pick.expect("picked");
         payload.clear();
         encode_group(&rest[..n], backwards, more, &mut payload);
-        out.put_u32(payload.len() as u32);
-        out.put_slice(&payload);
-        out.put_u32(crc32fast::hash(&payload));
+        put_frame(&mut out, &payload);
         *tail = tail_after(&rest[n - 1]);
         i += n;
     }
@@ -248,9 +247,7 @@ pub(crate) fn encode_records_v1(records: &[Record]) -> BytesMut {
     for r in records {
         let mut payload = BytesMut::new();
         encode_payload(r, &mut payload);
-        out.put_u32(payload.len() as u32);
-        out.put_slice(&payload);
-        out.put_u32(crc32fast::hash(&payload));
+        put_frame(&mut out, &payload);
     }
     out
 }
@@ -441,24 +438,11 @@ pub fn decode_records(bytes: &[u8]) -> (Vec<Record>, usize) {
 
 /// [`decode_records`], and what the valid prefix's last record leaves for
 /// the next append to continue.
-fn decode_with_tail(mut bytes: &[u8]) -> (Vec<Record>, usize, Option<Tail>) {
-    let total = bytes.len();
+fn decode_with_tail(bytes: &[u8]) -> (Vec<Record>, usize, Option<Tail>) {
     let mut out = Vec::new();
     let mut tail = None;
-    loop {
-        let valid = total - bytes.len();
-        if bytes.len() < 4 {
-            return (out, valid, tail);
-        }
-        let len = (&bytes[..4]).get_u32() as usize;
-        if bytes.len() - 4 < len.saturating_add(4) {
-            return (out, valid, tail);
-        }
-        let payload = &bytes[4..4 + len];
-        let crc = (&bytes[4 + len..8 + len]).get_u32();
-        if crc32fast::hash(payload) != crc {
-            return (out, valid, tail);
-        }
+    let mut valid = 0;
+    while let Some((payload, next)) = next_frame(bytes, valid) {
         let group = match payload.split_first() {
             Some((&kind, rest)) if kind >= INSERT_RUN => decode_group(kind, rest, tail.as_ref()),
             _ => decode_payload(payload).map(|r| vec![r]),
@@ -468,10 +452,11 @@ fn decode_with_tail(mut bytes: &[u8]) -> (Vec<Record>, usize, Option<Tail>) {
                 tail = records.last().and_then(tail_after);
                 out.extend(records);
             }
-            None => return (out, valid, tail),
+            None => break,
         }
-        bytes = &bytes[8 + len..];
+        valid = next;
     }
+    (out, valid, tail)
 }
 
 /// The durable op log file of one document.

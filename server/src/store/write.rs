@@ -75,6 +75,29 @@ pub struct WriteTables<'t> {
     /// so the chunk at or before a key is the later of the table's and
     /// the cache's.
     cache: BTreeMap<Vec<u8>, Cached>,
+    /// The last lookup of the stored chunk at or before a key, and the
+    /// span of keys it answers for: an upsert's run of 2,000 chars asks
+    /// 4,000 times for one chunk, and each ask would otherwise be two
+    /// B-tree seeks in the table. Valid while the table's chunks do not
+    /// change, so everything that writes them clears it.
+    span: Option<StoredSpan>,
+}
+
+/// Every chunk key of `doc` in [`lo` (or the document's first key), `hi`
+/// (or its last)) has `lo` as the stored chunk at or before it (`None`:
+/// none stored). `lo` is in the cache.
+struct StoredSpan {
+    doc: DocId,
+    lo: Option<Vec<u8>>,
+    hi: Option<Vec<u8>>,
+}
+
+impl StoredSpan {
+    fn covers(&self, doc: DocId, k: &[u8]) -> bool {
+        self.doc == doc
+            && self.lo.as_deref().is_none_or(|lo| lo <= k)
+            && self.hi.as_deref().is_none_or(|hi| k < hi)
+    }
 }
 
 impl<'t> WriteTables<'t> {
@@ -87,6 +110,7 @@ impl<'t> WriteTables<'t> {
             chunks: txn.open_table(CHUNKS)?,
             chunk_times: txn.open_table(CHUNK_TIMES)?,
             cache: BTreeMap::new(),
+            span: None,
         })
     }
 
@@ -155,25 +179,34 @@ impl<'t> WriteTables<'t> {
             ))
             .next_back()
             .map(|(k, _)| k.clone());
-        let stored = match self
-            .chunks
-            .range::<&[u8]>(lo.as_slice()..=k.as_slice())?
-            .next_back()
-        {
-            Some(e) => {
-                let (key, v) = e?;
-                Some((key.value().to_vec(), v.value().to_vec()))
-            }
-            None => None,
+        let stored = match &self.span {
+            Some(span) if span.covers(doc, &k) => span.lo.clone(),
+            _ => self.stored_at_or_before(doc, &lo, &k)?,
         };
         Ok(match (cached, stored) {
-            (Some(c), Some((s, _))) if c >= s => Some(c),
-            (_, Some((s, v))) => {
-                if !self.cache.contains_key(&s) {
-                    let chunk = Chunk::decode(&v)?;
+            (Some(c), Some(s)) if c >= s => Some(c),
+            (_, Some(s)) => Some(s),
+            (c, None) => c,
+        })
+    }
+
+    /// The stored chunk at or before `k` (loaded into the cache), with
+    /// the span it answers for remembered.
+    fn stored_at_or_before(
+        &mut self,
+        doc: DocId,
+        lo: &[u8],
+        k: &[u8],
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        let stored = match self.chunks.range::<&[u8]>(lo..=k)?.next_back() {
+            Some(e) => {
+                let (key, v) = e?;
+                let key = key.value().to_vec();
+                if !self.cache.contains_key(&key) {
+                    let chunk = Chunk::decode(v.value())?;
                     let stored_changed = Some(chunk.changed);
                     self.cache.insert(
-                        s.clone(),
+                        key.clone(),
                         Cached {
                             chunk,
                             stored_changed,
@@ -181,10 +214,27 @@ impl<'t> WriteTables<'t> {
                         },
                     );
                 }
-                Some(s)
+                Some(key)
             }
-            (c, None) => c,
-        })
+            None => None,
+        };
+        let hi = match self
+            .chunks
+            .range::<&[u8]>((std::ops::Bound::Excluded(k), std::ops::Bound::Unbounded))?
+            .next()
+        {
+            Some(e) => {
+                let key = e?.0.value().to_vec();
+                (super::layout::split_doc_key(&key).map(|(d, _)| d) == Some(doc)).then_some(key)
+            }
+            None => None,
+        };
+        self.span = Some(StoredSpan {
+            doc,
+            lo: stored.clone(),
+            hi,
+        });
+        Ok(stored)
     }
 
     /// What the id holds (None: nothing, not even a tombstone).
@@ -248,6 +298,7 @@ impl<'t> WriteTables<'t> {
     /// too big) and its `chunk_times` entry. The writer calls it before
     /// it commits; changes made without it are lost.
     pub fn flush(&mut self) -> Result<(), StoreError> {
+        self.span = None;
         let cache = std::mem::take(&mut self.cache);
         for (key, c) in cache {
             if !c.dirty {
@@ -531,6 +582,7 @@ impl<'t> WriteTables<'t> {
     /// record stays). Cost: O(its chunks), in the deleting transaction.
     pub fn drop_content(&mut self, doc: DocId) -> Result<(), StoreError> {
         let range = DocAtoms::new(doc);
+        self.span = None;
         self.cache
             .retain(|k, _| super::layout::split_doc_key(k).is_none_or(|(d, _)| d != doc));
         self.chunks
@@ -560,6 +612,7 @@ impl WriteTables<'_> {
         run_key: &[u8],
         value: &[u8],
     ) -> Result<(), StoreError> {
+        self.span = None;
         self.chunks
             .insert(chunk_key(doc, run_key).as_slice(), value)?;
         Ok(())

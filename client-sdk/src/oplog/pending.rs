@@ -3,7 +3,7 @@
 //! this returns as [`Record`]s, the caller makes durable with
 //! [`super::LogFile`] before reporting an edit done.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use notesync_protocol::{Atom, DocName, Pid};
 
@@ -13,20 +13,29 @@ use crate::doc::LocalOp;
 /// Pending ops of one document, in memory.
 #[derive(Debug, Clone, Default)]
 pub struct Pending {
-    /// Inserts not yet acknowledged: id -> (atom, sent). The atom is kept
-    /// whole (validated once, when it was made or read back).
-    inserts: BTreeMap<Pid, (Atom, bool)>,
-    /// Deletes not yet acknowledged: id -> sent.
-    deletes: BTreeMap<Pid, bool>,
-    rename: Option<(DocName, bool)>,
+    /// Inserts not yet acknowledged, by id. The atom is kept whole
+    /// (validated once, when it was made or read back).
+    inserts: BTreeMap<Pid, Queued<Atom>>,
+    /// Deletes not yet acknowledged, by id.
+    deletes: BTreeMap<Pid, Queued<()>>,
+    rename: Option<Queued<DocName>>,
     /// Cancels not yet reflected in the structure file.
     cancels: Vec<Pid>,
     /// Every pending op in the order it was made, so a live session sends
     /// only what is newer than what it already sent (not a full snapshot
-    /// per keystroke).
+    /// per keystroke). Each op keeps its own sequence number, so taking
+    /// one out needs no second map (an import queues 2,000 per note).
     order: BTreeMap<u64, OpKey>,
-    seq_of: HashMap<OpKey, u64>,
     next_seq: u64,
+}
+
+/// One pending op's state: what it carries, whether it may have left the
+/// device, and where it is in `order`.
+#[derive(Debug, Clone)]
+struct Queued<T> {
+    op: T,
+    sent: bool,
+    seq: u64,
 }
 
 /// Names one pending op.
@@ -57,17 +66,52 @@ pub struct Recorded {
 }
 
 impl Pending {
-    fn enqueue(&mut self, key: OpKey) {
-        self.dequeue(&key);
+    /// Queues `key` as the newest op; returns its sequence number. The
+    /// caller has taken out the op it replaces, if any.
+    fn enqueue(&mut self, key: OpKey) -> u64 {
         self.next_seq += 1;
-        self.order.insert(self.next_seq, key.clone());
-        self.seq_of.insert(key, self.next_seq);
+        self.order.insert(self.next_seq, key);
+        self.next_seq
     }
 
-    fn dequeue(&mut self, key: &OpKey) {
-        if let Some(seq) = self.seq_of.remove(key) {
-            self.order.remove(&seq);
+    /// Queues an insert (replacing one of the same id).
+    fn put_insert(&mut self, atom: Atom, sent: bool) {
+        if let Some(old) = self.inserts.remove(atom.pid()) {
+            self.order.remove(&old.seq);
         }
+        let seq = self.enqueue(OpKey::Insert(atom.pid().clone()));
+        self.inserts.insert(
+            atom.pid().clone(),
+            Queued {
+                op: atom,
+                sent,
+                seq,
+            },
+        );
+    }
+
+    fn remove_insert(&mut self, pid: &Pid) -> Option<Queued<Atom>> {
+        let q = self.inserts.remove(pid)?;
+        self.order.remove(&q.seq);
+        Some(q)
+    }
+
+    fn remove_delete(&mut self, pid: &Pid) -> Option<Queued<()>> {
+        let q = self.deletes.remove(pid)?;
+        self.order.remove(&q.seq);
+        Some(q)
+    }
+
+    fn put_rename(&mut self, name: DocName, sent: bool) {
+        if let Some(old) = self.rename.take() {
+            self.order.remove(&old.seq);
+        }
+        let seq = self.enqueue(OpKey::Rename);
+        self.rename = Some(Queued {
+            op: name,
+            sent,
+            seq,
+        });
     }
 
     /// Pending ops made after sequence number `after`, in order, with their
@@ -77,9 +121,9 @@ impl Pending {
             .range(after + 1..)
             .filter_map(|(&seq, key)| {
                 let op = match key {
-                    OpKey::Insert(p) => PendingOp::Insert(self.inserts.get(p)?.0.clone()),
+                    OpKey::Insert(p) => PendingOp::Insert(self.inserts.get(p)?.op.clone()),
                     OpKey::Delete(p) => PendingOp::Delete(p.clone()),
-                    OpKey::Rename => PendingOp::Rename(self.rename.as_ref()?.0.clone()),
+                    OpKey::Rename => PendingOp::Rename(self.rename.as_ref()?.op.clone()),
                 };
                 Some((seq, op))
             })
@@ -109,11 +153,11 @@ impl Pending {
 
     /// A rename not yet acknowledged.
     pub fn pending_rename(&self) -> Option<&DocName> {
-        self.rename.as_ref().map(|r| &r.0)
+        self.rename.as_ref().map(|r| &r.op)
     }
 
     pub fn is_unsent_insert(&self, pid: &Pid) -> bool {
-        self.inserts.get(pid).is_some_and(|(_, sent)| !sent)
+        self.inserts.get(pid).is_some_and(|q| !q.sent)
     }
 
     /// Records local ops. `sent`: they are about to be sent right away (a
@@ -123,9 +167,7 @@ impl Pending {
         for op in ops {
             match op {
                 LocalOp::Insert(atom) => {
-                    self.inserts
-                        .insert(atom.pid().clone(), (atom.clone(), sent));
-                    self.enqueue(OpKey::Insert(atom.pid().clone()));
+                    self.put_insert(atom.clone(), sent);
                     out.records.push(Record::Insert {
                         atom: atom.clone(),
                         sent,
@@ -134,8 +176,7 @@ impl Pending {
                 }
                 LocalOp::Delete(pid) => {
                     if self.is_unsent_insert(&pid) {
-                        let (atom, _) = self.inserts.remove(&pid).expect("checked");
-                        self.dequeue(&OpKey::Insert(pid.clone()));
+                        let atom = self.remove_insert(&pid).expect("checked").op;
                         // Deletes of its chars (PROTOCOL.md 1.2) go with it.
                         if atom.data().chars().nth(1).is_some() {
                             self.drop_char_deletes(std::slice::from_ref(&pid));
@@ -147,8 +188,10 @@ impl Pending {
                             .retain(|op| !matches!(op, LocalOp::Insert(a) if *a.pid() == pid));
                         out.forget.push(pid);
                     } else {
-                        self.deletes.insert(pid.clone(), sent);
-                        self.enqueue(OpKey::Delete(pid.clone()));
+                        self.remove_delete(&pid);
+                        let seq = self.enqueue(OpKey::Delete(pid.clone()));
+                        self.deletes
+                            .insert(pid.clone(), Queued { op: (), sent, seq });
                         out.records.push(Record::Delete {
                             pid: pid.clone(),
                             sent,
@@ -162,8 +205,7 @@ impl Pending {
     }
 
     pub fn record_rename(&mut self, name: DocName, sent: bool) -> Record {
-        self.rename = Some((name.clone(), sent));
-        self.enqueue(OpKey::Rename);
+        self.put_rename(name.clone(), sent);
         Record::Rename { name, sent }
     }
 
@@ -171,22 +213,29 @@ impl Pending {
     pub fn replay(&mut self, r: &Record) -> Option<Pid> {
         match r {
             Record::Insert { atom, sent } => {
-                self.inserts
-                    .insert(atom.pid().clone(), (atom.clone(), *sent));
-                self.enqueue(OpKey::Insert(atom.pid().clone()));
+                self.put_insert(atom.clone(), *sent);
                 None
             }
             Record::Delete { pid, sent } => {
-                let was_sent = self.deletes.get(pid).copied().unwrap_or(false);
-                self.deletes.insert(pid.clone(), *sent || was_sent);
-                if !self.seq_of.contains_key(&OpKey::Delete(pid.clone())) {
-                    self.enqueue(OpKey::Delete(pid.clone()));
+                // A delete logged again keeps its place and its sentness.
+                match self.deletes.get_mut(pid) {
+                    Some(q) => q.sent |= *sent,
+                    None => {
+                        let seq = self.enqueue(OpKey::Delete(pid.clone()));
+                        self.deletes.insert(
+                            pid.clone(),
+                            Queued {
+                                op: (),
+                                sent: *sent,
+                                seq,
+                            },
+                        );
+                    }
                 }
                 None
             }
             Record::Cancel { pid } => {
-                self.inserts.remove(pid);
-                self.dequeue(&OpKey::Insert(pid.clone()));
+                self.remove_insert(pid);
                 self.cancels.push(pid.clone());
                 Some(pid.clone())
             }
@@ -195,8 +244,7 @@ impl Pending {
                 None
             }
             Record::Rename { name, sent } => {
-                self.rename = Some((name.clone(), *sent));
-                self.enqueue(OpKey::Rename);
+                self.put_rename(name.clone(), *sent);
                 None
             }
         }
@@ -204,35 +252,33 @@ impl Pending {
 
     /// Every pending op is now (about to be) sent.
     pub fn mark_sent(&mut self) {
-        self.inserts.values_mut().for_each(|v| v.1 = true);
-        self.deletes.values_mut().for_each(|v| *v = true);
+        self.inserts.values_mut().for_each(|q| q.sent = true);
+        self.deletes.values_mut().for_each(|q| q.sent = true);
         if let Some(r) = &mut self.rename {
-            r.1 = true;
+            r.sent = true;
         }
     }
 
     /// The ops to send in an upsert: every pending insert and delete.
     pub fn snapshot(&self) -> (Vec<Atom>, Vec<Pid>, Option<DocName>) {
-        let inserts = self.inserts.values().map(|(a, _)| a.clone()).collect();
+        let inserts = self.inserts.values().map(|q| q.op.clone()).collect();
         let deletes = self.deletes.keys().cloned().collect();
-        (inserts, deletes, self.rename.as_ref().map(|r| r.0.clone()))
+        (inserts, deletes, self.rename.as_ref().map(|r| r.op.clone()))
     }
 
     /// The server acknowledged these ops (an upsert's 34, or a session ack).
     pub fn acknowledge(&mut self, inserts: &[Pid], deletes: &[Pid], rename: Option<&DocName>) {
         for p in inserts {
-            if self.inserts.remove(p).is_some() {
-                self.dequeue(&OpKey::Insert(p.clone()));
-            }
+            self.remove_insert(p);
         }
         for p in deletes {
-            if self.deletes.remove(p).is_some() {
-                self.dequeue(&OpKey::Delete(p.clone()));
-            }
+            self.remove_delete(p);
         }
-        if rename.is_some() && self.rename.as_ref().map(|r| &r.0) == rename {
-            self.rename = None;
-            self.dequeue(&OpKey::Rename);
+        if let Some(name) = rename
+            && self.rename.as_ref().is_some_and(|r| r.op == *name)
+            && let Some(old) = self.rename.take()
+        {
+            self.order.remove(&old.seq);
         }
     }
 
@@ -251,8 +297,7 @@ impl Pending {
                 .cloned()
                 .collect();
             for d in chars {
-                self.deletes.remove(&d);
-                self.dequeue(&OpKey::Delete(d));
+                self.remove_delete(&d);
             }
         }
     }
@@ -269,12 +314,10 @@ impl Pending {
         if all {
             self.inserts.clear();
             self.order.clear();
-            self.seq_of.clear();
         }
         for p in removed {
             if !all {
-                self.inserts.remove(p);
-                self.dequeue(&OpKey::Insert(p.clone()));
+                self.remove_insert(p);
             }
             self.cancels.push(p.clone());
             records.push(Record::Cancel { pid: p.clone() });
@@ -282,8 +325,7 @@ impl Pending {
         // Deletes of chars of atoms that never left the device go with them.
         self.drop_char_deletes(removed);
         for a in added {
-            self.inserts.insert(a.pid().clone(), (a.clone(), false));
-            self.enqueue(OpKey::Insert(a.pid().clone()));
+            self.put_insert(a.clone(), false);
             records.push(Record::Insert {
                 atom: a.clone(),
                 sent: false,
@@ -305,22 +347,22 @@ impl Pending {
             .iter()
             .map(|p| Record::Cancel { pid: p.clone() })
             .collect();
-        for (atom, sent) in self.inserts.values() {
+        for q in self.inserts.values() {
             out.push(Record::Insert {
-                atom: atom.clone(),
-                sent: *sent,
+                atom: q.op.clone(),
+                sent: q.sent,
             });
         }
-        for (p, sent) in &self.deletes {
+        for (p, q) in &self.deletes {
             out.push(Record::Delete {
                 pid: p.clone(),
-                sent: *sent,
+                sent: q.sent,
             });
         }
-        if let Some((name, sent)) = &self.rename {
+        if let Some(q) = &self.rename {
             out.push(Record::Rename {
-                name: name.clone(),
-                sent: *sent,
+                name: q.op.clone(),
+                sent: q.sent,
             });
         }
         out

@@ -592,9 +592,9 @@ impl LogFile {
     /// Replaces the whole log atomically (compaction). To nothing, the
     /// file is truncated in place without an fsync (see below), or left
     /// alone when it is empty already: what every save of a note without
-    /// pending ops does. The folder's
-    /// fsync of a non-empty rewrite is the caller's ([`LogFile::rewrite`]
-    /// through `write_atomic` syncs it; `rewrite_in_batch` leaves it).
+    /// pending ops does. The folder's fsync of a non-empty rewrite is the
+    /// caller's ([`LogFile::rewrite`] through `write_atomic` syncs it;
+    /// `rewrite_in_batch` leaves it).
     pub fn rewrite(&mut self, records: &[Record]) -> io::Result<()> {
         self.rewrite_with(records, crate::fsutil::write_atomic)
     }
@@ -625,10 +625,10 @@ impl LogFile {
                 // re-send as a no-op (PROTOCOL.md 3.1) unless it comes
                 // more than the tombstone horizon after another device
                 // deleted the text (3.6's limit, which a lost reply hits
-                // the same way). The next fsync of
-                // this file (an append's) makes the truncation durable
-                // with it, so the log never has a hole; nothing else waits
-                // on it (`unsynced` stays for what does).
+                // the same way). The next fsync of this file (an
+                // append's) makes the truncation durable with it, so the
+                // log never has a hole; nothing else waits on it
+                // (`unsynced` stays for what does).
                 self.file.set_len(0)?;
             }
             self.tail = None;

@@ -314,11 +314,12 @@ impl Pending {
         if all {
             self.inserts.clear();
             self.order.clear();
-        }
-        for p in removed {
-            if !all {
+        } else {
+            for p in removed {
                 self.remove_insert(p);
             }
+        }
+        for p in removed {
             self.cancels.push(p.clone());
             records.push(Record::Cancel { pid: p.clone() });
         }

@@ -794,7 +794,8 @@ mod tests {
                 .map(|x| x.pid().clone())
                 .collect::<Vec<_>>();
             assert_eq!(sent.len(), 11);
-            log = PathBuf::from(format!("{}.latest_ops", s.info(a).unwrap().file.display()));
+            log = note_paths(dir.path(), "note").2;
+            assert_eq!(s.info(a).unwrap().file, note_paths(dir.path(), "note").0);
             old_log = fs::read(&log).unwrap();
             s.acknowledge(a, &sent, &[], None).unwrap();
             s.flush().unwrap();
@@ -820,7 +821,7 @@ mod tests {
     fn a_version_1_structure_opens_and_is_rewritten_at_the_next_save() {
         let dir = tempfile::tempdir().unwrap();
         let a;
-        let st = dir.path().join("old.md.structure");
+        let st = note_paths(dir.path(), "old").1;
         {
             let mut s = Store::open(dir.path()).unwrap();
             a = s.create("old").unwrap();

@@ -96,6 +96,13 @@ impl Pending {
         Some(q)
     }
 
+    /// Queues a delete as the newest op (replacing one of the same id).
+    fn put_delete(&mut self, pid: Pid, sent: bool) {
+        self.remove_delete(&pid);
+        let seq = self.enqueue(OpKey::Delete(pid.clone()));
+        self.deletes.insert(pid, Queued { op: (), sent, seq });
+    }
+
     fn remove_delete(&mut self, pid: &Pid) -> Option<Queued<()>> {
         let q = self.deletes.remove(pid)?;
         self.order.remove(&q.seq);
@@ -188,10 +195,7 @@ impl Pending {
                             .retain(|op| !matches!(op, LocalOp::Insert(a) if *a.pid() == pid));
                         out.forget.push(pid);
                     } else {
-                        self.remove_delete(&pid);
-                        let seq = self.enqueue(OpKey::Delete(pid.clone()));
-                        self.deletes
-                            .insert(pid.clone(), Queued { op: (), sent, seq });
+                        self.put_delete(pid.clone(), sent);
                         out.records.push(Record::Delete {
                             pid: pid.clone(),
                             sent,
@@ -220,17 +224,7 @@ impl Pending {
                 // A delete logged again keeps its place and its sentness.
                 match self.deletes.get_mut(pid) {
                     Some(q) => q.sent |= *sent,
-                    None => {
-                        let seq = self.enqueue(OpKey::Delete(pid.clone()));
-                        self.deletes.insert(
-                            pid.clone(),
-                            Queued {
-                                op: (),
-                                sent: *sent,
-                                seq,
-                            },
-                        );
-                    }
+                    None => self.put_delete(pid.clone(), *sent),
                 }
                 None
             }

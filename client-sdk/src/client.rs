@@ -110,6 +110,11 @@ impl Client {
         lock(&self.store).text(id)
     }
 
+    /// Whether a note has no text and no pending op.
+    pub fn is_blank(&self, id: DocId) -> Result<bool, StoreError> {
+        lock(&self.store).is_blank(id)
+    }
+
     pub fn name(&self, id: DocId) -> Result<String, StoreError> {
         lock(&self.store).name(id)
     }
@@ -126,7 +131,7 @@ impl Client {
 
     /// One two-way sync of every note.
     pub async fn sync_now(&self) -> Result<SyncReport, SyncError> {
-        sync_once(&self.store, &self.server, &mut |_| {}).await
+        sync_once(&self.store, &self.server, &mut |_| {}, &mut |_| None).await
     }
 
     /// [`Client::sync_now`], telling `progress` after each note it is done
@@ -135,7 +140,23 @@ impl Client {
         &self,
         mut progress: impl FnMut(SyncProgress) + Send,
     ) -> Result<SyncReport, SyncError> {
-        sync_once(&self.store, &self.server, &mut progress).await
+        sync_once(&self.store, &self.server, &mut progress, &mut |_| None).await
+    }
+
+    /// [`Client::sync_now_reporting`], asking `new_text` for the text of
+    /// each new, still empty note once the server gave it its site: that
+    /// text is then made with the ids it keeps (an import whose files hold
+    /// the text until then; text inserted earlier would be made with
+    /// provisional ids and re-made). Appended to the note's log unsynced:
+    /// the fsync before its upsert leaves makes it durable, so the caller
+    /// must keep the text where it found it until the note's log is
+    /// synced ([`crate::Store::log_synced`]).
+    pub async fn sync_now_filling(
+        &self,
+        mut progress: impl FnMut(SyncProgress) + Send,
+        mut new_text: impl FnMut(DocId) -> Option<String> + Send,
+    ) -> Result<SyncReport, SyncError> {
+        sync_once(&self.store, &self.server, &mut progress, &mut new_text).await
     }
 
     /// Starts the background sync: it follows the server's change feed

@@ -30,7 +30,8 @@
 //! written is the folder joined with one plain file name, checked here
 //! (the store already makes note names into safe file names).
 //!
-//! The parts: [`bases`] (what the folder remembers of each file), [`take`]
+//! The parts: [`bases`] (what the folder remembers of each file), [`import`]
+//! (new files' text given at their notes' first sync), [`take`]
 //! (a file's edits into its note), [`write_back`] (notes into files, and
 //! `status`), [`report`] (what the operations return); the file I/O itself
 //! is [`crate::fsutil`]. This file: opening the folder, picking up files,
@@ -41,6 +42,7 @@
 //! [`Session`], or the store lock they hand out.
 
 mod bases;
+mod import;
 mod report;
 mod take;
 mod write_back;
@@ -103,6 +105,9 @@ pub struct Folder {
     client: Client,
     bases: Bases,
     progress: Option<Progress>,
+    /// New notes left blank by [`Folder::pick_up_for_sync`], by id: the
+    /// file that holds their text (see [`import`]).
+    blank: HashMap<DocId, String>,
 }
 
 impl Folder {
@@ -125,6 +130,7 @@ impl Folder {
             client,
             bases,
             progress: None,
+            blank: HashMap::new(),
         };
         folder.finish_takes(takes)?;
         // A note deleted elsewhere whose file was not dealt with yet (a
@@ -206,10 +212,27 @@ impl Folder {
         only: Option<&HashSet<String>>,
         sessions: &HashMap<DocId, Session>,
     ) -> Result<PickUp, FolderError> {
+        self.fill_blank_notes()?;
+        self.pick_up_with(only, sessions, false)
+    }
+
+    /// [`Folder::pick_up`] of every file, before [`Folder::sync_reporting`]:
+    /// a new file's note is made blank, and its text goes in once the note
+    /// has its site (see [`import`]).
+    pub fn pick_up_for_sync(&mut self) -> Result<PickUp, FolderError> {
+        self.pick_up_with(None, &HashMap::new(), true)
+    }
+
+    fn pick_up_with(
+        &mut self,
+        only: Option<&HashSet<String>>,
+        sessions: &HashMap<DocId, Session>,
+        leave_blank: bool,
+    ) -> Result<PickUp, FolderError> {
         // Many new files: state.json once, not once per note.
         let store = self.client.store().clone();
         let deferred = DeferredState::begin(&store, Deferral::Import);
-        let report = self.pick_up_files(only, sessions)?;
+        let report = self.pick_up_files(only, sessions, leave_blank)?;
         // A new note's first insert is not synced yet (its file holds the
         // text): its base waits for its log, made durable by its upsert.
         self.sync_bases(false)?;
@@ -239,6 +262,7 @@ impl Folder {
         &mut self,
         only: Option<&HashSet<String>>,
         sessions: &HashMap<DocId, Session>,
+        leave_blank: bool,
     ) -> Result<PickUp, FolderError> {
         let in_scope = |name: &str| only.is_none_or(|s| s.contains(name));
         let notes = self.client.list();
@@ -313,6 +337,7 @@ impl Folder {
                 })?;
                 Some((ids.remove(i), empty))
             });
+            let mut new_note = false;
             let id = if let Some((id, empty)) = made_from {
                 if empty && !text.is_empty() {
                     self.client.insert(id, 0, &text)?;
@@ -340,9 +365,7 @@ impl Folder {
                 }
                 // This file is the note's own: its name may be taken.
                 let id = self.client.create_for_file(stem)?;
-                if !text.is_empty() {
-                    self.client.insert(id, 0, &text)?;
-                }
+                new_note = true;
                 report.created.push((id, name.clone()));
                 id
             };
@@ -356,12 +379,24 @@ impl Folder {
                 } else {
                     // Something is at the note's file already: leave this
                     // one, write the note's file from the store.
+                    if new_note && !text.is_empty() {
+                        self.client.insert(id, 0, &text)?;
+                    }
                     report.skipped.push((
                         name.clone(),
                         format!("its note's file {file} is taken; it was left as it is"),
                     ));
                     continue;
                 }
+            }
+            // A crash before the text is in leaves a blank note beside its
+            // file: the next pick-up takes the file's text into it.
+            if new_note && !text.is_empty() {
+                if leave_blank {
+                    self.blank.insert(id, file);
+                    continue;
+                }
+                self.client.insert(id, 0, &text)?;
             }
             self.bases.set(id, &file, &text);
         }

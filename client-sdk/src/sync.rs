@@ -129,17 +129,26 @@ pub struct SyncProgress {
 /// Where a sync reports its progress (after each note it is done with).
 pub type ProgressFn<'a> = &'a mut (dyn FnMut(SyncProgress) + Send);
 
+/// Where a sync asks for the text of a new, still empty note once the
+/// server gave it its site (PROTOCOL.md 1.3), so that the text is made
+/// with the ids it keeps instead of provisional ones re-made: a folder's
+/// import, whose files hold the text until then. `None`: it has none.
+pub type NewTextFn<'a> = &'a mut (dyn FnMut(DocId) -> Option<String> + Send);
+
 /// Syncs every note once, on a connection of its own.
 pub async fn sync_once(
     store: &Arc<Mutex<Store>>,
     cfg: &ServerConfig,
     progress: ProgressFn<'_>,
+    new_text: NewTextFn<'_>,
 ) -> Result<SyncReport, SyncError> {
     let replica = lock(store).replica_id();
     let mut conn = Conn::connect(cfg, replica).await?;
-    Ok(sync_on_with(&mut conn, store, Listing::Synclist, progress)
-        .await?
-        .0)
+    Ok(
+        sync_on_with(&mut conn, store, Listing::Synclist, progress, new_text)
+            .await?
+            .0,
+    )
 }
 
 /// Which remote changes a sync pulls, beside sending every local one.
@@ -160,20 +169,21 @@ pub(crate) async fn sync_on(
     store: &Arc<Mutex<Store>>,
     listing: Listing,
 ) -> Result<(SyncReport, bool), SyncError> {
-    sync_on_with(conn, store, listing, &mut |_| {}).await
+    sync_on_with(conn, store, listing, &mut |_| {}, &mut |_| None).await
 }
 
-/// [`sync_on`], reporting progress.
+/// [`sync_on`], reporting progress and asking for new notes' text.
 async fn sync_on_with(
     conn: &mut Conn,
     store: &Arc<Mutex<Store>>,
     listing: Listing,
     progress: ProgressFn<'_>,
+    new_text: NewTextFn<'_>,
 ) -> Result<(SyncReport, bool), SyncError> {
     // state.json is written once at the end, not once per new note or site
     // (see `Store::defer_state_saves`), whether or not the sync got there.
     let deferred = DeferredState::begin(store, Deferral::Sync);
-    let done = sync_steps(conn, store, listing, progress).await;
+    let done = sync_steps(conn, store, listing, progress, new_text).await;
     let saved = deferred.end();
     let done = done?;
     saved?;
@@ -185,6 +195,7 @@ async fn sync_steps(
     store: &Arc<Mutex<Store>>,
     listing: Listing,
     progress: ProgressFn<'_>,
+    new_text: NewTextFn<'_>,
 ) -> Result<(SyncReport, bool), SyncError> {
     let mut report = SyncReport::default();
 
@@ -199,6 +210,7 @@ async fn sync_steps(
             total: provisional.len(),
         },
         show: progress,
+        new_text,
     };
     let jobs = provisional
         .into_iter()
@@ -245,6 +257,7 @@ async fn sync_steps(
             total: jobs.len(),
         },
         show: progress,
+        new_text,
     };
     pipeline(conn, store, jobs.into_iter(), &mut step).await?;
     all_pulled = step.all_pulled;
@@ -286,6 +299,7 @@ struct Step<'a, 'p> {
     all_pulled: bool,
     progress: SyncProgress,
     show: ProgressFn<'p>,
+    new_text: NewTextFn<'p>,
 }
 
 /// Sends the jobs' frames with at most [`WINDOW`] replies awaited, and
@@ -332,7 +346,7 @@ async fn pipeline(
         let more = |r: Option<&Request>| r.is_some_and(|r| r.doc() == doc);
         let split = matches!(req, Request::Upsert { .. })
             && more(waiting.front().or(ready.front().map(|(r, _)| r)));
-        let next = answer(conn, store, req, step.report, &mut step.all_pulled).await?;
+        let next = answer(conn, store, req, step).await?;
         if next.is_none() && !split {
             step.progress.done += 1;
             (step.show)(step.progress);
@@ -386,9 +400,9 @@ async fn answer(
     conn: &mut Conn,
     store: &Mutex<Store>,
     req: Request,
-    report: &mut SyncReport,
-    all_pulled: &mut bool,
+    step: &mut Step<'_, '_>,
 ) -> Result<Option<Job>, SyncError> {
+    let (report, all_pulled) = (&mut *step.report, &mut step.all_pulled);
     match req {
         Request::Site { doc } => match read_reply(conn, store, doc, false, false, report).await? {
             Ok(Reply::Deleted) => deleted(store, doc, report)?,
@@ -401,6 +415,11 @@ async fn answer(
                 let mut s = lock(store);
                 s.set_site(doc, site)?;
                 s.set_note_sync(doc, sync_time)?;
+                if s.is_blank(doc)?
+                    && let Some(text) = (step.new_text)(doc)
+                {
+                    s.fill_new_note(doc, &text)?;
+                }
                 // Its text goes now, while the note is loaded (an import's
                 // notes would otherwise leave memory, saved, and be read
                 // back for step 3).

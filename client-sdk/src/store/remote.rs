@@ -147,6 +147,22 @@ impl Store {
         Ok(())
     }
 
+    /// A new note's text, given once its site came (see
+    /// [`crate::Client::sync_now_filling`]): made with the site's ids at
+    /// once, and appended to the log unsynced, as an import's first insert
+    /// is (`Note::from_file`): the upsert that follows at once fsyncs it
+    /// with its MarkSent, and until then the text is where the caller got
+    /// it. Only into a blank note ([`Store::is_blank`]), which a crash
+    /// leaves as it was.
+    pub(crate) fn fill_new_note(&mut self, id: DocId, text: &str) -> Result<(), StoreError> {
+        let note = self.note_mut(id)?;
+        debug_assert!(note.doc.len_chars() == 0 && note.pending.is_empty());
+        note.from_file = true;
+        note.insert(0, text, false)?;
+        self.logs_unsynced.set(true);
+        Ok(())
+    }
+
     /// Before an upsert: coalesces the note's never-sent inserts, marks
     /// every pending op sent (durably, before it goes out) and returns
     /// them, with the name and `since` the upsert carries.

@@ -286,6 +286,12 @@ impl Store {
         }
     }
 
+    /// Whether a note has no text and no pending op (a cold note with a
+    /// digest is not read).
+    pub fn is_blank(&self, id: DocId) -> Result<bool, StoreError> {
+        Ok(self.slot(id)?.pending_ops() == 0 && self.text_is(id, "")?)
+    }
+
     /// Makes these notes' logs durable (what an import appended unsynced,
     /// see `Note::from_file`), before something that relies on their text
     /// (a file's base) is made durable.

@@ -195,20 +195,19 @@ async fn sync(dir: &Path, server: &ServerArgs) -> Result<u8, Fail> {
         b.set_message(format!("files {done}/{total}"));
     })));
     let none = HashMap::new();
-    let picked = folder.pick_up(None, &none)?;
+    let picked = folder.pick_up_for_sync()?;
     bar.set_message(format!("syncing with {addr}"));
     let b = bar.clone();
     let shown = addr.clone();
     let synced = folder
-        .client()
-        .sync_now_reporting(move |p| {
+        .sync_reporting(move |p| {
             let what = if p.new_notes { "new notes" } else { "notes" };
             b.set_message(format!(
                 "syncing with {shown}: {what} {}/{}",
                 p.done, p.total
             ));
         })
-        .await;
+        .await?;
     // What came back is saved before the files show it.
     let flushed = folder.client().flush();
     // Files of notes deleted elsewhere go before the write-back (which only

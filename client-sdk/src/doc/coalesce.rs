@@ -34,18 +34,21 @@ impl Doc {
     ) -> Result<(Vec<Pid>, Vec<Atom>), EditError> {
         // A run: a stretch of entries that are all never-sent atoms or
         // chars of them, collected in position order.
+        // Ids are borrowed while scanning: most stretches are left as they
+        // are (an import's text is one run already), so only a rewritten
+        // one pays for copies.
         #[derive(Default)]
-        struct Run {
-            atoms: Vec<Pid>,
+        struct Run<'a> {
+            atoms: Vec<&'a Pid>,
             text: String,
             /// Chars per multi-char atom seen in the run (to check that a
             /// rewritten atom takes all of its chars with it).
-            chars_seen: std::collections::HashMap<Pid, usize>,
+            chars_seen: std::collections::HashMap<&'a Pid, usize>,
             dead_chars: bool,
             /// Every atom so far is a live one-char atom at the id after
             /// the previous one's.
             one_run: bool,
-            last: Option<Pid>,
+            last: Option<&'a Pid>,
         }
         let mut runs: Vec<(Vec<Pid>, String)> = Vec::new();
         let mut cur = Run::default();
@@ -61,7 +64,7 @@ impl Doc {
                     .is_ok_and(|l| doc.entry(l).data.chars().count() == seen)
             });
             if whole && (force || run.dead_chars || !run.one_run) {
-                runs.push((run.atoms, run.text));
+                runs.push((run.atoms.into_iter().cloned().collect(), run.text));
             }
         };
         for e in self.entries() {
@@ -71,10 +74,10 @@ impl Doc {
                 Kind::Atom if unsent(&e.pid) => {
                     cur.one_run = match &cur.last {
                         None => cur.atoms.is_empty(),
-                        Some(p) => cur.one_run && p.offset(1).as_ref() == Some(&e.pid),
+                        Some(p) => cur.one_run && follows(&e.pid, p),
                     };
-                    cur.last = Some(e.pid.clone());
-                    cur.atoms.push(e.pid.clone());
+                    cur.last = Some(&e.pid);
+                    cur.atoms.push(&e.pid);
                     if e.live {
                         cur.text.push_str(&e.data);
                     } else {
@@ -83,8 +86,8 @@ impl Doc {
                 }
                 Kind::Header if unsent(&e.pid) => {
                     cur.one_run = false;
-                    cur.atoms.push(e.pid.clone());
-                    cur.chars_seen.insert(e.pid.clone(), 0);
+                    cur.atoms.push(&e.pid);
+                    cur.chars_seen.insert(&e.pid, 0);
                 }
                 Kind::Virtual if cur.chars_seen.contains_key(&parent(&e.pid)) => {
                     *cur.chars_seen.get_mut(&parent(&e.pid)).expect("checked") += 1;
@@ -129,6 +132,15 @@ impl Doc {
         }
         Ok((removed, added))
     }
+}
+
+/// Whether `pid` is the id after `prev` in a run (last ident + 1, the
+/// rest the same), without building that id.
+fn follows(pid: &Pid, prev: &Pid) -> bool {
+    pid.depth() == prev.depth()
+        && pid.prefix_key() == prev.prefix_key()
+        && pid.creator() == prev.creator()
+        && prev.last().ident.checked_add(1) == Some(pid.last().ident)
 }
 
 #[cfg(test)]

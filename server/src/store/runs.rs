@@ -125,14 +125,15 @@ impl Seg {
             .max(self.del_at(last))
     }
 
-    fn canon(mut self) -> Self {
+    /// A step means nothing without two chars or without a time: 0, so
+    /// that equal segments encode alike.
+    fn canon(&mut self) {
         if self.len <= 1 || self.ins == 0 {
             self.ins_step = 0;
         }
         if self.len <= 1 || self.del == 0 {
             self.del_step = 0;
         }
-        self
     }
 
     /// Splits before char `k` (0 < k < len).
@@ -142,25 +143,39 @@ impl Seg {
         } else {
             0
         };
-        let left = Seg {
+        // Field by field: `..self.clone()` would copy the whole text twice.
+        let mut left = Seg {
             len: k,
+            ins: self.ins,
+            ins_step: self.ins_step,
+            del: self.del,
+            del_step: self.del_step,
+            deleter: self.deleter,
             text: self.text[..at].to_vec(),
-            ..self.clone()
         };
-        let right = Seg {
+        let mut right = Seg {
             len: self.len - k,
             ins: self.ins_at(k),
+            ins_step: self.ins_step,
             del: self.del_at(k),
+            del_step: self.del_step,
+            deleter: self.deleter,
             text: self.text[at..].to_vec(),
-            ..self.clone()
         };
-        (left.canon(), right.canon())
+        left.canon();
+        right.canon();
+        (left, right)
     }
 
-    /// `a` then `b` as one segment, if one segment can say both.
-    pub fn merge(a: &Seg, b: &Seg) -> Option<Seg> {
+    /// Makes `self` say `self` then `b`, if one segment can say both
+    /// (`false`, and `self` unchanged, if not). In place: a run grows by
+    /// one char at a time as an upsert's chars are stored, and building
+    /// a new segment each time would copy its text each time (quadratic
+    /// in the run's length).
+    pub fn append(&mut self, b: &Seg) -> bool {
+        let a = &*self;
         if (a.ins == 0) != (b.ins == 0) || (a.del == 0) != (b.del == 0) || a.deleter != b.deleter {
-            return None;
+            return false;
         }
         let fit =
             |abase: Time, astep: i8, alen: u32, bbase: Time, bstep: i8, blen: u32, steps: &[i8]| {
@@ -177,8 +192,11 @@ impl Seg {
                         }
                 })
             };
-        let ins_step = fit(a.ins, a.ins_step, a.len, b.ins, b.ins_step, b.len, &[0, 1])?;
-        let del_step = fit(
+        let Some(ins_step) = fit(a.ins, a.ins_step, a.len, b.ins, b.ins_step, b.len, &[0, 1])
+        else {
+            return false;
+        };
+        let Some(del_step) = fit(
             a.del,
             a.del_step,
             a.len,
@@ -186,22 +204,18 @@ impl Seg {
             b.del_step,
             b.len,
             &[0, 1, -1],
-        )?;
-        let len = a.len.checked_add(b.len)?;
-        let mut text = a.text.clone();
-        text.extend_from_slice(&b.text);
-        Some(
-            Seg {
-                len,
-                ins: a.ins,
-                ins_step,
-                del: a.del,
-                del_step,
-                deleter: a.deleter,
-                text,
-            }
-            .canon(),
-        )
+        ) else {
+            return false;
+        };
+        let Some(len) = a.len.checked_add(b.len) else {
+            return false;
+        };
+        self.len = len;
+        self.ins_step = ins_step;
+        self.del_step = del_step;
+        self.text.extend_from_slice(&b.text);
+        self.canon();
+        true
     }
 
     fn state(&self, j: u32) -> CharState {
@@ -803,9 +817,8 @@ fn replace_char(segs: &mut Vec<Seg>, mut off: u32, seg: Seg) {
 
 fn push_seg(segs: &mut Vec<Seg>, s: Seg) {
     if let Some(last) = segs.last_mut()
-        && let Some(m) = Seg::merge(last, &s)
+        && last.append(&s)
     {
-        *last = m;
         return;
     }
     segs.push(s);

@@ -94,9 +94,13 @@ impl Batch {
 
     /// A change an upsert made: counted, and sent to every session on
     /// the document (an upsert has no session of its own).
-    fn upserted(&mut self, rooms: &Rooms, doc: DocId, frame: ServerFrame) {
+    /// The frame is built only if someone listens: an import's upserts
+    /// change thousands of chars that no session is open on.
+    fn upserted(&mut self, rooms: &Rooms, doc: DocId, frame: impl FnOnce() -> ServerFrame) {
         self.changes += 1;
-        self.broadcast(rooms, doc, None, frame);
+        if rooms.has_listeners(doc, None) {
+            self.broadcast(rooms, doc, None, frame());
+        }
     }
 
     fn ack(&mut self, doc: DocId, session_id: u64, seq: u64, refusal: Option<Bytes>) {
@@ -331,7 +335,10 @@ impl Writer {
                     exhausted_message(u.doc),
                 )));
             }
-            let mut seen: HashMap<Vec<u8>, &str> = HashMap::with_capacity(u.inserts.len());
+            // By wire form (one per id: fixed-size levels), borrowed from
+            // the frame: no key is built for an id of a new document.
+            let mut seen: HashMap<&[u8], &str> = HashMap::with_capacity(u.inserts.len());
+            let mut key = Vec::new();
             for (i, a) in u.inserts.iter().enumerate() {
                 if a.pid.creator() != site {
                     return Ok(Err(WriteError::refused(
@@ -342,15 +349,14 @@ impl Writer {
                         ),
                     )));
                 }
-                let mut key = Vec::with_capacity(a.pid.wire().len());
-                a.pid.write_key(&mut key);
-                let conflict = match seen.get(&key) {
+                let conflict = match seen.get(a.pid.wire()) {
                     Some(&prev) => prev != a.data,
-                    None => {
-                        exists
-                            && t.check_insert(u.doc, &key, a.data.as_bytes())?
-                                == InsertCheck::Conflict
+                    None if exists => {
+                        key.clear();
+                        a.pid.write_key(&mut key);
+                        t.check_insert(u.doc, &key, a.data.as_bytes())? == InsertCheck::Conflict
                     }
+                    None => false,
                 };
                 if conflict {
                     return Ok(Err(WriteError::refused(
@@ -358,7 +364,7 @@ impl Writer {
                         format!("insert {i}: id {:?} already exists with other data", a.pid),
                     )));
                 }
-                seen.insert(key, a.data);
+                seen.insert(a.pid.wire(), a.data);
             }
         }
 
@@ -379,7 +385,7 @@ impl Writer {
             match t.insert_atom(u.doc, &key, a.data.as_bytes(), &mut self.clock)? {
                 Inserted::New(at) => {
                     modified = Some(at);
-                    let frame = ServerFrame::Insert(SessionInsert::new(a.to_atom()));
+                    let frame = || ServerFrame::Insert(SessionInsert::new(a.to_atom()));
                     batch.upserted(&self.rooms, u.doc, frame);
                 }
                 // The reply tells the client (Snapshot::deleted_sent_inserts).
@@ -392,12 +398,12 @@ impl Writer {
             p.write_key(&mut key);
             if let Deleted::New(at) = t.delete_atom(u.doc, &key, site, &mut self.clock)? {
                 modified = Some(at);
-                let pid = p.to_pid();
-                batch.upserted(
-                    &self.rooms,
-                    u.doc,
-                    ServerFrame::Delete(SessionDelete { site, pid }),
-                );
+                batch.upserted(&self.rooms, u.doc, || {
+                    ServerFrame::Delete(SessionDelete {
+                        site,
+                        pid: p.to_pid(),
+                    })
+                });
             }
         }
         let Some(entry) = Batch::doc(&mut batch.docs, t, u.doc)? else {
@@ -413,7 +419,7 @@ impl Writer {
             entry.rec.name = u.name.as_str().to_owned();
             entry.rec.name_time = now;
             modified = Some(now);
-            batch.upserted(&self.rooms, u.doc, ServerFrame::Rename(u.name.clone()));
+            batch.upserted(&self.rooms, u.doc, || ServerFrame::Rename(u.name.clone()));
         }
         if let Some(m) = modified {
             let Some(entry) = Batch::doc(&mut batch.docs, t, u.doc)? else {

@@ -79,7 +79,7 @@ use notesync_protocol::{DocId, DocName, Time};
 
 use crate::doc::{EditError, LocalOp};
 use names::check_stem;
-use slots::{Cold, OnDisk, Slot};
+use slots::{Cold, OnDisk, Slot, Slots};
 use state::STATE_DIR;
 
 pub(crate) use names::free_trash_path;
@@ -157,7 +157,7 @@ pub struct Store {
     dir: PathBuf,
     replica_id: u128,
     last_sync_time: Time,
-    notes: HashMap<DocId, Slot>,
+    notes: Slots,
     /// Each note's file stem, lowercased (file names are compared without
     /// case: the folder may be on a case-insensitive file system), to the
     /// notes using it: a free name is found without a walk of every note.
@@ -206,7 +206,7 @@ impl Store {
             dir,
             replica_id: state.replica_id,
             last_sync_time: state.last_sync_time,
-            notes: HashMap::new(),
+            notes: Slots::default(),
             stems: HashMap::new(),
             clock: 0,
             reads: Default::default(),
@@ -406,10 +406,8 @@ impl Store {
             self.imports = self.imports.saturating_sub(1);
             if self.imports == 0 {
                 // Only an import's own first insert may go unsynced.
-                for slot in self.notes.values_mut() {
-                    if let Slot::Loaded(n, _) = slot {
-                        n.from_file = false;
-                    }
+                for n in self.notes.loaded_notes_mut() {
+                    n.from_file = false;
                 }
             }
         }

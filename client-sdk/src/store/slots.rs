@@ -14,6 +14,7 @@
 //! hold (remote ops, acknowledgements, a new sync time: `Note::unlogged`)
 //! is saved first, in a batch, as a flush saves.
 
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io::{self, Read};
 use std::path::Path;
@@ -140,6 +141,60 @@ impl Slot {
             Slot::Loaded(n, _) => Some(n),
             Slot::Cold(_) => None,
         }
+    }
+}
+
+/// Every note's slot, and which of them are loaded: a trim looks at the
+/// loaded ones only (a walk of every note's slot per load made a sync of
+/// N notes cost O(N^2)).
+#[derive(Debug, Default)]
+pub(super) struct Slots {
+    map: HashMap<DocId, Slot>,
+    loaded: HashSet<DocId>,
+}
+
+impl Slots {
+    pub fn insert(&mut self, id: DocId, slot: Slot) -> Option<Slot> {
+        if matches!(slot, Slot::Loaded(..)) {
+            self.loaded.insert(id);
+        } else {
+            self.loaded.remove(&id);
+        }
+        self.map.insert(id, slot)
+    }
+
+    pub fn remove(&mut self, id: &DocId) -> Option<Slot> {
+        self.loaded.remove(id);
+        self.map.remove(id)
+    }
+
+    /// A slot to change in place; never its kind (loaded or cold):
+    /// [`Slots::insert`] does that, and keeps the loaded set right.
+    pub fn get_mut(&mut self, id: &DocId) -> Option<&mut Slot> {
+        self.map.get_mut(id)
+    }
+
+    pub fn loaded_notes_mut(&mut self) -> impl Iterator<Item = &mut Note> {
+        self.map.values_mut().filter_map(|s| match s {
+            Slot::Loaded(n, _) => Some(&mut **n),
+            Slot::Cold(_) => None,
+        })
+    }
+
+    /// The loaded notes' ids and when each was last used.
+    fn loaded_uses(&self) -> impl Iterator<Item = (DocId, u64)> + '_ {
+        self.loaded.iter().filter_map(|id| match self.map.get(id) {
+            Some(Slot::Loaded(_, t)) => Some((*id, *t)),
+            _ => None,
+        })
+    }
+}
+
+impl std::ops::Deref for Slots {
+    type Target = HashMap<DocId, Slot>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.map
     }
 }
 
@@ -343,10 +398,7 @@ impl Store {
     }
 
     fn loaded_count(&self) -> usize {
-        self.notes
-            .values()
-            .filter(|s| matches!(s, Slot::Loaded(..)))
-            .count()
+        self.notes.loaded.len()
     }
 
     /// Past the bound ([`bounds`]) of loaded notes (not counting `except`,
@@ -360,11 +412,9 @@ impl Store {
         }
         let mut used: Vec<(u64, DocId)> = self
             .notes
-            .iter()
-            .filter_map(|(id, s)| match s {
-                Slot::Loaded(_, t) if Some(*id) != except => Some((*t, *id)),
-                _ => None,
-            })
+            .loaded_uses()
+            .filter(|&(id, _)| Some(id) != except)
+            .map(|(id, t)| (t, id))
             .collect();
         used.sort_unstable();
         let leave: Vec<DocId> = used

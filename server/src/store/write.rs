@@ -62,6 +62,15 @@ struct Cached {
     dirty: bool,
 }
 
+/// An id and the chunk that holds it or would (`None`: the document has
+/// no chunk at or before it), as [`WriteTables::locate`] found them.
+struct Located {
+    doc: DocId,
+    group: Vec<u8>,
+    ident: u32,
+    chunk: Option<Vec<u8>>,
+}
+
 /// The tables of one write transaction, and the chunks decoded in it.
 pub struct WriteTables<'t> {
     pub(super) meta: Table<'t, &'static str, u64>,
@@ -237,46 +246,52 @@ impl<'t> WriteTables<'t> {
         Ok(stored)
     }
 
+    /// Finds the chunk that holds (or would hold) an id: done once per id
+    /// and used for both its lookup and its write.
+    fn locate(&mut self, doc: DocId, pid_key: &[u8]) -> Result<Located, StoreError> {
+        let (group, ident) =
+            split_pid_key(pid_key).ok_or(corrupt("chunks", "not a position id"))?;
+        let rk = super::runs::run_key(&group, ident);
+        let chunk = self.chunk_for(doc, &rk)?;
+        Ok(Located {
+            doc,
+            group,
+            ident,
+            chunk,
+        })
+    }
+
+    /// What a located id holds (None: nothing, not even a tombstone).
+    fn state_at(&self, at: &Located) -> Option<CharState> {
+        let ck = at.chunk.as_ref()?;
+        self.cache
+            .get(ck)
+            .and_then(|c| c.chunk.state(&at.group, at.ident))
+    }
+
     /// What the id holds (None: nothing, not even a tombstone).
     pub(super) fn state(
         &mut self,
         doc: DocId,
         pid_key: &[u8],
     ) -> Result<Option<CharState>, StoreError> {
-        let (group, ident) =
-            split_pid_key(pid_key).ok_or(corrupt("chunks", "not a position id"))?;
-        let rk = super::runs::run_key(&group, ident);
-        let Some(ck) = self.chunk_for(doc, &rk)? else {
-            return Ok(None);
-        };
-        Ok(self
-            .cache
-            .get(&ck)
-            .and_then(|c| c.chunk.state(&group, ident)))
+        let at = self.locate(doc, pid_key)?;
+        Ok(self.state_at(&at))
     }
 
-    /// The chunk an id goes into, created (as the document's first) if the
-    /// document has none; marked dirty.
-    fn chunk_mut(&mut self, doc: DocId, rk: &[u8]) -> Result<&mut Chunk, StoreError> {
-        let ck = match self.chunk_for(doc, rk)? {
-            Some(ck) => ck,
-            None => {
-                let ck = chunk_key(doc, &[]);
-                self.cache.insert(
-                    ck.clone(),
-                    Cached {
-                        chunk: Chunk::default(),
-                        stored_changed: None,
-                        dirty: true,
-                    },
-                );
-                ck
-            }
+    /// The chunk a located id goes into, marked dirty; created (as the
+    /// document's first) if the document had none when it was located --
+    /// unless an earlier write created it since.
+    fn chunk_at(&mut self, at: &Located) -> Result<&mut Chunk, StoreError> {
+        let ck = match &at.chunk {
+            Some(ck) => ck.clone(),
+            None => chunk_key(at.doc, &[]),
         };
-        let c = self
-            .cache
-            .get_mut(&ck)
-            .ok_or(corrupt("chunks", "cache lost a chunk"))?;
+        let c = self.cache.entry(ck).or_insert_with(|| Cached {
+            chunk: Chunk::default(),
+            stored_changed: None,
+            dirty: true,
+        });
         c.dirty = true;
         Ok(&mut c.chunk)
     }
@@ -287,10 +302,12 @@ impl<'t> WriteTables<'t> {
         pid_key: &[u8],
         seg: Seg,
     ) -> Result<(), StoreError> {
-        let (group, ident) =
-            split_pid_key(pid_key).ok_or(corrupt("chunks", "not a position id"))?;
-        let rk = super::runs::run_key(&group, ident);
-        self.chunk_mut(doc, &rk)?.put_char(&group, ident, seg);
+        let at = self.locate(doc, pid_key)?;
+        self.put_char_at(&at, seg)
+    }
+
+    fn put_char_at(&mut self, at: &Located, seg: Seg) -> Result<(), StoreError> {
+        self.chunk_at(at)?.put_char(&at.group, at.ident, seg);
         Ok(())
     }
 
@@ -390,16 +407,16 @@ impl<'t> WriteTables<'t> {
         data: &[u8],
         clock: &mut ServerClock,
     ) -> Result<Option<Inserted>, StoreError> {
-        let existing = self.state(doc, pid_key)?;
-        self.insert_at(doc, pid_key, data, existing, || clock.next())
+        let at = self.locate(doc, pid_key)?;
+        let existing = self.state_at(&at);
+        self.insert_at(&at, data, existing, || clock.next())
     }
 
     /// The insert, given what the id holds; `time` is called only if
     /// something changes.
     fn insert_at(
         &mut self,
-        doc: DocId,
-        pid_key: &[u8],
+        at: &Located,
         data: &[u8],
         existing: Option<CharState>,
         time: impl FnOnce() -> Time,
@@ -407,7 +424,7 @@ impl<'t> WriteTables<'t> {
         match existing {
             None => {
                 let t = time();
-                self.put_new(doc, pid_key, data, t)?;
+                self.put_new(at, data, t)?;
                 Ok(Some(Inserted::New(t)))
             }
             Some(s) if s.delete != 0 || s.insert == 0 => Ok(Some(Inserted::Deleted {
@@ -421,22 +438,15 @@ impl<'t> WriteTables<'t> {
 
     /// Stores a new live atom at an id nothing covers: a run's char if it
     /// is one char, an atom record otherwise.
-    fn put_new(
-        &mut self,
-        doc: DocId,
-        pid_key: &[u8],
-        data: &[u8],
-        t: Time,
-    ) -> Result<(), StoreError> {
+    fn put_new(&mut self, at: &Located, data: &[u8], t: Time) -> Result<(), StoreError> {
         let one_char = std::str::from_utf8(data)
             .map_err(|_| corrupt("chunks", "inserted data is not UTF-8"))?
             .chars()
             .nth(1)
             .is_none();
         if one_char {
-            self.put_char(
-                doc,
-                pid_key,
+            self.put_char_at(
+                at,
                 Seg {
                     len: 1,
                     ins: t,
@@ -448,7 +458,8 @@ impl<'t> WriteTables<'t> {
                 },
             )
         } else {
-            self.put_atom_item(doc, pid_key, t, data)
+            self.chunk_at(at)?.put_atom(&at.group, at.ident, t, data);
+            Ok(())
         }
     }
 
@@ -460,10 +471,8 @@ impl<'t> WriteTables<'t> {
         t: Time,
         data: &[u8],
     ) -> Result<(), StoreError> {
-        let (group, ident) =
-            split_pid_key(pid_key).ok_or(corrupt("chunks", "not a position id"))?;
-        let rk = super::runs::run_key(&group, ident);
-        self.chunk_mut(doc, &rk)?.put_atom(&group, ident, t, data);
+        let at = self.locate(doc, pid_key)?;
+        self.chunk_at(&at)?.put_atom(&at.group, at.ident, t, data);
         Ok(())
     }
 
@@ -490,19 +499,20 @@ impl<'t> WriteTables<'t> {
                 .ok_or(corrupt("chunks", "a run's ids overflow u32"))?;
             let mut b = [0u8; 4];
             let data = c.encode_utf8(&mut b).as_bytes().to_vec();
-            let state = self.state(doc, pid.key())?;
+            let loc = self.locate(doc, pid.key())?;
+            let state = self.state_at(&loc);
             if state
                 .as_ref()
                 .is_some_and(|s| s.delete == 0 && s.insert != 0 && s.text != data)
             {
                 return Ok(None);
             }
-            ids.push((pid, data, state));
+            ids.push((loc, data, state));
         }
         let mut at = None;
         let mut out = Vec::with_capacity(ids.len());
-        for (pid, data, state) in ids {
-            let r = self.insert_at(doc, pid.key(), &data, state, || {
+        for (loc, data, state) in ids {
+            let r = self.insert_at(&loc, &data, state, || {
                 *at.get_or_insert_with(|| clock.next())
             })?;
             out.push(r.ok_or(corrupt("chunks", "a run's id changed while inserting it"))?);
@@ -519,14 +529,14 @@ impl<'t> WriteTables<'t> {
         deleter: u8,
         clock: &mut ServerClock,
     ) -> Result<Deleted, StoreError> {
-        let state = self.state(doc, pid_key)?;
-        self.delete_at(doc, pid_key, deleter, state, || clock.next())
+        let at = self.locate(doc, pid_key)?;
+        let state = self.state_at(&at);
+        self.delete_at(&at, deleter, state, || clock.next())
     }
 
     fn delete_at(
         &mut self,
-        doc: DocId,
-        pid_key: &[u8],
+        at: &Located,
         deleter: u8,
         state: Option<CharState>,
         time: impl FnOnce() -> Time,
@@ -537,9 +547,8 @@ impl<'t> WriteTables<'t> {
             None => 0,
         };
         let t = time();
-        self.put_char(
-            doc,
-            pid_key,
+        self.put_char_at(
+            at,
             Seg {
                 len: 1,
                 ins,
@@ -570,8 +579,9 @@ impl<'t> WriteTables<'t> {
             let pid = first
                 .offset(j)
                 .ok_or(corrupt("chunks", "a range's ids overflow u32"))?;
-            let state = self.state(doc, pid.key())?;
-            out.push(self.delete_at(doc, pid.key(), deleter, state, || {
+            let loc = self.locate(doc, pid.key())?;
+            let state = self.state_at(&loc);
+            out.push(self.delete_at(&loc, deleter, state, || {
                 *at.get_or_insert_with(|| clock.next())
             })?);
         }

@@ -123,6 +123,16 @@ impl Pid {
         Pid { key }
     }
 
+    /// Whether this id is the one after `prev` in a run (same prefix and
+    /// site, last ident + 1), without building that id: scans over runs
+    /// ask it per char.
+    pub fn follows(&self, prev: &Pid) -> bool {
+        self.key.len() == prev.key.len()
+            && self.prefix_key() == prev.prefix_key()
+            && self.creator() == prev.creator()
+            && prev.last().ident.checked_add(1) == Some(self.last().ident)
+    }
+
     /// The id `j` steps after this one in a run: last ident + `j`; `None`
     /// if that overflows `u32`.
     pub fn offset(&self, j: u32) -> Option<Pid> {
@@ -220,5 +230,28 @@ mod tests {
         assert_eq!(q.last(), Level::new(u32::MAX, 9));
         assert_eq!(p.offset(2), None);
         assert_eq!(p.with_last_ident(5).prefix_key(), p.prefix_key());
+    }
+
+    /// `follows` answers as `offset(1)` compared would, for every way two
+    /// ids can differ.
+    #[test]
+    fn follows_is_offset_one() {
+        let p = Pid::from_levels(&[Level::new(7, 3), Level::new(40, 9)]);
+        let others = [
+            p.with_last_ident(41),
+            p.with_last_ident(42),
+            p.with_last_ident(40),
+            p.with_last_ident(39),
+            Pid::from_levels(&[Level::new(7, 3), Level::new(41, 8)]),
+            Pid::from_levels(&[Level::new(8, 3), Level::new(41, 9)]),
+            Pid::from_levels(&[Level::new(7, 3), Level::new(41, 9), Level::new(0, 9)]),
+            Pid::from_levels(&[Level::new(41, 9)]),
+        ];
+        for q in &others {
+            assert_eq!(q.follows(&p), p.offset(1).as_ref() == Some(q), "{q:?}");
+        }
+        assert!(others[0].follows(&p));
+        let top = p.with_last_ident(u32::MAX);
+        assert!(!p.with_last_ident(0).follows(&top));
     }
 }

@@ -74,7 +74,7 @@ impl Doc {
                 Kind::Atom if unsent(&e.pid) => {
                     cur.one_run = match &cur.last {
                         None => cur.atoms.is_empty(),
-                        Some(p) => cur.one_run && follows(&e.pid, p),
+                        Some(p) => cur.one_run && e.pid.follows(p),
                     };
                     cur.last = Some(&e.pid);
                     cur.atoms.push(&e.pid);
@@ -132,15 +132,6 @@ impl Doc {
         }
         Ok((removed, added))
     }
-}
-
-/// Whether `pid` is the id after `prev` in a run (last ident + 1, the
-/// rest the same), without building that id.
-fn follows(pid: &Pid, prev: &Pid) -> bool {
-    pid.depth() == prev.depth()
-        && pid.prefix_key() == prev.prefix_key()
-        && pid.creator() == prev.creator()
-        && prev.last().ident.checked_add(1) == Some(pid.last().ident)
 }
 
 #[cfg(test)]

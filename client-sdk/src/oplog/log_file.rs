@@ -78,7 +78,13 @@ fn step(pid: &Pid, backwards: bool) -> Option<Pid> {
 /// same sent flag.
 fn continues(prev: (Op, &Pid, bool), backwards: bool, r: &Record) -> bool {
     single(r).is_some_and(|(op, pid, sent)| {
-        op == prev.0 && sent == prev.2 && step(prev.1, backwards).as_ref() == Some(pid)
+        op == prev.0
+            && sent == prev.2
+            && if backwards {
+                prev.1.follows(pid)
+            } else {
+                pid.follows(prev.1)
+            }
     })
 }
 
